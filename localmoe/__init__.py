@@ -1,0 +1,13 @@
+"""localmoe: run Mixture-of-Experts GGUF models with more experts than fit on the GPU.
+
+    import localmoe
+    with localmoe.load("model.gguf") as rt:
+        print(rt.generate("Once upon a time", max_tokens=40))
+"""
+
+from .errors import LocalMoEError
+from .runtime import Chunk, Runtime, load
+from .stats import LayerStats, Stats
+
+__all__ = ["load", "Runtime", "Chunk", "Stats", "LayerStats", "LocalMoEError"]
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""The `localmoe` command. Each verb maps onto one Python API call (see docs/cli.md).
+
+User errors exit with code 2 and one line on stderr starting with `error:`; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+
+from . import __version__
+from .errors import LocalMoEError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's default prints usage too)
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_model_arg(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("model", nargs=None if required else "?", metavar="MODEL", help="path of a MoE GGUF file" + ("" if required else " (default: the bundled demo model)"))
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens, capped at the model's training context (default 4096)")
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device (default auto: cuda when available)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens; 0 = all (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="localmoe", description="Run Mixture-of-Experts GGUF models with more experts than fit on your GPU.")
+    parser.add_argument("--version", action="version", version=f"localmoe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("info", help="describe a model: architecture, experts, bytes per expert, quant mix, fit", description="Describe a MoE GGUF file without loading its weights.")
+    _add_model_arg(p, required=True)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("run", help="generate text from a prompt", description="Generate a continuation of a prompt and stream it to stdout.")
+    _add_model_arg(p, required=False)
+    p.add_argument("-p", "--prompt", default="", help="the prompt text (default: read from stdin when it is not a terminal)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat template")
+    p.add_argument("--verbose", action="store_true", help="print a timing block (tokens/s, peak memory, expert counters) to stderr")
+    _add_sampling_args(p)
+    _add_runtime_args(p)
+    return parser
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .gguf_file import GGUFModel
+    from .info import describe, format_text
+
+    d = describe(GGUFModel(args.model))
+    print(json.dumps(d, indent=2) if args.json else format_text(d))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import load
+
+    prompt = args.prompt
+    if not prompt and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise LocalMoEError("no prompt: pass -p TEXT or pipe text on stdin")
+    if args.max_tokens < 0:
+        raise LocalMoEError("--max-tokens must be ≥ 0")
+    with load(args.model, device=args.device, n_ctx=args.ctx_size, seed=args.seed, threads=args.threads) as rt:
+        source = [{"role": "user", "content": prompt}] if args.chat else prompt
+        for chunk in rt.stream(source, max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.verbose:
+            print_timings(rt.stats(), sys.stderr)
+    return 0
+
+
+def print_timings(st, out) -> None:  # st: Stats
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    lines = [
+        f"prompt eval:  {st.prompt_tokens:6d} tokens  {st.prompt_tps:9.2f} tok/s",
+        f"decode:       {st.decode_tokens:6d} tokens  {st.decode_tps:9.2f} tok/s",
+        f"peak memory:  {peak_rss / (1 << 20):9.1f} MiB RSS",
+        f"experts:      {st.hits} hits, {st.misses} misses (hit rate {st.hit_rate:.1%}), {st.cpu_experts} on CPU, clock {st.clock}",
+    ]
+    print("\n".join(lines), file=out)
+
+
+COMMANDS = {"info": cmd_info, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except LocalMoEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""`localmoe info`: what a model file holds, and how it would fit a GPU budget."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from . import names
+from .gguf_file import GGUFModel
+
+# VRAM of the hardware profiles the fit estimate reports (bytes).
+FIT_TARGETS = {"8GB GPU": 8 << 30, "24GB GPU": 24 << 30}
+
+
+def describe(model: GGUFModel) -> dict[str, Any]:
+    s = model.spec
+    by_type_bytes: Counter[str] = Counter()
+    by_type_count: Counter[str] = Counter()
+    expert_bytes = dense_bytes = 0
+    for t in model.tensors.values():
+        by_type_bytes[t.qtype.name] += t.n_bytes
+        by_type_count[t.qtype.name] += 1
+        if names.is_expert_tensor(t.name):
+            expert_bytes += t.n_bytes
+        else:
+            dense_bytes += t.n_bytes
+    by_layer = [model.expert_bytes(layer) for layer in range(s.n_layer)]  # mixes such as Q4_K_M vary by layer
+    n_experts_total = s.n_expert * s.n_layer
+    per_expert = expert_bytes // n_experts_total
+    fit = {}
+    for label, vram in FIT_TARGETS.items():
+        room = max(0, vram - dense_bytes)
+        fit[label] = {"budget_bytes": vram, "experts_resident": min(n_experts_total, room // per_expert if per_expert else 0), "experts_total": n_experts_total}
+    return {
+        "path": model.path,
+        "name": s.name,
+        "architecture": s.arch.name,
+        "layers": s.n_layer,
+        "embedding_length": s.n_embd,
+        "vocab_size": s.n_vocab,
+        "heads": s.n_head,
+        "kv_heads": s.n_head_kv,
+        "head_dim": s.head_dim,
+        "context_length": s.ctx_train,
+        "experts": {"count": s.n_expert, "used": s.n_expert_used, "ffn_length": s.n_ff_exp, "shared_ffn_length": s.n_ff_shexp, "normalised_top_k": s.norm_topk},
+        "bytes_per_expert": per_expert,  # mean over layers
+        "bytes_per_expert_by_layer": by_layer,
+        "expert_bytes": expert_bytes,
+        "dense_bytes": dense_bytes,
+        "file_bytes": expert_bytes + dense_bytes,
+        "quant_mix": {k: {"tensors": by_type_count[k], "bytes": v} for k, v in sorted(by_type_bytes.items(), key=lambda kv: -kv[1])},
+        "fit": fit,
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.2f} MiB"
+
+
+def format_text(d: dict[str, Any]) -> str:
+    e = d["experts"]
+    lines = [
+        f"model          {d['name']}  ({d['path']})",
+        f"architecture   {d['architecture']}",
+        f"layers         {d['layers']}   hidden {d['embedding_length']}   heads {d['heads']} (kv {d['kv_heads']}, dim {d['head_dim']})   vocab {d['vocab_size']}   context {d['context_length']}",
+        f"experts        {e['count']} per layer, top-{e['used']} used, ffn {e['ffn_length']}" + (f", shared expert ffn {e['shared_ffn_length']}" if e["shared_ffn_length"] else ""),
+        f"bytes/expert   {_mib(d['bytes_per_expert'])}  ({d['bytes_per_expert']:,} bytes: gate+up+down at rest"
+        + (f"; {min(d['bytes_per_expert_by_layer']):,}–{max(d['bytes_per_expert_by_layer']):,} by layer)" if len(set(d["bytes_per_expert_by_layer"])) > 1 else ")"),
+        f"size           experts {_mib(d['expert_bytes'])} + dense {_mib(d['dense_bytes'])} = {_mib(d['file_bytes'])}",
+        "quant mix      " + ", ".join(f"{k} {v['tensors']} tensors ({_mib(v['bytes'])})" for k, v in d["quant_mix"].items()),
+    ]
+    for label, f in d["fit"].items():
+        share = f["experts_resident"] / f["experts_total"] if f["experts_total"] else 0.0
+        lines.append(f"fit {label:<10} {f['experts_resident']:,} of {f['experts_total']:,} experts resident ({share:.0%}) after the dense weights")
+    return "\n".join(lines)

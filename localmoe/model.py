@@ -1,0 +1,233 @@
+"""The forward pass: one function for every supported architecture, read from its ArchSpec.
+
+Mirrors llama.cpp's graphs (src/models/{qwen3moe,qwen2moe,olmoe,llama}.cpp) step for step:
+
+    x = embd[ids]
+    per layer:  h = rms(x)·attn_norm → q,k,v (+bias) → qk-norm → RoPE → causal GQA attention → wo
+                x = x + attn
+                h = rms(x)·ffn_norm → router softmax → top-k (→ renormalise) → experts(h, ids, w)
+                    (+ sigmoid(h·g_sh) · shared_expert(h))
+                x = x + moe
+    logits = output · (rms(x)·output_norm)
+
+Shapes in comments: T tokens in this call, S positions in the KV cache, D = n_embd, H heads,
+Hkv KV heads, d head size, E experts, k experts used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import names
+from .experts import ExpertWeights, swiglu_expert
+from .gguf_file import GGUFModel, ModelSpec, TensorView
+from .quants import dequantize, to_torch
+
+
+class ExpertFn(Protocol):
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [D]
+    wq: torch.Tensor  # [H*d, D]
+    wk: torch.Tensor  # [Hkv*d, D]
+    wv: torch.Tensor  # [Hkv*dv, D]
+    wo: torch.Tensor  # [D, H*dv]
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+    bo: torch.Tensor | None
+    q_norm: torch.Tensor | None  # [d] (per_head) or [H*d] (full)
+    k_norm: torch.Tensor | None
+    ffn_norm: torch.Tensor  # [D]
+    router: torch.Tensor  # [E, D]
+    shared: ExpertWeights | None
+    shared_gate: torch.Tensor | None  # [D]
+
+
+class KVCache:
+    """Per-layer keys and values for positions 0..n-1; grows by doubling up to n_ctx."""
+
+    def __init__(self, spec: ModelSpec, n_ctx: int, device: torch.device):
+        self.spec, self.n_ctx, self.device = spec, n_ctx, device
+        self.n = 0
+        self._cap = 0
+        self.k: list[torch.Tensor] = []  # per layer [Hkv, cap, d]
+        self.v: list[torch.Tensor] = []  # per layer [Hkv, cap, dv]
+
+    def reserve(self, n_total: int) -> None:
+        if n_total <= self._cap:
+            return
+        cap = min(self.n_ctx, max(n_total, 2 * self._cap, 64))
+        s = self.spec
+        for i in range(s.n_layer):
+            k = torch.zeros(s.n_head_kv, cap, s.head_dim, device=self.device)
+            v = torch.zeros(s.n_head_kv, cap, s.head_dim_v, device=self.device)
+            if self._cap:
+                k[:, : self.n] = self.k[i][:, : self.n]
+                v[:, : self.n] = self.v[i][:, : self.n]
+                self.k[i], self.v[i] = k, v
+            else:
+                self.k.append(k)
+                self.v.append(v)
+        self._cap = cap
+
+    def clear(self) -> None:
+        self.n = 0
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class MoEModel:
+    def __init__(self, model: GGUFModel, experts: ExpertFn, device: torch.device):
+        self.gguf = model
+        self.spec = spec = model.spec
+        self.device = device
+        self.experts = experts
+
+        def load(name: str) -> torch.Tensor:
+            v = model.view(name)
+            return to_torch(v.data, v.qtype, v.shape, device)
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return load(name) if model.has(name) else None
+
+        self.layers: list[LayerWeights] = []
+        for i in range(spec.n_layer):
+            shared = None
+            if spec.arch.shared_expert:
+                shared = ExpertWeights(*(load(names.blk(i, p)) for p in (names.FFN_GATE_SHEXP, names.FFN_UP_SHEXP, names.FFN_DOWN_SHEXP)))
+            self.layers.append(
+                LayerWeights(
+                    attn_norm=load(names.blk(i, names.ATTN_NORM)),
+                    wq=load(names.blk(i, names.ATTN_Q)),
+                    wk=load(names.blk(i, names.ATTN_K)),
+                    wv=load(names.blk(i, names.ATTN_V)),
+                    wo=load(names.blk(i, names.ATTN_OUT)),
+                    bq=maybe(names.blk(i, names.ATTN_Q, "bias")),
+                    bk=maybe(names.blk(i, names.ATTN_K, "bias")),
+                    bv=maybe(names.blk(i, names.ATTN_V, "bias")),
+                    bo=maybe(names.blk(i, names.ATTN_OUT, "bias")),
+                    q_norm=maybe(names.blk(i, names.ATTN_Q_NORM)) if spec.arch.qk_norm != "none" else None,
+                    k_norm=maybe(names.blk(i, names.ATTN_K_NORM)) if spec.arch.qk_norm != "none" else None,
+                    ffn_norm=load(names.blk(i, names.FFN_NORM)),
+                    router=load(names.blk(i, names.FFN_GATE_INP)).reshape(spec.n_expert, spec.n_embd),
+                    shared=shared,
+                    shared_gate=load(names.blk(i, names.FFN_GATE_INP_SHEXP)).reshape(-1) if spec.arch.shared_expert else None,
+                )
+            )
+        self.embd: TensorView = model.view(names.TOKEN_EMBD)
+        self.output_norm = load(names.OUTPUT_NORM)
+        self.output = load(names.OUTPUT) if model.has(names.OUTPUT) else load(names.TOKEN_EMBD)  # [V, D]; tied when absent
+        half = spec.n_rot // 2
+        # θ_i = base^(-2i/n_rot), i < n_rot/2 (float64 then rounded once, like ggml's float powers)
+        self.inv_freq = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.n_rot)
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def dense_bytes(self) -> int:
+        """Bytes of the dense (non-expert) weights as placed on the compute device (float32)."""
+        tensors = [self.output_norm, self.output]
+        for lw in self.layers:
+            tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
+            if lw.shared is not None:
+                tensors += [lw.shared.gate, lw.shared.up, lw.shared.down]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.embd.n_bytes
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantize only the embedding rows needed: ids [T] → [T, D]."""
+        rows = self.embd.data[ids.cpu().numpy()]
+        return torch.from_numpy(np.ascontiguousarray(dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)))).to(self.device)
+
+    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, d]; pos [T] → x with its first n_rot dims of every head rotated."""
+        s = self.spec
+        theta = (pos.to(torch.float64) * s.rope_freq_scale)[:, None] * self.inv_freq[None, :]  # [T, n_rot/2]
+        cos = torch.cos(theta).to(x.dtype)[:, None, :]
+        sin = torch.sin(theta).to(x.dtype)[:, None, :]
+        rot, rest = x[..., : s.n_rot], x[..., s.n_rot :]
+        if s.arch.rope_style == "neox":
+            x0, x1 = rot[..., : s.n_rot // 2], rot[..., s.n_rot // 2 :]
+            out = torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+        else:  # "norm": adjacent pairs
+            x0, x1 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+        return torch.cat([out, rest], dim=-1) if rest.numel() else out
+
+    def attention(self, i: int, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
+        """h [T, D] (normed) → attention output [T, D]; appends this call's K/V to the cache."""
+        s, lw = self.spec, self.layers[i]
+        T = h.shape[0]
+        q = F.linear(h, lw.wq, lw.bq)
+        k = F.linear(h, lw.wk, lw.bk)
+        v = F.linear(h, lw.wv, lw.bv)
+        if s.arch.qk_norm == "full":  # OLMoE: RMS-norm over all heads at once
+            q = rms_norm(q, lw.q_norm, s.rms_eps)
+            k = rms_norm(k, lw.k_norm, s.rms_eps)
+        q = q.view(T, s.n_head, s.head_dim)
+        k = k.view(T, s.n_head_kv, s.head_dim)
+        v = v.view(T, s.n_head_kv, s.head_dim_v)
+        if s.arch.qk_norm == "per_head":  # Qwen3: RMS-norm over each head
+            q = rms_norm(q, lw.q_norm, s.rms_eps)
+            k = rms_norm(k, lw.k_norm, s.rms_eps)
+        pos = torch.arange(pos0, pos0 + T, device=h.device)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        cache.k[i][:, pos0 : pos0 + T] = k.transpose(0, 1)
+        cache.v[i][:, pos0 : pos0 + T] = v.transpose(0, 1)
+        S = pos0 + T
+        keys = cache.k[i][:, :S]  # [Hkv, S, d]
+        vals = cache.v[i][:, :S]  # [Hkv, S, dv]
+        group = s.n_head // s.n_head_kv  # query head h reads KV head h // group
+        qh = q.transpose(0, 1).reshape(s.n_head_kv, group * T, s.head_dim)  # [Hkv, group*T, d]
+        scores = (qh @ keys.transpose(1, 2)) / math.sqrt(s.head_dim)  # [Hkv, group*T, S]
+        scores = scores.view(s.n_head_kv, group, T, S)
+        causal = torch.arange(S, device=h.device)[None, :] > pos[:, None]  # [T, S], True = masked
+        scores = scores.masked_fill(causal, float("-inf")).softmax(-1)
+        out = (scores.view(s.n_head_kv, group * T, S) @ vals).view(s.n_head, T, s.head_dim_v)  # [H, T, dv]
+        out = out.transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
+        return F.linear(out, lw.wo, lw.bo)
+
+    def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router of layer i: h [T, D] → (ids [T, k] int64, weights [T, k] float32)."""
+        s = self.spec
+        probs = (h @ self.layers[i].router.T).softmax(-1)  # [T, E]
+        weights, ids = probs.topk(s.n_expert_used, dim=-1)
+        if s.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+        if s.expert_weights_scale not in (0.0, 1.0):
+            weights = weights * s.expert_weights_scale
+        return ids, weights
+
+    def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h [T, D] (normed) → MoE output [T, D]."""
+        lw = self.layers[i]
+        ids, weights = self.route(i, h)
+        y = self.experts(i, h, ids, weights)
+        if lw.shared is not None:
+            y = y + torch.sigmoid(h @ lw.shared_gate)[:, None] * swiglu_expert(lw.shared, h)
+        return y
+
+    # -- the whole pass ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = True) -> torch.Tensor:
+        """ids [T] at positions cache.n.. → logits [T, V] (or [1, V] for the last token only)."""
+        s = self.spec
+        T, pos0 = ids.shape[0], cache.n
+        cache.reserve(pos0 + T)
+        x = self.embed(ids)
+        for i, lw in enumerate(self.layers):
+            x = x + self.attention(i, rms_norm(x, lw.attn_norm, s.rms_eps), cache, pos0)
+            x = x + self.moe(i, rms_norm(x, lw.ffn_norm, s.rms_eps))
+        cache.n = pos0 + T
+        if not all_logits:
+            x = x[-1:]
+        return rms_norm(x, self.output_norm, s.rms_eps) @ self.output.T

@@ -1,0 +1,81 @@
+"""The one place that knows GGUF key and tensor names.
+
+Names follow llama.cpp's gguf-py `constants.py` (the source of truth for the format). Everything
+else in localmoe asks this module for a name instead of spelling one out.
+"""
+
+from __future__ import annotations
+
+# --- general / tokenizer keys ------------------------------------------------------------------
+ARCHITECTURE = "general.architecture"
+MODEL_NAME = "general.name"
+FILE_TYPE = "general.file_type"
+CHAT_TEMPLATE = "tokenizer.chat_template"
+TOKENIZER_MODEL = "tokenizer.ggml.model"
+BOS_ID = "tokenizer.ggml.bos_token_id"
+EOS_ID = "tokenizer.ggml.eos_token_id"
+ADD_BOS = "tokenizer.ggml.add_bos_token"
+
+
+def arch_key(arch: str, suffix: str) -> str:
+    """A per-architecture hyperparameter key, e.g. arch_key("qwen3moe", "block_count")."""
+    return f"{arch}.{suffix}"
+
+
+# Per-architecture hyperparameter suffixes (prefix them with arch_key).
+BLOCK_COUNT = "block_count"
+CONTEXT_LENGTH = "context_length"
+EMBEDDING_LENGTH = "embedding_length"
+FEED_FORWARD_LENGTH = "feed_forward_length"
+HEAD_COUNT = "attention.head_count"
+HEAD_COUNT_KV = "attention.head_count_kv"
+KEY_LENGTH = "attention.key_length"
+VALUE_LENGTH = "attention.value_length"
+RMS_EPS = "attention.layer_norm_rms_epsilon"
+ROPE_FREQ_BASE = "rope.freq_base"
+ROPE_DIMENSION_COUNT = "rope.dimension_count"
+ROPE_SCALING_TYPE = "rope.scaling.type"
+ROPE_SCALING_FACTOR = "rope.scaling.factor"
+EXPERT_COUNT = "expert_count"
+EXPERT_USED_COUNT = "expert_used_count"
+EXPERT_FFN_LENGTH = "expert_feed_forward_length"
+EXPERT_SHARED_FFN_LENGTH = "expert_shared_feed_forward_length"
+EXPERT_WEIGHTS_SCALE = "expert_weights_scale"
+EXPERT_WEIGHTS_NORM = "expert_weights_norm"
+
+# --- tensors -----------------------------------------------------------------------------------
+TOKEN_EMBD = "token_embd.weight"
+OUTPUT_NORM = "output_norm.weight"
+OUTPUT = "output.weight"
+
+
+def blk(layer: int, name: str, kind: str = "weight") -> str:
+    """Name of a per-layer tensor: blk(3, "attn_q") -> "blk.3.attn_q.weight"."""
+    return f"blk.{layer}.{name}.{kind}"
+
+
+# Per-layer tensor stems used with blk().
+ATTN_NORM = "attn_norm"
+ATTN_Q = "attn_q"
+ATTN_K = "attn_k"
+ATTN_V = "attn_v"
+ATTN_OUT = "attn_output"
+ATTN_Q_NORM = "attn_q_norm"
+ATTN_K_NORM = "attn_k_norm"
+FFN_NORM = "ffn_norm"
+FFN_GATE_INP = "ffn_gate_inp"  # the router, [n_expert, n_embd]
+FFN_GATE_EXPS = "ffn_gate_exps"  # [n_expert, n_ff_exp, n_embd]
+FFN_UP_EXPS = "ffn_up_exps"  # [n_expert, n_ff_exp, n_embd]
+FFN_DOWN_EXPS = "ffn_down_exps"  # [n_expert, n_embd, n_ff_exp]
+FFN_GATE_INP_SHEXP = "ffn_gate_inp_shexp"  # shared-expert gate, [n_embd]
+FFN_GATE_SHEXP = "ffn_gate_shexp"
+FFN_UP_SHEXP = "ffn_up_shexp"
+FFN_DOWN_SHEXP = "ffn_down_shexp"
+
+# The three matrices of one routed expert, in the order an expert's buffer packs them.
+EXPERT_PARTS = (FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS)
+
+
+def is_expert_tensor(name: str) -> bool:
+    """True for routed-expert tensors (the ones that live in the expert tiers, not dense weights)."""
+    return any(f".{part}." in name for part in EXPERT_PARTS)

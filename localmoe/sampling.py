@@ -1,0 +1,41 @@
+"""Choosing the next token from logits: greedy, or temperature → top-k → top-p, seeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LocalMoEError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8  # ≤ 0 → greedy
+    top_k: int = 40  # ≤ 0 → all tokens
+    top_p: float = 0.95  # ≥ 1 → no nucleus cut
+
+    def validate(self) -> "SamplingParams":
+        if not 0.0 < self.top_p <= 1.0:
+            raise LocalMoEError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise LocalMoEError(f"temperature must be ≥ 0, got {self.temperature}")
+        return self
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """logits [V] float → one token id."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    scores = logits.float() / params.temperature
+    if 0 < params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = (torch.cumsum(sorted_p, 0) - sorted_p) >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,156 @@
+"""Counters of what the runtime did, and the one immutable snapshot (`Stats`) everyone reads.
+
+The runtime mutates a `StatsCollector`; the TUI, `run --verbose`, bench and the server only ever
+see frozen `Stats` snapshots, so a reader on another thread never sees a half-updated figure.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    layer: int
+    hits: int  # routed (token, expert) uses served by a resident expert
+    misses: int  # uses whose expert was not resident
+    cpu_experts: int  # uses computed on the CPU from quantized weights
+    prefetch_issued: int
+    prefetch_used: int
+    substitutions: dict[str, int]  # by kind: buddy, little, drop
+    bytes_to_gpu: int
+    expert_uses: tuple[int, ...]  # uses per expert of this layer (heat for the expert map)
+
+
+@dataclass(frozen=True)
+class Stats:
+    tokens: int  # tokens run through the model (prompt + generated)
+    prompt_tokens: int  # of the last request
+    prompt_tps: float  # prompt tokens per second, last request
+    decode_tokens: int  # generated tokens of the last request
+    decode_tps: float  # generated tokens per second, last request
+    hits: int
+    misses: int
+    hit_rate: float
+    prefetch_issued: int
+    prefetch_used: int
+    substitutions: dict[str, int]
+    cpu_experts: int
+    bytes_to_gpu: int
+    gpu_bytes_in_use: int
+    gpu_bytes_peak: int
+    gpu_budget: int | None  # None: no budget (every expert resident)
+    clock: str  # "measured" or "modelled:PROFILE"
+    layers: tuple[LayerStats, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values."""
+        d = asdict(self)
+        d["layers"] = [asdict(layer) | {"expert_uses": list(layer.expert_uses)} for layer in self.layers]
+        return d
+
+
+SUBSTITUTION_KINDS = ("buddy", "little", "drop")
+
+
+class StatsCollector:
+    """Mutable counters, per layer; `snapshot()` freezes them."""
+
+    def __init__(self, n_layer: int, n_expert: int, clock: str = "measured"):
+        self._lock = threading.Lock()
+        self.n_layer = n_layer
+        self.n_expert = n_expert
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            L = self.n_layer
+            self.tokens = 0
+            self.prompt_tokens = 0
+            self.prompt_seconds = 0.0
+            self.decode_tokens = 0
+            self.decode_seconds = 0.0
+            self.hits = [0] * L
+            self.misses = [0] * L
+            self.cpu_experts = [0] * L
+            self.prefetch_issued = [0] * L
+            self.prefetch_used = [0] * L
+            self.bytes_to_gpu = [0] * L
+            self.substitutions = [dict.fromkeys(SUBSTITUTION_KINDS, 0) for _ in range(L)]
+            self.expert_uses = torch.zeros(L, self.n_expert, dtype=torch.int64)
+            self.gpu_bytes_in_use = 0
+            self.gpu_bytes_peak = 0
+            self.gpu_budget: int | None = None
+
+    # -- updates from the engine ------------------------------------------------------------------
+    def count_routed(self, layer: int, ids: torch.Tensor, resident: torch.Tensor | None = None) -> None:
+        """Record the routed uses of one layer. ids [T, k]; resident [T, k] bool (None: all resident)."""
+        uses = torch.bincount(ids.reshape(-1), minlength=self.n_expert)
+        n_hit = ids.numel() if resident is None else int(resident.sum())
+        with self._lock:
+            self.expert_uses[layer] += uses
+            self.hits[layer] += n_hit
+            self.misses[layer] += ids.numel() - n_hit
+
+    def record_prompt(self, n_tokens: int, seconds: float) -> None:
+        with self._lock:
+            self.tokens += n_tokens
+            self.prompt_tokens = n_tokens
+            self.prompt_seconds = seconds
+            self.decode_tokens = 0
+            self.decode_seconds = 0.0
+
+    def record_decode(self, n_tokens: int, seconds: float) -> None:
+        with self._lock:
+            self.tokens += n_tokens
+            self.decode_tokens += n_tokens
+            self.decode_seconds += seconds
+
+    # -- the snapshot -----------------------------------------------------------------------------
+    def snapshot(self) -> Stats:
+        with self._lock:
+            hits, misses = sum(self.hits), sum(self.misses)
+            subs = {k: sum(s[k] for s in self.substitutions) for k in SUBSTITUTION_KINDS}
+            layers = tuple(
+                LayerStats(
+                    layer=i,
+                    hits=self.hits[i],
+                    misses=self.misses[i],
+                    cpu_experts=self.cpu_experts[i],
+                    prefetch_issued=self.prefetch_issued[i],
+                    prefetch_used=self.prefetch_used[i],
+                    substitutions=dict(self.substitutions[i]),
+                    bytes_to_gpu=self.bytes_to_gpu[i],
+                    expert_uses=tuple(self.expert_uses[i].tolist()),
+                )
+                for i in range(self.n_layer)
+            )
+            return Stats(
+                tokens=self.tokens,
+                prompt_tokens=self.prompt_tokens,
+                prompt_tps=_rate(self.prompt_tokens, self.prompt_seconds),
+                decode_tokens=self.decode_tokens,
+                decode_tps=_rate(self.decode_tokens, self.decode_seconds),
+                hits=hits,
+                misses=misses,
+                hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+                prefetch_issued=sum(self.prefetch_issued),
+                prefetch_used=sum(self.prefetch_used),
+                substitutions=subs,
+                cpu_experts=sum(self.cpu_experts),
+                bytes_to_gpu=sum(self.bytes_to_gpu),
+                gpu_bytes_in_use=self.gpu_bytes_in_use,
+                gpu_bytes_peak=self.gpu_bytes_peak,
+                gpu_budget=self.gpu_budget,
+                clock=self.clock,
+                layers=layers,
+            )
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else 0.0

@@ -1,0 +1,67 @@
+"""Fixtures: tiny random-weight MoE models written with gguf.GGUFWriter (no downloads), and
+llama.cpp (llama-cpp-python) as the numerical oracle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from localmoe.synth import SynthConfig, quantize_with_llama_cpp, write_model
+
+ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama")
+# Written directly by GGUFWriter (gguf.quants), or made by llama.cpp's own quantizer from a file
+# written at higher precision (the K-quant mix of a real Q4_K_M file, and the legacy types).
+DIRECT_TYPES = ("F32", "Q8_0", "Q4_0")
+LLAMA_QUANTIZED = {"Q4_K_M": "Q8_0", "F16": "F32", "BF16": "F32", "Q4_1": "F32", "Q5_0": "F32", "Q5_1": "F32"}
+
+
+def arch_config(arch: str, **overrides) -> SynthConfig:
+    kw = dict(arch=arch)
+    if arch == "olmoe":  # llama.cpp's OLMoE sizes k_norm by n_embd: no GQA
+        kw["n_head_kv"] = 4
+    kw.update(overrides)
+    return SynthConfig(**kw)
+
+
+class ModelFactory:
+    def __init__(self, root: Path):
+        self.root = root
+        self._made: dict[tuple[str, str], str] = {}
+
+    def __call__(self, arch: str = "qwen3moe", qtype: str = "F32") -> str:
+        key = (arch, qtype)
+        if key not in self._made:
+            path = str(self.root / f"{arch}-{qtype}.gguf")
+            if qtype in DIRECT_TYPES:
+                write_model(path, arch_config(arch, weight_type=qtype))
+            else:
+                src = self(arch, LLAMA_QUANTIZED[qtype])
+                quantize_with_llama_cpp(src, path, qtype)
+            self._made[key] = path
+        return self._made[key]
+
+
+@pytest.fixture(scope="session")
+def make_model(tmp_path_factory) -> ModelFactory:
+    return ModelFactory(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_f32(make_model) -> str:
+    return make_model("qwen3moe", "F32")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,45 @@
+"""`localmoe info` and `localmoe run` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localmoe", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_text_and_json_on_q4_k_m(make_model):
+    path = make_model("qwen3moe", "Q4_K_M")
+    r = _cli("info", path)
+    assert r.returncode == 0, r.stderr
+    for words in ("qwen3moe", "layers         2", "8 per layer, top-2", "bytes/expert", "Q4_K", "Q6_K", "fit 8GB GPU"):
+        assert words in r.stdout
+    r = _cli("info", path, "--json")
+    d = json.loads(r.stdout)
+    assert d["architecture"] == "qwen3moe" and d["layers"] == 2
+    assert d["experts"] == {"count": 8, "used": 2, "ffn_length": 256, "shared_ffn_length": 0, "normalised_top_k": True}
+    assert {"Q4_K", "Q6_K", "F32"} <= set(d["quant_mix"])
+    # the per-expert bytes, layer by layer, add up to the expert tensors' bytes (Q4_K_M mixes types by layer)
+    assert sum(d["bytes_per_expert_by_layer"]) * 8 == d["expert_bytes"]
+    assert len(set(d["bytes_per_expert_by_layer"])) == 2
+    assert d["dense_bytes"] + d["expert_bytes"] == d["file_bytes"]
+
+
+def test_run_streams_text_and_verbose_timings(qwen3_f32):
+    r = _cli("run", qwen3_f32, "-p", "the expert", "-n", "5", "--temp", "0", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    for words in ("prompt eval:", "decode:", "tok/s", "peak memory:", "hit rate"):
+        assert words in r.stderr
+    again = _cli("run", qwen3_f32, "-p", "the expert", "-n", "5", "--temp", "0")
+    assert again.stdout == r.stdout  # greedy is deterministic
+
+
+def test_help_explains_commands():
+    r = _cli("--help")
+    assert r.returncode == 0 and "info" in r.stdout and "run" in r.stdout
+    r = _cli("run", "--help")
+    assert "--max-tokens" in r.stdout and "--temp" in r.stdout and "--seed" in r.stdout
