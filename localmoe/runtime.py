@@ -190,6 +190,23 @@ class Runtime:
             raise LocalMoEError("chat() takes a list of {'role': ..., 'content': ...} messages")
         return "".join(c.text for c in self.stream(messages, max_tokens, temperature, top_p, top_k, seed))
 
+    # -- live settings ----------------------------------------------------------------------------
+    def configure(self, policy: str | None = None, on_miss: str | None = None, gpu_mem: int | str | None = None, prefetch: bool | None = None) -> None:
+        """Change the cache policy, miss policy, GPU budget or prefetching between requests
+        (the chat app's /policy, /on-miss and /gpu-mem). Raises LocalMoEError on a bad value."""
+        with self._lock:
+            if on_miss is not None:
+                if on_miss not in ON_MISS_POLICIES:
+                    raise LocalMoEError(f"unknown miss policy '{on_miss}'; choose one of {', '.join(ON_MISS_POLICIES)}")
+                self.on_miss = on_miss
+            if policy is not None:
+                self.policy = policy
+            if prefetch is not None:
+                self.prefetch = bool(prefetch)
+            if gpu_mem is not None:
+                parse_size(gpu_mem)
+                raise LocalMoEError("a GPU-tier budget needs the expert residency engine, which this build does not have yet")
+
     # -- observability & lifetime -----------------------------------------------------------------
     def stats(self) -> Stats:
         return self._stats.snapshot()
