@@ -24,6 +24,7 @@ class LayerStats:
     substitutions: dict[str, int]  # by kind: buddy, little, drop
     bytes_to_gpu: int
     expert_uses: tuple[int, ...]  # uses per expert of this layer (heat for the expert map)
+    resident: tuple[int, ...]  # ids of this layer's experts in the GPU tier now (all of them without a budget)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able values."""
         d = asdict(self)
-        d["layers"] = [asdict(layer) | {"expert_uses": list(layer.expert_uses)} for layer in self.layers]
+        d["layers"] = [asdict(layer) | {"expert_uses": list(layer.expert_uses), "resident": list(layer.resident)} for layer in self.layers]
         return d
 
 
@@ -86,6 +87,7 @@ class StatsCollector:
             self.gpu_bytes_in_use = 0
             self.gpu_bytes_peak = 0
             self.gpu_budget: int | None = None
+            self.resident: list[list[int]] | None = None  # per layer; None → every expert resident
 
     # -- updates from the engine ------------------------------------------------------------------
     def count_routed(self, layer: int, ids: torch.Tensor, resident: torch.Tensor | None = None) -> None:
@@ -127,6 +129,7 @@ class StatsCollector:
                     substitutions=dict(self.substitutions[i]),
                     bytes_to_gpu=self.bytes_to_gpu[i],
                     expert_uses=tuple(self.expert_uses[i].tolist()),
+                    resident=tuple(self.resident[i]) if self.resident is not None else tuple(range(self.n_expert)),
                 )
                 for i in range(self.n_layer)
             )
