@@ -11,7 +11,12 @@ import resource
 import sys
 
 from . import __version__
+from .cache_policies import ONLINE_POLICIES
 from .errors import LocalMoEError
+from .miss_policies import MISS_POLICIES
+from .profiles import PROFILES
+
+ON_MISS_POLICIES = tuple(MISS_POLICIES)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,6 +33,23 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens, capped at the model's training context (default 4096)")
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device (default auto: cuda when available)")
+    r = p.add_argument_group("expert residency")
+    r.add_argument("--gpu-mem", metavar="SIZE", default=None, help="GPU-tier budget for dense weights + cached experts, e.g. 6GB (default: every expert resident)")
+    r.add_argument("--policy", default="lfu", choices=ONLINE_POLICIES, help="cache eviction policy (default lfu; see docs/residency.md)")
+    r.add_argument("--on-miss", default="cpu", choices=ON_MISS_POLICIES, help="what a missing expert does: fetch it, compute it on the CPU, or drop it (default cpu)")
+    r.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's predicted experts")
+    r.add_argument("--profile", default=None, choices=tuple(PROFILES), help="hardware profile of the modelled clock when the GPU tier is simulated (default laptop-8gb)")
+    r.add_argument("--n-cpu-moe", type=int, default=None, metavar="N", help="llama.cpp's static placement: experts of the first N layers stay on the CPU, nothing moves")
+    r.add_argument("--cpu-moe", action="store_true", help="llama.cpp's static placement: every expert stays on the CPU")
+    r.add_argument("--trace", metavar="FILE", default=None, help="record the routing of every token (JSON lines) for `localmoe bench --trace`")
+
+
+def runtime_kwargs(args: argparse.Namespace) -> dict:
+    """The load() arguments the runtime flags give."""
+    return dict(
+        device=args.device, n_ctx=args.ctx_size, threads=args.threads, gpu_mem=args.gpu_mem, policy=args.policy, on_miss=args.on_miss,
+        prefetch=not args.no_prefetch, profile=args.profile, n_cpu_moe=args.n_cpu_moe, cpu_moe=args.cpu_moe, trace=args.trace,
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print a timing block (tokens/s, peak memory, expert counters) to stderr")
     _add_sampling_args(p)
     _add_runtime_args(p)
+
+    p = sub.add_parser("chat", help="chat in the terminal with a live view of the expert cache", description="A terminal chat (Textual) with live stats and a map of which experts are resident and hot. See docs/chat.md.")
+    _add_model_arg(p, required=False)
+    p.add_argument("--system", default=None, help="system prompt for the conversation")
+    _add_sampling_args(p)
+    _add_runtime_args(p)
     return parser
 
 
@@ -77,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise LocalMoEError("no prompt: pass -p TEXT or pipe text on stdin")
     if args.max_tokens < 0:
         raise LocalMoEError("--max-tokens must be ≥ 0")
-    with load(args.model, device=args.device, n_ctx=args.ctx_size, seed=args.seed, threads=args.threads) as rt:
+    with load(args.model, seed=args.seed, **runtime_kwargs(args)) as rt:
         source = [{"role": "user", "content": prompt}] if args.chat else prompt
         for chunk in rt.stream(source, max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed):
             sys.stdout.write(chunk.text)
@@ -90,16 +118,40 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def print_timings(st, out) -> None:  # st: Stats
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    clock = "measured" if st.clock == "measured" else f"modelled ({st.clock.split(':', 1)[1]})"
     lines = [
-        f"prompt eval:  {st.prompt_tokens:6d} tokens  {st.prompt_tps:9.2f} tok/s",
-        f"decode:       {st.decode_tokens:6d} tokens  {st.decode_tps:9.2f} tok/s",
-        f"peak memory:  {peak_rss / (1 << 20):9.1f} MiB RSS",
-        f"experts:      {st.hits} hits, {st.misses} misses (hit rate {st.hit_rate:.1%}), {st.cpu_experts} on CPU, clock {st.clock}",
+        f"prompt eval:  {st.prompt_tokens:6d} tokens  {st.prompt_tps:9.2f} tok/s  [{clock}]",
+        f"decode:       {st.decode_tokens:6d} tokens  {st.decode_tps:9.2f} tok/s  [{clock}]",
     ]
+    if st.clock != "measured":
+        lines.append(f"wall clock:   prompt {st.prompt_tps_measured:.2f} tok/s, decode {st.decode_tps_measured:.2f} tok/s on this machine [measured]")
+    lines += [
+        f"peak memory:  {peak_rss / (1 << 20):9.1f} MiB RSS",
+        f"experts:      {st.hits} hits, {st.misses} misses (hit rate {st.hit_rate:.1%}), {st.cpu_experts} computed on CPU",
+    ]
+    if st.gpu_budget is not None:
+        decode_s = st.decode_tokens / st.decode_tps if st.decode_tps else 0.0
+        gbps = f", {st.bytes_to_gpu / decode_s / 1e9:.2f} GB/s over decode" if decode_s else ""
+        lines += [
+            f"gpu tier:     {st.gpu_bytes_in_use / 2**20:.1f} MiB of {st.gpu_budget / 2**20:.1f} MiB expert budget in use (peak {st.gpu_bytes_peak / 2**20:.1f} MiB)",
+            f"moved:        {st.bytes_to_gpu / 2**20:.1f} MiB to the GPU{gbps}",
+            f"prefetch:     {st.prefetch_issued} issued, {st.prefetch_used} used; prediction precision {st.prefetch_precision:.1%}, recall {st.prefetch_recall:.1%}",
+            "substitutions: " + ", ".join(f"{k} {v}" for k, v in st.substitutions.items()),
+        ]
     print("\n".join(lines), file=out)
 
 
-COMMANDS = {"info": cmd_info, "run": cmd_run}
+def cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        from .tui import run_chat
+    except ModuleNotFoundError as exc:
+        if exc.name != "localmoe.tui":
+            raise
+        raise LocalMoEError("the chat app (localmoe.tui) is not installed; install the package with `pip install -e .`") from None
+    return run_chat(args)
+
+
+COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

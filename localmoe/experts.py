@@ -76,6 +76,9 @@ class ExpertExecutor:
         self.store = store
         self.stats = stats
 
+    def after_attention(self, layer: int, x: torch.Tensor) -> None:
+        """Every expert is resident: nothing to prefetch."""
+
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, n_embd]; ids [T, k] int64; weights [T, k] float32 → weighted sum [T, n_embd]."""
         out = torch.zeros_like(x)

@@ -111,6 +111,16 @@ class GGUFModel:
         """Bytes of one routed expert of `layer` at rest (gate + up + down, quantized)."""
         return sum(self.view(names.blk(layer, p)).n_bytes for p in names.EXPERT_PARTS) // self.spec.n_expert
 
+    def dense_bytes(self) -> int:
+        """Bytes at rest of everything that is not a routed expert (placed on the GPU first)."""
+        return sum(t.n_bytes for t in self.tensors.values() if not names.is_expert_tensor(t.name))
+
+    def dense_elements(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.tensors.values() if not names.is_expert_tensor(t.name))
+
+    def all_expert_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors.values() if names.is_expert_tensor(t.name))
+
     def _check_tensors(self) -> None:
         spec = self.spec
         required = [names.TOKEN_EMBD, names.OUTPUT_NORM]

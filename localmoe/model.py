@@ -33,6 +33,9 @@ from .quants import dequantize, to_torch
 class ExpertFn(Protocol):
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
 
+    def after_attention(self, layer: int, x: torch.Tensor) -> None:
+        """Called with the residual stream [T, D] after each layer's attention (for prefetch)."""
+
 
 @dataclass
 class LayerWeights:
@@ -207,6 +210,10 @@ class MoEModel:
             weights = weights * s.expert_weights_scale
         return ids, weights
 
+    def ffn_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The normalised input of layer i's MoE block for residual stream x [T, D]."""
+        return rms_norm(x, self.layers[i].ffn_norm, self.spec.rms_eps)
+
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """h [T, D] (normed) → MoE output [T, D]."""
         lw = self.layers[i]
@@ -226,7 +233,8 @@ class MoEModel:
         x = self.embed(ids)
         for i, lw in enumerate(self.layers):
             x = x + self.attention(i, rms_norm(x, lw.attn_norm, s.rms_eps), cache, pos0)
-            x = x + self.moe(i, rms_norm(x, lw.ffn_norm, s.rms_eps))
+            self.experts.after_attention(i, x)
+            x = x + self.moe(i, self.ffn_input(i, x))
         cache.n = pos0 + T
         if not all_logits:
             x = x[-1:]

@@ -15,7 +15,12 @@ import torch
 
 from .bundled import demo_model_path
 from .errors import LocalMoEError
+from .cache_policies import ONLINE_POLICIES
 from .experts import ExpertExecutor, ExpertStore
+from .miss_policies import MISS_POLICIES
+from .profiles import get_profile
+from .scheduler import ExpertScheduler, ResidencyConfig
+from .trace import TraceRecorder
 from .gguf_file import GGUFModel
 from .model import KVCache, MoEModel
 from .sampling import SamplingParams, sample
@@ -23,7 +28,7 @@ from .stats import Stats, StatsCollector
 from .tokenizer import IncrementalDecoder, Tokenizer
 from . import names
 
-ON_MISS_POLICIES = ("fetch", "cpu", "buddy", "little", "drop")
+ON_MISS_POLICIES = tuple(MISS_POLICIES)
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of dequantized experts kept in host RAM
 
 
@@ -71,15 +76,17 @@ class Runtime:
         seed: int | None = None,
         profile: str | None = None,
         threads: int | None = None,
+        n_cpu_moe: int | None = None,
+        cpu_moe: bool = False,
+        trace: str | None = None,
     ):
         self.path = os.fspath(path) if path is not None else demo_model_path()
         self.device = resolve_device(device)
-        if on_miss not in ON_MISS_POLICIES:
-            raise LocalMoEError(f"unknown miss policy '{on_miss}'; choose one of {', '.join(ON_MISS_POLICIES)}")
+        _check_policy_names(policy, on_miss)
         self.gpu_budget = parse_size(gpu_mem)
-        if self.gpu_budget is not None:
-            raise LocalMoEError("a GPU-tier budget (gpu_mem / --gpu-mem) needs the expert residency engine, which this build does not have yet; leave it unset to keep every expert resident")
         self.policy, self.on_miss, self.prefetch, self.profile = policy, on_miss, prefetch, profile
+        if profile is not None:
+            get_profile(profile)
         if threads:
             torch.set_num_threads(int(threads))
         if n_ctx < 1:
@@ -91,12 +98,44 @@ class Runtime:
         self.tokenizer = Tokenizer(self.path, self.gguf.meta(names.CHAT_TEMPLATE))
         self._stats = StatsCollector(self.spec.n_layer, self.spec.n_expert)
         self.store = ExpertStore(self.gguf, self.device, DEFAULT_HOST_CACHE)
+        self.scheduler: ExpertScheduler | None = None
         self.model = MoEModel(self.gguf, ExpertExecutor(self.store, self._stats), self.device)
+        cpu_layers = _static_cpu_layers(n_cpu_moe, cpu_moe, self.spec.n_layer)
+        if self.gpu_budget is not None or profile is not None or trace is not None or cpu_layers is not None:
+            self._start_scheduler(cpu_layers)
+        if trace is not None:
+            self.scheduler.trace = TraceRecorder(trace, self.spec.name, self.spec.n_layer, self.spec.n_expert, self.spec.n_expert_used, self.scheduler.bytes_per_expert)
         self._cache = KVCache(self.spec, self.n_ctx, self.device)
         self._cache_tokens: list[int] = []  # the ids whose K/V the cache holds, for prefix reuse
         self._lock = threading.Lock()
         self._seed = seed
         self._closed = False
+
+    # -- residency --------------------------------------------------------------------------------
+    def _expert_budget(self, cpu_layers: frozenset[int] | None) -> int:
+        """Bytes left for experts once the dense weights are placed on the GPU."""
+        dense = self.gguf.dense_bytes()
+        per_layer = [self.gguf.expert_bytes(layer) * self.spec.n_expert for layer in range(self.spec.n_layer)]
+        if self.gpu_budget is None:  # no budget: room for every expert (or for the GPU layers' ones)
+            return sum(b for layer, b in enumerate(per_layer) if cpu_layers is None or layer not in cpu_layers)
+        smallest = min(self.gguf.expert_bytes(layer) for layer in range(self.spec.n_layer))
+        if self.gpu_budget < dense + smallest:
+            raise LocalMoEError(f"--gpu-mem {_fmt_bytes(self.gpu_budget)} does not hold the dense weights ({_fmt_bytes(dense)}) plus one expert; give at least {_fmt_bytes(dense + smallest)} (all experts: {_fmt_bytes(dense + sum(per_layer))})")
+        return self.gpu_budget - dense
+
+    def _start_scheduler(self, cpu_layers: frozenset[int] | None = None) -> None:
+        if self.device.type == "cuda":
+            raise LocalMoEError("the measured CUDA GPU tier is not implemented yet; run with --device cpu to use the modelled GPU tier")
+        profile = get_profile(self.profile or "laptop-8gb")
+        config = ResidencyConfig(self._expert_budget(cpu_layers), self.policy, self.on_miss, self.prefetch, cpu_layers)
+        self.scheduler = ExpertScheduler(self.store, self._stats, config, profile)
+        self.scheduler.bind(self.model)
+        self.model.experts = self.scheduler
+        self._stats.clock = self.scheduler.clock
+
+    def _clock(self) -> float:
+        """Seconds on the runtime's clock: modelled when a scheduler models the hardware."""
+        return self.scheduler.elapsed() if self.scheduler is not None else time.perf_counter()
 
     # -- tokens -----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -111,9 +150,9 @@ class Runtime:
         ids = self._check_ids(ids)
         with self._lock:
             cache = KVCache(self.spec, self.n_ctx, self.device)
-            start = time.perf_counter()
+            start, wall = self._clock(), time.perf_counter()
             out = self.model.forward(torch.tensor(ids, dtype=torch.long), cache, all_logits=True)
-            self._stats.record_prompt(len(ids), time.perf_counter() - start)
+            self._stats.record_prompt(len(ids), self._clock() - start, time.perf_counter() - wall)
         return out.float().cpu().numpy()
 
     def _check_ids(self, ids: list[int]) -> list[int]:
@@ -156,9 +195,9 @@ class Runtime:
             keep += 1
         self._cache.n = keep
         self._cache_tokens = ids[:keep]
-        start = time.perf_counter()
+        start, wall = self._clock(), time.perf_counter()
         logits = self._advance(ids[keep:])
-        self._stats.record_prompt(len(ids) - keep, time.perf_counter() - start)
+        self._stats.record_prompt(len(ids) - keep, self._clock() - start, time.perf_counter() - wall)
 
         decoder = IncrementalDecoder()
         finish = "length"
@@ -171,9 +210,9 @@ class Runtime:
             yield Chunk(text, token, None, self._stats.snapshot())
             if self._cache.n >= self.n_ctx:  # context full: nothing more fits
                 break
-            start = time.perf_counter()
+            start, wall = self._clock(), time.perf_counter()
             logits = self._advance([token])
-            self._stats.record_decode(1, time.perf_counter() - start)
+            self._stats.record_decode(1, self._clock() - start, time.perf_counter() - wall)
         yield Chunk(decoder.flush(), None, finish, self._stats.snapshot())
 
     def _advance(self, ids: list[int]) -> torch.Tensor:
@@ -195,17 +234,23 @@ class Runtime:
         """Change the cache policy, miss policy, GPU budget or prefetching between requests
         (the chat app's /policy, /on-miss and /gpu-mem). Raises LocalMoEError on a bad value."""
         with self._lock:
-            if on_miss is not None:
-                if on_miss not in ON_MISS_POLICIES:
-                    raise LocalMoEError(f"unknown miss policy '{on_miss}'; choose one of {', '.join(ON_MISS_POLICIES)}")
-                self.on_miss = on_miss
-            if policy is not None:
-                self.policy = policy
+            _check_policy_names(policy or self.policy, on_miss or self.on_miss)
+            old = (self.policy, self.on_miss, self.prefetch, self.gpu_budget)
+            self.policy, self.on_miss = policy or self.policy, on_miss or self.on_miss
             if prefetch is not None:
                 self.prefetch = bool(prefetch)
             if gpu_mem is not None:
-                parse_size(gpu_mem)
-                raise LocalMoEError("a GPU-tier budget needs the expert residency engine, which this build does not have yet")
+                self.gpu_budget = parse_size(gpu_mem)
+            try:
+                if self.scheduler is None:
+                    if gpu_mem is not None:
+                        self._start_scheduler()
+                else:
+                    cpu_layers = self.scheduler.config.cpu_layers
+                    self.scheduler.reconfigure(policy=self.policy, on_miss=self.on_miss, prefetch=self.prefetch, expert_budget=self._expert_budget(cpu_layers))
+            except LocalMoEError:
+                self.policy, self.on_miss, self.prefetch, self.gpu_budget = old
+                raise
 
     # -- observability & lifetime -----------------------------------------------------------------
     def stats(self) -> Stats:
@@ -215,6 +260,8 @@ class Runtime:
         if not self._closed:
             self._closed = True
             self.tokenizer.close()
+            if self.scheduler is not None and self.scheduler.trace is not None:
+                self.scheduler.trace.close()
 
     def __enter__(self) -> "Runtime":
         return self
@@ -234,6 +281,37 @@ def load(
     seed: int | None = None,
     profile: str | None = None,
     threads: int | None = None,
+    n_cpu_moe: int | None = None,
+    cpu_moe: bool = False,
+    trace: str | None = None,
 ) -> Runtime:
-    """Open a MoE GGUF model (None → the bundled demo model). Raises LocalMoEError on bad input."""
-    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads)
+    """Open a MoE GGUF model (None → the bundled demo model). Raises LocalMoEError on bad input.
+
+    gpu_mem: GPU-tier budget (bytes or "6GB") for the dense weights plus cached experts;
+    None keeps every expert resident. policy: cache policy (lru, lfu, least-stale, reuse).
+    on_miss: fetch, cpu or drop. profile: hardware profile of the modelled clock (laptop-8gb,
+    desktop-24gb; default laptop-8gb when a budget is set without CUDA). n_cpu_moe / cpu_moe:
+    llama.cpp's static placement (experts of the first N layers, or all, stay on the CPU).
+    trace: write the routing of every token to this file (JSON lines)."""
+    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace)
+
+
+def _check_policy_names(policy: str, on_miss: str) -> None:
+    if policy not in ONLINE_POLICIES:
+        raise LocalMoEError(f"unknown cache policy '{policy}'; choose one of {', '.join(ONLINE_POLICIES)}")
+    if on_miss not in ON_MISS_POLICIES:
+        raise LocalMoEError(f"unknown miss policy '{on_miss}'; choose one of {', '.join(ON_MISS_POLICIES)}")
+
+
+def _static_cpu_layers(n_cpu_moe: int | None, cpu_moe: bool, n_layer: int) -> frozenset[int] | None:
+    if cpu_moe:
+        return frozenset(range(n_layer))
+    if n_cpu_moe is None:
+        return None
+    if n_cpu_moe < 0:
+        raise LocalMoEError("--n-cpu-moe must be ≥ 0")
+    return frozenset(range(min(n_cpu_moe, n_layer)))
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -39,6 +39,8 @@ class Stats:
     hit_rate: float
     prefetch_issued: int
     prefetch_used: int
+    prefetch_precision: float  # share of predicted experts that the router then chose
+    prefetch_recall: float  # share of routed experts that had been predicted
     substitutions: dict[str, int]
     cpu_experts: int
     bytes_to_gpu: int
@@ -46,6 +48,8 @@ class Stats:
     gpu_bytes_peak: int
     gpu_budget: int | None  # None: no budget (every expert resident)
     clock: str  # "measured" or "modelled:PROFILE"
+    prompt_tps_measured: float = 0.0  # wall clock, whatever `clock` says
+    decode_tps_measured: float = 0.0
     layers: tuple[LayerStats, ...] = field(default_factory=tuple)
 
     def as_dict(self) -> dict[str, Any]:
@@ -76,6 +80,11 @@ class StatsCollector:
             self.prompt_seconds = 0.0
             self.decode_tokens = 0
             self.decode_seconds = 0.0
+            self.prompt_wall = 0.0
+            self.decode_wall = 0.0
+            self.predicted = 0
+            self.predicted_correct = 0
+            self.routed_unique = 0
             self.hits = [0] * L
             self.misses = [0] * L
             self.cpu_experts = [0] * L
@@ -99,19 +108,44 @@ class StatsCollector:
             self.hits[layer] += n_hit
             self.misses[layer] += ids.numel() - n_hit
 
-    def record_prompt(self, n_tokens: int, seconds: float) -> None:
+    def count_prediction(self, layer: int, predicted: list[int], routed: list[int]) -> None:
+        """The prefetcher guessed `predicted` for this layer; the router then chose `routed`."""
+        with self._lock:
+            self.predicted += len(predicted)
+            self.predicted_correct += len(set(predicted) & set(routed))
+            self.routed_unique += len(routed)
+
+    def add(self, layer: int, **counters: int) -> None:
+        """Add to per-layer counters: cpu_experts, prefetch_issued, prefetch_used, bytes_to_gpu."""
+        with self._lock:
+            for name, n in counters.items():
+                getattr(self, name)[layer] += n
+
+    def add_substitution(self, layer: int, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self.substitutions[layer][kind] += n
+
+    def set_gpu_tier(self, in_use: int, peak: int, budget: int | None, resident: list[list[int]] | None) -> None:
+        with self._lock:
+            self.gpu_bytes_in_use, self.gpu_bytes_peak, self.gpu_budget, self.resident = in_use, peak, budget, resident
+
+    def record_prompt(self, n_tokens: int, seconds: float, wall: float | None = None) -> None:
+        """`seconds` on the runtime's clock (modelled or measured); `wall` measured."""
         with self._lock:
             self.tokens += n_tokens
             self.prompt_tokens = n_tokens
             self.prompt_seconds = seconds
+            self.prompt_wall = seconds if wall is None else wall
             self.decode_tokens = 0
             self.decode_seconds = 0.0
+            self.decode_wall = 0.0
 
-    def record_decode(self, n_tokens: int, seconds: float) -> None:
+    def record_decode(self, n_tokens: int, seconds: float, wall: float | None = None) -> None:
         with self._lock:
             self.tokens += n_tokens
             self.decode_tokens += n_tokens
             self.decode_seconds += seconds
+            self.decode_wall += seconds if wall is None else wall
 
     # -- the snapshot -----------------------------------------------------------------------------
     def snapshot(self) -> Stats:
@@ -144,6 +178,8 @@ class StatsCollector:
                 hit_rate=hits / (hits + misses) if hits + misses else 0.0,
                 prefetch_issued=sum(self.prefetch_issued),
                 prefetch_used=sum(self.prefetch_used),
+                prefetch_precision=self.predicted_correct / self.predicted if self.predicted else 0.0,
+                prefetch_recall=self.predicted_correct / self.routed_unique if self.routed_unique else 0.0,
                 substitutions=subs,
                 cpu_experts=sum(self.cpu_experts),
                 bytes_to_gpu=sum(self.bytes_to_gpu),
@@ -151,6 +187,8 @@ class StatsCollector:
                 gpu_bytes_peak=self.gpu_bytes_peak,
                 gpu_budget=self.gpu_budget,
                 clock=self.clock,
+                prompt_tps_measured=_rate(self.prompt_tokens, self.prompt_wall),
+                decode_tps_measured=_rate(self.decode_tokens, self.decode_wall),
                 layers=layers,
             )
 

@@ -1,0 +1,79 @@
+"""The GPU tier's accounting: which experts are resident, and how many bytes they take.
+
+One class serves the live runtime and trace replay, so the hit rates `bench --trace` reports are
+those the runtime would see. Bytes are each expert's bytes at rest (its gate, up and down rows as
+stored in the GGUF: what crosses PCIe and what a quantized GPU kernel holds). The invariant —
+`used_bytes ≤ budget` and `used_bytes == Σ bytes of resident experts` — holds after every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from .cache_policies import CachePolicy, Key, Tick
+
+
+class ExpertCache:
+    def __init__(self, budget_bytes: int, bytes_per_expert: Sequence[int], policy: CachePolicy):
+        self.budget = int(budget_bytes)
+        self.bytes_per_expert = list(bytes_per_expert)  # by layer
+        self.policy = policy
+        self.resident: dict[Key, int] = {}  # key → bytes it holds
+        self.used_bytes = 0
+        self.peak_bytes = 0
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.resident
+
+    def size_of(self, key: Key) -> int:
+        return self.bytes_per_expert[key[0]]
+
+    def access(self, key: Key, tick: Tick) -> bool:
+        """Record a routed use; True when the expert is resident (a hit)."""
+        self.policy.on_access(key, tick)
+        return key in self.resident
+
+    def admit(self, key: Key, tick: Tick, protected: Collection[Key] = ()) -> list[Key] | None:
+        """Make `key` resident, evicting by policy as needed. Returns the evicted keys, or None
+        when it cannot fit (larger than the budget, or only protected experts could make room)."""
+        if key in self.resident:
+            return []
+        need = self.size_of(key)
+        if need > self.budget:
+            return None
+        evicted: list[Key] = []
+        while self.used_bytes + need > self.budget:
+            candidates = [k for k in self.resident if k not in protected]
+            if not candidates:
+                return None if not evicted else self._undo(evicted, tick)
+            victim = self.policy.victim(candidates, tick)
+            self._remove(victim)
+            evicted.append(victim)
+        self.resident[key] = need
+        self.used_bytes += need
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+        self.policy.on_insert(key, tick)
+        return evicted
+
+    def _remove(self, key: Key) -> None:
+        self.used_bytes -= self.resident.pop(key)
+        self.policy.on_evict(key)
+
+    def _undo(self, evicted: list[Key], tick: Tick) -> None:
+        # Put back what was evicted for an admission that could not complete: nothing changes.
+        for k in evicted:
+            self.resident[k] = self.size_of(k)
+            self.used_bytes += self.resident[k]
+            self.policy.on_insert(k, tick)
+        return None
+
+    def resident_by_layer(self, n_layer: int) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(n_layer)]
+        for layer, expert in self.resident:
+            out[layer].append(expert)
+        return [sorted(x) for x in out]
+
+    def check(self) -> None:
+        """Assert the accounting invariants (used by tests)."""
+        assert self.used_bytes == sum(self.resident.values()) == sum(self.size_of(k) for k in self.resident)
+        assert self.used_bytes <= self.budget

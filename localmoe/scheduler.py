@@ -1,0 +1,237 @@
+"""The expert residency engine: every routed expert runs where it is, or is fetched, or falls back.
+
+`ExpertScheduler` is the expert-execution function the MoE blocks call (same signature as
+`ExpertExecutor`). For one layer it:
+  1. records the routed uses in the cache policy (hits and misses),
+  2. asks the miss policy what to do with the missing experts (fetch / cpu / drop / …),
+  3. loads what must be loaded (evicting by the cache policy, never the layer's own experts),
+  4. computes resident experts on the "GPU" and CPU-assigned ones on the CPU, sums with the
+     router weights,
+  5. charges each step to the modelled timeline (or, on CUDA, to the wall clock),
+  6. starts the prefetch for the next layer from the prediction made after this layer's attention.
+
+Numerics never depend on residency: every path computes with the same expert weights, so `fetch`
+and `cpu` give exactly the all-resident logits; only `drop` (and substitution policies) change them.
+
+Without CUDA the "GPU tier" is the CPU device and the timeline of a HardwareProfile gives time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache_policies import Key, ReuseDistance, Tick, make_policy
+from .errors import LocalMoEError
+from .expert_cache import ExpertCache
+from .experts import ExpertStore, swiglu_expert
+from .miss_policies import CPU, FETCH, StaticPlacement, make_miss_policy
+from .profiles import HardwareProfile, Timeline
+from .stats import StatsCollector
+from .trace import TraceRecorder
+
+if TYPE_CHECKING:
+    from .model import MoEModel
+
+
+@dataclass(frozen=True)
+class ResidencyConfig:
+    expert_budget: int  # bytes of experts the GPU tier may hold (after the dense weights)
+    policy: str = "lfu"
+    on_miss: str = "cpu"
+    prefetch: bool = True
+    cpu_layers: frozenset[int] | None = None  # static placement (--n-cpu-moe): these layers' experts stay on the CPU, nothing moves
+
+
+class ExpertScheduler:
+    def __init__(self, store: ExpertStore, stats: StatsCollector, config: ResidencyConfig, profile: HardwareProfile):
+        model = store.model
+        spec = model.spec
+        self.store, self.stats, self.spec, self.profile = store, stats, spec, profile
+        self.config = config
+        self.n_layer, self.n_expert, self.top_k = spec.n_layer, spec.n_expert, spec.n_expert_used
+        self.bytes_per_expert = [model.expert_bytes(layer) for layer in range(spec.n_layer)]
+        # per expert and row: gate+up+down matmuls, 2 FLOPs per multiply-add
+        self.flops_per_row = 2 * 3 * spec.n_embd * spec.n_ff_exp
+        # dense work (attention, norms, router, shared expert, output head) charged evenly per layer
+        self.dense_bytes_per_layer = model.dense_bytes() / spec.n_layer
+        self.dense_flops_per_row = 2 * model.dense_elements() / spec.n_layer
+        self.model: MoEModel | None = None
+        self.timeline = Timeline()
+        self.trace: TraceRecorder | None = None
+        self.token = 0  # tokens run so far: the clock of the cache policies
+        self._predicted: dict[int, list[int]] = {}  # layer → experts predicted for it
+        self._arrival: dict[Key, float] = {}  # modelled time a loading expert becomes usable
+        self._prefetched: set[Key] = set()  # loaded by prefetch and not yet used
+        self._configure(config)
+
+    # -- settings ---------------------------------------------------------------------------------
+    def _configure(self, config: ResidencyConfig) -> None:
+        self.config = config
+        self.policy = make_policy(config.policy, self.n_layer, self.n_expert, top_k=self.top_k)
+        self.miss_policy = StaticPlacement() if config.cpu_layers is not None else make_miss_policy(config.on_miss)
+        self.cache = ExpertCache(config.expert_budget, self.bytes_per_expert, self.policy)
+        if config.cpu_layers is not None:  # static placement: every expert of the GPU layers, fixed
+            tick = Tick(0, 0)
+            for layer in range(self.n_layer):
+                if layer in config.cpu_layers:
+                    continue
+                for e in range(self.n_expert):
+                    if self.cache.admit((layer, e), tick) is None:
+                        need = sum(self.bytes_per_expert[layer] * self.n_expert for layer in range(self.n_layer) if layer not in config.cpu_layers)
+                        raise LocalMoEError(f"static placement needs {need / 2**30:.2f} GiB of GPU memory for the experts it keeps on the GPU; raise --gpu-mem or move more layers to the CPU with --n-cpu-moe")
+        self._arrival.clear()
+        self._prefetched.clear()
+        self._publish()
+
+    def reconfigure(self, **changes) -> None:
+        """Apply new settings (policy, on_miss, prefetch, expert_budget) between requests; the
+        cache restarts empty under a new policy or budget."""
+        fields = {**self.config.__dict__, **{k: v for k, v in changes.items() if v is not None}}
+        self._configure(ResidencyConfig(**fields))
+
+    def bind(self, model: "MoEModel") -> None:
+        self.model = model
+
+    @property
+    def clock(self) -> str:
+        return f"modelled:{self.profile.name}"
+
+    def elapsed(self) -> float:
+        return self.timeline.now
+
+    # -- cost model ----------------------------------------------------------------------------------
+    def fetch_is_faster(self, layer: int, rows: int) -> bool:
+        """Fiddler's choice for one missing expert: copy + GPU compute vs CPU compute."""
+        nbytes, flops = self.bytes_per_expert[layer], self.flops_per_row * rows
+        p = self.profile
+        return p.copy_seconds(nbytes) + p.gpu_seconds(nbytes, flops) < p.cpu_seconds(nbytes, flops) + 2 * p.pcie_latency_s
+
+    # -- hooks the forward pass calls -------------------------------------------------------------
+    def after_attention(self, layer: int, x: torch.Tensor) -> None:
+        """x [T, D]: the residual stream after layer `layer`'s attention. Predict the next layer's
+        experts with its own router (decode only: in prefill nearly every expert is used)."""
+        nxt = layer + 1
+        if not self.config.prefetch or self.config.cpu_layers is not None or self.model is None or nxt >= self.n_layer or x.shape[0] != 1:
+            return
+        ids, _ = self.model.route(nxt, self.model.ffn_input(nxt, x))
+        self._predicted[nxt] = ids[0].tolist()
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D]; ids, weights [T, k] → [T, D]."""
+        T = x.shape[0]
+        if layer == 0:
+            self._token0 = self.token
+        tick = Tick(self.token, layer)
+        p, tl, st = self.profile, self.timeline, self.stats
+        predicted = self._predicted.pop(layer, None)
+        if self.trace is not None:
+            self.trace.record(self.token, layer, ids, weights, predicted)
+
+        # 1. routed uses: hits and misses
+        experts = torch.unique(ids).tolist()
+        resident = {e: self.cache.access((layer, e), tick) for e in experts}
+        for e in experts:  # one access per routed (token, slot): frequency counts every use
+            for _ in range(int((ids == e).sum()) - 1):
+                self.policy.on_access((layer, e), tick)
+        resident_mask = torch.tensor([[resident[e] for e in row] for row in ids.tolist()], dtype=torch.bool)
+        st.count_routed(layer, ids, resident_mask)
+        if predicted is not None:
+            st.count_prediction(layer, predicted, experts)
+        for e in experts:
+            if resident[e] and (layer, e) in self._prefetched:
+                self._prefetched.discard((layer, e))
+                st.add(layer, prefetch_used=1)
+
+        # 2. the miss policy's plan
+        missing = [e for e in experts if not resident[e]]
+        plan = self.miss_policy.plan(self, layer, ids, weights, missing) if missing else None
+        if plan is not None:
+            ids, weights = plan.ids, plan.weights
+            if plan.dropped:
+                st.add_substitution(layer, "drop", plan.dropped)
+            for e in missing:  # skipped now; worth having for later tokens
+                if e not in plan.where:
+                    self._background_upload((layer, e), tick, [(layer, x) for x in experts], tl.now)
+
+        # 3./5. time: attention + router readback, then experts on the GPU, the link and the CPU
+        t0 = tl.now
+        attn_end = tl.run_gpu(p.gpu_seconds(self.dense_bytes_per_layer, self.dense_flops_per_row * T), ready=t0)
+        routed = attn_end + p.sync_latency_s
+        protected = [(layer, e) for e in experts]
+        cpu_end = routed
+        out = torch.zeros_like(x)
+        rows_of = {}
+        flat = ids.reshape(-1)
+        token_of = torch.arange(T).repeat_interleave(ids.shape[1])
+        flat_w = weights.reshape(-1)
+        for e in torch.unique(flat).tolist():
+            if e < 0:
+                continue
+            sel = (flat == e).nonzero().squeeze(1)
+            rows_of[e] = (token_of[sel], flat_w[sel])
+        for e, (tok, w) in rows_of.items():
+            key = (layer, e)
+            nbytes, flops = self.bytes_per_expert[layer], self.flops_per_row * len(tok)
+            action = plan.where.get(e) if plan is not None else None
+            if action == CPU:
+                cpu_end = tl.run_cpu(p.cpu_seconds(nbytes, flops), ready=routed + p.pcie_latency_s)
+                st.add(layer, cpu_experts=len(tok))
+                self._background_upload(key, tick, protected, routed)
+            else:
+                if action == FETCH or key not in self.cache:
+                    self._load(key, tick, protected, ready=routed)
+                ready = max(routed, self._arrival.pop(key, 0.0))
+                tl.run_gpu(p.gpu_seconds(nbytes, flops), ready=ready)
+            y = swiglu_expert(self.store.weights(layer, e), x[tok])
+            out.index_add_(0, tok, y * w.unsqueeze(1))
+        tl.now = max(tl.gpu, cpu_end + p.pcie_latency_s)
+
+        # 6. prefetch the next layer's predicted experts, overlapping this layer's compute
+        nxt = self._predicted.get(layer + 1)
+        if nxt:
+            for e in nxt:
+                key = (layer + 1, e)
+                if key not in self.cache and self._load(key, Tick(self.token, layer + 1), protected + [(layer + 1, n) for n in nxt], ready=attn_end, prefetch=True):
+                    st.add(layer + 1, prefetch_issued=1)
+                    self._prefetched.add(key)
+            if isinstance(self.policy, ReuseDistance):
+                for e in nxt:
+                    self.policy.hint((layer + 1, e), tick)
+
+        if layer == self.n_layer - 1:
+            self.token += T
+        self._publish()
+        return out
+
+    # -- moving experts ---------------------------------------------------------------------------
+    def _load(self, key: Key, tick: Tick, protected: list[Key], ready: float, prefetch: bool = False) -> bool:
+        """Make `key` resident; charge the copy on the link. False when it cannot be admitted."""
+        nbytes = self.bytes_per_expert[key[0]]
+        if self.config.cpu_layers is not None:  # static placement: a batch-only copy, nothing stays
+            self._arrival[key] = self.timeline.copy(self.profile.copy_seconds(nbytes), ready=ready)
+            self.stats.add(key[0], bytes_to_gpu=nbytes)
+            return True
+        evicted = self.cache.admit(key, tick, protected)
+        if evicted is None:
+            return False
+        for k in evicted:
+            self._arrival.pop(k, None)
+            self._prefetched.discard(k)
+        self._arrival[key] = self.timeline.copy(self.profile.copy_seconds(nbytes), ready=ready)
+        self.stats.add(key[0], bytes_to_gpu=nbytes)
+        return True
+
+    def _background_upload(self, key: Key, tick: Tick, protected: list[Key], ready: float) -> None:
+        """After a CPU-computed miss, upload the expert for later tokens — only when the link is
+        idle, so background uploads never queue up behind each other (rate limit)."""
+        if self.config.cpu_layers is None and self.timeline.link <= ready:
+            self._load(key, tick, protected, ready)
+
+    def _publish(self) -> None:
+        self.stats.set_gpu_tier(self.cache.used_bytes, self.cache.peak_bytes, self.cache.budget, self.cache.resident_by_layer(self.n_layer))
+
+    def check(self) -> None:
+        self.cache.check()
