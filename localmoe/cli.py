@@ -15,6 +15,7 @@ from .cache_policies import ONLINE_POLICIES
 from .errors import LocalMoEError
 from .miss_policies import MISS_POLICIES
 from .profiles import PROFILES
+from .residency_bench import DEFAULT_POLICIES
 
 ON_MISS_POLICIES = tuple(MISS_POLICIES)
 
@@ -83,7 +84,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt for the conversation")
     _add_sampling_args(p)
     _add_runtime_args(p)
+    p = sub.add_parser("bench", help="benchmark: cache policies on a trace, or placement strategies on a model", description="With --trace FILE: replay the cache policies on a recorded routing trace at several budgets (hit rates, in seconds, without the model). With MODEL: decode the same prompt with static placement (llama.cpp's --n-cpu-moe), fetch+LRU and cpu+reuse+prefetch under a GPU budget and hardware profile.")
+    _add_model_arg(p, required=False)
+    p.add_argument("--trace", metavar="FILE", help="replay cache policies on this trace (from `localmoe run --trace FILE`)")
+    p.add_argument("--budgets", default="0.25,0.5", help="trace replay: budgets as shares of all expert bytes (default 0.25,0.5)")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help=f"trace replay: policies to compare (default {','.join(DEFAULT_POLICIES)})")
+    p.add_argument("--replay-prefetch", action="store_true", help="trace replay: also load the recorded prefetch predictions")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="strategies: GPU budget (default: dense weights + --budget-share of expert bytes)")
+    p.add_argument("--budget-share", type=float, default=0.25, help="strategies: expert share of the default budget (default 0.25)")
+    p.add_argument("--profile", default="laptop-8gb", choices=tuple(PROFILES), help="strategies: hardware profile of the modelled clock (default laptop-8gb)")
+    p.add_argument("-p", "--prompt", default=None, help="strategies: prompt (default: a fixed sentence)")
+    p.add_argument("-n", "--max-tokens", type=int, default=64, help="strategies: tokens to decode (default 64)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
+    p.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import residency_bench as rb
+
+    if args.trace:
+        from .trace import load_trace
+
+        trace = load_trace(args.trace)
+        try:
+            budgets = [float(b) for b in args.budgets.split(",")]
+        except ValueError:
+            raise LocalMoEError(f"--budgets takes comma-separated shares such as 0.25,0.5, not '{args.budgets}'") from None
+        rows = rb.replay_table(trace, budgets, [p.strip() for p in args.policies.split(",") if p.strip()], prefetch=args.replay_prefetch)
+        print(json.dumps(rows, indent=2) if args.json else rb.format_replay(trace, rows))
+        return 0
+    from .bundled import demo_model_path
+    from .gguf_file import GGUFModel
+    from .runtime import parse_size
+
+    path = args.model or demo_model_path()
+    gpu_mem = parse_size(args.gpu_mem)
+    if gpu_mem is None:
+        m = GGUFModel(path)
+        gpu_mem = m.dense_bytes() + int(m.all_expert_bytes() * args.budget_share)
+    results = rb.run_strategies(path, gpu_mem, args.profile, args.prompt or rb.DEFAULT_PROMPT, args.max_tokens, args.threads)
+    print(json.dumps({"gpu_mem": gpu_mem, "profile": args.profile, "results": rb.strategies_json(results)}, indent=2) if args.json else rb.format_strategies(results, gpu_mem))
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -151,7 +193,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
-COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat}
+COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,6 +176,8 @@ class ExpertScheduler:
             key = (layer, e)
             nbytes, flops = self.bytes_per_expert[layer], self.flops_per_row * len(tok)
             action = plan.where.get(e) if plan is not None else None
+            if action is None and self._still_arriving(key, routed, nbytes, flops):
+                action = CPU  # its copy lands later than the CPU could finish it: co-execute
             if action == CPU:
                 cpu_end = tl.run_cpu(p.cpu_seconds(nbytes, flops), ready=routed + p.pcie_latency_s)
                 st.add(layer, cpu_experts=len(tok))
@@ -205,6 +207,17 @@ class ExpertScheduler:
             self.token += T
         self._publish()
         return out
+
+    def _still_arriving(self, key: Key, routed: float, nbytes: int, flops: float) -> bool:
+        """A resident expert whose (pre)fetch copy is still on the link: with CPU co-execution on,
+        compute it on the CPU when that finishes sooner than waiting for the copy."""
+        arrival = self._arrival.get(key, 0.0)
+        if arrival <= routed or self.config.on_miss != "cpu":
+            return False
+        p = self.profile
+        gpu_done = max(routed, arrival, self.timeline.gpu) + p.gpu_seconds(nbytes, flops)
+        cpu_done = max(routed + p.pcie_latency_s, self.timeline.cpu) + p.cpu_seconds(nbytes, flops) + p.pcie_latency_s
+        return cpu_done < gpu_done
 
     # -- moving experts ---------------------------------------------------------------------------
     def _load(self, key: Key, tick: Tick, protected: list[Key], ready: float, prefetch: bool = False) -> bool:
