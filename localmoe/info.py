@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from . import names
 from .gguf_file import GGUFModel
 
 # VRAM of the hardware profiles the fit estimate reports (bytes).
@@ -16,14 +15,10 @@ def describe(model: GGUFModel) -> dict[str, Any]:
     s = model.spec
     by_type_bytes: Counter[str] = Counter()
     by_type_count: Counter[str] = Counter()
-    expert_bytes = dense_bytes = 0
     for t in model.tensors.values():
         by_type_bytes[t.qtype.name] += t.n_bytes
         by_type_count[t.qtype.name] += 1
-        if names.is_expert_tensor(t.name):
-            expert_bytes += t.n_bytes
-        else:
-            dense_bytes += t.n_bytes
+    expert_bytes, dense_bytes = model.all_expert_bytes(), model.dense_bytes()
     by_layer = [model.expert_bytes(layer) for layer in range(s.n_layer)]  # mixes such as Q4_K_M vary by layer
     n_experts_total = s.n_expert * s.n_layer
     per_expert = expert_bytes // n_experts_total
