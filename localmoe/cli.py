@@ -97,7 +97,105 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--max-tokens", type=int, default=64, help="strategies: tokens to decode (default 64)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("calibrate", help="expert statistics and the buddy table, saved beside the model", description="Run the model over calibration text and record, per layer, expert usage, co-activation, functional similarity of experts on real activations and router-score correlation; build the buddy table used by --on-miss buddy/cost and save it as MODEL.buddies.json with its provenance.")
+    _add_model_arg(p, required=False)
+    p.add_argument("--text", metavar="FILE", help="calibration text (default: the built-in multi-domain sample)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use at most (default 4096)")
+    p.add_argument("--samples", type=int, default=64, help="inputs kept per expert to measure similarity (default 64)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
+
+    p = sub.add_parser("eval", help="perplexity, agreement and speed of miss policies against the all-resident model", description="Decode the same tokens with the all-resident model and with each miss policy under a GPU budget; report perplexity, top-1 agreement, KL divergence, substitutions and decode tok/s (modelled under the profile, and measured).")
+    _add_model_arg(p, required=False)
+    p.add_argument("--text", metavar="FILE", required=True, help="evaluation text")
+    p.add_argument("--on-miss", default="fetch,cpu,drop,buddy,little,cost", help="miss policies to compare, comma-separated (default: all)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="GPU budget (default: dense weights + --budget-share of expert bytes)")
+    p.add_argument("--budget-share", type=float, default=0.25, help="expert share of the default budget (default 0.25)")
+    p.add_argument("--policy", default="lfu", choices=ONLINE_POLICIES, help="cache policy for every run (default lfu)")
+    p.add_argument("--profile", default="laptop-8gb", choices=tuple(PROFILES), help="hardware profile of the modelled clock (default laptop-8gb)")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens of the text to evaluate (default 1024)")
+    p.add_argument("--window", type=int, default=256, help="tokens per window; each window starts from an empty context (default 256)")
+    p.add_argument("--little-threshold", type=float, default=None, help="little: weight share of the top half that makes a token unimportant (default 0.75; >1 = never)")
+    p.add_argument("--buddy-min-score", type=float, default=None, help="buddy: least buddy score accepted (default 0.3)")
+    p.add_argument("--quality-budget", type=float, default=None, help="cost: router-weight share a token may give up per layer (default 0.15)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
     return parser
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from .buddies import builtin_calibration_text, calibrate, sidecar_path
+    from .progress import Progress
+    from .runtime import load
+
+    text, source = (builtin_calibration_text(), "built-in sample") if not args.text else (_read_text(args.text), args.text)
+    with load(args.model, device="cpu", threads=args.threads) as rt:
+        bar = Progress("calibrating", min(args.tokens, len(rt.tokenize(text))))
+        table = calibrate(rt, text, max_tokens=args.tokens, samples=args.samples, progress=lambda done, total: bar.update(done))
+        table.provenance["calibration_text"] = source
+        table.provenance["calibration_text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        out = sidecar_path(rt.path)
+        table.save(out)
+        summary = {
+            "sidecar": out,
+            "tokens": table.provenance["tokens"],
+            "layers": [
+                {"layer": i, "most_used": int(lc.usage.argmax()), "max_share": float(lc.usage.max() / max(lc.usage.sum(), 1)), "tae_tau": lc.tae_tau,
+                 "mean_best_buddy_score": float(sum(b[0][1] for b in lc.buddies.values() if b) / max(1, sum(1 for b in lc.buddies.values() if b)))}
+                for i, lc in enumerate(table.layers)
+            ],
+        }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"buddy table for {len(table.layers)} layers from {summary['tokens']} tokens of {source} → {out}")
+        for row in summary["layers"]:
+            print(f"  layer {row['layer']:2d}: most used expert {row['most_used']:3d} ({row['max_share']:.1%} of uses), TAE τ {row['tae_tau']:.3f}, mean best buddy score {row['mean_best_buddy_score']:.3f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table
+    from .bundled import demo_model_path
+    from .gguf_file import GGUFModel
+    from .progress import Progress
+    from .runtime import parse_size
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policies = [p.strip() for p in args.on_miss.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in ON_MISS_POLICIES]
+    if unknown:
+        raise LocalMoEError(f"unknown miss policy '{unknown[0]}'; choose from {', '.join(ON_MISS_POLICIES)}")
+    path = args.model or demo_model_path()
+    gpu_mem = parse_size(args.gpu_mem)
+    if gpu_mem is None:
+        m = GGUFModel(path)
+        gpu_mem = m.dense_bytes() + int(m.all_expert_bytes() * args.budget_share)
+    options = {"little": {"threshold": args.little_threshold}, "buddy": {"min_score": args.buddy_min_score}, "cost": {"quality_budget": args.quality_budget}}
+    options = {k: {o: v for o, v in d.items() if v is not None} for k, d in options.items()}
+    bars: dict[str, Progress] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        bars.setdefault(name, Progress(name, total)).update(done)
+
+    res = evaluate(path, _read_text(args.text), policies, gpu_mem, args.profile, args.tokens, args.window, args.policy, options, progress)
+    print(json.dumps(res, indent=2) if args.json else format_table(res))
+    return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise LocalMoEError(f"text file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocalMoEError(f"cannot read {path} as UTF-8 text: {exc}") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -193,7 +291,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
-COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench}
+COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench, "calibrate": cmd_calibrate, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

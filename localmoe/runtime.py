@@ -79,12 +79,14 @@ class Runtime:
         n_cpu_moe: int | None = None,
         cpu_moe: bool = False,
         trace: str | None = None,
+        miss_options: dict[str, Any] | None = None,
     ):
         self.path = os.fspath(path) if path is not None else demo_model_path()
         self.device = resolve_device(device)
         _check_policy_names(policy, on_miss)
         self.gpu_budget = parse_size(gpu_mem)
         self.policy, self.on_miss, self.prefetch, self.profile = policy, on_miss, prefetch, profile
+        self.miss_options = dict(miss_options or {})
         if profile is not None:
             get_profile(profile)
         if threads:
@@ -127,11 +129,29 @@ class Runtime:
         if self.device.type == "cuda":
             raise LocalMoEError("the measured CUDA GPU tier is not implemented yet; run with --device cpu to use the modelled GPU tier")
         profile = get_profile(self.profile or "laptop-8gb")
-        config = ResidencyConfig(self._expert_budget(cpu_layers), self.policy, self.on_miss, self.prefetch, cpu_layers)
-        self.scheduler = ExpertScheduler(self.store, self._stats, config, profile)
+        config = ResidencyConfig(self._expert_budget(cpu_layers), self.policy, self.on_miss, self.prefetch, cpu_layers, tuple(sorted(self.miss_options.items())))
+        table = self._buddy_table()
+        try:
+            self.scheduler = ExpertScheduler(self.store, self._stats, config, profile)
+        except TypeError as exc:  # a miss option the policy does not take
+            raise LocalMoEError(f"bad option for miss policy '{self.on_miss}': {exc}") from None
+        self.scheduler.buddy_table = table
         self.scheduler.bind(self.model)
         self.model.experts = self.scheduler
         self._stats.clock = self.scheduler.clock
+
+    def _buddy_table(self):
+        """The calibrated buddy table beside the model (needed by on_miss='buddy'; used by 'cost')."""
+        if self.on_miss not in ("buddy", "cost"):
+            return None
+        from .buddies import BuddyTable, sidecar_path
+
+        path = sidecar_path(self.path)
+        if not os.path.exists(path):
+            if self.on_miss == "buddy":
+                raise LocalMoEError(f"on_miss='buddy' needs a buddy table and {path} does not exist; run `localmoe calibrate {self.path}` first")
+            return None
+        return BuddyTable.load(path, self.path)
 
     def _clock(self) -> float:
         """Seconds on the runtime's clock: modelled when a scheduler models the hardware."""
@@ -247,7 +267,10 @@ class Runtime:
                         self._start_scheduler()
                 else:
                     cpu_layers = self.scheduler.config.cpu_layers
-                    self.scheduler.reconfigure(policy=self.policy, on_miss=self.on_miss, prefetch=self.prefetch, expert_budget=self._expert_budget(cpu_layers))
+                    table = self._buddy_table()
+                    params = tuple(sorted(self.miss_options.items())) if self.on_miss == old[1] else ()
+                    self.scheduler.reconfigure(policy=self.policy, on_miss=self.on_miss, prefetch=self.prefetch, expert_budget=self._expert_budget(cpu_layers), miss_params=params)
+                    self.scheduler.buddy_table = table
             except LocalMoEError:
                 self.policy, self.on_miss, self.prefetch, self.gpu_budget = old
                 raise
@@ -284,6 +307,7 @@ def load(
     n_cpu_moe: int | None = None,
     cpu_moe: bool = False,
     trace: str | None = None,
+    miss_options: dict[str, Any] | None = None,
 ) -> Runtime:
     """Open a MoE GGUF model (None → the bundled demo model). Raises LocalMoEError on bad input.
 
@@ -292,8 +316,10 @@ def load(
     on_miss: fetch, cpu or drop. profile: hardware profile of the modelled clock (laptop-8gb,
     desktop-24gb; default laptop-8gb when a budget is set without CUDA). n_cpu_moe / cpu_moe:
     llama.cpp's static placement (experts of the first N layers, or all, stay on the CPU).
-    trace: write the routing of every token to this file (JSON lines)."""
-    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace)
+    trace: write the routing of every token to this file (JSON lines). miss_options: parameters of
+    the miss policy, e.g. {"threshold": 0.8} for little, {"min_score": 0.4, "fallback": "fetch"} for
+    buddy, {"quality_budget": 0.1} for cost (see docs/fallback.md)."""
+    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace, miss_options)
 
 
 def _check_policy_names(policy: str, on_miss: str) -> None:

@@ -43,6 +43,7 @@ class ResidencyConfig:
     on_miss: str = "cpu"
     prefetch: bool = True
     cpu_layers: frozenset[int] | None = None  # static placement (--n-cpu-moe): these layers' experts stay on the CPU, nothing moves
+    miss_params: tuple[tuple[str, object], ...] = ()  # keyword parameters of the miss policy (thresholds, fallback)
 
 
 class ExpertScheduler:
@@ -61,6 +62,7 @@ class ExpertScheduler:
         self.model: MoEModel | None = None
         self.timeline = Timeline()
         self.trace: TraceRecorder | None = None
+        self.buddy_table = None  # a BuddyTable when the model has been calibrated
         self.token = 0  # tokens run so far: the clock of the cache policies
         self._predicted: dict[int, list[int]] = {}  # layer → experts predicted for it
         self._arrival: dict[Key, float] = {}  # modelled time a loading expert becomes usable
@@ -71,7 +73,7 @@ class ExpertScheduler:
     def _configure(self, config: ResidencyConfig) -> None:
         self.config = config
         self.policy = make_policy(config.policy, self.n_layer, self.n_expert, top_k=self.top_k)
-        self.miss_policy = StaticPlacement() if config.cpu_layers is not None else make_miss_policy(config.on_miss)
+        self.miss_policy = StaticPlacement() if config.cpu_layers is not None else make_miss_policy(config.on_miss, **dict(config.miss_params))
         self.cache = ExpertCache(config.expert_budget, self.bytes_per_expert, self.policy)
         if config.cpu_layers is not None:  # static placement: every expert of the GPU layers, fixed
             tick = Tick(0, 0)
@@ -90,7 +92,9 @@ class ExpertScheduler:
         """Apply new settings (policy, on_miss, prefetch, expert_budget) between requests; the
         cache restarts empty under a new policy or budget."""
         fields = {**self.config.__dict__, **{k: v for k, v in changes.items() if v is not None}}
+        table = self.buddy_table
         self._configure(ResidencyConfig(**fields))
+        self.buddy_table = table
 
     def bind(self, model: "MoEModel") -> None:
         self.model = model
@@ -150,8 +154,8 @@ class ExpertScheduler:
         plan = self.miss_policy.plan(self, layer, ids, weights, missing) if missing else None
         if plan is not None:
             ids, weights = plan.ids, plan.weights
-            if plan.dropped:
-                st.add_substitution(layer, "drop", plan.dropped)
+            for kind, n in plan.substitutions.items():
+                st.add_substitution(layer, kind, n)
             for e in missing:  # skipped now; worth having for later tokens
                 if e not in plan.where:
                     self._background_upload((layer, e), tick, [(layer, x) for x in experts], tl.now)
@@ -212,7 +216,7 @@ class ExpertScheduler:
         """A resident expert whose (pre)fetch copy is still on the link: with CPU co-execution on,
         compute it on the CPU when that finishes sooner than waiting for the copy."""
         arrival = self._arrival.get(key, 0.0)
-        if arrival <= routed or self.config.on_miss != "cpu":
+        if arrival <= routed or self.config.on_miss == "fetch":
             return False
         p = self.profile
         gpu_done = max(routed, arrival, self.timeline.gpu) + p.gpu_seconds(nbytes, flops)
