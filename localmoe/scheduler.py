@@ -126,8 +126,6 @@ class ExpertScheduler:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; ids, weights [T, k] → [T, D]."""
         T = x.shape[0]
-        if layer == 0:
-            self._token0 = self.token
         tick = Tick(self.token, layer)
         p, tl, st = self.profile, self.timeline, self.stats
         predicted = self._predicted.pop(layer, None)
@@ -149,6 +147,11 @@ class ExpertScheduler:
                 self._prefetched.discard((layer, e))
                 st.add(layer, prefetch_used=1)
 
+        # time: attention + router readback on the GPU
+        attn_end = tl.run_gpu(p.gpu_seconds(self.dense_bytes_per_layer, self.dense_flops_per_row * T), ready=tl.now)
+        routed = attn_end + p.sync_latency_s
+        protected = [(layer, e) for e in experts]  # never evicted while this layer needs them
+
         # 2. the miss policy's plan
         missing = [e for e in experts if not resident[e]]
         plan = self.miss_policy.plan(self, layer, ids, weights, missing) if missing else None
@@ -156,15 +159,11 @@ class ExpertScheduler:
             ids, weights = plan.ids, plan.weights
             for kind, n in plan.substitutions.items():
                 st.add_substitution(layer, kind, n)
-            for e in missing:  # skipped now; worth having for later tokens
+            for e in missing:  # substituted or skipped now; worth having for later tokens
                 if e not in plan.where:
-                    self._background_upload((layer, e), tick, [(layer, x) for x in experts], tl.now)
+                    self._background_upload((layer, e), tick, protected, routed)
 
-        # 3./5. time: attention + router readback, then experts on the GPU, the link and the CPU
-        t0 = tl.now
-        attn_end = tl.run_gpu(p.gpu_seconds(self.dense_bytes_per_layer, self.dense_flops_per_row * T), ready=t0)
-        routed = attn_end + p.sync_latency_s
-        protected = [(layer, e) for e in experts]
+        # 3./4./5. run the experts: GPU tier, link and CPU, each charged to the timeline
         cpu_end = routed
         out = torch.zeros_like(x)
         rows_of = {}
@@ -182,15 +181,14 @@ class ExpertScheduler:
             action = plan.where.get(e) if plan is not None else None
             if action is None and self._still_arriving(key, routed, nbytes, flops):
                 action = CPU  # its copy lands later than the CPU could finish it: co-execute
+            if action != CPU and key not in self.cache and not self._load(key, tick, protected, ready=routed):
+                action = CPU  # it cannot be made resident now (the budget is held by this layer)
             if action == CPU:
                 cpu_end = tl.run_cpu(p.cpu_seconds(nbytes, flops), ready=routed + p.pcie_latency_s)
                 st.add(layer, cpu_experts=len(tok))
                 self._background_upload(key, tick, protected, routed)
             else:
-                if action == FETCH or key not in self.cache:
-                    self._load(key, tick, protected, ready=routed)
-                ready = max(routed, self._arrival.pop(key, 0.0))
-                tl.run_gpu(p.gpu_seconds(nbytes, flops), ready=ready)
+                tl.run_gpu(p.gpu_seconds(nbytes, flops), ready=max(routed, self._arrival.pop(key, 0.0)))
             y = swiglu_expert(self.store.weights(layer, e), x[tok])
             out.index_add_(0, tok, y * w.unsqueeze(1))
         tl.now = max(tl.gpu, cpu_end + p.pcie_latency_s)
