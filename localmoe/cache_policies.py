@@ -48,6 +48,11 @@ class CachePolicy:
     def victim(self, candidates: Sequence[Key], tick: Tick) -> Key:
         raise NotImplementedError
 
+    def admits(self, incoming: Key, victim: Key, tick: Tick) -> bool:
+        """Is `incoming` worth evicting `victim` for? False bypasses the cache: the missed expert
+        runs without becoming resident. The classic policies always admit."""
+        return True
+
 
 class LRU(CachePolicy):
     """Evict the expert whose last use is oldest."""
@@ -96,8 +101,9 @@ class AgedLFU(CachePolicy):
 
 
 class Belady(CachePolicy):
-    """Optimal offline policy: evict the expert whose next use is farthest in the future.
-    Needs the whole access sequence, so it exists for trace analysis (the upper bound)."""
+    """Optimal offline policy: evict the expert whose next use is farthest in the future, and do
+    not admit a missed expert whose own next use is farther still (with bypass allowed, this is
+    the optimum). Needs the whole access sequence, so it exists for trace analysis (the bound)."""
 
     name = "belady"
     needs_future = True
@@ -116,13 +122,17 @@ class Belady(CachePolicy):
     def victim(self, candidates: Sequence[Key], tick: Tick) -> Key:
         now = tick.index(self.n_layer)
 
-        def next_use(k: Key) -> float:
-            q = self.uses.get(k)
-            while q and q[0] < now:
-                q.popleft()
-            return q[0] if q else math.inf
+        return max(candidates, key=lambda k: self._next_use(k, now))
 
-        return max(candidates, key=next_use)
+    def admits(self, incoming: Key, victim: Key, tick: Tick) -> bool:
+        now = tick.index(self.n_layer)
+        return self._next_use(incoming, now) < self._next_use(victim, now)
+
+    def _next_use(self, k: Key, now: int) -> float:
+        q = self.uses.get(k)
+        while q and q[0] <= now:
+            q.popleft()
+        return q[0] if q else math.inf
 
 
 class LeastStale(CachePolicy):
@@ -169,11 +179,12 @@ class ReuseDistance(CachePolicy):
     treated as never used). The number of passes until it is used is geometric, so the expected
     distance is d + L·(1/p − 1). Frequency alone (LFU) ignores d; layer order alone (Least-Stale)
     ignores p; this weighs both. Recent router picks (the prefetcher's predictions, reported with
-    `hint`) count as uses."""
+    `hint`) count as half a use. And like Belady it may refuse a missed expert: one whose own
+    expected distance is larger than the victim's is not admitted (it runs without residency)."""
 
     name = "reuse"
 
-    def __init__(self, n_layer: int, n_expert: int, top_k: int = 1, half_life: int = 48, prior: float = 0.25):
+    def __init__(self, n_layer: int, n_expert: int, top_k: int = 1, half_life: int = 32, prior: float = 0.25):
         super().__init__(n_layer, n_expert, top_k)
         self.half_life, self.prior = half_life, prior
         self.count: dict[Key, float] = defaultdict(float)
@@ -209,6 +220,9 @@ class ReuseDistance(CachePolicy):
 
     def victim(self, candidates: Sequence[Key], tick: Tick) -> Key:
         return max(candidates, key=lambda k: (self.expected_distance(k, tick), -self.last.get(k, -1)))
+
+    def admits(self, incoming: Key, victim: Key, tick: Tick) -> bool:
+        return self.expected_distance(incoming, tick) < self.expected_distance(victim, tick)
 
 
 POLICIES: dict[str, type[CachePolicy]] = {p.name: p for p in (LRU, AgedLFU, LeastStale, ReuseDistance, Belady)}

@@ -49,11 +49,13 @@ def targets(ids: list[int], window: int) -> np.ndarray:
     return np.array(t)
 
 
-def evaluate(model_path: str | None, text: str, policies: list[str], gpu_mem: int | str | None, profile: str, max_tokens: int = 1024, window: int = 256, policy: str = "lfu", miss_options: dict[str, dict[str, Any]] | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+def evaluate(model_path: str | None, text: str, policies: list[str], gpu_mem: int | str | None, profile: str, max_tokens: int = 1024, window: int = 256, policy: str = "lfu", miss_options: dict[str, dict[str, Any]] | None = None, progress: Callable[[str, int, int], None] | None = None, trace: str | None = None) -> dict[str, Any]:
+    """`trace`: also record the all-resident run's routing (decode order, with the prefetcher's
+    predictions) to this file, for `localmoe bench --trace`."""
     from .runtime import load
 
     miss_options = miss_options or {}
-    with load(model_path, device="cpu", profile=profile) as base:
+    with load(model_path, device="cpu", profile=profile, trace=trace) as base:
         ids = base.tokenize(text)[: max_tokens + 1]
         if len(ids) < 2:
             raise LocalMoEError("the evaluation text is too short; give at least a sentence")

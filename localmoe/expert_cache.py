@@ -35,7 +35,8 @@ class ExpertCache:
 
     def admit(self, key: Key, tick: Tick, protected: Collection[Key] = ()) -> list[Key] | None:
         """Make `key` resident, evicting by policy as needed. Returns the evicted keys, or None
-        when it cannot fit (larger than the budget, or only protected experts could make room)."""
+        when it is not admitted: larger than the budget, only protected experts could make room,
+        or the policy prefers the victim (bypass). Nothing changes then."""
         if key in self.resident:
             return []
         need = self.size_of(key)
@@ -47,6 +48,8 @@ class ExpertCache:
             if not candidates:
                 return None if not evicted else self._undo(evicted, tick)
             victim = self.policy.victim(candidates, tick)
+            if not self.policy.admits(key, victim, tick):
+                return None if not evicted else self._undo(evicted, tick)
             self._remove(victim)
             evicted.append(victim)
         self.resident[key] = need

@@ -182,7 +182,11 @@ class ExpertScheduler:
             if action is None and self._still_arriving(key, routed, nbytes, flops):
                 action = CPU  # its copy lands later than the CPU could finish it: co-execute
             if action != CPU and key not in self.cache and not self._load(key, tick, protected, ready=routed):
-                action = CPU  # it cannot be made resident now (the budget is held by this layer)
+                if action == FETCH:  # not admitted: stream it through a scratch buffer, as llama.cpp does
+                    self._arrival[key] = tl.copy(p.copy_seconds(nbytes), ready=routed)
+                    st.add(layer, bytes_to_gpu=nbytes)
+                else:
+                    action = CPU
             if action == CPU:
                 cpu_end = tl.run_cpu(p.cpu_seconds(nbytes, flops), ready=routed + p.pcie_latency_s)
                 st.add(layer, cpu_experts=len(tok))
