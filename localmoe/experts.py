@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import names
 from .gguf_file import GGUFModel
-from .quants import to_torch
+from .kernels import QLinear, RawMatrix, fuse_rows, matvec_many, repack
 from .stats import StatsCollector
 
 ExpertId = tuple[int, int]  # (layer, expert)
@@ -23,24 +23,53 @@ ExpertId = tuple[int, int]  # (layer, expert)
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    gate: torch.Tensor  # [n_ff_exp, n_embd]
-    up: torch.Tensor  # [n_ff_exp, n_embd]
-    down: torch.Tensor  # [n_embd, n_ff_exp]
+    """One SwiGLU FFN (a routed expert, or a shared one) in a layout with a fast kernel."""
+
+    gate_up: QLinear  # [2·n_ff, n_embd]: the gate rows, then the up rows (one matmul for both)
+    down: QLinear  # [n_embd, n_ff]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in (self.gate, self.up, self.down))
+        return self.gate_up.nbytes + self.down.nbytes
+
+    def to(self, device: torch.device | str) -> "ExpertWeights":
+        """A copy on `device` (bfloat16 off the CPU; see QLinear.to)."""
+        return ExpertWeights(self.gate_up.to(device), self.down.to(device))
+
+
+def pack_ffn(gate: RawMatrix, up: RawMatrix, down: RawMatrix, device: torch.device) -> ExpertWeights:
+    """Repack one FFN's three GGUF matrices (raw data, quant type, [rows, cols]) once."""
+    return ExpertWeights(fuse_rows([gate, up], device), repack(*down, device=device))
 
 
 def swiglu_expert(w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     """One expert on the rows routed to it: x [n, n_embd] → [n, n_embd]."""
-    return (F.silu(x @ w.gate.T) * (x @ w.up.T)) @ w.down.T
+    gu = w.gate_up(x)  # [n, 2·n_ff]
+    gate, up = gu.chunk(2, dim=-1)
+    return w.down(F.silu(gate).mul_(up))
+
+
+def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Σ_e weights[e] · expert_e(x) for one row x [1, n_embd] → [1, n_embd] (decode). C-kernel
+    experts of one shape run as two calls — every gate+up, then every down — instead of 2·k."""
+    gu = matvec_many([w.gate_up for w in ws], x)  # [k, 2·n_ff]
+    if gu is None:
+        out = swiglu_expert(ws[0], x).mul_(weights[0])
+        for w, c in zip(ws[1:], weights[1:]):
+            out.add_(swiglu_expert(w, x).mul_(c))
+        return out
+    gate, up = gu.chunk(2, dim=-1)
+    y = matvec_many([w.down for w in ws], F.silu(gate).mul_(up))  # [k, n_embd]
+    if y is None:
+        y = torch.cat([w.down(h[None]) for w, h in zip(ws, F.silu(gate).mul_(up))])
+    return torch.tensor(weights, dtype=y.dtype)[None] @ y
 
 
 class ExpertStore:
-    """Expert weights at rest stay quantized in the memory-mapped file; computing needs them
-    dequantized. Dequantized experts are kept in an LRU in host RAM under `host_cache_bytes`
-    (float32 bytes) so a hot expert is not dequantized every token."""
+    """Expert weights at rest stay quantized in the memory-mapped file. Computing on them needs a
+    one-time repack into the kernel's layout (kernels.py) — about the file's size, not float32.
+    Repacked experts are kept in an LRU in host RAM under `host_cache_bytes` so a hot expert is
+    repacked once, not every token."""
 
     def __init__(self, model: GGUFModel, device: torch.device, host_cache_bytes: int):
         self.model = model
@@ -55,8 +84,7 @@ class ExpertStore:
         if w is not None:
             self._cache.move_to_end(key)
             return w
-        parts = [to_torch(*self.model.expert_raw(layer, expert, p), device=self.device) for p in names.EXPERT_PARTS]
-        w = ExpertWeights(*parts)
+        w = pack_ffn(*(self.model.expert_raw(layer, expert, p) for p in names.EXPERT_PARTS), device=self.device)
         if w.nbytes <= self.host_cache_bytes:
             self._cache[key] = w
             self._cached_bytes += w.nbytes
@@ -81,6 +109,10 @@ class ExpertExecutor:
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, n_embd]; ids [T, k] int64; weights [T, k] float32 → weighted sum [T, n_embd]."""
+        if x.shape[0] == 1:  # decode: k experts on one row, no grouping needed
+            out = swiglu_experts([self.store.weights(layer, e) for e in ids[0].tolist()], x, weights[0].tolist())
+            self.stats.count_routed(layer, ids)
+            return out
         out = torch.zeros_like(x)
         flat_ids = ids.reshape(-1)
         rows = torch.arange(ids.shape[0]).repeat_interleave(ids.shape[1])  # token of each (t, slot)

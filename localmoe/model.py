@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from . import names
-from .experts import ExpertWeights, swiglu_expert
+from .experts import ExpertWeights, pack_ffn, swiglu_expert
 from .gguf_file import GGUFModel, ModelSpec, TensorView
+from .kernels import QLinear, fuse_rows, repack
 from .quants import dequantize, to_torch
 
 
@@ -40,10 +41,8 @@ class ExpertFn(Protocol):
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [D]
-    wq: torch.Tensor  # [H*d, D]
-    wk: torch.Tensor  # [Hkv*d, D]
-    wv: torch.Tensor  # [Hkv*dv, D]
-    wo: torch.Tensor  # [D, H*dv]
+    wqkv: list[QLinear]  # [H*d + Hkv*d + Hkv*dv, D] as one matrix when q, k, v share a quant type, else three
+    wo: QLinear  # [D, H*dv]
     bq: torch.Tensor | None
     bk: torch.Tensor | None
     bv: torch.Tensor | None
@@ -98,25 +97,36 @@ class MoEModel:
         self.device = device
         self.experts = experts
 
-        def load(name: str) -> torch.Tensor:
+        def load(name: str) -> torch.Tensor:  # small tensors (norms, biases, router): float32
             v = model.view(name)
             return to_torch(v.data, v.qtype, v.shape, device)
 
         def maybe(name: str) -> torch.Tensor | None:
             return load(name) if model.has(name) else None
 
+        def raw(name: str) -> tuple:  # a weight matrix as (data, quant type, [rows, cols])
+            v = model.view(name)
+            return v.data, v.qtype, v.shape
+
+        def linear(name: str) -> QLinear:  # a weight matrix, repacked for the fast kernels
+            return repack(*raw(name), device=device)
+
+        def qkv(i: int) -> list[QLinear]:
+            mats = [raw(names.blk(i, p)) for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V)]
+            if len({m[1] for m in mats}) == 1:
+                return [fuse_rows(mats, device)]
+            return [repack(*m, device=device) for m in mats]
+
         self.layers: list[LayerWeights] = []
         for i in range(spec.n_layer):
             shared = None
             if spec.arch.shared_expert:
-                shared = ExpertWeights(*(load(names.blk(i, p)) for p in (names.FFN_GATE_SHEXP, names.FFN_UP_SHEXP, names.FFN_DOWN_SHEXP)))
+                shared = pack_ffn(*(raw(names.blk(i, p)) for p in (names.FFN_GATE_SHEXP, names.FFN_UP_SHEXP, names.FFN_DOWN_SHEXP)), device=device)
             self.layers.append(
                 LayerWeights(
                     attn_norm=load(names.blk(i, names.ATTN_NORM)),
-                    wq=load(names.blk(i, names.ATTN_Q)),
-                    wk=load(names.blk(i, names.ATTN_K)),
-                    wv=load(names.blk(i, names.ATTN_V)),
-                    wo=load(names.blk(i, names.ATTN_OUT)),
+                    wqkv=qkv(i),
+                    wo=linear(names.blk(i, names.ATTN_OUT)),
                     bq=maybe(names.blk(i, names.ATTN_Q, "bias")),
                     bk=maybe(names.blk(i, names.ATTN_K, "bias")),
                     bv=maybe(names.blk(i, names.ATTN_V, "bias")),
@@ -131,32 +141,41 @@ class MoEModel:
             )
         self.embd: TensorView = model.view(names.TOKEN_EMBD)
         self.output_norm = load(names.OUTPUT_NORM)
-        self.output = load(names.OUTPUT) if model.has(names.OUTPUT) else load(names.TOKEN_EMBD)  # [V, D]; tied when absent
+        self.output = linear(names.OUTPUT) if model.has(names.OUTPUT) else linear(names.TOKEN_EMBD)  # [V, D]; tied when absent
         half = spec.n_rot // 2
         # θ_i = base^(-2i/n_rot), i < n_rot/2 (float64 then rounded once, like ggml's float powers)
         self.inv_freq = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.n_rot)
 
     # -- pieces -----------------------------------------------------------------------------------
     def dense_bytes(self) -> int:
-        """Bytes of the dense (non-expert) weights as placed on the compute device (float32)."""
-        tensors = [self.output_norm, self.output]
+        """Bytes of the dense (non-expert) weights as placed on the compute device (repacked)."""
+        n = self.output_norm.numel() * 4 + self.output.nbytes + self.embd.n_bytes
         for lw in self.layers:
-            tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
+            n += sum(t.numel() * t.element_size() for t in vars(lw).values() if isinstance(t, torch.Tensor))
+            n += sum(w.nbytes for w in lw.wqkv) + lw.wo.nbytes
             if lw.shared is not None:
-                tensors += [lw.shared.gate, lw.shared.up, lw.shared.down]
-        return sum(t.numel() * t.element_size() for t in tensors) + self.embd.n_bytes
+                n += lw.shared.nbytes
+        return n
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantize only the embedding rows needed: ids [T] → [T, D]."""
         rows = self.embd.data[ids.cpu().numpy()]
         return torch.from_numpy(np.ascontiguousarray(dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)))).to(self.device)
 
+    def rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos [T] → (cos, sin) [T, 1, n_rot/2] float32; the last call's tables are reused (every
+        layer of a forward pass rotates the same positions)."""
+        key = (pos.shape[0], int(pos[0]) if pos.numel() else 0, pos.device)
+        if getattr(self, "_rope_key", None) != key:
+            theta = (pos.to(torch.float64) * self.spec.rope_freq_scale)[:, None] * self.inv_freq[None, :]  # [T, n_rot/2]
+            self._rope_tables = (torch.cos(theta).float()[:, None, :], torch.sin(theta).float()[:, None, :])
+            self._rope_key = key
+        return self._rope_tables
+
     def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, d]; pos [T] → x with its first n_rot dims of every head rotated."""
+        """x [T, heads, d]; pos [T] (consecutive positions) → x with its first n_rot dims of every head rotated."""
         s = self.spec
-        theta = (pos.to(torch.float64) * s.rope_freq_scale)[:, None] * self.inv_freq[None, :]  # [T, n_rot/2]
-        cos = torch.cos(theta).to(x.dtype)[:, None, :]
-        sin = torch.sin(theta).to(x.dtype)[:, None, :]
+        cos, sin = (t.to(x.dtype) for t in self.rope_tables(pos))
         rot, rest = x[..., : s.n_rot], x[..., s.n_rot :]
         if s.arch.rope_style == "neox":
             x0, x1 = rot[..., : s.n_rot // 2], rot[..., s.n_rot // 2 :]
@@ -170,9 +189,9 @@ class MoEModel:
         """h [T, D] (normed) → attention output [T, D]; appends this call's K/V to the cache."""
         s, lw = self.spec, self.layers[i]
         T = h.shape[0]
-        q = F.linear(h, lw.wq, lw.bq)
-        k = F.linear(h, lw.wk, lw.bk)
-        v = F.linear(h, lw.wv, lw.bv)
+        qkv = lw.wqkv[0](h) if len(lw.wqkv) == 1 else torch.cat([w(h) for w in lw.wqkv], dim=-1)
+        q, k, v = qkv.split([s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim_v], dim=-1)
+        q, k, v = (t if b is None else t + b for t, b in ((q, lw.bq), (k, lw.bk), (v, lw.bv)))
         if s.arch.qk_norm == "full":  # OLMoE: RMS-norm over all heads at once
             q = rms_norm(q, lw.q_norm, s.rms_eps)
             k = rms_norm(k, lw.k_norm, s.rms_eps)
@@ -197,7 +216,8 @@ class MoEModel:
         scores = scores.masked_fill(causal, float("-inf")).softmax(-1)
         out = (scores.view(s.n_head_kv, group * T, S) @ vals).view(s.n_head, T, s.head_dim_v)  # [H, T, dv]
         out = out.transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
-        return F.linear(out, lw.wo, lw.bo)
+        out = lw.wo(out)
+        return out + lw.bo if lw.bo is not None else out
 
     def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router of layer i: h [T, D] → (ids [T, k] int64, weights [T, k] float32)."""
@@ -238,4 +258,4 @@ class MoEModel:
         cache.n = pos0 + T
         if not all_logits:
             x = x[-1:]
-        return rms_norm(x, self.output_norm, s.rms_eps) @ self.output.T
+        return self.output(rms_norm(x, self.output_norm, s.rms_eps))

@@ -1,0 +1,685 @@
+"""Fast matmuls on quantized GGUF weights: repack once, then compute without dequantizing.
+
+Every GGUF block type we support is, per group of G weights (G = 32, or 16 for Q6_K), an affine
+code: w = scale · code + zero with an unsigned integer code of 4, 5, 6 or 8 bits. `repack` decodes
+a tensor once into that form — codes (4 low bits packed two per byte plus a plane of the 1-2 high
+bits for 5- and 6-bit types; bytes for 8-bit), float16 scales, and float16 zeros (or, for the
+symmetric types, zero = −offset · scale with no zeros stored): about the file's size — and
+`QLinear` multiplies activations by it with one of these backends:
+
+    "vnni"     our C kernel (AVX-512 VNNI, built on first use with the system C compiler): the
+               activations are split into two int8 parts per 32 values (16-bit precision) and each
+               group's integer dot products are scaled in float. Reads only the packed bytes. From
+               GEMM_ROWS rows on (prefill), it dequantizes the weight once to float32 for an SGEMM.
+    "int4"     torch._weight_int4pack_mm_for_cpu (bf16 activations), for 4-bit codes with G = 32.
+    "bf16"     dequantized once to bfloat16 + F.linear (any device; the CUDA path).
+    "f32"      float32 + F.linear: F32 files, which must match llama.cpp to float rounding.
+
+`QLinear.backend` says which one a weight uses; `choose_backend` is the policy (docs/speed.md has
+the measurements behind it). Set LOCALMOE_KERNEL=torch to never build or use the C kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from .quants import dequantize
+
+Q = GGMLQuantizationType
+DENSE_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
+BLOCK_TYPES = frozenset({Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+GEMM_ROWS = int(os.environ.get("LOCALMOE_GEMM_ROWS", "24"))  # from this many rows, dequantize + GEMM (see docs/speed.md)
+CHUNK = 64  # weights per SIMD step of the C kernel; rows are padded to a multiple of it
+
+
+# -- decoding GGUF blocks into (codes, scale, zero) ----------------------------------------------
+@dataclass
+class Affine:
+    """A [N, K] weight as w[n, i] = scale[n, i // G] · codes[n, i] + zero[n, i // G]."""
+
+    codes: np.ndarray  # [N, K] uint8
+    scale: np.ndarray  # [N, K / G] float32
+    zero: np.ndarray | None  # [N, K / G] float32; None → zero = −offset · scale
+    offset: int
+    bits: int  # codes < 2**bits
+    group: int  # G
+
+    def dequantize(self) -> np.ndarray:
+        g = self.group
+        s = np.repeat(self.scale, g, axis=1)
+        z = np.repeat(self.zero, g, axis=1) if self.zero is not None else -self.offset * s
+        return s * self.codes.astype(np.float32) + z
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 → [...] float32 read as little-endian float16."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes → [..., 32] codes: the low nibbles first, then the high ones (ggml order)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """[..., 4] bytes holding 32 bits (little-endian) → [..., 32] bits as uint8."""
+    bits = np.unpackbits(qh, axis=-1, bitorder="little")
+    return bits
+
+
+def _k_scales(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 scale bytes of a Q4_K / Q5_K super-block → (scales [.., 8], mins [.., 8]), 6 bits each."""
+    a, b, c = sc12[..., 0:4], sc12[..., 4:8], sc12[..., 8:12]
+    sc = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
+    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def decode(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Affine:
+    """Raw bytes of a quantized [N, K] matrix → its exact affine form (no rounding anywhere)."""
+    N, K = shape
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(N, -1)
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
+        size = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q5_0: 22, Q.Q5_1: 24, Q.Q8_0: 34}[qtype]
+        b = blocks.reshape(N, K // 32, size)
+        d = _f16(b[..., 0:2])
+        if qtype == Q.Q8_0:
+            codes = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+            return Affine(codes.reshape(N, K), d, None, 128, 8, 32)
+        if qtype == Q.Q4_0:
+            return Affine(_nibbles(b[..., 2:18]).reshape(N, K), d, None, 8, 4, 32)
+        if qtype == Q.Q4_1:
+            return Affine(_nibbles(b[..., 4:20]).reshape(N, K), d, _f16(b[..., 2:4]), 0, 4, 32)
+        qh_at = 2 if qtype == Q.Q5_0 else 4
+        codes = _nibbles(b[..., qh_at + 4 : qh_at + 20]) | (_high_bits(b[..., qh_at : qh_at + 4]) << 4)
+        if qtype == Q.Q5_0:
+            return Affine(codes.reshape(N, K), d, None, 16, 5, 32)
+        return Affine(codes.reshape(N, K), d, _f16(b[..., 2:4]), 0, 5, 32)
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        size = 144 if qtype == Q.Q4_K else 176
+        b = blocks.reshape(N, K // 256, size)
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        sc, mn = _k_scales(b[..., 4:16])
+        qs = b[..., -128:].reshape(N, K // 256, 4, 32)  # 4 chunks of 64 weights: low nibbles, high nibbles
+        codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(N, K // 256, 8, 32)
+        if qtype == Q.Q5_K:
+            qh = b[..., 16:48]  # bit j of qh[l] is the fifth bit of weight l of sub-block j
+            hi = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [N, nb, 8, 32]
+            codes = codes | (hi << 4)
+        return Affine(codes.reshape(N, K), (d * sc).reshape(N, -1), (-dmin * mn).reshape(N, -1), 0, 4 if qtype == Q.Q4_K else 5, 32)
+    if qtype == Q.Q6_K:
+        b = blocks.reshape(N, K // 256, 210)
+        ql = b[..., 0:128].reshape(N, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
+        qh = b[..., 128:192].reshape(N, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+        codes = (ql & 0x0F).reshape(N, -1, 2, 128) | ((qh & 3).reshape(N, -1, 2, 128) << 4)
+        sc = b[..., 192:208].view(np.int8).astype(np.float32)  # [N, nb, 16], one per 16 weights
+        d = _f16(b[..., 208:210])[..., None]
+        return Affine(codes.reshape(N, K), (d * sc).reshape(N, -1), None, 32, 6, 16)
+    raise ValueError(f"no affine decoding for {qtype.name}")
+
+
+# -- the C kernel --------------------------------------------------------------------------------
+_C_SOURCE = r"""
+// y[t, n] = sum_i w[n, i] * x[t, i] for weights stored as w = scale * code + zero per group of G.
+// x is split per 32 values into two int8 parts, x = dx * (xh + xl / 254) with xh = round(x / dx),
+// dx = max|x| / 127 (llama.cpp's Q8_0 rounding) and xl the rounded remainder: 16-bit activations
+// for two VPDPBUSDs per 64-weight chunk (u8 codes x s8 activations, 16 int32 lanes of 4 products
+// each), scaled in float by weight scale x dx / 254 per lane and combined as 254 * sum(xh) + sum(xl).
+// The zero term, sum_g zero[n, g] * sum_{i in g} x[t, i], uses the exact float sums of x.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int T, K, N, G, nibble, offset;  // K: padded to a multiple of 64; G: 16 or 32
+    const uint8_t *codes;             // [N, K / 2] (nibble: byte j of a chunk = w[j] | w[j + 32] << 4) or [N, K]
+    const uint16_t *scale, *zero;     // float16 [N, K / G]; zero may be NULL (zero = -offset * scale)
+    const int8_t *xh, *xl;            // [T, K] each
+    const float *dxl;                 // [T, K / 64, 16] activation scale / 254 of each int32 lane
+    const float *xs;                  // [T, K / G] sum of x over each group
+    float *y;                         // [T, N]
+    const uint8_t *high;              // 5- and 6-bit codes: their bits above the nibble, [N, K / 64, 8 * hbits]
+    int hbits;                        // 0, 1 or 2
+} job_t;
+
+// The high-bit plane of one 64-weight chunk → bits 4.. of each code byte. hbits = 2: byte j of the
+// plane holds weight j + 16 L in bits 2L..2L+1 (L = 0..3); hbits = 1: byte j holds weight j + 8 L in bit L.
+static inline __m512i high_bits(const job_t *j, const uint8_t *hrow, int c) {
+    __m512i v;
+    if (j->hbits == 2) {
+        v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(hrow + c * 16)));
+        v = _mm512_and_si512(_mm512_srlv_epi16(v, _mm512_set_epi64(0x0006000600060006LL, 0x0006000600060006LL, 0x0004000400040004LL, 0x0004000400040004LL,
+                                                                     0x0002000200020002LL, 0x0002000200020002LL, 0, 0)), _mm512_set1_epi8(3));
+    } else {
+        uint64_t q;
+        memcpy(&q, hrow + c * 8, 8);
+        v = _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((long long)q), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)), _mm512_set1_epi8(1));
+    }
+    return _mm512_slli_epi16(v, 4);
+}
+
+static inline __m512i load_codes(const job_t *j, const uint8_t *row, const uint8_t *hrow, int c) {
+    if (j->nibble) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(row + c * 32));
+        __m256i m = _mm256_set1_epi8(0x0F);
+        __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        return j->hbits ? _mm512_or_si512(w, high_bits(j, hrow, c)) : w;
+    }
+    return _mm512_loadu_si512((const void *)(row + c * 64));
+}
+
+static inline __m512 load_scales(const job_t *j, const uint16_t *srow, int c, __m512i idx) {
+    __m128 s;
+    if (j->G == 16) s = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(srow + c * 4)));
+    else { uint32_t two; memcpy(&two, srow + c * 2, 4); s = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two)); }
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
+}
+
+static float zero_term(const job_t *j, int n, int t) {
+    int ng = j->K / j->G;
+    const uint16_t *zr = (j->zero ? j->zero : j->scale) + (size_t)n * ng;
+    const float *xs = j->xs + (size_t)t * ng;
+    __m512 acc = _mm512_setzero_ps();
+    int g = 0;
+    for (; g + 16 <= ng; g += 16)
+        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zr + g))), _mm512_loadu_ps(xs + g), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; g < ng; g++) s += _cvtsh_ss(zr[g]) * xs[g];
+    return j->zero ? s : -(float)j->offset * s;
+}
+
+// Rows [n0, n1) against tokens [t0, t0 + TT): the chunk's codes and scales are loaded once per TT tokens.
+#define TILE(TT)                                                                                   \
+    static void tile##TT(const job_t *j, int n, int t0, __m512i idx) {                            \
+        int nc = j->K / 64, ng = j->K / j->G;                                                      \
+        const uint8_t *row = j->codes + (size_t)n * (j->nibble ? j->K / 2 : j->K);                 \
+        const uint8_t *hrow = j->high + (size_t)n * (j->K / 64) * 8 * j->hbits;                    \
+        const uint16_t *srow = j->scale + (size_t)n * ng;                                          \
+        __m512 acc[TT], lo[TT];                                                                    \
+        for (int u = 0; u < TT; u++) acc[u] = lo[u] = _mm512_setzero_ps();                         \
+        for (int c = 0; c < nc; c++) {                                                             \
+            __m512i w = load_codes(j, row, hrow, c);                                               \
+            __m512 s = load_scales(j, srow, c, idx);                                               \
+            for (int u = 0; u < TT; u++) {                                                         \
+                size_t tc = (size_t)(t0 + u) * nc + c;                                             \
+                __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)(j->xh + tc * 64))); \
+                __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)(j->xl + tc * 64))); \
+                __m512 f = _mm512_mul_ps(s, _mm512_loadu_ps(j->dxl + tc * 16));                   \
+                acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), f, acc[u]);                        \
+                lo[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l), f, lo[u]);                          \
+            }                                                                                      \
+        }                                                                                          \
+        for (int u = 0; u < TT; u++)                                                               \
+            j->y[(size_t)(t0 + u) * j->N + n] =                                                    \
+                _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[u], _mm512_set1_ps(254.f), lo[u])) + zero_term(j, n, t0 + u); \
+    }
+TILE(4)
+
+// One token (decode): two chunks per step into two pairs of accumulators (no FMA dependency
+// chain), and the high and low activation parts kept in float accumulators: 254 * acc_h + acc_l.
+static void tile1(const job_t *j, int n, int t0, __m512i idx) {
+    int nc = j->K / 64, ng = j->K / j->G;
+    const uint8_t *row = j->codes + (size_t)n * (j->nibble ? j->K / 2 : j->K);
+    const uint8_t *hrow = j->high + (size_t)n * (j->K / 64) * 8 * j->hbits;
+    const uint16_t *srow = j->scale + (size_t)n * ng;
+    const int8_t *xh = j->xh + (size_t)t0 * nc * 64, *xl = j->xl + (size_t)t0 * nc * 64;
+    const float *dxl = j->dxl + (size_t)t0 * nc * 16;
+    __m512 ah0 = _mm512_setzero_ps(), al0 = _mm512_setzero_ps(), ah1 = _mm512_setzero_ps(), al1 = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 2 <= nc; c += 2) {
+        _mm_prefetch((const char *)row + (c + 16) * (j->nibble ? 32 : 64), _MM_HINT_T0);
+        __m512i w0 = load_codes(j, row, hrow, c), w1 = load_codes(j, row, hrow, c + 1);
+        __m512 f0 = _mm512_mul_ps(load_scales(j, srow, c, idx), _mm512_loadu_ps(dxl + c * 16));
+        __m512 f1 = _mm512_mul_ps(load_scales(j, srow, c + 1, idx), _mm512_loadu_ps(dxl + c * 16 + 16));
+        __m512i h0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)(xh + c * 64)));
+        __m512i l0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)(xl + c * 64)));
+        __m512i h1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512((const void *)(xh + c * 64 + 64)));
+        __m512i l1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512((const void *)(xl + c * 64 + 64)));
+        ah0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h0), f0, ah0);
+        al0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l0), f0, al0);
+        ah1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), f1, ah1);
+        al1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l1), f1, al1);
+    }
+    for (; c < nc; c++) {
+        __m512i w0 = load_codes(j, row, hrow, c);
+        __m512 f0 = _mm512_mul_ps(load_scales(j, srow, c, idx), _mm512_loadu_ps(dxl + c * 16));
+        ah0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)(xh + c * 64)))), f0, ah0);
+        al0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)(xl + c * 64)))), f0, al0);
+    }
+    __m512 acc = _mm512_fmadd_ps(_mm512_add_ps(ah0, ah1), _mm512_set1_ps(254.f), _mm512_add_ps(al0, al1));  // dxl holds dx / 254
+    j->y[(size_t)t0 * j->N + n] = _mm512_reduce_add_ps(acc) + zero_term(j, n, t0);
+}
+
+static void quantize_x(const float *x, int T, int K, int G, int8_t *xh, int8_t *xl, float *dxl, float *xs) {
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (size_t)t * K;
+        for (int b = 0; b < K / 32; b++) {
+            float amax = 0.f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xr[b * 32 + i]));
+            float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+            for (int i = 0; i < 32; i++) {
+                float v = xr[b * 32 + i] * id, h = nearbyintf(v);  // |v| <= 127, |v - h| <= 1/2
+                xh[(size_t)t * K + b * 32 + i] = (int8_t)h;
+                xl[(size_t)t * K + b * 32 + i] = (int8_t)nearbyintf((v - h) * 254.f);
+            }
+            for (int l = 0; l < 8; l++) dxl[((size_t)t * (K / 64) + b / 2) * 16 + (b % 2) * 8 + l] = d / 254.f;
+        }
+        for (int g = 0; g < K / G; g++) {
+            float s = 0.f;
+            for (int i = 0; i < G; i++) s += xr[g * G + i];
+            xs[(size_t)t * (K / G) + g] = s;
+        }
+    }
+}
+
+int lm_qmatmul(const float *x, int T, int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale,
+               const uint16_t *zero, int offset, int G, float *y, int nthreads, const uint8_t *high, int hbits) {
+    int8_t *xq = aligned_alloc(64, 2 * (size_t)T * K + 64);
+    float *dxl = aligned_alloc(64, ((size_t)T * (K / 64) * 16 + 16) * 4);
+    float *xs = aligned_alloc(64, ((size_t)T * (K / 16) + 16) * 4);
+    if (!xq || !dxl || !xs) { free(xq); free(dxl); free(xs); return -1; }
+    quantize_x(x, T, K, G, xq, xq + (size_t)T * K, dxl, xs);
+    job_t j = {T, K, N, G, nibble, offset, codes, scale, zero, xq, xq + (size_t)T * K, dxl, xs, y, high, hbits};
+    __m512i idx = G == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                          : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    // Few weights: one thread (waking others costs more than it saves).
+    int nth = (size_t)N * K * T < (1u << 18) ? 1 : nthreads;
+    #pragma omp parallel for schedule(static) num_threads(nth)
+    for (int n = 0; n < N; n++) {
+        int t = 0;
+        for (; t + 4 <= T; t += 4) tile4(&j, n, t, idx);
+        for (; t < T; t++) tile1(&j, n, t, idx);
+    }
+    free(xq); free(dxl); free(xs);
+    return 0;
+}
+
+// One row of activations against E weights at once (decode: the k routed experts of a layer), in
+// one parallel region over all their rows. x_stride 0: every weight reads the same x.
+typedef struct {
+    const uint8_t *codes, *high;
+    const uint16_t *scale, *zero;
+    int N, K, nibble, offset, G, hbits;
+} wdesc_t;
+
+int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, float *y, int y_stride, int nthreads) {
+    job_t *jobs = calloc(E, sizeof(job_t));
+    int *start = malloc((E + 1) * sizeof(int));
+    int8_t **bufs = calloc(E, sizeof(int8_t *));
+    int ok = jobs && start && bufs;
+    for (int e = 0; ok && e < E; e++) {
+        int K = w[e].K;
+        size_t nq = 2 * (size_t)K + 64, nd = ((size_t)(K / 64) * 16 + 16) * 4, ns = ((size_t)(K / 16) + 16) * 4;
+        bufs[e] = aligned_alloc(64, (nq + nd + ns + 63) / 64 * 64);
+        if (!bufs[e]) { ok = 0; break; }
+        int8_t *xq = bufs[e];
+        job_t j = {1, K, w[e].N, w[e].G, w[e].nibble, w[e].offset, w[e].codes, w[e].scale, w[e].zero,
+                   xq, xq + K, (float *)(xq + nq), (float *)(xq + nq + nd), y + (size_t)e * y_stride, w[e].high, w[e].hbits};
+        jobs[e] = j;
+    }
+    if (ok) {
+        start[0] = 0;
+        for (int e = 0; e < E; e++) start[e + 1] = start[e] + w[e].N;
+        #pragma omp parallel num_threads(nthreads)
+        {
+            #pragma omp for schedule(static)
+            for (int e = 0; e < E; e++)
+                quantize_x(x + (size_t)e * x_stride, 1, jobs[e].K, jobs[e].G, (int8_t *)jobs[e].xh, (int8_t *)jobs[e].xl, (float *)jobs[e].dxl, (float *)jobs[e].xs);
+            #pragma omp for schedule(static)
+            for (int r = 0; r < start[E]; r++) {
+                int e = 0;
+                while (r >= start[e + 1]) e++;
+                __m512i idx = jobs[e].G == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                              : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+                tile1(&jobs[e], r - start[e], 0, idx);
+            }
+        }
+    }
+    for (int e = 0; bufs && e < E; e++) free(bufs[e]);
+    free(bufs); free(start); free(jobs);
+    return ok ? 0 : -1;
+}
+
+// Dequantize rows to float32: out [N, K] for a dense GEMM when many tokens share the weights
+// (prefill), where MKL's SGEMM beats per-token integer dot products.
+void lm_dequant_f32(int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale, const uint16_t *zero,
+                    int offset, int G, float *out, int nthreads, const uint8_t *high, int hbits) {
+    job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, 0, high, hbits};
+    int nc = K / 64, ng = K / G;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = codes + (size_t)n * (nibble ? K / 2 : K);
+        const uint8_t *hrow = high + (size_t)n * (K / 64) * 8 * hbits;
+        const uint16_t *sr = scale + (size_t)n * ng, *zr = zero ? zero + (size_t)n * ng : 0;
+        for (int c = 0; c < nc; c++) {
+            __m512i w = load_codes(&j, row, hrow, c);
+            for (int q = 0; q < 4; q++) {  // 16 weights at a time
+                int g = (c * 64 + q * 16) / G;
+                float sc = _cvtsh_ss(sr[g]), zc = zr ? _cvtsh_ss(zr[g]) : -(float)offset * sc;
+                __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, q)));
+                f = _mm512_fmadd_ps(f, _mm512_set1_ps(sc), _mm512_set1_ps(zc));
+                _mm512_storeu_ps(out + (size_t)n * K + c * 64 + q * 16, f);
+            }
+        }
+    }
+}
+"""
+
+_lib_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_error: str | None = None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("LOCALMOE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "localmoe")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def native_lib() -> ctypes.CDLL | None:
+    """The compiled C kernel, built once per source version and CPU; None when unavailable
+    (not x86 with AVX-512 VNNI, no C compiler, or LOCALMOE_KERNEL=torch). `native_error()` says why."""
+    global _lib, _lib_error
+    with _lib_lock:
+        if _lib is not None or _lib_error is not None:
+            return _lib
+        if os.environ.get("LOCALMOE_KERNEL", "").lower() == "torch":
+            _lib_error = "disabled by LOCALMOE_KERNEL=torch"
+            return None
+        needed = {"avx512f", "avx512bw", "avx512_vnni", "f16c"}
+        if not needed <= _cpu_flags():
+            _lib_error = "this CPU lacks AVX-512 VNNI"
+            return None
+        # -march=native: the build is for this CPU, so the CPU's flags are part of the cache key.
+        key = hashlib.sha256((_C_SOURCE + sys.platform + " ".join(sorted(_cpu_flags()))).encode()).hexdigest()[:16]
+        try:
+            so = os.path.join(_cache_dir(), f"kernels-{key}.so")
+            if not os.path.exists(so):
+                _compile(so)
+            lib = ctypes.CDLL(so)
+        except (OSError, subprocess.SubprocessError) as exc:
+            _lib_error = f"could not build the C kernel: {exc}"
+            return None
+        f = lib.lm_qmatmul
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        f = lib.lm_qmatvec_multi
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        f = lib.lm_dequant_f32
+        f.restype = None
+        f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        _lib = lib
+        return lib
+
+
+def native_error() -> str | None:
+    native_lib()
+    return _lib_error
+
+
+def _compile(so: str) -> None:
+    cc = os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernels.c")
+        with open(src, "w") as f:
+            f.write(_C_SOURCE)
+        out = os.path.join(tmp, "kernels.so")
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", src, "-o", out]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise subprocess.SubprocessError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"{cc} failed")
+        os.replace(out, so)  # atomic: concurrent builders never load a half-written file
+
+
+# -- QLinear: one repacked weight matrix ---------------------------------------------------------
+@dataclass
+class QLinear:
+    """A weight matrix [N, K] in a layout with a fast kernel; `qlinear(x)` computes x @ W.T."""
+
+    backend: str  # "vnni" | "int4" | "bf16" | "f32"
+    n: int
+    k: int
+    tensors: dict[str, torch.Tensor]
+    offset: int = 0
+    group: int = 32
+    nibble: bool = False
+    bits: int = 8  # bits per code ("vnni": 4-6 → nibbles + a high-bit plane, 8 → bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def to(self, device: torch.device | str) -> "QLinear":
+        """This weight on `device`. Off the CPU the C kernel's layout becomes a bfloat16 matrix
+        (dequantized once): the device-agnostic path, e.g. for a GPU-tier expert."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        if self.backend in ("f32", "bf16"):
+            return QLinear(self.backend, self.n, self.k, {"w": self.tensors["w"].to(device)})
+        if device.type == "cpu":
+            raise ValueError(f"a {self.backend} weight lives on the CPU only")
+        if self.backend == "int4":
+            raise ValueError("the int4 layout is CPU-only; repack from the GGUF data for another device")
+        w = dequant_f32(self)[:, : self.k].to(device=device, dtype=torch.bfloat16)
+        return QLinear("bf16", self.n, self.k, {"w": w})
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] float32 → [T, N] float32."""
+        if self.backend == "f32":
+            return F.linear(x, self.tensors["w"])
+        if self.backend == "bf16":
+            return F.linear(x.to(torch.bfloat16), self.tensors["w"]).float()
+        if self.backend == "int4":
+            t = self.tensors
+            return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), t["w"], 32, t["sz"]).float()
+        return _vnni_matmul(self, x)
+
+
+def _high(w: QLinear) -> tuple[int | None, int]:
+    """(pointer, bits per code above 4) of a weight's high-bit plane; (None, 0) for 4- and 8-bit codes."""
+    high = w.tensors.get("high")
+    return (high.data_ptr(), w.bits - 4) if high is not None else (None, 0)
+
+
+def dequant_f32(w: QLinear) -> torch.Tensor:
+    """A "vnni" weight as a float32 [N, K_padded] matrix (the C kernel's dequantizer)."""
+    kp = w.tensors["codes"].shape[1] * (2 if w.nibble else 1)
+    out = torch.empty(w.n, kp, dtype=torch.float32)
+    zero = w.tensors.get("zero")
+    native_lib().lm_dequant_f32(
+        kp, w.n, w.tensors["codes"].data_ptr(), int(w.nibble), w.tensors["scale"].data_ptr(),
+        zero.data_ptr() if zero is not None else None, w.offset, w.group, out.data_ptr(), torch.get_num_threads(), *_high(w),
+    )
+    return out
+
+
+class _WeightDesc(ctypes.Structure):  # wdesc_t in the C source
+    _fields_ = [("codes", ctypes.c_void_p), ("high", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p)] + [
+        (name, ctypes.c_int) for name in ("N", "K", "nibble", "offset", "G", "hbits")
+    ]
+
+
+def _desc(w: QLinear) -> _WeightDesc:
+    d = w.__dict__.get("_desc")
+    if d is None:
+        t = w.tensors
+        high, hbits = _high(w)
+        kp = t["codes"].shape[1] * (2 if w.nibble else 1)
+        zero = t.get("zero")
+        d = _WeightDesc(t["codes"].data_ptr(), high, t["scale"].data_ptr(), zero.data_ptr() if zero is not None else None, w.n, kp, int(w.nibble), w.offset, w.group, hbits)
+        w.__dict__["_desc"] = d
+    return d
+
+
+def matvec_many(ws: list[QLinear], x: torch.Tensor) -> torch.Tensor | None:
+    """One row per weight, all at once: x [1, K] (shared) or [E, K] (row e for ws[e]) → [E, N].
+    None when the weights are not all C-kernel weights of one shape (the caller loops instead)."""
+    w0 = ws[0]
+    if w0.backend != "vnni" or any(w.backend != "vnni" or w.n != w0.n or w.k != w0.k for w in ws):
+        return None
+    kp = w0.tensors["codes"].shape[1] * (2 if w0.nibble else 1)
+    if any(w.tensors["codes"].shape[1] * (2 if w.nibble else 1) != kp for w in ws):
+        return None
+    x = x.float()
+    if kp != w0.k:
+        x = F.pad(x, (0, kp - w0.k))
+    x = x.contiguous()
+    y = torch.empty(len(ws), w0.n, dtype=torch.float32)
+    descs = (_WeightDesc * len(ws))(*(_desc(w) for w in ws))
+    rc = native_lib().lm_qmatvec_multi(len(ws), descs, x.data_ptr(), 0 if x.shape[0] == 1 else kp, y.data_ptr(), w0.n, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("lm_qmatvec_multi could not allocate its scratch buffers")
+    return y
+
+
+def _vnni_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
+    lib = native_lib()
+    T = x.shape[0]
+    kp = w.tensors["codes"].shape[1] * (2 if w.nibble else 1)  # padded K
+    x = x.float()
+    if kp != w.k:
+        x = F.pad(x, (0, kp - w.k))
+    if T >= GEMM_ROWS:  # many tokens: dequantize once (exactly), then an SGEMM
+        return F.linear(x, dequant_f32(w))
+    x = x.contiguous()
+    y = torch.empty(T, w.n, dtype=torch.float32)
+    if T == 0:
+        return y
+    zero = w.tensors.get("zero")
+    rc = lib.lm_qmatmul(
+        x.data_ptr(), T, kp, w.n, w.tensors["codes"].data_ptr(), int(w.nibble), w.tensors["scale"].data_ptr(),
+        zero.data_ptr() if zero is not None else None, w.offset, w.group, y.data_ptr(), torch.get_num_threads(), *_high(w),
+    )
+    if rc != 0:
+        raise MemoryError("lm_qmatmul could not allocate its scratch buffers")
+    return y
+
+
+def choose_backend(qtype: GGMLQuantizationType, device: torch.device, prefer: str | None = None) -> str:
+    """The backend for a weight of `qtype` on `device` (see the module docstring)."""
+    if qtype == Q.F32:
+        return "f32"
+    if qtype in DENSE_TYPES or device.type != "cpu":
+        return "bf16"
+    if prefer is not None:
+        return prefer
+    if native_lib() is not None:
+        return "vnni"
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K):
+        return "int4"
+    return "bf16"
+
+
+def repack(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], device: torch.device | str = "cpu", backend: str | None = None) -> QLinear:
+    """Raw GGUF data of a [N, K] matrix → a QLinear with `backend` (None → choose_backend's pick)."""
+    device = torch.device(device)
+    N, K = shape
+    backend = backend or choose_backend(qtype, device)
+    if backend in ("f32", "bf16"):
+        dtype = torch.float32 if backend == "f32" else torch.bfloat16
+        w = torch.from_numpy(np.array(dequantize(raw, qtype, shape), dtype=np.float32, order="C")).to(device=device, dtype=dtype)
+        return QLinear(backend, N, K, {"w": w})
+    if qtype not in BLOCK_TYPES:
+        raise ValueError(f"backend {backend} needs a block-quantized type, not {qtype.name}")
+    a = decode(raw, qtype, shape)
+    if backend == "int4":
+        return _pack_int4(a, N, K)
+    if backend == "vnni":
+        return _pack_vnni(a, N, K)
+    raise ValueError(f"unknown backend '{backend}'")
+
+
+RawMatrix = tuple[np.ndarray, GGMLQuantizationType, tuple[int, int]]  # (GGUF data, quant type, [rows, cols])
+
+
+def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLinear:
+    """Stack matrices with the same columns into one QLinear (one matmul for, e.g., gate and up).
+    The same quant type: the raw rows are concatenated and repacked. Mixed types (no llama.cpp
+    mix does this for gate/up): dequantized into one bfloat16 matrix."""
+    cols = {shape[1] for _, _, shape in mats}
+    if len(cols) != 1:
+        raise ValueError("fused matrices must have the same number of columns")
+    rows = sum(shape[0] for _, _, shape in mats)
+    qtypes = {qtype for _, qtype, _ in mats}
+    if len(qtypes) == 1:
+        raw = np.concatenate([np.asarray(data).reshape(shape[0], -1) for data, _, shape in mats])
+        return repack(raw, qtypes.pop(), (rows, cols.pop()), device)
+    w = np.concatenate([dequantize(*m) for m in mats])
+    return QLinear("bf16", rows, cols.pop(), {"w": torch.from_numpy(w).to(device=device, dtype=torch.bfloat16)})
+
+
+def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:
+    kp = -(-K // CHUNK) * CHUNK
+    codes, scale, zero = a.codes, a.scale, a.zero
+    if kp != K:  # padding columns: code 0, scale 0, zero 0 → contribute nothing
+        codes = np.pad(codes, ((0, 0), (0, kp - K)))
+        pad_g = (kp - K) // a.group
+        scale = np.pad(scale, ((0, 0), (0, pad_g)))
+        zero = np.pad(zero, ((0, 0), (0, pad_g))) if zero is not None else None
+    nibble = a.bits <= 6  # 8-bit codes stay bytes
+    high = None
+    if a.bits in (5, 6):  # the bits above the nibble, per 64-weight chunk (see high_bits in the C source)
+        hb = a.bits - 4
+        h = (codes >> 4).reshape(N, kp // 64, 8 // hb, 8 * hb)  # [N, chunk, L, j]: weight j + 8·hb·L
+        shifts = (np.arange(8 // hb, dtype=np.uint8) * hb)[:, None]
+        high = np.bitwise_or.reduce(h << shifts, axis=2).astype(np.uint8)  # [N, chunk, 8·hb]
+        codes = codes & 0x0F
+    if nibble:  # per 64-weight chunk: byte j = w[j] | w[j + 32] << 4
+        c = codes.reshape(N, kp // 64, 2, 32)
+        codes = c[:, :, 0] | (c[:, :, 1] << 4)
+    t = {"codes": torch.from_numpy(np.ascontiguousarray(codes.reshape(N, -1))), "scale": _f16_tensor(scale)}
+    if high is not None:
+        t["high"] = torch.from_numpy(np.ascontiguousarray(high.reshape(N, -1)))
+    if zero is not None:
+        t["zero"] = _f16_tensor(zero)
+    return QLinear("vnni", N, K, t, offset=a.offset, group=a.group, nibble=nibble, bits=a.bits)
+
+
+def _f16_tensor(a: np.ndarray) -> torch.Tensor:
+    """float32 [N, G] → float16 tensor with 4 spare values at the end (the kernel reads 8 bytes at a time)."""
+    flat = np.zeros(a.size + 4, dtype=np.float16)
+    flat[: a.size] = a.reshape(-1)
+    return torch.from_numpy(flat)
+
+
+def _pack_int4(a: Affine, N: int, K: int) -> QLinear:
+    """torch's int4 layout: w = (code − 8) · scale + zero', group 32, bf16 scales and zeros."""
+    if a.bits > 4 or a.group != 32 or K % 32:
+        raise ValueError("the int4 backend takes 4-bit codes in groups of 32")
+    zero = a.zero if a.zero is not None else -a.offset * a.scale
+    zero = zero + 8 * a.scale
+    sz = torch.from_numpy(np.stack([a.scale, zero], axis=-1)).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
+    w = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(a.codes.astype(np.int32)), 1)
+    return QLinear("int4", N, K, {"w": w, "sz": sz})

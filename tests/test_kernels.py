@@ -1,0 +1,159 @@
+"""Every repacked layout reproduces the dequantized matmul, for every supported quant type.
+
+Test matrices are random *blocks*: random bytes with valid float16 scale fields, so every code,
+scale and min bit pattern of a type occurs. The reference is gguf.quants.dequantize (llama.cpp's
+own Python reference) followed by a float64 matmul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from localmoe import kernels
+from localmoe.kernels import decode, fuse_rows, repack
+
+# (weights per block, bytes per block, byte offsets of float16 scale fields)
+BLOCKS = {
+    Q.Q4_0: (32, 18, (0,)),
+    Q.Q4_1: (32, 20, (0, 2)),
+    Q.Q5_0: (32, 22, (0,)),
+    Q.Q5_1: (32, 24, (0, 2)),
+    Q.Q8_0: (32, 34, (0,)),
+    Q.Q4_K: (256, 144, (0, 2)),
+    Q.Q5_K: (256, 176, (0, 2)),
+    Q.Q6_K: (256, 210, (208,)),
+}
+FLOATS = (Q.F32, Q.F16, Q.BF16)
+ALL_TYPES = FLOATS + tuple(BLOCKS)
+
+
+def random_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    per, size, f16_at = BLOCKS[qtype]
+    b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
+    for at in f16_at:
+        b[..., at : at + 2] = (rng.uniform(0.5, 2.0, (n, k // per)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+    return b.reshape(n, -1)
+
+
+def random_matrix(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    if qtype == Q.F32:
+        return w
+    if qtype == Q.F16:
+        return w.astype(np.float16)
+    if qtype == Q.BF16:
+        return quantize(w, Q.BF16)
+    return random_blocks(qtype, n, k, rng)
+
+
+def reference(raw: np.ndarray, qtype: Q, n: int, k: int) -> np.ndarray:
+    if qtype in (Q.F32, Q.F16):
+        return np.asarray(raw, dtype=np.float64)
+    return dequantize(raw, qtype).reshape(n, k).astype(np.float64)
+
+
+def backends_for(qtype: Q) -> list[str]:
+    if qtype == Q.F32:
+        return ["f32"]
+    if qtype in FLOATS:
+        return ["bf16"]
+    out = ["bf16"]
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K):
+        out.append("int4")
+    if kernels.native_lib() is not None:
+        out.append("vnni")
+    return out
+
+
+def rel_err(y: torch.Tensor, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(y.double().numpy() - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("qtype", tuple(BLOCKS), ids=lambda q: q.name)
+def test_decode_is_exact(qtype):
+    rng = np.random.default_rng(1)
+    raw = random_blocks(qtype, 8, 512, rng)
+    np.testing.assert_array_equal(decode(raw, qtype, (8, 512)).dequantize(), reference(raw, qtype, 8, 512))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_every_layout_matches_the_dequantized_matmul(qtype, rows):
+    rng = np.random.default_rng(2)
+    n, k = 80, 512
+    raw = random_matrix(qtype, n, k, rng)
+    x = torch.from_numpy(rng.standard_normal((rows, k), dtype=np.float32))
+    ref = x.double().numpy() @ reference(raw, qtype, n, k).T
+    for backend in backends_for(qtype):
+        w = repack(raw, qtype, (n, k), backend=backend)
+        assert w.backend == backend
+        y = w(x)
+        assert y.shape == (rows, n) and y.dtype == torch.float32
+        tol = 1e-5 if backend == "f32" else 1e-2
+        assert rel_err(y, ref) <= tol, f"{qtype.name} {backend}: rel {rel_err(y, ref):.2e}"
+
+
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
+@pytest.mark.parametrize("qtype", tuple(BLOCKS), ids=lambda q: q.name)
+def test_vnni_kernel_is_near_exact(qtype):
+    """16-bit activations: far below the 1e-2 bar (the K-types round their scales to float16)."""
+    rng = np.random.default_rng(3)
+    raw = random_blocks(qtype, 64, 1024, rng)
+    x = torch.from_numpy(rng.standard_normal((5, 1024), dtype=np.float32))
+    ref = x.double().numpy() @ reference(raw, qtype, 64, 1024).T
+    assert rel_err(repack(raw, qtype, (64, 1024), backend="vnni")(x), ref) <= 1e-3
+
+
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
+def test_vnni_pads_columns_that_are_not_a_multiple_of_64():
+    rng = np.random.default_rng(4)
+    raw = random_blocks(Q.Q8_0, 16, 96, rng)  # 96 = 3 blocks of 32
+    x = torch.from_numpy(rng.standard_normal((2, 96), dtype=np.float32))
+    ref = x.double().numpy() @ reference(raw, Q.Q8_0, 16, 96).T
+    assert rel_err(repack(raw, Q.Q8_0, (16, 96), backend="vnni")(x), ref) <= 1e-3
+
+
+def test_fused_rows_equal_separate_matmuls():
+    rng = np.random.default_rng(5)
+    gate, up = random_blocks(Q.Q4_K, 32, 256, rng), random_blocks(Q.Q4_K, 32, 256, rng)
+    x = torch.from_numpy(rng.standard_normal((3, 256), dtype=np.float32))
+    fused = fuse_rows([(gate, Q.Q4_K, (32, 256)), (up, Q.Q4_K, (32, 256))])
+    sep = torch.cat([repack(gate, Q.Q4_K, (32, 256))(x), repack(up, Q.Q4_K, (32, 256))(x)], dim=-1)
+    torch.testing.assert_close(fused(x), sep, rtol=1e-5, atol=1e-5)
+    mixed = fuse_rows([(gate, Q.Q4_K, (32, 256)), (random_blocks(Q.Q6_K, 32, 256, rng), Q.Q6_K, (32, 256))])
+    assert mixed.backend == "bf16" and mixed.n == 64
+
+
+def test_default_backend_per_type():
+    cpu = torch.device("cpu")
+    assert kernels.choose_backend(Q.F32, cpu) == "f32"
+    assert kernels.choose_backend(Q.F16, cpu) == "bf16"
+    fast = "vnni" if kernels.native_lib() is not None else "int4"
+    assert kernels.choose_backend(Q.Q4_K, cpu) == fast
+    assert kernels.choose_backend(Q.Q4_K, torch.device("cuda")) == "bf16"  # device-agnostic path
+
+
+def test_model_runs_on_the_torch_fallback_kernels(make_model, tmp_path):
+    """LOCALMOE_KERNEL=torch (no C kernel: int4 / bf16 layouts) gives the same logits, to bf16 rounding."""
+    import subprocess
+    import sys
+
+    import localmoe
+
+    path = make_model("qwen3moe", "Q4_K_M")
+    ids = list(range(10, 42))
+    out = tmp_path / "fallback.npy"
+    code = f"import numpy, localmoe; rt = localmoe.load({path!r}, device='cpu'); numpy.save({str(out)!r}, rt.logits({ids!r}))"
+    r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "LOCALMOE_KERNEL": "torch"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with localmoe.load(path, device="cpu") as rt:
+        ours = rt.logits(ids)
+        backends = {w.backend for lw in rt.model.layers for w in lw.wqkv}
+    assert backends <= {"vnni", "f32"} if kernels.native_lib() is not None else True
+    fallback = np.load(out)
+    assert np.linalg.norm(ours - fallback) / np.linalg.norm(ours) <= 2e-2
+    assert (ours.argmax(-1) == fallback.argmax(-1)).mean() >= 0.9
