@@ -97,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--max-tokens", type=int, default=64, help="strategies: tokens to decode (default 64)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
     p.add_argument("--json", action="store_true", help="print JSON")
+    g = p.add_argument_group("speed against llama.cpp (--vs llama.cpp; see docs/speed.md)")
+    g.add_argument("--vs", choices=("llama.cpp",), default=None, help="time prompt and decode tokens/s of localmoe and llama.cpp on MODEL, same ids and threads (default threads: 2)")
+    g.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    g.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens (default 64)")
+    g.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up; medians are reported (default 3)")
+    g.add_argument("--rounds", type=int, default=1, help="run the engines in turn this many times, pooling the runs (default 1; use 3+ on a busy machine)")
+    g.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="localmoe's device (default cpu)")
+    g.add_argument("--kernels", action="store_true", help="instead: micro-benchmark the quantized matmul kernels per quant type (no model needed)")
+    g.add_argument("--llama-plain-buffers", action="store_true", help="load llama.cpp with use_extra_bufts=False (no AMX/repacked weights: avoids the AMX crash, but slower)")
+
+    p = sub.add_parser("synth", help="write a random-weight MoE GGUF with a real model's shapes (for benchmarks)", description="Write a random-weight MoE GGUF file shaped like a real model, for benchmarking without downloads. K-quants (Q4_K_M, ...) are made by llama.cpp's quantizer from a Q8_0 file.")
+    p.add_argument("preset", metavar="PRESET", help="qwen3-30b-a3b, mixtral-8x7b or olmoe-1b-7b")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the GGUF file to write")
+    p.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
+    p.add_argument("--quant", default="Q4_K_M", help="F32, F16, Q8_0, Q4_0 (written directly) or a llama.cpp type: Q4_K_M, Q4_K_S, Q5_K_M, Q6_K, Q4_1, Q5_0, Q5_1, BF16 (default Q4_K_M)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     p = sub.add_parser("calibrate", help="expert statistics and the buddy table, saved beside the model", description="Run the model over calibration text and record, per layer, expert usage, co-activation, functional similarity of experts on real activations and router-score correlation; build the buddy table used by --on-miss buddy/cost and save it as MODEL.buddies.json with its provenance.")
     _add_model_arg(p, required=False)
     p.add_argument("--text", metavar="FILE", help="calibration text (default: the built-in multi-domain sample)")
@@ -201,6 +217,8 @@ def _read_text(path: str) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import residency_bench as rb
 
+    if args.vs or args.kernels:
+        return cmd_speed_bench(args)
     if args.trace:
         from .trace import load_trace
 
@@ -223,6 +241,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
         gpu_mem = m.dense_bytes() + int(m.all_expert_bytes() * args.budget_share)
     results = rb.run_strategies(path, gpu_mem, args.profile, args.prompt or rb.DEFAULT_PROMPT, args.max_tokens, args.threads)
     print(json.dumps({"gpu_mem": gpu_mem, "profile": args.profile, "results": rb.strategies_json(results)}, indent=2) if args.json else rb.format_strategies(results, gpu_mem))
+    return 0
+
+
+def cmd_speed_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_kernel_table, format_table, kernel_table, run_bench
+    from .bundled import demo_model_path
+
+    if args.kernels:
+        rows = kernel_table(args.threads or 2)
+        print(json.dumps(rows, indent=2) if args.json else format_kernel_table(rows, args.threads or 2))
+        return 0
+    if min(args.prompt_tokens, args.decode_tokens, args.reps, args.rounds) < 1:
+        raise LocalMoEError("--prompt-tokens, --decode-tokens, --reps and --rounds must be at least 1")
+    cfg = BenchConfig(args.prompt_tokens, args.decode_tokens, args.reps, threads=args.threads or 2, rounds=args.rounds)
+    res = run_bench(args.model or demo_model_path(), cfg, args.vs, args.llama_plain_buffers, device=args.device)
+    print(json.dumps(res.as_dict(), indent=2) if args.json else format_table(res))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .progress import Progress
+    from .synth import write_preset
+
+    bar = Progress("writing", 1)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done)
+
+    if args.quant not in ("F32", "F16", "Q8_0", "Q4_0"):
+        print(f"(then {args.quant} by llama.cpp's quantizer)", file=sys.stderr)
+    write_preset(args.preset, args.output, args.layers, args.quant, args.seed, progress)
+    print(args.output)
     return 0
 
 
@@ -291,7 +342,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
-COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench, "calibrate": cmd_calibrate, "eval": cmd_eval}
+COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench, "synth": cmd_synth, "calibrate": cmd_calibrate, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,13 @@ which is how K-quant (`Q4_K_M`) files are made: real mixed files, as users have 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
-from gguf.quants import quantize
+from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from . import names
 from .errors import LocalMoEError
@@ -106,8 +108,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def write_model(path: str | os.PathLike[str], cfg: SynthConfig) -> str:
-    """Write a random-weight MoE model; returns the path."""
+def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callable[[int, int], None] | None = None) -> str:
+    """Write a random-weight MoE model; returns the path. progress(done, total) is called after
+    each tensor with counts of weights."""
     path = os.fspath(path)
     if cfg.weight_type not in WRITE_TYPES:
         raise LocalMoEError(f"weight_type must be one of {', '.join(WRITE_TYPES)} (K-quants: write Q8_0, then quantize_with_llama_cpp)")
@@ -155,53 +158,82 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig) -> str:
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    def put(name: str, arr: np.ndarray, keep_f32: bool = False) -> None:
-        if keep_f32 or qtype == Q.F32 or arr.ndim == 1:
-            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
-        elif qtype == Q.F16:
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            w.add_tensor(name, quantize(arr, qtype), raw_dtype=qtype)
+    # The plan: (name, logical shape, stored type, make). Tensors are made one at a time, in plan
+    # order, while writing — so peak memory is one tensor, not the model. make() returns a float32
+    # array, or for an expert tensor a list of per-expert matrices quantized one by one.
+    plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType, Callable[[], Any]]] = []
 
-    put(names.TOKEN_EMBD, mat(cfg.n_vocab, D, gain=float(np.sqrt(D))) * 0.5)
+    def put(name: str, shape: tuple[int, ...], make: Callable[[], Any], keep_f32: bool = False) -> None:
+        plan.append((name, shape, Q.F32 if keep_f32 or len(shape) == 1 else qtype, make))
+
+    put(names.TOKEN_EMBD, (cfg.n_vocab, D), lambda: mat(cfg.n_vocab, D, gain=float(np.sqrt(D))) * 0.5)
     for i in range(cfg.n_layer):
         qdim, kvdim = cfg.n_head * head_dim, cfg.n_head_kv * head_dim
-        put(names.blk(i, names.ATTN_NORM), norm(D))
-        put(names.blk(i, names.ATTN_Q), mat(qdim, D))
-        put(names.blk(i, names.ATTN_K), mat(kvdim, D))
-        put(names.blk(i, names.ATTN_V), mat(kvdim, D))
-        put(names.blk(i, names.ATTN_OUT), mat(D, qdim, gain=ATTN_OUT_GAIN))
+        put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
+        put(names.blk(i, names.ATTN_Q), (qdim, D), lambda qdim=qdim: mat(qdim, D))
+        put(names.blk(i, names.ATTN_K), (kvdim, D), lambda kvdim=kvdim: mat(kvdim, D))
+        put(names.blk(i, names.ATTN_V), (kvdim, D), lambda kvdim=kvdim: mat(kvdim, D))
+        put(names.blk(i, names.ATTN_OUT), (D, qdim), lambda qdim=qdim: mat(D, qdim, gain=ATTN_OUT_GAIN))
         if arch == "qwen2moe":
             for stem, n in ((names.ATTN_Q, qdim), (names.ATTN_K, kvdim), (names.ATTN_V, kvdim)):
-                put(names.blk(i, stem, "bias"), 0.1 * rng.standard_normal(n).astype(np.float32))
+                put(names.blk(i, stem, "bias"), (n,), lambda n=n: 0.1 * rng.standard_normal(n).astype(np.float32))
         if arch == "qwen3moe":
-            put(names.blk(i, names.ATTN_Q_NORM), norm(head_dim))
-            put(names.blk(i, names.ATTN_K_NORM), norm(head_dim))
+            put(names.blk(i, names.ATTN_Q_NORM), (head_dim,), lambda: norm(head_dim))
+            put(names.blk(i, names.ATTN_K_NORM), (head_dim,), lambda: norm(head_dim))
         elif arch == "olmoe":
-            put(names.blk(i, names.ATTN_Q_NORM), norm(qdim))
-            put(names.blk(i, names.ATTN_K_NORM), norm(kvdim))
-        put(names.blk(i, names.FFN_NORM), norm(D))
+            put(names.blk(i, names.ATTN_Q_NORM), (qdim,), lambda qdim=qdim: norm(qdim))
+            put(names.blk(i, names.ATTN_K_NORM), (kvdim,), lambda kvdim=kvdim: norm(kvdim))
+        put(names.blk(i, names.FFN_NORM), (D,), lambda: norm(D))
         # A decisive router (large logits) keeps expert choices away from near-ties.
-        put(names.blk(i, names.FFN_GATE_INP), mat(E, D, gain=4.0), keep_f32=True)
+        put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
         for stem, rows, cols, gain in ((names.FFN_GATE_EXPS, F_exp, D, 1.0), (names.FFN_UP_EXPS, F_exp, D, 1.0), (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN)):
-            put(names.blk(i, stem), np.stack([mat(rows, cols, gain) for _ in range(E)]))
+            put(names.blk(i, stem), (E, rows, cols), lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)))
         if arch == "qwen2moe":
             Fs = cfg.n_ff_shexp
-            put(names.blk(i, names.FFN_GATE_INP_SHEXP), mat(1, D).reshape(D))
-            put(names.blk(i, names.FFN_GATE_SHEXP), mat(Fs, D))
-            put(names.blk(i, names.FFN_UP_SHEXP), mat(Fs, D))
-            put(names.blk(i, names.FFN_DOWN_SHEXP), mat(D, Fs, FFN_OUT_GAIN))
-    put(names.OUTPUT_NORM, norm(D))
-    # Rows of very different norms give peaked next-token distributions, as trained models have,
-    # so that the top-1 token is not a near-tie decided by rounding.
-    row_scale = np.exp(1.5 * rng.standard_normal((cfg.n_vocab, 1))).astype(np.float32)
-    put(names.OUTPUT, mat(cfg.n_vocab, D, gain=3.0) * row_scale)
+            put(names.blk(i, names.FFN_GATE_INP_SHEXP), (D,), lambda: mat(1, D).reshape(D))
+            put(names.blk(i, names.FFN_GATE_SHEXP), (Fs, D), lambda: mat(Fs, D))
+            put(names.blk(i, names.FFN_UP_SHEXP), (Fs, D), lambda: mat(Fs, D))
+            put(names.blk(i, names.FFN_DOWN_SHEXP), (D, Fs), lambda: mat(D, Fs, FFN_OUT_GAIN))
+    put(names.OUTPUT_NORM, (D,), lambda: norm(D))
 
+    def output_head() -> np.ndarray:
+        # Rows of very different norms give peaked next-token distributions, as trained models
+        # have, so that the top-1 token is not a near-tie decided by rounding.
+        row_scale = np.exp(1.5 * rng.standard_normal((cfg.n_vocab, 1))).astype(np.float32)
+        return mat(cfg.n_vocab, D, gain=3.0) * row_scale
+
+    put(names.OUTPUT, (cfg.n_vocab, D), output_head)
+
+    for name, shape, qt, _ in plan:
+        if qt in (Q.F32, Q.F16):
+            dtype = np.float32 if qt == Q.F32 else np.float16
+            w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        else:
+            byte_shape = quant_shape_to_byte_shape(shape, qt)
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    total = sum(int(np.prod(shape)) for _, shape, _, _ in plan)
+    done = 0
+    for name, shape, qt, make in plan:
+        made = make()
+        parts = [made] if isinstance(made, np.ndarray) else made
+        w.write_tensor_data(np.concatenate([_encode(m, qt).reshape(-1) for m in parts]) if len(shape) == 3 else _encode(parts[0], qt))
+        done += int(np.prod(shape))
+        if progress is not None:
+            progress(done, total)
     w.close()
     return path
+
+
+def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """A float32 array as stored in the file: float32, float16, or quantized bytes."""
+    if qtype == Q.F32:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == Q.F16:
+        return arr.astype(np.float16)
+    return quantize(arr, qtype)
 
 
 def quantize_with_llama_cpp(src: str, dst: str, ftype: str = "Q4_K_M", threads: int = 0) -> str:
@@ -225,3 +257,27 @@ def preset(name: str, **overrides: object) -> SynthConfig:
         return replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
     except KeyError:
         raise LocalMoEError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}") from None
+
+
+def write_preset(name: str, path: str, n_layer: int = 4, quant: str = "Q4_K_M", seed: int = 0, progress: Callable[[int, int], None] | None = None) -> str:
+    """`localmoe synth`: a preset's shapes with `n_layer` blocks in `quant` — written directly
+    (WRITE_TYPES) or as Q8_0 (F32 for the float and legacy types) re-quantized by llama.cpp.
+    Tensors are made and written one at a time: memory stays around one expert tensor."""
+    if n_layer < 1:
+        raise LocalMoEError(f"--layers must be at least 1, got {n_layer}")
+    if quant not in WRITE_TYPES and quant not in LLAMA_FTYPES:
+        raise LocalMoEError(f"unknown quantization '{quant}'; choose one of {', '.join(sorted(set(WRITE_TYPES) | set(LLAMA_FTYPES)))}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise LocalMoEError(f"cannot write {path}: folder {folder} does not exist")
+    cfg = preset(name, n_layer=n_layer, seed=seed)
+    if quant in WRITE_TYPES:
+        return write_model(path, replace(cfg, weight_type=quant), progress)
+    source = "Q8_0" if quant.startswith(("Q4_K", "Q5_K", "Q6_K")) else "F32"  # as tests/conftest.py does
+    tmp = f"{path}.{source}.tmp"
+    try:
+        write_model(tmp, replace(cfg, weight_type=source), progress)
+        return quantize_with_llama_cpp(tmp, path, quant)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

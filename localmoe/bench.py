@@ -1,0 +1,341 @@
+"""`localmoe bench`: prompt and decode speed of localmoe against llama.cpp on the same GGUF file.
+
+Both engines get the same token ids (a fixed, seeded prompt), the same thread count and the same
+procedure: a warm-up run, then `reps` timed runs of [prefill `prompt_tokens` in one call, then
+decode `decode_tokens` one token per call through the KV cache]. Sampling is not timed: the decode
+steps feed fixed ids, so both engines do identical work. A row reports the median tokens/s and the
+achieved memory bandwidth, bytes touched per decoded token × decode tokens/s (as gpt-fast reports
+it): every dense weight, one embedding row and the top-k experts of each layer at their size in the
+file. Ratios are computed from rows measured in the same run, never from stored figures.
+
+llama.cpp runs in a subprocess (`python -m localmoe.bench llama-worker ...`), so that a crash in
+its native code — e.g. the AMX path of a `-march=native` build on some Xeons — becomes a one-line
+error instead of killing the benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import names
+from .errors import LocalMoEError
+from .gguf_file import GGUFModel
+
+LLAMA_CPP = "llama.cpp"
+AMX_HINT = (
+    "rebuild llama-cpp-python without AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install --force-reinstall --no-cache-dir llama-cpp-python, "
+    "or pass --llama-plain-buffers"
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prompt_tokens: int = 128
+    decode_tokens: int = 64
+    reps: int = 3
+    warmup: int = 1
+    threads: int = 2
+    seed: int = 0  # of the prompt and decode token ids
+    rounds: int = 1  # engines run in turn this many times (each round: warm-up + reps)
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One engine (or one engine configuration, e.g. "localmoe (policy lfu, gpu-mem 6GB)")."""
+
+    engine: str
+    prompt_tps: float  # median over the timed repetitions
+    decode_tps: float
+    prompt_tps_runs: list[float]
+    decode_tps_runs: list[float]
+    bytes_per_token: int  # weight bytes touched per decoded token
+    bandwidth_gbs: float  # bytes_per_token × decode_tps / 1e9
+    clock: str = "measured"  # or "modelled:PROFILE" for budgeted runs on a modelled GPU tier
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    config: BenchConfig
+    rows: list[BenchRow]
+    baseline: str | None  # engine name the ratios divide by
+    ratios: dict[str, dict[str, float]] = field(default_factory=dict)  # engine → {"prompt": x, "decode": y}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "config": asdict(self.config), "baseline": self.baseline, "rows": [asdict(r) for r in self.rows], "ratios": self.ratios}
+
+
+# -- what the benchmark feeds and measures ---------------------------------------------------------
+def token_ids(n_vocab: int, cfg: BenchConfig) -> tuple[list[int], list[int]]:
+    """The fixed prompt ids and decode ids: seeded, so both engines (and reruns) see the same."""
+    rng = np.random.default_rng(cfg.seed)
+    hi = min(n_vocab, 32000)
+    return rng.integers(0, hi, cfg.prompt_tokens).tolist(), rng.integers(0, hi, cfg.decode_tokens).tolist()
+
+
+def bytes_per_token(m: GGUFModel) -> int:
+    """Weight bytes one decoded token reads, at their size in the file: all dense tensors except
+    the embedding table (one row of it), plus the top-k routed experts of every layer."""
+    spec = m.spec
+    dense = sum(t.n_bytes for t in m.tensors.values() if not names.is_expert_tensor(t.name) and t.name != names.TOKEN_EMBD)
+    embd = m.view(names.TOKEN_EMBD)
+    if not m.has(names.OUTPUT):  # tied output head: the whole table is read by the head
+        dense += embd.n_bytes
+    dense += embd.n_bytes // embd.shape[0]
+    experts = sum(spec.n_expert_used * m.expert_bytes(layer) for layer in range(spec.n_layer))
+    return dense + experts
+
+
+def make_row(engine: str, runs: list[tuple[float, float]], cfg: BenchConfig, nbytes: int, clock: str = "measured", notes: str = "") -> BenchRow:
+    """runs: (prefill seconds, decode seconds) per timed run → a row of medians."""
+    p = [cfg.prompt_tokens / s for s, _ in runs]
+    d = [cfg.decode_tokens / s for _, s in runs]
+    decode = statistics.median(d)
+    return BenchRow(engine, statistics.median(p), decode, p, d, nbytes, nbytes * decode / 1e9, clock, notes)
+
+
+def time_engine(prefill: Callable[[list[int]], None], decode_one: Callable[[int], None], reset: Callable[[], None], prompt: list[int], gen: list[int], cfg: BenchConfig) -> list[tuple[float, float]]:
+    """The shared procedure: warm-up runs, then timed (prefill seconds, decode seconds) per rep."""
+    runs = []
+    for rep in range(cfg.warmup + cfg.reps):
+        reset()
+        t0 = time.perf_counter()
+        prefill(prompt)
+        t1 = time.perf_counter()
+        for tok in gen:
+            decode_one(tok)
+        t2 = time.perf_counter()
+        if rep >= cfg.warmup:
+            runs.append((t1 - t0, t2 - t1))
+    return runs
+
+
+# -- the engines -----------------------------------------------------------------------------------
+class LocalMoETimer:
+    """localmoe in this process, loaded once; `runs()` times one round (warm-up + reps).
+    load_kwargs go to localmoe.load (device, gpu_mem, policy, ...)."""
+
+    def __init__(self, path: str, cfg: BenchConfig, **load_kwargs: Any):
+        from .runtime import load
+
+        self.cfg = cfg
+        self.rt = load(path, n_ctx=cfg.prompt_tokens + cfg.decode_tokens + 8, threads=cfg.threads, **load_kwargs)
+        self.prompt, self.gen = token_ids(self.rt.spec.n_vocab, cfg)
+
+    def runs(self) -> list[tuple[float, float]]:
+        import torch
+
+        from .model import KVCache
+
+        rt, state = self.rt, {}
+
+        def reset() -> None:
+            state["cache"] = KVCache(rt.spec, rt.n_ctx, rt.device)
+
+        def prefill(ids: list[int]) -> None:
+            rt.model.forward(torch.tensor(ids), state["cache"], all_logits=False)
+
+        def decode_one(tok: int) -> None:
+            rt.model.forward(torch.tensor([tok]), state["cache"], all_logits=False)
+
+        return time_engine(prefill, decode_one, reset, self.prompt, self.gen, self.cfg)
+
+    @property
+    def clock(self) -> str:
+        return self.rt.stats().clock
+
+    def close(self) -> None:
+        self.rt.close()
+
+
+def run_localmoe(path: str, cfg: BenchConfig, engine: str = "localmoe", **load_kwargs: Any) -> BenchRow:
+    """One row for localmoe (e.g. engine="localmoe (policy lfu, gpu-mem 6GB)" with load_kwargs)."""
+    timer = LocalMoETimer(path, cfg, **load_kwargs)
+    try:
+        runs = [r for _ in range(cfg.rounds) for r in timer.runs()]
+        return make_row(engine, runs, cfg, bytes_per_token(GGUFModel(path)), timer.clock)
+    finally:
+        timer.close()
+
+
+def llama_cpp_runs(path: str, cfg: BenchConfig, plain_buffers: bool = False, timeout: float = 1800) -> list[tuple[float, float]]:
+    """One round of llama.cpp (llama-cpp-python) in a subprocess; a crash becomes a LocalMoEError."""
+    job = json.dumps({"path": path, "config": asdict(cfg), "plain_buffers": plain_buffers})
+    cmd = [sys.executable, "-m", "localmoe.bench", "llama-worker", job]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LocalMoEError(f"llama.cpp did not finish the benchmark within {timeout:.0f} s") from None
+    if r.returncode < 0:
+        sig = signal.Signals(-r.returncode).name
+        raise LocalMoEError(f"llama.cpp crashed ({sig}) while running {os.path.basename(path)}; {AMX_HINT}")
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LocalMoEError(f"llama.cpp failed on {os.path.basename(path)}: {last}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return [tuple(x) for x in out["runs"]]
+
+
+def run_llama_cpp(path: str, cfg: BenchConfig, plain_buffers: bool = False) -> BenchRow:
+    runs = [r for _ in range(cfg.rounds) for r in llama_cpp_runs(path, cfg, plain_buffers)]
+    return make_row(LLAMA_CPP, runs, cfg, bytes_per_token(GGUFModel(path)), notes=_llama_notes(plain_buffers))
+
+
+def _llama_notes(plain_buffers: bool) -> str:
+    return "plain CPU buffers (no repacking)" if plain_buffers else ""
+
+
+def _llama_worker(job: dict[str, Any]) -> None:
+    """Runs inside the subprocess: time llama.cpp, print {"runs": [[prefill s, decode s], ...]}."""
+    import llama_cpp
+
+    cfg = BenchConfig(**job["config"])
+    if job["plain_buffers"]:  # llama.cpp's plain CPU buffers: no AMX / runtime-repacked weights
+        original = llama_cpp.llama_model_default_params
+
+        def params():
+            p = original()
+            p.use_extra_bufts = False
+            return p
+
+        llama_cpp.llama_cpp.llama_model_default_params = params
+        llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    n_ctx = cfg.prompt_tokens + cfg.decode_tokens + 8
+    llm = llama_cpp.Llama(model_path=job["path"], n_threads=cfg.threads, n_threads_batch=cfg.threads, n_ctx=n_ctx, n_batch=max(cfg.prompt_tokens, 1), n_ubatch=max(cfg.prompt_tokens, 1), verbose=False)
+    prompt, gen = token_ids(llm.n_vocab(), cfg)
+    runs = time_engine(llm.eval, lambda tok: llm.eval([tok]), llm.reset, prompt, gen, cfg)
+    llm.close()
+    print(json.dumps({"runs": runs}))
+
+
+# -- the comparison and its table ------------------------------------------------------------------
+def compare(rows: list[BenchRow], baseline: str | None = LLAMA_CPP) -> dict[str, dict[str, float]]:
+    """engine → {"prompt": tps / baseline's, "decode": tps / baseline's}, for every other row."""
+    base = next((r for r in rows if r.engine == baseline), None)
+    if base is None:
+        return {}
+    return {
+        r.engine: {"prompt": r.prompt_tps / base.prompt_tps if base.prompt_tps else 0.0, "decode": r.decode_tps / base.decode_tps if base.decode_tps else 0.0}
+        for r in rows
+        if r is not base
+    }
+
+
+def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buffers: bool = False, **load_kwargs: Any) -> BenchResult:
+    """Both engines, `cfg.rounds` times in turn (llama.cpp, then localmoe): a machine whose load
+    drifts during the benchmark then weighs on both alike. Every run of every round is pooled."""
+    model = GGUFModel(path)  # validate before spending minutes
+    if vs not in (None, LLAMA_CPP):
+        raise LocalMoEError(f"unknown engine to compare with '{vs}'; only llama.cpp is supported")
+    timer = LocalMoETimer(path, cfg, **load_kwargs)
+    theirs: list[tuple[float, float]] = []
+    ours: list[tuple[float, float]] = []
+    try:
+        for _ in range(cfg.rounds):
+            if vs == LLAMA_CPP:
+                theirs += llama_cpp_runs(path, cfg, plain_buffers)
+            ours += timer.runs()
+        clock = timer.clock
+    finally:
+        timer.close()
+    nbytes = bytes_per_token(model)
+    rows = [make_row(LLAMA_CPP, theirs, cfg, nbytes, notes=_llama_notes(plain_buffers))] if vs == LLAMA_CPP else []
+    rows.append(make_row("localmoe", ours, cfg, nbytes, clock))
+    return BenchResult(path, cfg, rows, vs, compare(rows, vs))
+
+
+def format_table(res: BenchResult) -> str:
+    """A Markdown table: one row per engine, ratios against the baseline in the last columns."""
+    c = res.config
+    lines = [
+        f"model: {os.path.basename(res.model)}   threads: {c.threads}   prompt: {c.prompt_tokens} tokens   decode: {c.decode_tokens} tokens   "
+        f"runs: {c.rounds} round(s) × {c.reps} (+{c.warmup} warm-up each), engines in turn; medians",
+        "",
+        "| engine | prompt tok/s | decode tok/s | MB/token | decode GB/s | prompt ×base | decode ×base | clock |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in res.rows:
+        ratio = res.ratios.get(r.engine)
+        rp, rd = (f"{ratio['prompt']:.2f}", f"{ratio['decode']:.2f}") if ratio else ("1.00", "1.00") if r.engine == res.baseline else ("", "")
+        name = r.engine + (f" ({r.notes})" if r.notes else "")
+        lines.append(f"| {name} | {r.prompt_tps:.1f} | {r.decode_tps:.2f} | {r.bytes_per_token / 1e6:.1f} | {r.bandwidth_gbs:.2f} | {rp} | {rd} | {r.clock} |")
+    return "\n".join(lines)
+
+
+# -- kernel micro-benchmark (`localmoe bench --kernels`) ---------------------------------------------
+# (weights per block, bytes per block, byte offsets of float16 scale fields) of each block type
+_BLOCKS = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)), "Q5_1": (32, 24, (0, 2)), "Q8_0": (32, 34, (0,)), "Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,))}
+
+
+def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """A [n, k] matrix of a block type as random bytes with sane float16 scales: every code pattern occurs."""
+    per, size, f16_at = _BLOCKS[qtype_name]
+    b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
+    for at in f16_at:
+        b[..., at : at + 2] = (rng.uniform(0.5, 2.0, (n, k // per)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+    return b.reshape(n, -1)
+
+
+def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ...] = (1, 8, 128), copies_bytes: int = 256 << 20) -> list[dict[str, Any]]:
+    """Time x @ W.T for each quant type and backend on an expert-shaped [n, k] weight. For one row,
+    distinct copies totalling ~copies_bytes are cycled so weights come from DRAM, not cache.
+    Returns rows: {qtype, backend, rows, us, gbs (file bytes / time)}."""
+    import torch
+    from gguf import GGMLQuantizationType
+
+    from . import kernels
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    out = []
+    for name in ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"):
+        qtype = GGMLQuantizationType[name]
+        raw = random_blocks(name, n, k, rng)
+        backends = (["vnni"] if kernels.native_lib() is not None else []) + (["int4"] if name in ("Q4_0", "Q4_K") else []) + ["bf16"]
+        for backend in backends:
+            w0 = kernels.repack(raw, qtype, (n, k), backend=backend)
+            copies = [w0] + [kernels.QLinear(w0.backend, w0.n, w0.k, {key: t.clone() for key, t in w0.tensors.items()}, w0.offset, w0.group, w0.nibble, w0.bits) for _ in range(max(0, copies_bytes // w0.nbytes - 1))]
+            for m in rows:
+                x = torch.randn(m, k)
+                ws = copies if m == 1 else copies[:4]
+                reps = max(2, 64 // len(ws)) if m == 1 else max(3, 256 // m)
+                for w in ws:
+                    w(x)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    for w in ws:
+                        w(x)
+                us = (time.perf_counter() - t0) / (reps * len(ws)) * 1e6
+                out.append({"qtype": name, "backend": backend, "rows": m, "us": us, "gbs": raw.nbytes / us / 1e3, "packed_bytes": w0.nbytes, "file_bytes": raw.nbytes})
+    return out
+
+
+def format_kernel_table(rows: list[dict[str, Any]], threads: int) -> str:
+    lines = [f"x [T, 2048] @ W.T, W [1536, 2048] (an expert's fused gate+up), {threads} threads; µs per call (GB/s of file bytes)", "",
+             "| type | backend | packed/file bytes | " + " | ".join(f"T={m}" for m in sorted({r['rows'] for r in rows})) + " |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in sorted({r['rows'] for r in rows})) + " |"]
+    keys = list(dict.fromkeys((r["qtype"], r["backend"]) for r in rows))
+    for q, b in keys:
+        rs = [r for r in rows if r["qtype"] == q and r["backend"] == b]
+        cells = " | ".join(f"{r['us']:.0f} ({r['gbs']:.1f})" for r in sorted(rs, key=lambda r: r["rows"]))
+        lines.append(f"| {q} | {b} | {rs[0]['packed_bytes'] / rs[0]['file_bytes']:.2f} | {cells} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "llama-worker":
+        _llama_worker(json.loads(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m localmoe.bench llama-worker JOB_JSON (internal; use `localmoe bench`)")

@@ -1,0 +1,71 @@
+"""`localmoe bench MODEL --vs llama.cpp` on a tiny model: the JSON shape, and ratios that come
+from the figures measured in the same run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from localmoe import bench
+from localmoe.errors import LocalMoEError
+from localmoe.gguf_file import GGUFModel
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localmoe", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bench_vs_llama_cpp_json(make_model):
+    path = make_model("qwen3moe", "Q4_0")
+    r = _cli("bench", path, "--vs", "llama.cpp", "--json", "--prompt-tokens", "8", "--decode-tokens", "4", "--reps", "2", "--rounds", "2", "-t", "1")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["baseline"] == "llama.cpp"
+    assert d["config"] == {"prompt_tokens": 8, "decode_tokens": 4, "reps": 2, "warmup": 1, "threads": 1, "seed": 0, "rounds": 2}
+    rows = {row["engine"]: row for row in d["rows"]}
+    assert set(rows) == {"llama.cpp", "localmoe"}
+    for row in rows.values():
+        assert len(row["prompt_tps_runs"]) == len(row["decode_tps_runs"]) == 4  # 2 rounds × 2 reps
+        assert row["prompt_tps"] > 0 and row["decode_tps"] > 0 and row["clock"] == "measured"
+        assert row["bytes_per_token"] == bench.bytes_per_token(GGUFModel(path))
+        assert row["bandwidth_gbs"] == pytest.approx(row["bytes_per_token"] * row["decode_tps"] / 1e9)
+    ours, base = rows["localmoe"], rows["llama.cpp"]
+    assert d["ratios"] == {"localmoe": {"prompt": pytest.approx(ours["prompt_tps"] / base["prompt_tps"]), "decode": pytest.approx(ours["decode_tps"] / base["decode_tps"])}}
+
+
+def test_table_has_a_row_per_engine_configuration():
+    cfg = bench.BenchConfig(prompt_tokens=10, decode_tokens=5, reps=2)
+    rows = [
+        bench.make_row("llama.cpp", [(0.1, 0.5), (0.2, 0.5)], cfg, 1_000_000),
+        bench.make_row("localmoe", [(0.05, 0.25), (0.05, 0.25)], cfg, 1_000_000),
+        bench.make_row("localmoe (policy lfu, gpu-mem 6GB)", [(0.1, 1.0), (0.1, 1.0)], cfg, 1_000_000, clock="modelled:laptop-8gb"),
+    ]
+    assert rows[0].prompt_tps == pytest.approx(75.0) and rows[0].decode_tps == pytest.approx(10.0)
+    ratios = bench.compare(rows)
+    assert ratios["localmoe"] == {"prompt": pytest.approx(200 / 75), "decode": pytest.approx(2.0)}
+    assert ratios["localmoe (policy lfu, gpu-mem 6GB)"]["decode"] == pytest.approx(0.5)
+    table = bench.format_table(bench.BenchResult("m.gguf", cfg, rows, "llama.cpp", ratios))
+    assert "| localmoe (policy lfu, gpu-mem 6GB) |" in table and "modelled:laptop-8gb" in table and "| 2.00 |" in table
+
+
+def test_llama_cpp_crash_is_one_line_error(monkeypatch, make_model):
+    path = make_model("qwen3moe", "Q4_0")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -11, "", ""))
+    with pytest.raises(LocalMoEError, match=r"llama.cpp crashed \(SIGSEGV\).*mno-amx-tile.*--llama-plain-buffers") as exc:
+        bench.run_llama_cpp(path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1))
+    assert "\n" not in str(exc.value)
+
+
+def test_bench_user_errors(make_model):
+    r = _cli("bench", make_model("qwen3moe", "Q4_0"), "--vs", "llama.cpp", "--reps", "0")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_synth_user_errors(tmp_path):
+    r = _cli("synth", "no-such-model", "-o", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "unknown preset" in r.stderr
+    r = _cli("synth", "qwen3-30b-a3b", "--quant", "Q3_K", "-o", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "unknown quantization" in r.stderr
