@@ -1,8 +1,8 @@
 """Fast matmuls on quantized GGUF weights: repack once, then compute without dequantizing.
 
 Every GGUF block type we support is, per group of G weights (G = 32, or 16 for Q6_K), an affine
-code: w = scale · code + zero with an unsigned integer code of 4, 5, 6 or 8 bits. `repack` decodes
-a tensor once into that form — codes (4 low bits packed two per byte plus a plane of the 1-2 high
+code: w = scale · code + zero with an unsigned integer code of 4, 5, 6 or 8 bits (gguf_blocks.py
+decodes it). For the CPU, `repack` decodes a tensor once into that form — codes (4 low bits packed two per byte plus a plane of the 1-2 high
 bits for 5- and 6-bit types; bytes for 8-bit), float16 scales, and float16 zeros (or, for the
 symmetric types, zero = −offset · scale with no zeros stored): about the file's size — and
 `QLinear` multiplies activations by it with one of these backends:
@@ -12,8 +12,11 @@ symmetric types, zero = −offset · scale with no zeros stored): about the file
                group's integer dot products are scaled in float. Reads only the packed bytes. From
                GEMM_ROWS rows on (prefill), it dequantizes the weight once to float32 for an SGEMM.
     "int4"     torch._weight_int4pack_mm_for_cpu (bf16 activations), for 4-bit codes with G = 32.
-    "bf16"     dequantized once to bfloat16 + F.linear (any device; the CUDA path).
+    "bf16"     dequantized once to bfloat16 + F.linear (CPU fallback for 5-8 bit types, F16, BF16).
     "f32"      float32 + F.linear: F32 files, which must match llama.cpp to float rounding.
+    "gguf"     the GGUF bytes as they are in the file, on any device; every call dequantizes them
+               (exactly, to float32, with torch ops) and runs F.linear. The GPU path: a weight in
+               GPU memory takes exactly its bytes in the file.
 
 `QLinear.backend` says which one a weight uses; `choose_backend` is the policy (docs/speed.md has
 the measurements behind it). Set LOCALMOE_KERNEL=torch to never build or use the C kernel.
@@ -35,99 +38,11 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from .quants import dequantize
+from .gguf_blocks import BLOCK_TYPES, FLOAT_TYPES, Affine, decode, dequantize, raw_bytes
 
 Q = GGMLQuantizationType
-DENSE_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
-BLOCK_TYPES = frozenset({Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 GEMM_ROWS = int(os.environ.get("LOCALMOE_GEMM_ROWS", "24"))  # from this many rows, dequantize + GEMM (see docs/speed.md)
 CHUNK = 64  # weights per SIMD step of the C kernel; rows are padded to a multiple of it
-
-
-# -- decoding GGUF blocks into (codes, scale, zero) ----------------------------------------------
-@dataclass
-class Affine:
-    """A [N, K] weight as w[n, i] = scale[n, i // G] · codes[n, i] + zero[n, i // G]."""
-
-    codes: np.ndarray  # [N, K] uint8
-    scale: np.ndarray  # [N, K / G] float32
-    zero: np.ndarray | None  # [N, K / G] float32; None → zero = −offset · scale
-    offset: int
-    bits: int  # codes < 2**bits
-    group: int  # G
-
-    def dequantize(self) -> np.ndarray:
-        g = self.group
-        s = np.repeat(self.scale, g, axis=1)
-        z = np.repeat(self.zero, g, axis=1) if self.zero is not None else -self.offset * s
-        return s * self.codes.astype(np.float32) + z
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    """[..., 2] uint8 → [...] float32 read as little-endian float16."""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[..., 16] bytes → [..., 32] codes: the low nibbles first, then the high ones (ggml order)."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def _high_bits(qh: np.ndarray) -> np.ndarray:
-    """[..., 4] bytes holding 32 bits (little-endian) → [..., 32] bits as uint8."""
-    bits = np.unpackbits(qh, axis=-1, bitorder="little")
-    return bits
-
-
-def _k_scales(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 12 scale bytes of a Q4_K / Q5_K super-block → (scales [.., 8], mins [.., 8]), 6 bits each."""
-    a, b, c = sc12[..., 0:4], sc12[..., 4:8], sc12[..., 8:12]
-    sc = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
-    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1)
-    return sc.astype(np.float32), mn.astype(np.float32)
-
-
-def decode(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Affine:
-    """Raw bytes of a quantized [N, K] matrix → its exact affine form (no rounding anywhere)."""
-    N, K = shape
-    blocks = np.asarray(raw, dtype=np.uint8).reshape(N, -1)
-    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
-        size = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q5_0: 22, Q.Q5_1: 24, Q.Q8_0: 34}[qtype]
-        b = blocks.reshape(N, K // 32, size)
-        d = _f16(b[..., 0:2])
-        if qtype == Q.Q8_0:
-            codes = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-            return Affine(codes.reshape(N, K), d, None, 128, 8, 32)
-        if qtype == Q.Q4_0:
-            return Affine(_nibbles(b[..., 2:18]).reshape(N, K), d, None, 8, 4, 32)
-        if qtype == Q.Q4_1:
-            return Affine(_nibbles(b[..., 4:20]).reshape(N, K), d, _f16(b[..., 2:4]), 0, 4, 32)
-        qh_at = 2 if qtype == Q.Q5_0 else 4
-        codes = _nibbles(b[..., qh_at + 4 : qh_at + 20]) | (_high_bits(b[..., qh_at : qh_at + 4]) << 4)
-        if qtype == Q.Q5_0:
-            return Affine(codes.reshape(N, K), d, None, 16, 5, 32)
-        return Affine(codes.reshape(N, K), d, _f16(b[..., 2:4]), 0, 5, 32)
-    if qtype in (Q.Q4_K, Q.Q5_K):
-        size = 144 if qtype == Q.Q4_K else 176
-        b = blocks.reshape(N, K // 256, size)
-        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
-        sc, mn = _k_scales(b[..., 4:16])
-        qs = b[..., -128:].reshape(N, K // 256, 4, 32)  # 4 chunks of 64 weights: low nibbles, high nibbles
-        codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(N, K // 256, 8, 32)
-        if qtype == Q.Q5_K:
-            qh = b[..., 16:48]  # bit j of qh[l] is the fifth bit of weight l of sub-block j
-            hi = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [N, nb, 8, 32]
-            codes = codes | (hi << 4)
-        return Affine(codes.reshape(N, K), (d * sc).reshape(N, -1), (-dmin * mn).reshape(N, -1), 0, 4 if qtype == Q.Q4_K else 5, 32)
-    if qtype == Q.Q6_K:
-        b = blocks.reshape(N, K // 256, 210)
-        ql = b[..., 0:128].reshape(N, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
-        qh = b[..., 128:192].reshape(N, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
-        codes = (ql & 0x0F).reshape(N, -1, 2, 128) | ((qh & 3).reshape(N, -1, 2, 128) << 4)
-        sc = b[..., 192:208].view(np.int8).astype(np.float32)  # [N, nb, 16], one per 16 weights
-        d = _f16(b[..., 208:210])[..., None]
-        return Affine(codes.reshape(N, K), (d * sc).reshape(N, -1), None, 32, 6, 16)
-    raise ValueError(f"no affine decoding for {qtype.name}")
 
 
 # -- the C kernel --------------------------------------------------------------------------------
@@ -463,7 +378,7 @@ def _compile(so: str) -> None:
 class QLinear:
     """A weight matrix [N, K] in a layout with a fast kernel; `qlinear(x)` computes x @ W.T."""
 
-    backend: str  # "vnni" | "int4" | "bf16" | "f32"
+    backend: str  # "vnni" | "int4" | "bf16" | "f32" | "gguf"
     n: int
     k: int
     tensors: dict[str, torch.Tensor]
@@ -471,6 +386,7 @@ class QLinear:
     group: int = 32
     nibble: bool = False
     bits: int = 8  # bits per code ("vnni": 4-6 → nibbles + a high-bit plane, 8 → bytes)
+    qtype: GGMLQuantizationType | None = None  # "gguf": the type of the raw bytes
 
     @property
     def nbytes(self) -> int:
@@ -479,21 +395,6 @@ class QLinear:
     @property
     def device(self) -> torch.device:
         return next(iter(self.tensors.values())).device
-
-    def to(self, device: torch.device | str) -> "QLinear":
-        """This weight on `device`. Off the CPU the C kernel's layout becomes a bfloat16 matrix
-        (dequantized once): the device-agnostic path, e.g. for a GPU-tier expert."""
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        if self.backend in ("f32", "bf16"):
-            return QLinear(self.backend, self.n, self.k, {"w": self.tensors["w"].to(device)})
-        if device.type == "cpu":
-            raise ValueError(f"a {self.backend} weight lives on the CPU only")
-        if self.backend == "int4":
-            raise ValueError("the int4 layout is CPU-only; repack from the GGUF data for another device")
-        w = dequant_f32(self)[:, : self.k].to(device=device, dtype=torch.bfloat16)
-        return QLinear("bf16", self.n, self.k, {"w": w})
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] float32 → [T, N] float32."""
@@ -504,6 +405,8 @@ class QLinear:
         if self.backend == "int4":
             t = self.tensors
             return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), t["w"], 32, t["sz"]).float()
+        if self.backend == "gguf":
+            return F.linear(x.float(), dequantize(self.tensors["raw"], self.qtype, (self.n, self.k)))
         return _vnni_matmul(self, x)
 
 
@@ -589,9 +492,11 @@ def _vnni_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
 
 def choose_backend(qtype: GGMLQuantizationType, device: torch.device, prefer: str | None = None) -> str:
     """The backend for a weight of `qtype` on `device` (see the module docstring)."""
+    if device.type != "cpu":
+        return "gguf"
     if qtype == Q.F32:
         return "f32"
-    if qtype in DENSE_TYPES or device.type != "cpu":
+    if qtype in FLOAT_TYPES:
         return "bf16"
     if prefer is not None:
         return prefer
@@ -607,10 +512,11 @@ def repack(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int],
     device = torch.device(device)
     N, K = shape
     backend = backend or choose_backend(qtype, device)
+    if backend == "gguf":
+        return QLinear("gguf", N, K, {"raw": raw_bytes(raw, N).to(device)}, qtype=qtype)
     if backend in ("f32", "bf16"):
         dtype = torch.float32 if backend == "f32" else torch.bfloat16
-        w = torch.from_numpy(np.array(dequantize(raw, qtype, shape), dtype=np.float32, order="C")).to(device=device, dtype=dtype)
-        return QLinear(backend, N, K, {"w": w})
+        return QLinear(backend, N, K, {"w": dequantize(raw, qtype, shape).to(device=device, dtype=dtype)})
     if qtype not in BLOCK_TYPES:
         raise ValueError(f"backend {backend} needs a block-quantized type, not {qtype.name}")
     a = decode(raw, qtype, shape)
@@ -627,22 +533,23 @@ RawMatrix = tuple[np.ndarray, GGMLQuantizationType, tuple[int, int]]  # (GGUF da
 def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLinear:
     """Stack matrices with the same columns into one QLinear (one matmul for, e.g., gate and up).
     The same quant type: the raw rows are concatenated and repacked. Mixed types (no llama.cpp
-    mix does this for gate/up): dequantized into one bfloat16 matrix."""
+    mix does this for gate/up; callers check): dequantized into one bfloat16 matrix."""
     cols = {shape[1] for _, _, shape in mats}
     if len(cols) != 1:
         raise ValueError("fused matrices must have the same number of columns")
     rows = sum(shape[0] for _, _, shape in mats)
     qtypes = {qtype for _, qtype, _ in mats}
     if len(qtypes) == 1:
-        raw = np.concatenate([np.asarray(data).reshape(shape[0], -1) for data, _, shape in mats])
+        raw = torch.cat([raw_bytes(data, shape[0]) for data, _, shape in mats])
         return repack(raw, qtypes.pop(), (rows, cols.pop()), device)
-    w = np.concatenate([dequantize(*m) for m in mats])
-    return QLinear("bf16", rows, cols.pop(), {"w": torch.from_numpy(w).to(device=device, dtype=torch.bfloat16)})
+    w = torch.cat([dequantize(*m) for m in mats])
+    return QLinear("bf16", rows, cols.pop(), {"w": w.to(device=device, dtype=torch.bfloat16)})
 
 
 def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:
     kp = -(-K // CHUNK) * CHUNK
-    codes, scale, zero = a.codes, a.scale, a.zero
+    codes, scale = a.codes.numpy(), a.scale.numpy()
+    zero = a.zero.numpy() if a.zero is not None else None
     if kp != K:  # padding columns: code 0, scale 0, zero 0 → contribute nothing
         codes = np.pad(codes, ((0, 0), (0, kp - K)))
         pad_g = (kp - K) // a.group
@@ -680,6 +587,6 @@ def _pack_int4(a: Affine, N: int, K: int) -> QLinear:
         raise ValueError("the int4 backend takes 4-bit codes in groups of 32")
     zero = a.zero if a.zero is not None else -a.offset * a.scale
     zero = zero + 8 * a.scale
-    sz = torch.from_numpy(np.stack([a.scale, zero], axis=-1)).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
-    w = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(a.codes.astype(np.int32)), 1)
+    sz = torch.stack([a.scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
+    w = torch._convert_weight_to_int4pack_for_cpu(a.codes.to(torch.int32), 1)
     return QLinear("int4", N, K, {"w": w, "sz": sz})

@@ -28,7 +28,7 @@ from . import names
 from .experts import ExpertWeights, pack_ffn, swiglu_expert
 from .gguf_file import GGUFModel, ModelSpec, TensorView
 from .kernels import QLinear, fuse_rows, repack
-from .quants import dequantize, to_torch
+from .gguf_blocks import dequantize, to_torch
 
 
 class ExpertFn(Protocol):
@@ -160,7 +160,7 @@ class MoEModel:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantize only the embedding rows needed: ids [T] → [T, D]."""
         rows = self.embd.data[ids.cpu().numpy()]
-        return torch.from_numpy(np.ascontiguousarray(dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)))).to(self.device)
+        return dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)).to(self.device)
 
     def rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pos [T] → (cos, sin) [T, 1, n_rot/2] float32; the last call's tables are reused (every

@@ -17,6 +17,7 @@ from .bundled import demo_model_path
 from .errors import LocalMoEError
 from .cache_policies import ONLINE_POLICIES
 from .experts import ExpertExecutor, ExpertStore
+from .gpu_tier import DeviceTier
 from .miss_policies import MISS_POLICIES
 from .profiles import get_profile
 from .scheduler import ExpertScheduler, ResidencyConfig
@@ -99,11 +100,13 @@ class Runtime:
         self.n_ctx = min(int(n_ctx), self.spec.ctx_train)
         self.tokenizer = Tokenizer(self.path, self.gguf.meta(names.CHAT_TEMPLATE))
         self._stats = StatsCollector(self.spec.n_layer, self.spec.n_expert)
-        self.store = ExpertStore(self.gguf, self.device, DEFAULT_HOST_CACHE)
+        # The CPU's copy of the experts (repacked for the CPU kernels). On CUDA the GPU tier is a
+        # DeviceTier holding experts in their GGUF bytes, and every run goes through the scheduler.
+        self.store = ExpertStore(self.gguf, torch.device("cpu"), DEFAULT_HOST_CACHE)
         self.scheduler: ExpertScheduler | None = None
         self.model = MoEModel(self.gguf, ExpertExecutor(self.store, self._stats), self.device)
         cpu_layers = _static_cpu_layers(n_cpu_moe, cpu_moe, self.spec.n_layer)
-        if self.gpu_budget is not None or profile is not None or trace is not None or cpu_layers is not None:
+        if self.device.type == "cuda" or self.gpu_budget is not None or profile is not None or trace is not None or cpu_layers is not None:
             self._start_scheduler(cpu_layers)
         if trace is not None:
             self.scheduler.trace = TraceRecorder(trace, self.spec.name, self.spec.n_layer, self.spec.n_expert, self.spec.n_expert_used, self.scheduler.bytes_per_expert)
@@ -126,13 +129,12 @@ class Runtime:
         return self.gpu_budget - dense
 
     def _start_scheduler(self, cpu_layers: frozenset[int] | None = None) -> None:
-        if self.device.type == "cuda":
-            raise LocalMoEError("the measured CUDA GPU tier is not implemented yet; run with --device cpu to use the modelled GPU tier")
-        profile = get_profile(self.profile or "laptop-8gb")
-        config = ResidencyConfig(self._expert_budget(cpu_layers), self.policy, self.on_miss, self.prefetch, cpu_layers, tuple(sorted(self.miss_options.items())))
+        profile = get_profile(self.profile or ("desktop-24gb" if self.device.type == "cuda" else "laptop-8gb"))
+        config = ResidencyConfig(self._expert_budget(cpu_layers), self.policy, self.on_miss, self.prefetch, cpu_layers, tuple(sorted(self.miss_options.items())), all_resident=self.gpu_budget is None)
         table = self._buddy_table()
+        tier = DeviceTier(self.gguf, self.device) if self.device.type == "cuda" else None
         try:
-            self.scheduler = ExpertScheduler(self.store, self._stats, config, profile)
+            self.scheduler = ExpertScheduler(self.store, self._stats, config, profile, tier)
         except TypeError as exc:  # a miss option the policy does not take
             raise LocalMoEError(f"bad option for miss policy '{self.on_miss}': {exc}") from None
         self.scheduler.buddy_table = table
@@ -155,7 +157,11 @@ class Runtime:
 
     def _clock(self) -> float:
         """Seconds on the runtime's clock: modelled when a scheduler models the hardware."""
-        return self.scheduler.elapsed() if self.scheduler is not None else time.perf_counter()
+        if self.scheduler is not None and not self.scheduler.measured:
+            return self.scheduler.elapsed()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # -- tokens -----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -269,7 +275,7 @@ class Runtime:
                     cpu_layers = self.scheduler.config.cpu_layers
                     table = self._buddy_table()
                     params = tuple(sorted(self.miss_options.items())) if self.on_miss == old[1] else ()
-                    self.scheduler.reconfigure(policy=self.policy, on_miss=self.on_miss, prefetch=self.prefetch, expert_budget=self._expert_budget(cpu_layers), miss_params=params)
+                    self.scheduler.reconfigure(policy=self.policy, on_miss=self.on_miss, prefetch=self.prefetch, expert_budget=self._expert_budget(cpu_layers), miss_params=params, all_resident=self.gpu_budget is None)
                     self.scheduler.buddy_table = table
             except LocalMoEError:
                 self.policy, self.on_miss, self.prefetch, self.gpu_budget = old

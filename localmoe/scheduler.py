@@ -14,6 +14,8 @@ Numerics never depend on residency: every path computes with the same expert wei
 and `cpu` give exactly the all-resident logits; only `drop` (and substitution policies) change them.
 
 Without CUDA the "GPU tier" is the CPU device and the timeline of a HardwareProfile gives time.
+On CUDA a `DeviceTier` holds the resident experts in GPU memory and does the copies (a side stream,
+pinned staging); the timeline still runs beside it, and the wall clock is the reported one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 from .cache_policies import Key, ReuseDistance, Tick, make_policy
 from .errors import LocalMoEError
 from .expert_cache import ExpertCache
-from .experts import ExpertStore, swiglu_expert
+from .experts import ExpertStore, ExpertWeights, swiglu_expert
+from .gpu_tier import DeviceTier
 from .miss_policies import CPU, FETCH, StaticPlacement, make_miss_policy
 from .profiles import HardwareProfile, Timeline
 from .stats import StatsCollector
@@ -44,11 +47,13 @@ class ResidencyConfig:
     prefetch: bool = True
     cpu_layers: frozenset[int] | None = None  # static placement (--n-cpu-moe): these layers' experts stay on the CPU, nothing moves
     miss_params: tuple[tuple[str, object], ...] = ()  # keyword parameters of the miss policy (thresholds, fallback)
+    all_resident: bool = False  # no budget: every expert resident from the start
 
 
 class ExpertScheduler:
-    def __init__(self, store: ExpertStore, stats: StatsCollector, config: ResidencyConfig, profile: HardwareProfile):
+    def __init__(self, store: ExpertStore, stats: StatsCollector, config: ResidencyConfig, profile: HardwareProfile, tier: DeviceTier | None = None):
         model = store.model
+        self.tier = tier  # the physical GPU tier (CUDA); None: the GPU tier is modelled on the CPU device
         spec = model.spec
         self.store, self.stats, self.spec, self.profile = store, stats, spec, profile
         self.config = config
@@ -75,17 +80,25 @@ class ExpertScheduler:
         self.policy = make_policy(config.policy, self.n_layer, self.n_expert, top_k=self.top_k)
         self.miss_policy = StaticPlacement() if config.cpu_layers is not None else make_miss_policy(config.on_miss, **dict(config.miss_params))
         self.cache = ExpertCache(config.expert_budget, self.bytes_per_expert, self.policy)
-        if config.cpu_layers is not None:  # static placement: every expert of the GPU layers, fixed
-            tick = Tick(0, 0)
-            for layer in range(self.n_layer):
-                if layer in config.cpu_layers:
-                    continue
-                for e in range(self.n_expert):
-                    if self.cache.admit((layer, e), tick) is None:
-                        need = sum(self.bytes_per_expert[layer] * self.n_expert for layer in range(self.n_layer) if layer not in config.cpu_layers)
-                        raise LocalMoEError(f"static placement needs {need / 2**30:.2f} GiB of GPU memory for the experts it keeps on the GPU; raise --gpu-mem or move more layers to the CPU with --n-cpu-moe")
+        if self.tier is not None:
+            self.tier.clear()
+        if config.cpu_layers is not None or config.all_resident:  # static placement: every expert of the GPU layers, fixed
+            cpu_layers = config.cpu_layers or frozenset()
+            self.preload([(layer, e) for layer in range(self.n_layer) if layer not in cpu_layers for e in range(self.n_expert)])
         self._arrival.clear()
         self._prefetched.clear()
+        self._publish()
+
+    def preload(self, keys: list[Key]) -> None:
+        """Make `keys` resident before the first token (static placement; every expert without a budget).
+        An expert that does not fit is an error: these placements promise residency."""
+        tick = Tick(0, 0)
+        for key in keys:
+            if self.cache.admit(key, tick) is None:
+                need = sum(self.bytes_per_expert[layer] for layer, _ in keys)
+                raise LocalMoEError(f"this placement needs {need / 2**30:.2f} GiB of GPU memory for the experts it keeps on the GPU; raise --gpu-mem or move more layers to the CPU with --n-cpu-moe")
+            if self.tier is not None:
+                self.tier.upload(key)
         self._publish()
 
     def reconfigure(self, **changes) -> None:
@@ -100,8 +113,13 @@ class ExpertScheduler:
         self.model = model
 
     @property
+    def measured(self) -> bool:
+        """True on a real GPU tier: the wall clock is the one to report."""
+        return self.tier is not None and self.tier.cuda
+
+    @property
     def clock(self) -> str:
-        return f"modelled:{self.profile.name}"
+        return "measured" if self.measured else f"modelled:{self.profile.name}"
 
     def elapsed(self) -> float:
         return self.timeline.now
@@ -126,6 +144,7 @@ class ExpertScheduler:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; ids, weights [T, k] → [T, D]."""
         T = x.shape[0]
+        ids, weights = ids.cpu(), weights.cpu()  # decisions are made on the host (one readback per layer)
         tick = Tick(self.token, layer)
         p, tl, st = self.profile, self.timeline, self.stats
         predicted = self._predicted.pop(layer, None)
@@ -165,7 +184,6 @@ class ExpertScheduler:
 
         # 3./4./5. run the experts: GPU tier, link and CPU, each charged to the timeline
         cpu_end = routed
-        out = torch.zeros_like(x)
         rows_of = {}
         flat = ids.reshape(-1)
         token_of = torch.arange(T).repeat_interleave(ids.shape[1])
@@ -175,6 +193,7 @@ class ExpertScheduler:
                 continue
             sel = (flat == e).nonzero().squeeze(1)
             rows_of[e] = (token_of[sel], flat_w[sel])
+        on_cpu: set[int] = set()
         for e, (tok, w) in rows_of.items():
             key = (layer, e)
             nbytes, flops = self.bytes_per_expert[layer], self.flops_per_row * len(tok)
@@ -190,11 +209,12 @@ class ExpertScheduler:
             if action == CPU:
                 cpu_end = tl.run_cpu(p.cpu_seconds(nbytes, flops), ready=routed + p.pcie_latency_s)
                 st.add(layer, cpu_experts=len(tok))
-                self._background_upload(key, tick, protected, routed)
+                on_cpu.add(e)
             else:
                 tl.run_gpu(p.gpu_seconds(nbytes, flops), ready=max(routed, self._arrival.pop(key, 0.0)))
-            y = swiglu_expert(self.store.weights(layer, e), x[tok])
-            out.index_add_(0, tok, y * w.unsqueeze(1))
+        out = self._run_experts(layer, x, rows_of, on_cpu)
+        for e in on_cpu:  # worth having for later tokens, if the link is idle
+            self._background_upload((layer, e), tick, protected, routed)
         tl.now = max(tl.gpu, cpu_end + p.pcie_latency_s)
 
         # 6. prefetch the next layer's predicted experts, overlapping this layer's compute
@@ -213,6 +233,31 @@ class ExpertScheduler:
             self.token += T
         self._publish()
         return out
+
+    def _run_experts(self, layer: int, x: torch.Tensor, rows_of: dict[int, tuple[torch.Tensor, torch.Tensor]], on_cpu: set[int]) -> torch.Tensor:
+        """Σ over experts of weight · expert(x rows), x [T, D] → [T, D]. The GPU tier's experts are
+        issued first (asynchronous on CUDA), then the CPU computes its share from the quantized
+        weights while the GPU works (Fiddler); the sum runs in expert order whatever ran where, so
+        placement never changes a bit on one device."""
+        ys: dict[int, torch.Tensor] = {}
+        x_host = x.cpu() if on_cpu else None  # x is ready: routing already synchronised
+        for e, (tok, w) in rows_of.items():
+            if e not in on_cpu:
+                ys[e] = swiglu_expert(self._gpu_weights((layer, e)), x[tok.to(x.device)]) * w.to(x.device).unsqueeze(1)
+        for e in on_cpu:
+            tok, w = rows_of[e]
+            ys[e] = (swiglu_expert(self.store.weights(layer, e), x_host[tok]) * w.unsqueeze(1)).to(x.device)
+        out = torch.zeros_like(x)
+        for e in sorted(ys):
+            out.index_add_(0, rows_of[e][0].to(x.device), ys[e])
+        return out
+
+    def _gpu_weights(self, key: Key) -> ExpertWeights:
+        """The weights a GPU-tier computation reads: the resident buffer, or a one-use copy of an
+        expert that was fetched without being admitted."""
+        if self.tier is None:
+            return self.store.weights(*key)  # modelled tier: the GPU is the CPU device
+        return self.tier.weights(key) if key in self.tier.buffers else self.tier.streamed(key)
 
     def _still_arriving(self, key: Key, routed: float, nbytes: int, flops: float) -> bool:
         """A resident expert whose (pre)fetch copy is still on the link: with CPU co-execution on,
@@ -239,6 +284,10 @@ class ExpertScheduler:
         for k in evicted:
             self._arrival.pop(k, None)
             self._prefetched.discard(k)
+            if self.tier is not None:
+                self.tier.evict(k)
+        if self.tier is not None:
+            self.tier.upload(key)
         self._arrival[key] = self.timeline.copy(self.profile.copy_seconds(nbytes), ready=ready)
         self.stats.add(key[0], bytes_to_gpu=nbytes)
         return True
@@ -246,7 +295,7 @@ class ExpertScheduler:
     def _background_upload(self, key: Key, tick: Tick, protected: list[Key], ready: float) -> None:
         """After a CPU-computed miss, upload the expert for later tokens — only when the link is
         idle, so background uploads never queue up behind each other (rate limit)."""
-        if self.config.cpu_layers is None and self.timeline.link <= ready:
+        if self.config.cpu_layers is None and key not in self.cache and self.timeline.link <= ready:
             self._load(key, tick, protected, ready)
 
     def _publish(self) -> None:
@@ -254,3 +303,5 @@ class ExpertScheduler:
 
     def check(self) -> None:
         self.cache.check()
+        if self.tier is not None:
+            self.tier.check(set(self.cache.resident))

@@ -14,7 +14,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from localmoe import kernels
-from localmoe.kernels import decode, fuse_rows, repack
+from localmoe import gguf_blocks
+from localmoe.gguf_blocks import decode
+from localmoe.kernels import fuse_rows, repack
 
 # (weights per block, bytes per block, byte offsets of float16 scale fields)
 BLOCKS = {
@@ -58,10 +60,10 @@ def reference(raw: np.ndarray, qtype: Q, n: int, k: int) -> np.ndarray:
 
 def backends_for(qtype: Q) -> list[str]:
     if qtype == Q.F32:
-        return ["f32"]
+        return ["f32", "gguf"]
     if qtype in FLOATS:
-        return ["bf16"]
-    out = ["bf16"]
+        return ["bf16", "gguf"]
+    out = ["bf16", "gguf"]
     if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K):
         out.append("int4")
     if kernels.native_lib() is not None:
@@ -77,7 +79,18 @@ def rel_err(y: torch.Tensor, ref: np.ndarray) -> float:
 def test_decode_is_exact(qtype):
     rng = np.random.default_rng(1)
     raw = random_blocks(qtype, 8, 512, rng)
-    np.testing.assert_array_equal(decode(raw, qtype, (8, 512)).dequantize(), reference(raw, qtype, 8, 512))
+    np.testing.assert_array_equal(decode(raw, qtype, (8, 512)).dequantize().numpy(), reference(raw, qtype, 8, 512))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_torch_dequantize_is_bit_exact(qtype):
+    """The dequantizer every GPU-tier matmul runs (gguf_blocks.dequantize) equals gguf's reference."""
+    rng = np.random.default_rng(3)
+    raw = random_matrix(qtype, 8, 512, rng)
+    got = gguf_blocks.dequantize(raw, qtype, (8, 512))
+    assert got.dtype == torch.float32 and got.shape == (8, 512)
+    np.testing.assert_array_equal(got.numpy(), reference(raw, qtype, 8, 512).astype(np.float32))
+    assert gguf_blocks.raw_bytes(raw, 8).shape == (8, gguf_blocks.row_bytes(qtype, 512))
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
@@ -93,7 +106,7 @@ def test_every_layout_matches_the_dequantized_matmul(qtype, rows):
         assert w.backend == backend
         y = w(x)
         assert y.shape == (rows, n) and y.dtype == torch.float32
-        tol = 1e-5 if backend == "f32" else 1e-2
+        tol = 1e-5 if backend in ("f32", "gguf") else 1e-2
         assert rel_err(y, ref) <= tol, f"{qtype.name} {backend}: rel {rel_err(y, ref):.2e}"
 
 
@@ -134,7 +147,8 @@ def test_default_backend_per_type():
     assert kernels.choose_backend(Q.F16, cpu) == "bf16"
     fast = "vnni" if kernels.native_lib() is not None else "int4"
     assert kernels.choose_backend(Q.Q4_K, cpu) == fast
-    assert kernels.choose_backend(Q.Q4_K, torch.device("cuda")) == "bf16"  # device-agnostic path
+    for qtype in (Q.F32, Q.F16, Q.Q4_K, Q.Q6_K):  # off the CPU: the file's bytes, dequantized per call
+        assert kernels.choose_backend(qtype, torch.device("cuda")) == "gguf"
 
 
 def test_model_runs_on_the_torch_fallback_kernels(make_model, tmp_path):

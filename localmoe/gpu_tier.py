@@ -1,0 +1,145 @@
+"""The GPU tier in real device memory (CUDA): where resident experts physically live.
+
+The scheduler decides what is resident (ExpertCache does the accounting); this class does the
+moving. Each resident expert is one device buffer holding its GGUF bytes exactly as in the file —
+gate rows, up rows, down rows, back to back — so the tier's memory is the accounting's bytes, and
+a matmul dequantizes on the fly (kernels.QLinear, backend "gguf"). An upload copies the three
+row ranges out of the memory-mapped file into a pinned staging buffer, then one host-to-device
+copy on a side stream moves the whole expert; an event marks its arrival, and compute that needs
+the expert waits on that event on the GPU (the host never blocks on a copy it does not need).
+
+On a CPU device (tests, and the modelled tier's numerics) the same code runs with plain tensors,
+no streams and no events, so its bookkeeping is tested everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import names
+from .errors import LocalMoEError
+from .experts import ExpertWeights
+from .gguf_file import GGUFModel
+from .kernels import QLinear
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where gate, up and down sit in an expert's buffer (bytes), and their types and shapes."""
+
+    parts: tuple[tuple[int, int, object, tuple[int, int]], ...]  # (start, end, qtype, [rows, cols]) per part
+    nbytes: int
+
+
+class DeviceTier:
+    def __init__(self, model: GGUFModel, device: torch.device, n_staging: int = 4):
+        self.model = model
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.layouts = [self._layout(layer) for layer in range(model.spec.n_layer)]
+        self.buffers: dict[Key, torch.Tensor] = {}  # resident experts: uint8 [nbytes] on the device
+        self.ready: dict[Key, torch.cuda.Event] = {}  # CUDA: the copy that filled the buffer
+        self.bytes_in_use = 0
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        # a ring of pinned staging buffers, each with the event of the last copy that read it
+        size = max(layout.nbytes for layout in self.layouts)
+        self._staging = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(n_staging)]
+        self._staging_done: list[torch.cuda.Event | None] = [None] * n_staging
+        self._next = 0
+        self.copies = 0
+        self.copied_bytes = 0
+
+    def _layout(self, layer: int) -> ExpertLayout:
+        parts, at = [], 0
+        for part in names.EXPERT_PARTS:
+            raw, qtype, shape = self.model.expert_raw(layer, 0, part)
+            n = raw.nbytes
+            parts.append((at, at + n, qtype, tuple(shape)))
+            at += n
+        if parts[0][2] != parts[1][2]:
+            raise LocalMoEError(f"layer {layer}: gate and up experts have different quant types ({parts[0][2].name}, {parts[1][2].name}); the GPU tier needs them alike")
+        return ExpertLayout(tuple(parts), at)
+
+    # -- moving ---------------------------------------------------------------------------------------
+    def upload(self, key: Key) -> None:
+        """Start copying expert `key` into a new device buffer (asynchronous on CUDA)."""
+        if key in self.buffers:
+            return
+        buf, event = self._copy_in(key)
+        self.buffers[key] = buf
+        self.bytes_in_use += buf.numel()
+        if event is not None:
+            self.ready[key] = event
+
+    def evict(self, key: Key) -> None:
+        buf = self.buffers.pop(key, None)
+        if buf is not None:
+            self.bytes_in_use -= buf.numel()
+        self.ready.pop(key, None)
+
+    def clear(self) -> None:
+        for key in list(self.buffers):
+            self.evict(key)
+
+    def weights(self, key: Key) -> ExpertWeights:
+        """A resident expert's matrices as views of its buffer; compute issued after this call waits
+        (on the GPU) for the expert's copy."""
+        self._wait(self.ready.pop(key, None))
+        return self._views(key[0], self.buffers[key])
+
+    def streamed(self, key: Key) -> ExpertWeights:
+        """An expert that is not admitted (a fetch beyond the budget, or llama.cpp's batch copy of a
+        CPU-layer expert): copied into a scratch buffer that lives only as long as its use."""
+        buf, event = self._copy_in(key)
+        self._wait(event)
+        return self._views(key[0], buf)
+
+    def _wait(self, event: "torch.cuda.Event | None") -> None:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def _copy_in(self, key: Key) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """Gate, up and down rows of `key` from the mapped file → staging → a new device buffer."""
+        layer, expert = key
+        layout = self.layouts[layer]
+        slot = self._next
+        self._next = (slot + 1) % len(self._staging)
+        if self._staging_done[slot] is not None:
+            self._staging_done[slot].synchronize()  # the last copy out of this staging buffer is over
+        staging = self._staging[slot][: layout.nbytes]
+        host = staging.numpy()
+        for (start, end, _, _), part in zip(layout.parts, names.EXPERT_PARTS):
+            raw, _, _ = self.model.expert_raw(layer, expert, part)
+            host[start:end] = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+        self.copies += 1
+        self.copied_bytes += layout.nbytes
+        if not self.cuda:
+            return staging.to(self.device, copy=True), None
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.copy_stream):
+            buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+            buf.copy_(staging, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        # allocated on the copy stream, read on the compute stream: the allocator must not reuse it
+        # for a later copy until the compute stream's work queued so far is done
+        buf.record_stream(compute)
+        self._staging_done[slot] = event
+        return buf, event
+
+    def _views(self, layer: int, buf: torch.Tensor) -> ExpertWeights:
+        (g0, _, qtype, (n_ff, d)), (_, u1, _, _), (d0, d1, dq, (dn, dk)) = self.layouts[layer].parts
+        gate_up = QLinear("gguf", 2 * n_ff, d, {"raw": buf[g0:u1].view(2 * n_ff, -1)}, qtype=qtype)
+        down = QLinear("gguf", dn, dk, {"raw": buf[d0:d1].view(dn, -1)}, qtype=dq)
+        return ExpertWeights(gate_up, down)
+
+    def check(self, resident: set[Key]) -> None:
+        """The buffers are exactly the accounting's resident set, and their bytes its bytes (tests)."""
+        assert set(self.buffers) == resident, (sorted(set(self.buffers) ^ resident))
+        assert self.bytes_in_use == sum(b.numel() for b in self.buffers.values())
+
