@@ -32,10 +32,6 @@ class ExpertWeights:
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
 
-    def to(self, device: torch.device | str) -> "ExpertWeights":
-        """A copy on `device` (bfloat16 off the CPU; see QLinear.to)."""
-        return ExpertWeights(self.gate_up.to(device), self.down.to(device))
-
 
 def pack_ffn(gate: RawMatrix, up: RawMatrix, down: RawMatrix, device: torch.device) -> ExpertWeights:
     """Repack one FFN's three GGUF matrices (raw data, quant type, [rows, cols]) once."""

@@ -81,8 +81,13 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def _bits(qh: torch.Tensor) -> torch.Tensor:
     """[..., n] bytes → [..., 8n] bits as uint8, little-endian (bit b of byte i is element 8i + b)."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
-    return ((qh[..., :, None] >> shifts) & 1).flatten(-2)
+    return ((qh[..., :, None] >> _shifts(0, 8, 1, qh.device)) & 1).flatten(-2)
+
+
+def _shifts(start: int, end: int, step: int, device: torch.device) -> torch.Tensor:
+    """Bit-shift amounts as uint8, made on `device` (arange is a kernel there: no host-to-device copy
+    that would synchronise a CUDA stream)."""
+    return torch.arange(start, end, step, dtype=torch.uint8, device=device)
 
 
 def _k_scales(sc12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,17 +123,15 @@ def decode(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, shape: t
         d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]  # [N, nb, 1]
         sc, mn = _k_scales(b[..., 4:16])  # [N, nb, 8] each
         qs = b[..., -128:].reshape(N, K // 256, 4, 1, 32)  # 4 chunks of 64 weights: low nibbles, then high
-        shifts = torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(2, 1)
-        codes = ((qs >> shifts) & 0x0F).reshape(N, K // 256, 8, 32)  # sub-block j = chunk j // 2, half j % 2
+        codes = ((qs >> _shifts(0, 8, 4, b.device).view(2, 1)) & 0x0F).reshape(N, K // 256, 8, 32)  # sub-block j = chunk j // 2, half j % 2
         if qtype == Q.Q5_K:
             qh = b[..., 16:48]  # bit j of qh[l] is the fifth bit of weight l of sub-block j
-            hi = (qh[..., None, :] >> torch.arange(8, dtype=torch.uint8, device=b.device)[:, None]) & 1  # [N, nb, 8, 32]
+            hi = (qh[..., None, :] >> _shifts(0, 8, 1, b.device)[:, None]) & 1  # [N, nb, 8, 32]
             codes = codes | (hi << 4)
         return Affine(codes.reshape(N, K), (d * sc).reshape(N, -1), (-dmin * mn).reshape(N, -1), 0, 4 if qtype == Q.Q4_K else 5, 32)
     # Q6_K: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 sub-scales, a float16 scale
-    dev = b.device
-    ql = b[..., 0:128].reshape(N, -1, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev).view(2, 1)
-    qh = b[..., 128:192].reshape(N, -1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev).view(4, 1)
+    ql = b[..., 0:128].reshape(N, -1, 2, 1, 64) >> _shifts(0, 8, 4, b.device).view(2, 1)
+    qh = b[..., 128:192].reshape(N, -1, 2, 1, 32) >> _shifts(0, 8, 2, b.device).view(4, 1)
     codes = (ql & 0x0F).reshape(N, -1, 2, 128) | ((qh & 3).reshape(N, -1, 2, 128) << 4)
     sc = b[..., 192:208].contiguous().view(torch.int8).float()  # [N, nb, 16], one per 16 weights
     d = _f16(b[..., 208:210])[..., None]

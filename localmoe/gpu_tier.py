@@ -37,7 +37,7 @@ class ExpertLayout:
 
 
 class DeviceTier:
-    def __init__(self, model: GGUFModel, device: torch.device, n_staging: int = 4):
+    def __init__(self, model: GGUFModel, device: torch.device, n_staging: int | None = None):
         self.model = model
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -46,7 +46,9 @@ class DeviceTier:
         self.ready: dict[Key, torch.cuda.Event] = {}  # CUDA: the copy that filled the buffer
         self.bytes_in_use = 0
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        # a ring of pinned staging buffers, each with the event of the last copy that read it
+        # a ring of pinned staging buffers, each with the event of the last copy that read it; room for
+        # two layers' worth of routed experts in flight before the host waits for a copy to finish
+        n_staging = n_staging or max(4, 2 * model.spec.n_expert_used)
         size = max(layout.nbytes for layout in self.layouts)
         self._staging = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(n_staging)]
         self._staging_done: list[torch.cuda.Event | None] = [None] * n_staging
@@ -89,19 +91,25 @@ class DeviceTier:
     def weights(self, key: Key) -> ExpertWeights:
         """A resident expert's matrices as views of its buffer; compute issued after this call waits
         (on the GPU) for the expert's copy."""
-        self._wait(self.ready.pop(key, None))
-        return self._views(key[0], self.buffers[key])
+        buf = self.buffers[key]
+        self._wait(self.ready.pop(key, None), buf)
+        return self._views(key[0], buf)
 
     def streamed(self, key: Key) -> ExpertWeights:
         """An expert that is not admitted (a fetch beyond the budget, or llama.cpp's batch copy of a
         CPU-layer expert): copied into a scratch buffer that lives only as long as its use."""
         buf, event = self._copy_in(key)
-        self._wait(event)
+        self._wait(event, buf)
         return self._views(key[0], buf)
 
-    def _wait(self, event: "torch.cuda.Event | None") -> None:
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+    def _wait(self, event: "torch.cuda.Event | None", buf: torch.Tensor) -> None:
+        """Make the current stream wait for the copy into `buf`, and tell the allocator that stream
+        reads `buf` (so an evicted buffer's memory is not reused before those reads are done)."""
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            if event is not None:
+                stream.wait_event(event)
+            buf.record_stream(stream)
 
     def _copy_in(self, key: Key) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
         """Gate, up and down rows of `key` from the mapped file → staging → a new device buffer."""
@@ -120,15 +128,11 @@ class DeviceTier:
         self.copied_bytes += layout.nbytes
         if not self.cuda:
             return staging.to(self.device, copy=True), None
-        compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.copy_stream):
             buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
             buf.copy_(staging, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
-        # allocated on the copy stream, read on the compute stream: the allocator must not reuse it
-        # for a later copy until the compute stream's work queued so far is done
-        buf.record_stream(compute)
         self._staging_done[slot] = event
         return buf, event
 

@@ -406,8 +406,24 @@ class QLinear:
             t = self.tensors
             return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), t["w"], 32, t["sz"]).float()
         if self.backend == "gguf":
-            return F.linear(x.float(), dequantize(self.tensors["raw"], self.qtype, (self.n, self.k)))
+            return _gguf_matmul(self, x.float())
         return _vnni_matmul(self, x)
+
+
+GGUF_CHUNK_WEIGHTS = 1 << 24  # "gguf" backend: weights dequantized at once (64 MB of float32 scratch)
+
+
+def _gguf_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ W.T from the raw GGUF bytes, dequantized a slice of rows at a time so the scratch
+    stays bounded (an output head of 150k × 2048 would need 1.2 GB at once)."""
+    raw, rows = w.tensors["raw"], max(1, GGUF_CHUNK_WEIGHTS // w.k)
+    if rows >= w.n:
+        return F.linear(x, dequantize(raw, w.qtype, (w.n, w.k)))
+    out = torch.empty(x.shape[0], w.n, dtype=torch.float32, device=x.device)
+    for r0 in range(0, w.n, rows):
+        r1 = min(r0 + rows, w.n)
+        out[:, r0:r1] = F.linear(x, dequantize(raw[r0:r1], w.qtype, (r1 - r0, w.k)))
+    return out
 
 
 def _high(w: QLinear) -> tuple[int | None, int]:

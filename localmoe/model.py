@@ -167,7 +167,7 @@ class MoEModel:
         layer of a forward pass rotates the same positions)."""
         key = (pos.shape[0], int(pos[0]) if pos.numel() else 0, pos.device)
         if getattr(self, "_rope_key", None) != key:
-            theta = (pos.to(torch.float64) * self.spec.rope_freq_scale)[:, None] * self.inv_freq[None, :]  # [T, n_rot/2]
+            theta = (pos.to(torch.float64) * self.spec.rope_freq_scale)[:, None] * self.inv_freq.to(pos.device)[None, :]  # [T, n_rot/2]
             self._rope_tables = (torch.cos(theta).float()[:, None, :], torch.sin(theta).float()[:, None, :])
             self._rope_key = key
         return self._rope_tables

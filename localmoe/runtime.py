@@ -122,11 +122,24 @@ class Runtime:
         dense = self.gguf.dense_bytes()
         per_layer = [self.gguf.expert_bytes(layer) * self.spec.n_expert for layer in range(self.spec.n_layer)]
         if self.gpu_budget is None:  # no budget: room for every expert (or for the GPU layers' ones)
-            return sum(b for layer, b in enumerate(per_layer) if cpu_layers is None or layer not in cpu_layers)
+            need = sum(b for layer, b in enumerate(per_layer) if cpu_layers is None or layer not in cpu_layers)
+            self._check_device_room(need, "every expert")
+            return need
         smallest = min(self.gguf.expert_bytes(layer) for layer in range(self.spec.n_layer))
         if self.gpu_budget < dense + smallest:
             raise LocalMoEError(f"--gpu-mem {_fmt_bytes(self.gpu_budget)} does not hold the dense weights ({_fmt_bytes(dense)}) plus one expert; give at least {_fmt_bytes(dense + smallest)} (all experts: {_fmt_bytes(dense + sum(per_layer))})")
+        self._check_device_room(self.gpu_budget - dense, f"--gpu-mem {_fmt_bytes(self.gpu_budget)}")
         return self.gpu_budget - dense
+
+    def _check_device_room(self, expert_bytes: int, what: str) -> None:
+        """On CUDA, refuse an expert tier that cannot fit in the GPU's free memory (the dense weights
+        are already placed), keeping 512 MiB for activations, the KV cache and dequantization scratch."""
+        if self.device.type != "cuda" or self.scheduler is not None:
+            return
+        free, _ = torch.cuda.mem_get_info(self.device)
+        room = free - (512 << 20)
+        if expert_bytes > room:
+            raise LocalMoEError(f"{what} needs {_fmt_bytes(expert_bytes)} of GPU memory for experts but only {_fmt_bytes(max(room, 0))} is free after the dense weights; give a smaller budget, e.g. --gpu-mem {_fmt_bytes(self.gguf.dense_bytes() + max(room, 0) // 2)}")
 
     def _start_scheduler(self, cpu_layers: frozenset[int] | None = None) -> None:
         profile = get_profile(self.profile or ("desktop-24gb" if self.device.type == "cuda" else "laptop-8gb"))
@@ -242,10 +255,11 @@ class Runtime:
         yield Chunk(decoder.flush(), None, finish, self._stats.snapshot())
 
     def _advance(self, ids: list[int]) -> torch.Tensor:
-        """Run ids after the cached ones; return the last position's logits [V]."""
+        """Run ids after the cached ones; return the last position's logits [V] (on the CPU, where
+        sampling and its generator live)."""
         out = self.model.forward(torch.tensor(ids, dtype=torch.long), self._cache, all_logits=False)
         self._cache_tokens = self._cache_tokens + list(ids)
-        return out[-1]
+        return out[-1].float().cpu()
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, seed: int | None = None) -> str:
         return "".join(c.text for c in self.stream(prompt, max_tokens, temperature, top_p, top_k, seed))

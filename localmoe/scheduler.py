@@ -213,7 +213,7 @@ class ExpertScheduler:
             else:
                 tl.run_gpu(p.gpu_seconds(nbytes, flops), ready=max(routed, self._arrival.pop(key, 0.0)))
         out = self._run_experts(layer, x, rows_of, on_cpu)
-        for e in on_cpu:  # worth having for later tokens, if the link is idle
+        for e in sorted(on_cpu):  # worth having for later tokens, if the link is idle
             self._background_upload((layer, e), tick, protected, routed)
         tl.now = max(tl.gpu, cpu_end + p.pcie_latency_s)
 
@@ -235,21 +235,39 @@ class ExpertScheduler:
         return out
 
     def _run_experts(self, layer: int, x: torch.Tensor, rows_of: dict[int, tuple[torch.Tensor, torch.Tensor]], on_cpu: set[int]) -> torch.Tensor:
-        """Σ over experts of weight · expert(x rows), x [T, D] → [T, D]. The GPU tier's experts are
-        issued first (asynchronous on CUDA), then the CPU computes its share from the quantized
-        weights while the GPU works (Fiddler); the sum runs in expert order whatever ran where, so
-        placement never changes a bit on one device."""
-        ys: dict[int, torch.Tensor] = {}
-        x_host = x.cpu() if on_cpu else None  # x is ready: routing already synchronised
-        for e, (tok, w) in rows_of.items():
-            if e not in on_cpu:
-                ys[e] = swiglu_expert(self._gpu_weights((layer, e)), x[tok.to(x.device)]) * w.to(x.device).unsqueeze(1)
-        for e in on_cpu:
-            tok, w = rows_of[e]
-            ys[e] = (swiglu_expert(self.store.weights(layer, e), x_host[tok]) * w.unsqueeze(1)).to(x.device)
+        """Σ over experts of weight · expert(x rows), x [T, D] → [T, D]; rows_of: expert → (token
+        indices, router weights) on the host; on_cpu: the experts the CPU computes."""
+        if x.device.type != "cpu":
+            return self._run_experts_split(layer, x, rows_of, on_cpu)
+        # one device (the modelled tier): summed in expert order whatever "ran where", so placement
+        # never changes a bit of the result
         out = torch.zeros_like(x)
-        for e in sorted(ys):
-            out.index_add_(0, rows_of[e][0].to(x.device), ys[e])
+        for e in sorted(rows_of):
+            tok, w = rows_of[e]
+            weights = self.store.weights(layer, e) if e in on_cpu else self._gpu_weights((layer, e))
+            out.index_add_(0, tok, swiglu_expert(weights, x[tok]) * w.unsqueeze(1))
+        return out
+
+    def _run_experts_split(self, layer: int, x: torch.Tensor, rows_of: dict[int, tuple[torch.Tensor, torch.Tensor]], on_cpu: set[int]) -> torch.Tensor:
+        """CUDA: the GPU tier's experts are issued first (asynchronously), then the CPU computes its
+        share from the quantized weights while the GPU works (Fiddler), and its sum is added on the
+        GPU. Nothing here waits for the GPU: host→device copies come from pinned memory."""
+        dev = x.device
+        x_host = x.cpu() if on_cpu else None  # x is ready: the router readback already synchronised
+        gpu = [e for e in sorted(rows_of) if e not in on_cpu]
+        out = torch.zeros_like(x)
+        if gpu:
+            counts = [len(rows_of[e][0]) for e in gpu]
+            toks = torch.cat([rows_of[e][0] for e in gpu]).pin_memory().to(dev, non_blocking=True).split(counts)
+            ws = torch.cat([rows_of[e][1] for e in gpu]).pin_memory().to(dev, non_blocking=True).split(counts)
+            for e, tok, w in zip(gpu, toks, ws):
+                out.index_add_(0, tok, swiglu_expert(self._gpu_weights((layer, e)), x[tok]) * w.unsqueeze(1))
+        if on_cpu:
+            acc = torch.zeros_like(x_host)
+            for e in sorted(on_cpu):
+                tok, w = rows_of[e]
+                acc.index_add_(0, tok, swiglu_expert(self.store.weights(layer, e), x_host[tok]) * w.unsqueeze(1))
+            out += acc.pin_memory().to(dev, non_blocking=True)
         return out
 
     def _gpu_weights(self, key: Key) -> ExpertWeights:
