@@ -8,9 +8,10 @@ symmetric types, zero = −offset · scale with no zeros stored): about the file
 `QLinear` multiplies activations by it with one of these backends:
 
     "vnni"     our C kernel (AVX-512 VNNI, built on first use with the system C compiler): the
-               activations are split into two int8 parts per 32 values (16-bit precision) and each
-               group's integer dot products are scaled in float. Reads only the packed bytes. From
-               GEMM_ROWS rows on (prefill), it dequantizes the weight once to float32 for an SGEMM.
+               activations are quantized to int8 per 32 values as llama.cpp does (Q8_0 rounding)
+               and each group's integer dot products are scaled in float. Reads only the packed
+               bytes. From GEMM_ROWS rows on (prefill), it dequantizes the weight once to float32
+               for an SGEMM.
     "int4"     torch._weight_int4pack_mm_for_cpu (bf16 activations), for 4-bit codes with G = 32.
     "bf16"     dequantized once to bfloat16 + F.linear (CPU fallback for 5-8 bit types, F16, BF16).
     "f32"      float32 + F.linear: F32 files, which must match llama.cpp to float rounding.
@@ -42,17 +43,16 @@ from .gguf_blocks import BLOCK_TYPES, FLOAT_TYPES, Affine, decode, dequantize, r
 
 Q = GGMLQuantizationType
 GEMM_ROWS = int(os.environ.get("LOCALMOE_GEMM_ROWS", "24"))  # from this many rows, dequantize + GEMM (see docs/speed.md)
-CHUNK = 64  # weights per SIMD step of the C kernel; rows are padded to a multiple of it
+CHUNK = 64  # weights per SIMD step of the C kernel; rows are padded to a multiple of it (of 128 for 4-6 bit codes)
 
 
 # -- the C kernel --------------------------------------------------------------------------------
 _C_SOURCE = r"""
 // y[t, n] = sum_i w[n, i] * x[t, i] for weights stored as w = scale * code + zero per group of G.
-// x is split per 32 values into two int8 parts, x = dx * (xh + xl / 254) with xh = round(x / dx),
-// dx = max|x| / 127 (llama.cpp's Q8_0 rounding) and xl the rounded remainder: 16-bit activations
-// for two VPDPBUSDs per 64-weight chunk (u8 codes x s8 activations, 16 int32 lanes of 4 products
-// each), scaled in float by weight scale x dx / 254 per lane and combined as 254 * sum(xh) + sum(xl).
-// The zero term, sum_g zero[n, g] * sum_{i in g} x[t, i], uses the exact float sums of x.
+// x is quantized per 32 values as llama.cpp quantizes activations (Q8_0): xq = round(x / dx),
+// dx = max|x| / 127. One VPDPBUSD per 64-weight chunk (u8 codes x s8 activations, 16 int32 lanes
+// of 4 products each), scaled in float by weight scale x dx per lane. The zero term,
+// sum_g zero[n, g] * sum_{i in g} xq[t, i] * dx, uses the sums of the quantized x.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -61,11 +61,11 @@ _C_SOURCE = r"""
 
 typedef struct {
     int T, K, N, G, nibble, offset;  // K: padded to a multiple of 64; G: 16 or 32
-    const uint8_t *codes;             // [N, K / 2] (nibble: byte j of a chunk = w[j] | w[j + 32] << 4) or [N, K]
+    const uint8_t *codes;             // [N, K / 2] (nibble: byte j of 128 weights = w[j] | w[j + 64] << 4) or [N, K]
     const uint16_t *scale, *zero;     // float16 [N, K / G]; zero may be NULL (zero = -offset * scale)
-    const int8_t *xh, *xl;            // [T, K] each
-    const float *dxl;                 // [T, K / 64, 16] activation scale / 254 of each int32 lane
-    const float *xs;                  // [T, K / G] sum of x over each group
+    const int8_t *xq;                 // [T, K] quantized activations
+    const float *dxg;                 // [T, K / G] activation scale dx of the 32-block holding each weight group
+    const float *xs;                  // [T, K / G] sum of the quantized x over each group
     float *y;                         // [T, N]
     const uint8_t *high;              // 5- and 6-bit codes: their bits above the nibble, [N, K / 64, 8 * hbits]
     int hbits;                        // 0, 1 or 2
@@ -87,22 +87,25 @@ static inline __m512i high_bits(const job_t *j, const uint8_t *hrow, int c) {
     return _mm512_slli_epi16(v, 4);
 }
 
+// The 64 codes of chunk c. Nibbles: 64 bytes hold 128 weights, chunk 2i in the low and 2i + 1 in the
+// high nibbles, so a pair of chunks costs one load and three logic ops (the compiler merges the loads).
 static inline __m512i load_codes(const job_t *j, const uint8_t *row, const uint8_t *hrow, int c) {
     if (j->nibble) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(row + c * 32));
-        __m256i m = _mm256_set1_epi8(0x0F);
-        __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        __m512i v = _mm512_loadu_si512((const void *)(row + (c >> 1) * 64));
+        if (c & 1) v = _mm512_srli_epi16(v, 4);
+        __m512i w = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
         return j->hbits ? _mm512_or_si512(w, high_bits(j, hrow, c)) : w;
     }
     return _mm512_loadu_si512((const void *)(row + c * 64));
 }
 
-static inline __m512 load_scales(const job_t *j, const uint16_t *srow, int c, __m512i idx) {
-    __m128 s;
-    if (j->G == 16) s = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(srow + c * 4)));
-    else { uint32_t two; memcpy(&two, srow + c * 2, 4); s = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two)); }
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
+// Per-lane factors (weight scale x activation scale) of 16 consecutive weight groups: one float16
+// load, one convert and one multiply serve 16 groups (8 chunks for G = 32, 4 for G = 16); a chunk then
+// takes its lanes' factors with one permute. The tail (< 16 groups) loads what is there.
+static inline __m512 group_factors(const uint16_t *srow, const float *dxg, int g0, int ng) {
+    if (g0 + 16 <= ng) return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(srow + g0))), _mm512_loadu_ps(dxg + g0));
+    __mmask16 m = (__mmask16)((1u << (ng - g0)) - 1);
+    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, srow + g0)), _mm512_maskz_loadu_ps(m, dxg + g0));
 }
 
 static float zero_term(const job_t *j, int n, int t) {
@@ -113,103 +116,98 @@ static float zero_term(const job_t *j, int n, int t) {
     int g = 0;
     for (; g + 16 <= ng; g += 16)
         acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zr + g))), _mm512_loadu_ps(xs + g), acc);
+    if (g < ng) {
+        __mmask16 m = (__mmask16)((1u << (ng - g)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, zr + g)), _mm512_maskz_loadu_ps(m, xs + g), acc);
+    }
     float s = _mm512_reduce_add_ps(acc);
-    for (; g < ng; g++) s += _cvtsh_ss(zr[g]) * xs[g];
     return j->zero ? s : -(float)j->offset * s;
 }
 
-// Rows [n0, n1) against tokens [t0, t0 + TT): the chunk's codes and scales are loaded once per TT tokens.
+// One weight row against tokens [t0, t0 + TT): each chunk's codes are unpacked once for TT tokens.
+// idx: lane -> group within the chunk (lanes hold 4 consecutive weights; G / 4 lanes per group).
 #define TILE(TT)                                                                                   \
     static void tile##TT(const job_t *j, int n, int t0, __m512i idx) {                            \
-        int nc = j->K / 64, ng = j->K / j->G;                                                      \
+        int nc = j->K / 64, ng = j->K / j->G, gpc = 64 / j->G;                                     \
         const uint8_t *row = j->codes + (size_t)n * (j->nibble ? j->K / 2 : j->K);                 \
         const uint8_t *hrow = j->high + (size_t)n * (j->K / 64) * 8 * j->hbits;                    \
         const uint16_t *srow = j->scale + (size_t)n * ng;                                          \
-        __m512 acc[TT], lo[TT];                                                                    \
-        for (int u = 0; u < TT; u++) acc[u] = lo[u] = _mm512_setzero_ps();                         \
+        __m512 acc[TT], f[TT];                                                                     \
+        for (int u = 0; u < TT; u++) acc[u] = _mm512_setzero_ps();                                 \
         for (int c = 0; c < nc; c++) {                                                             \
+            int g = c * gpc;                                                                       \
+            if (g % 16 == 0)                                                                       \
+                for (int u = 0; u < TT; u++) f[u] = group_factors(srow, j->dxg + (size_t)(t0 + u) * ng, g, ng); \
             __m512i w = load_codes(j, row, hrow, c);                                               \
-            __m512 s = load_scales(j, srow, c, idx);                                               \
+            __m512i pi = _mm512_add_epi32(idx, _mm512_set1_epi32(g % 16));                        \
             for (int u = 0; u < TT; u++) {                                                         \
-                size_t tc = (size_t)(t0 + u) * nc + c;                                             \
-                __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)(j->xh + tc * 64))); \
-                __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)(j->xl + tc * 64))); \
-                __m512 f = _mm512_mul_ps(s, _mm512_loadu_ps(j->dxl + tc * 16));                   \
-                acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), f, acc[u]);                        \
-                lo[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l), f, lo[u]);                          \
+                __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)(j->xq + ((size_t)(t0 + u) * nc + c) * 64))); \
+                acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_permutexvar_ps(pi, f[u]), acc[u]); \
             }                                                                                      \
         }                                                                                          \
         for (int u = 0; u < TT; u++)                                                               \
-            j->y[(size_t)(t0 + u) * j->N + n] =                                                    \
-                _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[u], _mm512_set1_ps(254.f), lo[u])) + zero_term(j, n, t0 + u); \
+            j->y[(size_t)(t0 + u) * j->N + n] = _mm512_reduce_add_ps(acc[u]) + zero_term(j, n, t0 + u); \
     }
 TILE(4)
 
-// One token (decode): two chunks per step into two pairs of accumulators (no FMA dependency
-// chain), and the high and low activation parts kept in float accumulators: 254 * acc_h + acc_l.
+// One token (decode): four chunks per step into four accumulators (independent FMA chains).
 static void tile1(const job_t *j, int n, int t0, __m512i idx) {
-    int nc = j->K / 64, ng = j->K / j->G;
+    int nc = j->K / 64, ng = j->K / j->G, gpc = 64 / j->G;
     const uint8_t *row = j->codes + (size_t)n * (j->nibble ? j->K / 2 : j->K);
     const uint8_t *hrow = j->high + (size_t)n * (j->K / 64) * 8 * j->hbits;
     const uint16_t *srow = j->scale + (size_t)n * ng;
-    const int8_t *xh = j->xh + (size_t)t0 * nc * 64, *xl = j->xl + (size_t)t0 * nc * 64;
-    const float *dxl = j->dxl + (size_t)t0 * nc * 16;
-    __m512 ah0 = _mm512_setzero_ps(), al0 = _mm512_setzero_ps(), ah1 = _mm512_setzero_ps(), al1 = _mm512_setzero_ps();
+    const int8_t *xq = j->xq + (size_t)t0 * nc * 64;
+    const float *dxg = j->dxg + (size_t)t0 * ng;
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 f = _mm512_setzero_ps();
     int c = 0;
-    for (; c + 2 <= nc; c += 2) {
+    for (; c + 4 <= nc; c += 4) {  // 16 % (4 gpc) == 0: four chunks never straddle 16 groups
+        int g = c * gpc;
+        if (g % 16 == 0) f = group_factors(srow, dxg, g, ng);
         _mm_prefetch((const char *)row + (c + 16) * (j->nibble ? 32 : 64), _MM_HINT_T0);
-        __m512i w0 = load_codes(j, row, hrow, c), w1 = load_codes(j, row, hrow, c + 1);
-        __m512 f0 = _mm512_mul_ps(load_scales(j, srow, c, idx), _mm512_loadu_ps(dxl + c * 16));
-        __m512 f1 = _mm512_mul_ps(load_scales(j, srow, c + 1, idx), _mm512_loadu_ps(dxl + c * 16 + 16));
-        __m512i h0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)(xh + c * 64)));
-        __m512i l0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)(xl + c * 64)));
-        __m512i h1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512((const void *)(xh + c * 64 + 64)));
-        __m512i l1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512((const void *)(xl + c * 64 + 64)));
-        ah0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h0), f0, ah0);
-        al0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l0), f0, al0);
-        ah1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), f1, ah1);
-        al1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l1), f1, al1);
+        __m512i p = _mm512_add_epi32(idx, _mm512_set1_epi32(g % 16));
+        for (int u = 0; u < 4; u++) {
+            __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_codes(j, row, hrow, c + u), _mm512_loadu_si512((const void *)(xq + (c + u) * 64)));
+            a[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_permutexvar_ps(_mm512_add_epi32(p, _mm512_set1_epi32(u * gpc)), f), a[u]);
+        }
     }
     for (; c < nc; c++) {
-        __m512i w0 = load_codes(j, row, hrow, c);
-        __m512 f0 = _mm512_mul_ps(load_scales(j, srow, c, idx), _mm512_loadu_ps(dxl + c * 16));
-        ah0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)(xh + c * 64)))), f0, ah0);
-        al0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)(xl + c * 64)))), f0, al0);
+        int g = c * gpc;
+        if (g % 16 == 0) f = group_factors(srow, dxg, g, ng);
+        __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_codes(j, row, hrow, c), _mm512_loadu_si512((const void *)(xq + c * 64)));
+        a[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(g % 16)), f), a[0]);
     }
-    __m512 acc = _mm512_fmadd_ps(_mm512_add_ps(ah0, ah1), _mm512_set1_ps(254.f), _mm512_add_ps(al0, al1));  // dxl holds dx / 254
-    j->y[(size_t)t0 * j->N + n] = _mm512_reduce_add_ps(acc) + zero_term(j, n, t0);
+    j->y[(size_t)t0 * j->N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))) + zero_term(j, n, t0);
 }
 
-static void quantize_x(const float *x, int T, int K, int G, int8_t *xh, int8_t *xl, float *dxl, float *xs) {
+static void quantize_x(const float *x, int T, int K, int G, int8_t *xq, float *dxg, float *xs) {
     for (int t = 0; t < T; t++) {
         const float *xr = x + (size_t)t * K;
         for (int b = 0; b < K / 32; b++) {
             float amax = 0.f;
             for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xr[b * 32 + i]));
             float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-            for (int i = 0; i < 32; i++) {
-                float v = xr[b * 32 + i] * id, h = nearbyintf(v);  // |v| <= 127, |v - h| <= 1/2
-                xh[(size_t)t * K + b * 32 + i] = (int8_t)h;
-                xl[(size_t)t * K + b * 32 + i] = (int8_t)nearbyintf((v - h) * 254.f);
+            for (int i = 0; i < 32; i++) xq[(size_t)t * K + b * 32 + i] = (int8_t)nearbyintf(xr[b * 32 + i] * id);
+            // the zero term uses the sums of the *quantized* x, so the result is exactly W @ x_q and
+            // its error W @ (x_q - x) (with exact sums, uncentred codes would amplify the error)
+            for (int g = b * 32 / G; g < (b + 1) * 32 / G; g++) {
+                int s = 0;
+                for (int i = 0; i < G; i++) s += xq[(size_t)t * K + g * G + i];
+                xs[(size_t)t * (K / G) + g] = d * (float)s;
+                dxg[(size_t)t * (K / G) + g] = d;
             }
-            for (int l = 0; l < 8; l++) dxl[((size_t)t * (K / 64) + b / 2) * 16 + (b % 2) * 8 + l] = d / 254.f;
-        }
-        for (int g = 0; g < K / G; g++) {
-            float s = 0.f;
-            for (int i = 0; i < G; i++) s += xr[g * G + i];
-            xs[(size_t)t * (K / G) + g] = s;
         }
     }
 }
 
 int lm_qmatmul(const float *x, int T, int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale,
                const uint16_t *zero, int offset, int G, float *y, int nthreads, const uint8_t *high, int hbits) {
-    int8_t *xq = aligned_alloc(64, 2 * (size_t)T * K + 64);
-    float *dxl = aligned_alloc(64, ((size_t)T * (K / 64) * 16 + 16) * 4);
+    int8_t *xq = aligned_alloc(64, (size_t)T * K + 64);
+    float *dxg = aligned_alloc(64, ((size_t)T * (K / 16) + 16) * 4);
     float *xs = aligned_alloc(64, ((size_t)T * (K / 16) + 16) * 4);
-    if (!xq || !dxl || !xs) { free(xq); free(dxl); free(xs); return -1; }
-    quantize_x(x, T, K, G, xq, xq + (size_t)T * K, dxl, xs);
-    job_t j = {T, K, N, G, nibble, offset, codes, scale, zero, xq, xq + (size_t)T * K, dxl, xs, y, high, hbits};
+    if (!xq || !dxg || !xs) { free(xq); free(dxg); free(xs); return -1; }
+    quantize_x(x, T, K, G, xq, dxg, xs);
+    job_t j = {T, K, N, G, nibble, offset, codes, scale, zero, xq, dxg, xs, y, high, hbits};
     __m512i idx = G == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                           : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     // Few weights: one thread (waking others costs more than it saves).
@@ -220,7 +218,7 @@ int lm_qmatmul(const float *x, int T, int K, int N, const uint8_t *codes, int ni
         for (; t + 4 <= T; t += 4) tile4(&j, n, t, idx);
         for (; t < T; t++) tile1(&j, n, t, idx);
     }
-    free(xq); free(dxl); free(xs);
+    free(xq); free(dxg); free(xs);
     return 0;
 }
 
@@ -239,12 +237,12 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
     int ok = jobs && start && bufs;
     for (int e = 0; ok && e < E; e++) {
         int K = w[e].K;
-        size_t nq = 2 * (size_t)K + 64, nd = ((size_t)(K / 64) * 16 + 16) * 4, ns = ((size_t)(K / 16) + 16) * 4;
+        size_t nq = (size_t)K + 64, nd = ((size_t)(K / 16) + 16) * 4, ns = ((size_t)(K / 16) + 16) * 4;
         bufs[e] = aligned_alloc(64, (nq + nd + ns + 63) / 64 * 64);
         if (!bufs[e]) { ok = 0; break; }
         int8_t *xq = bufs[e];
         job_t j = {1, K, w[e].N, w[e].G, w[e].nibble, w[e].offset, w[e].codes, w[e].scale, w[e].zero,
-                   xq, xq + K, (float *)(xq + nq), (float *)(xq + nq + nd), y + (size_t)e * y_stride, w[e].high, w[e].hbits};
+                   xq, (float *)(xq + nq), (float *)(xq + nq + nd), y + (size_t)e * y_stride, w[e].high, w[e].hbits};
         jobs[e] = j;
     }
     if (ok) {
@@ -252,9 +250,16 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
         for (int e = 0; e < E; e++) start[e + 1] = start[e] + w[e].N;
         #pragma omp parallel num_threads(nthreads)
         {
+            // a shared x (x_stride 0) is quantized once when every weight has its K and G
+            int shared = x_stride == 0;
+            for (int e = 1; e < E; e++) shared &= jobs[e].K == jobs[0].K && jobs[e].G == jobs[0].G;
             #pragma omp for schedule(static)
             for (int e = 0; e < E; e++)
-                quantize_x(x + (size_t)e * x_stride, 1, jobs[e].K, jobs[e].G, (int8_t *)jobs[e].xh, (int8_t *)jobs[e].xl, (float *)jobs[e].dxl, (float *)jobs[e].xs);
+                if (!shared || e == 0)
+                    quantize_x(x + (size_t)e * x_stride, 1, jobs[e].K, jobs[e].G, (int8_t *)jobs[e].xq, (float *)jobs[e].dxg, (float *)jobs[e].xs);
+            #pragma omp single
+            if (shared)
+                for (int e = 1; e < E; e++) { jobs[e].xq = jobs[0].xq; jobs[e].dxg = jobs[0].dxg; jobs[e].xs = jobs[0].xs; }
             #pragma omp for schedule(static)
             for (int r = 0; r < start[E]; r++) {
                 int e = 0;
@@ -274,7 +279,7 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
 // (prefill), where MKL's SGEMM beats per-token integer dot products.
 void lm_dequant_f32(int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale, const uint16_t *zero,
                     int offset, int G, float *out, int nthreads, const uint8_t *high, int hbits) {
-    job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, 0, high, hbits};
+    job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, high, hbits};
     int nc = K / 64, ng = K / G;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int n = 0; n < N; n++) {
@@ -563,7 +568,8 @@ def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLin
 
 
 def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:
-    kp = -(-K // CHUNK) * CHUNK
+    nibble = a.bits <= 6  # 8-bit codes stay bytes
+    kp = -(-K // (2 * CHUNK if nibble else CHUNK)) * (2 * CHUNK if nibble else CHUNK)
     codes, scale = a.codes.numpy(), a.scale.numpy()
     zero = a.zero.numpy() if a.zero is not None else None
     if kp != K:  # padding columns: code 0, scale 0, zero 0 → contribute nothing
@@ -571,7 +577,6 @@ def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:
         pad_g = (kp - K) // a.group
         scale = np.pad(scale, ((0, 0), (0, pad_g)))
         zero = np.pad(zero, ((0, 0), (0, pad_g))) if zero is not None else None
-    nibble = a.bits <= 6  # 8-bit codes stay bytes
     high = None
     if a.bits in (5, 6):  # the bits above the nibble, per 64-weight chunk (see high_bits in the C source)
         hb = a.bits - 4
@@ -579,8 +584,8 @@ def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:
         shifts = (np.arange(8 // hb, dtype=np.uint8) * hb)[:, None]
         high = np.bitwise_or.reduce(h << shifts, axis=2).astype(np.uint8)  # [N, chunk, 8·hb]
         codes = codes & 0x0F
-    if nibble:  # per 64-weight chunk: byte j = w[j] | w[j + 32] << 4
-        c = codes.reshape(N, kp // 64, 2, 32)
+    if nibble:  # per 128 weights (two chunks): byte j = w[j] | w[j + 64] << 4
+        c = codes.reshape(N, kp // 128, 2, 64)
         codes = c[:, :, 0] | (c[:, :, 1] << 4)
     t = {"codes": torch.from_numpy(np.ascontiguousarray(codes.reshape(N, -1))), "scale": _f16_tensor(scale)}
     if high is not None:
