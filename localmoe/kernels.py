@@ -42,7 +42,7 @@ from gguf import GGMLQuantizationType
 from .gguf_blocks import BLOCK_TYPES, FLOAT_TYPES, Affine, decode, dequantize, raw_bytes
 
 Q = GGMLQuantizationType
-GEMM_ROWS = int(os.environ.get("LOCALMOE_GEMM_ROWS", "24"))  # from this many rows, dequantize + GEMM (see docs/speed.md)
+GEMM_ROWS = int(os.environ.get("LOCALMOE_GEMM_ROWS", "128"))  # from this many rows, dequantize + SGEMM (see docs/speed.md)
 CHUNK = 64  # weights per SIMD step of the C kernel; rows are padded to a multiple of it (of 128 for 4-6 bit codes)
 
 

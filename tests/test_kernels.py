@@ -94,7 +94,7 @@ def test_torch_dequantize_is_bit_exact(qtype):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("rows", [1, 3, 9, kernels.GEMM_ROWS + 2])  # the last: the dequantize + SGEMM path
 def test_every_layout_matches_the_dequantized_matmul(qtype, rows):
     rng = np.random.default_rng(2)
     n, k = 80, 512
