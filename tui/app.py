@@ -27,7 +27,9 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, LoadingIndicator, Static
 from textual.worker import Worker, get_current_worker
 
+from localmoe.cache_policies import ONLINE_POLICIES
 from localmoe.errors import LocalMoEError
+from localmoe.runtime import ON_MISS_POLICIES
 
 from . import commands
 from .commands import Command
@@ -35,24 +37,6 @@ from .panels import DecodeRate, ExpertHeat, ExpertPanel, StatsPanel, tps
 from .screens import HelpScreen
 
 Messages = list[dict[str, str]]
-
-
-def cache_policy_names() -> tuple[str, ...]:
-    try:
-        from localmoe.cache_policies import ONLINE_POLICIES
-
-        return tuple(ONLINE_POLICIES)
-    except Exception:  # the residency engine is not in this build yet
-        return ("lru", "lfu")
-
-
-def miss_policy_names() -> tuple[str, ...]:
-    try:
-        from localmoe.runtime import ON_MISS_POLICIES
-
-        return tuple(ON_MISS_POLICIES)
-    except Exception:  # pragma: no cover
-        return ("fetch", "cpu", "buddy", "little", "drop")
 
 
 @dataclass
@@ -594,9 +578,9 @@ class ChatApp(App[None]):
         yield from super().get_system_commands(screen)
         yield SystemCommand("Help: keys and commands", "every key, slash command and panel", self.action_help)
         yield SystemCommand("New conversation", "forget the history (keeps the system prompt)", self.action_new_conversation)
-        for name in cache_policy_names():
+        for name in ONLINE_POLICIES:
             yield SystemCommand(f"Cache policy: {name}", f"/policy {name}: what leaves the GPU tier when the budget is full", partial(self.apply_setting, "policy", name))
-        for name in miss_policy_names():
+        for name in ON_MISS_POLICIES:
             yield SystemCommand(f"Miss policy: {name}", f"/on-miss {name}: what happens when a routed expert is not resident", partial(self.apply_setting, "on_miss", name))
         yield SystemCommand("GPU budget…", "type /gpu-mem SIZE (e.g. 2GB) in the message box", partial(self._prefill, "/gpu-mem "))
         yield SystemCommand("Prefetch: on", "/prefetch on", partial(self.apply_setting, "prefetch", True))
