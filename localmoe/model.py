@@ -87,7 +87,8 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    """x · rsqrt(mean(x²) + eps) · weight over the last dimension (one fused op)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class MoEModel:
@@ -202,20 +203,20 @@ class MoEModel:
             q = rms_norm(q, lw.q_norm, s.rms_eps)
             k = rms_norm(k, lw.k_norm, s.rms_eps)
         pos = torch.arange(pos0, pos0 + T, device=h.device)
-        q, k = self.rope(q, pos), self.rope(k, pos)
+        qk = self.rope(torch.cat([q, k], dim=1), pos)  # one rotation for both: [T, H + Hkv, d]
+        q, k = qk[:, : s.n_head], qk[:, s.n_head :]
         cache.k[i][:, pos0 : pos0 + T] = k.transpose(0, 1)
         cache.v[i][:, pos0 : pos0 + T] = v.transpose(0, 1)
         S = pos0 + T
         keys = cache.k[i][:, :S]  # [Hkv, S, d]
         vals = cache.v[i][:, :S]  # [Hkv, S, dv]
         group = s.n_head // s.n_head_kv  # query head h reads KV head h // group
-        qh = q.transpose(0, 1).reshape(s.n_head_kv, group * T, s.head_dim)  # [Hkv, group*T, d]
-        scores = (qh @ keys.transpose(1, 2)) / math.sqrt(s.head_dim)  # [Hkv, group*T, S]
-        scores = scores.view(s.n_head_kv, group, T, S)
-        causal = torch.arange(S, device=h.device)[None, :] > pos[:, None]  # [T, S], True = masked
-        scores = scores.masked_fill(causal, float("-inf")).softmax(-1)
-        out = (scores.view(s.n_head_kv, group * T, S) @ vals).view(s.n_head, T, s.head_dim_v)  # [H, T, dv]
-        out = out.transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
+        qh = q.transpose(0, 1).reshape(s.n_head_kv, group * T, s.head_dim)  # [Hkv, group*T, d]: row g*T + t
+        mask = None
+        if T > 1:  # query t sees keys up to pos0 + t (a single new token sees every key)
+            mask = (torch.arange(S, device=h.device)[None, :] <= pos[:, None]).repeat(group, 1)  # [group*T, S]
+        out = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], attn_mask=mask, scale=1.0 / math.sqrt(s.head_dim))  # [1, Hkv, group*T, dv]
+        out = out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
         out = lw.wo(out)
         return out + lw.bo if lw.bo is not None else out
 
