@@ -13,6 +13,9 @@ Steps (``all`` runs them in order; each one reuses what earlier runs left in
     tokenize  train a byte-level BPE (GPT-2 pre-tokenizer) and encode the data
     train     train the model (wall-clock budget --minutes, or --steps)
     export    write the GGUF (Q8_0 weights, F32 norms and routers)
+    samples   write the text samples localmoe ships beside the model: models/demo-heldout.txt
+              (held-out documents) and localmoe/data/calibration.txt (training documents), the
+              default texts of `localmoe eval` and `localmoe calibrate` (Debian corpus only)
     eval      perplexity per domain from llama.cpp and PyTorch, unigram
               baseline, expert usage per domain, tokenizer parity, samples
 
@@ -186,6 +189,37 @@ def split_docs(docs: list[str]) -> tuple[list[str], list[str]]:
     train = [d for i, d in enumerate(docs) if i % EVAL_EVERY != EVAL_EVERY // 2]
     held = [d for i, d in enumerate(docs) if i % EVAL_EVERY == EVAL_EVERY // 2]
     return train, held
+
+
+SAMPLE_CHARS = 5500  # characters per domain in the shipped text samples
+
+
+def domain_sample(docs: list[str], chars: int) -> str:
+    """Documents in corpus order, about `chars` characters: whole ones while they fit, the one
+    that does not fit cut at its last line break within the budget."""
+    out, total = [], 0
+    for d in docs:
+        room = chars - total
+        if room <= 0:
+            break
+        if len(d) > room:
+            d = d[: d.rfind("\n", 0, room)] if "\n" in d[:room] else ""
+        if d:
+            out.append(d)
+            total += len(d) + 2
+    return "\n\n".join(out)
+
+
+def step_samples(args, corpus: dict) -> None:
+    """The held-out and calibration samples shipped with the model (deterministic: the first
+    documents of each domain's held-out and training split). Only for the Debian corpus, so a test
+    run on its own corpus never overwrites the shipped files."""
+    if args.corpus_dir:
+        return
+    for path, split in ((HERE / "demo-heldout.txt", "eval"), (HERE.parent / "localmoe" / "data" / "calibration.txt", "train")):
+        text = "\n\n".join(domain_sample(v[split], SAMPLE_CHARS) for v in corpus["domains"].values()) + "\n"
+        path.write_text(text, encoding="utf-8")
+        log(f"samples: wrote {path} ({len(text)} characters of {split} documents)")
 
 
 def step_prepare(args) -> dict:
@@ -1031,7 +1065,7 @@ def report_markdown(r: dict, usage_rows: list[str], tokens: dict) -> str:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["all", "prepare", "tokenize", "train", "export", "eval"], nargs="?",
+    ap.add_argument("step", choices=["all", "prepare", "tokenize", "train", "export", "samples", "eval"], nargs="?",
                     default="all")
     ap.add_argument("--work-dir", default=str(HERE / "work"), help="corpus, tokenizer, checkpoints, report")
     ap.add_argument("--out", default=str(HERE / "localmoe-demo-moe.gguf"), help="GGUF file to write")
@@ -1084,6 +1118,8 @@ def main(argv=None) -> None:
         step_train(args, tokens)
     if args.step in ("all", "export"):
         step_export(args, tokens)
+    if args.step in ("all", "samples"):
+        step_samples(args, corpus)
     if args.step in ("all", "eval"):
         step_eval(args, tokens, corpus)
 
