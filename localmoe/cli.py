@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--little-threshold", type=float, default=None, help="little: weight share of the top half that makes a token unimportant (default 0.75; >1 = never)")
     p.add_argument("--buddy-min-score", type=float, default=None, help="buddy: least buddy score accepted (default 0.3)")
     p.add_argument("--quality-budget", type=float, default=None, help="cost: router-weight share a token may give up per layer (default 0.15)")
+    p.add_argument("--trace", metavar="FILE", default=None, help="also record the all-resident run's routing (with the prefetcher's predictions) for `localmoe bench --trace FILE`")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
     return parser
@@ -199,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def progress(name: str, done: int, total: int) -> None:
         bars.setdefault(name, Progress(name, total)).update(done)
 
-    res = evaluate(path, _read_text(args.text), policies, gpu_mem, args.profile, args.tokens, args.window, args.policy, options, progress)
+    res = evaluate(path, _read_text(args.text), policies, gpu_mem, args.profile, args.tokens, args.window, args.policy, options, progress, trace=args.trace)
     print(json.dumps(res, indent=2) if args.json else format_table(res))
     return 0
 
