@@ -199,21 +199,16 @@ def _llama_notes(plain_buffers: bool) -> str:
 
 def _llama_worker(job: dict[str, Any]) -> None:
     """Runs inside the subprocess: time llama.cpp, print {"runs": [[prefill s, decode s], ...]}."""
+    import contextlib
+
     import llama_cpp
 
+    from .llama_ref import plain_cpu_buffers
+
     cfg = BenchConfig(**job["config"])
-    if job["plain_buffers"]:  # llama.cpp's plain CPU buffers: no AMX / runtime-repacked weights
-        original = llama_cpp.llama_model_default_params
-
-        def params():
-            p = original()
-            p.use_extra_bufts = False
-            return p
-
-        llama_cpp.llama_cpp.llama_model_default_params = params
-        llama_cpp.llama.llama_cpp.llama_model_default_params = params
     n_ctx = cfg.prompt_tokens + cfg.decode_tokens + 8
-    llm = llama_cpp.Llama(model_path=job["path"], n_threads=cfg.threads, n_threads_batch=cfg.threads, n_ctx=n_ctx, n_batch=max(cfg.prompt_tokens, 1), n_ubatch=max(cfg.prompt_tokens, 1), verbose=False)
+    with plain_cpu_buffers() if job["plain_buffers"] else contextlib.nullcontext():  # no AMX / repacked weights
+        llm = llama_cpp.Llama(model_path=job["path"], n_threads=cfg.threads, n_threads_batch=cfg.threads, n_ctx=n_ctx, n_batch=max(cfg.prompt_tokens, 1), n_ubatch=max(cfg.prompt_tokens, 1), verbose=False)
     prompt, gen = token_ids(llm.n_vocab(), cfg)
     runs = time_engine(llm.eval, lambda tok: llm.eval([tok]), llm.reset, prompt, gen, cfg)
     llm.close()

@@ -2,31 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
-
-@contextlib.contextmanager
-def _plain_cpu_buffers():
-    """Load weights into llama.cpp's plain CPU buffers. Its extra buffer types (AMX and runtime
-    repacking) are a speed feature; on some CPUs the AMX one crashes the process, and the plain
-    path is the reference numerics anyway."""
-    import llama_cpp
-    import llama_cpp.llama as llama_module
-
-    original = llama_cpp.llama_model_default_params
-
-    def params():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    llama_module.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = original
+from localmoe.llama_ref import plain_cpu_buffers
 
 
 def llama_logits(path: str, prompts: list[list[int]], f16_kv: bool = False) -> np.ndarray:
@@ -35,7 +13,7 @@ def llama_logits(path: str, prompts: list[list[int]], f16_kv: bool = False) -> n
 
     kv = {} if f16_kv else {"type_k": 0, "type_v": 0}  # 0 = GGML_TYPE_F32
     n = max(len(p) for p in prompts)
-    with _plain_cpu_buffers():
+    with plain_cpu_buffers():
         llm = llama_cpp.Llama(model_path=path, n_ctx=max(64, n), n_batch=n, n_ubatch=n, logits_all=True, verbose=False, n_threads=2, **kv)
     try:
         out = []
