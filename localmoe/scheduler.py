@@ -258,8 +258,8 @@ class ExpertScheduler:
         out = torch.zeros_like(x)
         if gpu:
             counts = [len(rows_of[e][0]) for e in gpu]
-            toks = torch.cat([rows_of[e][0] for e in gpu]).pin_memory().to(dev, non_blocking=True).split(counts)
-            ws = torch.cat([rows_of[e][1] for e in gpu]).pin_memory().to(dev, non_blocking=True).split(counts)
+            toks = _upload(torch.cat([rows_of[e][0] for e in gpu]), dev).split(counts)
+            ws = _upload(torch.cat([rows_of[e][1] for e in gpu]), dev).split(counts)
             for e, tok, w in zip(gpu, toks, ws):
                 out.index_add_(0, tok, swiglu_expert(self._gpu_weights((layer, e)), x[tok]) * w.unsqueeze(1))
         if on_cpu:
@@ -267,7 +267,7 @@ class ExpertScheduler:
             for e in sorted(on_cpu):
                 tok, w = rows_of[e]
                 acc.index_add_(0, tok, swiglu_expert(self.store.weights(layer, e), x_host[tok]) * w.unsqueeze(1))
-            out += acc.pin_memory().to(dev, non_blocking=True)
+            out += _upload(acc, dev)
         return out
 
     def _gpu_weights(self, key: Key) -> ExpertWeights:
@@ -323,3 +323,8 @@ class ExpertScheduler:
         self.cache.check()
         if self.tier is not None:
             self.tier.check(set(self.cache.resident))
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA through pinned memory, so the copy does not wait for the GPU."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

@@ -102,3 +102,23 @@ def test_cuda_all_resident_matches_the_cpu(moe16_q4):
         rel, agree = compare(rt.logits(IDS), ref_logits)
         assert rel < 1e-2 and agree >= 0.97
         assert rt.stats().misses == 0
+
+
+def test_split_execution_sums_like_one_device(moe16_q4):
+    """The CUDA path's expert execution (GPU-tier experts issued first, the CPU's share summed on the
+    host and added) gives the one-device result, run here with both sides on the CPU."""
+    with localmoe.load(moe16_q4, device="cpu", gpu_mem=budget(moe16_q4, 0.25)) as rt:
+        sched = rt.scheduler
+        rng = torch.Generator().manual_seed(0)
+        x = torch.randn(6, rt.spec.n_embd, generator=rng)
+        ids = torch.stack([torch.randperm(rt.spec.n_expert, generator=rng)[: rt.spec.n_expert_used] for _ in range(6)])
+        w = torch.rand(6, rt.spec.n_expert_used, generator=rng)
+        rows_of = {}
+        for e in torch.unique(ids).tolist():
+            t, slot = (ids == e).nonzero(as_tuple=True)
+            rows_of[e] = (t, w[t, slot])
+        on_cpu = set(list(rows_of)[::2])
+        one = sched._run_experts(1, x, rows_of, on_cpu)
+        split = sched._run_experts_split(1, x, rows_of, on_cpu)
+        torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
+        assert one.abs().sum() > 0
