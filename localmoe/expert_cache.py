@@ -19,6 +19,7 @@ class ExpertCache:
         self.bytes_per_expert = list(bytes_per_expert)  # by layer
         self.policy = policy
         self.resident: dict[Key, int] = {}  # key → bytes it holds
+        self.dirty: set[int] = set()  # layers whose resident set changed since take_dirty()
         self.used_bytes = 0
         self.peak_bytes = 0
 
@@ -53,6 +54,7 @@ class ExpertCache:
             self._remove(victim)
             evicted.append(victim)
         self.resident[key] = need
+        self.dirty.add(key[0])
         self.used_bytes += need
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         self.policy.on_insert(key, tick)
@@ -60,6 +62,7 @@ class ExpertCache:
 
     def _remove(self, key: Key) -> None:
         self.used_bytes -= self.resident.pop(key)
+        self.dirty.add(key[0])
         self.policy.on_evict(key)
 
     def _undo(self, evicted: list[Key], tick: Tick) -> None:
@@ -70,11 +73,15 @@ class ExpertCache:
             self.policy.on_insert(k, tick)
         return None
 
-    def resident_by_layer(self, n_layer: int) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in range(n_layer)]
-        for layer, expert in self.resident:
-            out[layer].append(expert)
-        return [sorted(x) for x in out]
+    def take_dirty(self) -> dict[int, list[int]]:
+        """The resident experts of each layer that changed since the last call (for the stats)."""
+        out: dict[int, list[int]] = {layer: [] for layer in self.dirty}
+        if out:
+            for layer, expert in self.resident:
+                if layer in out:
+                    out[layer].append(expert)
+        self.dirty.clear()
+        return {layer: sorted(x) for layer, x in out.items()}
 
     def check(self) -> None:
         """Assert the accounting invariants (used by tests)."""

@@ -20,6 +20,7 @@ pinned staging); the timeline still runs beside it, and the wall clock is the re
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,7 @@ import torch
 from .cache_policies import Key, ReuseDistance, Tick, make_policy
 from .errors import LocalMoEError
 from .expert_cache import ExpertCache
-from .experts import ExpertStore, ExpertWeights, swiglu_expert
+from .experts import ExpertStore, ExpertWeights, swiglu_expert, swiglu_experts
 from .gpu_tier import DeviceTier
 from .miss_policies import CPU, FETCH, StaticPlacement, make_miss_policy
 from .profiles import HardwareProfile, Timeline
@@ -87,7 +88,7 @@ class ExpertScheduler:
             self.preload([(layer, e) for layer in range(self.n_layer) if layer not in cpu_layers for e in range(self.n_expert)])
         self._arrival.clear()
         self._prefetched.clear()
-        self._publish()
+        self._publish(reset=True)  # a new cache: every layer's resident set is new
 
     def preload(self, keys: list[Key]) -> None:
         """Make `keys` resident before the first token (static placement; every expert without a budget).
@@ -99,7 +100,6 @@ class ExpertScheduler:
                 raise LocalMoEError(f"this placement needs {need / 2**30:.2f} GiB of GPU memory for the experts it keeps on the GPU; raise --gpu-mem or move more layers to the CPU with --n-cpu-moe")
             if self.tier is not None:
                 self.tier.upload(key)
-        self._publish()
 
     def reconfigure(self, **changes) -> None:
         """Apply new settings (policy, on_miss, prefetch, expert_budget) between requests; the
@@ -152,10 +152,11 @@ class ExpertScheduler:
             self.trace.record(self.token, layer, ids, weights, predicted)
 
         # 1. routed uses: hits and misses
-        experts = torch.unique(ids).tolist()
+        uses = Counter(ids.reshape(-1).tolist())  # expert → routed (token, slot) uses
+        experts = sorted(uses)
         resident = {e: self.cache.access((layer, e), tick) for e in experts}
         for e in experts:  # one access per routed (token, slot): frequency counts every use
-            for _ in range(int((ids == e).sum()) - 1):
+            for _ in range(uses[e] - 1):
                 self.policy.on_access((layer, e), tick)
         resident_mask = torch.tensor([[resident[e] for e in row] for row in ids.tolist()], dtype=torch.bool)
         st.count_routed(layer, ids, resident_mask)
@@ -184,15 +185,7 @@ class ExpertScheduler:
 
         # 3./4./5. run the experts: GPU tier, link and CPU, each charged to the timeline
         cpu_end = routed
-        rows_of = {}
-        flat = ids.reshape(-1)
-        token_of = torch.arange(T).repeat_interleave(ids.shape[1])
-        flat_w = weights.reshape(-1)
-        for e in torch.unique(flat).tolist():
-            if e < 0:
-                continue
-            sel = (flat == e).nonzero().squeeze(1)
-            rows_of[e] = (token_of[sel], flat_w[sel])
+        rows_of = _rows_by_expert(ids, weights)
         on_cpu: set[int] = set()
         for e, (tok, w) in rows_of.items():
             key = (layer, e)
@@ -239,8 +232,12 @@ class ExpertScheduler:
         indices, router weights) on the host; on_cpu: the experts the CPU computes."""
         if x.device.type != "cpu":
             return self._run_experts_split(layer, x, rows_of, on_cpu)
-        # one device (the modelled tier): summed in expert order whatever "ran where", so placement
-        # never changes a bit of the result
+        # one device (the modelled tier): computed as the all-resident executor computes it whatever
+        # "ran where", so placement never changes a bit of the result
+        if x.shape[0] == 1 and rows_of:  # decode: the experts in slot order, gate+up and down batched
+            order = list(rows_of)
+            ws = [self.store.weights(layer, e) if e in on_cpu else self._gpu_weights((layer, e)) for e in order]
+            return swiglu_experts(ws, x, [float(rows_of[e][1][0]) for e in order])
         out = torch.zeros_like(x)
         for e in sorted(rows_of):
             tok, w = rows_of[e]
@@ -316,8 +313,9 @@ class ExpertScheduler:
         if self.config.cpu_layers is None and key not in self.cache and self.timeline.link <= ready:
             self._load(key, tick, protected, ready)
 
-    def _publish(self) -> None:
-        self.stats.set_gpu_tier(self.cache.used_bytes, self.cache.peak_bytes, self.cache.budget, self.cache.resident_by_layer(self.n_layer))
+    def _publish(self, reset: bool = False) -> None:
+        """Tell the stats the tier's bytes and the resident experts of the layers that changed."""
+        self.stats.set_gpu_tier(self.cache.used_bytes, self.cache.peak_bytes, self.cache.budget, self.cache.take_dirty(), reset=reset)
 
     def check(self) -> None:
         self.cache.check()
@@ -328,3 +326,20 @@ class ExpertScheduler:
 def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`; to CUDA through pinned memory, so the copy does not wait for the GPU."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _rows_by_expert(ids: torch.Tensor, weights: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """ids, weights [T, k] (host; id −1 = dropped slot) → expert → (token indices, router weights).
+    One token: in slot order (the order the all-resident executor sums in); more: by expert id."""
+    T = ids.shape[0]
+    if T == 1:
+        tok = torch.zeros(1, dtype=torch.long)
+        return {e: (tok, weights[0, j : j + 1]) for j, e in enumerate(ids[0].tolist()) if e >= 0}
+    rows_of = {}
+    flat, flat_w = ids.reshape(-1), weights.reshape(-1)
+    token_of = torch.arange(T).repeat_interleave(ids.shape[1])
+    for e in torch.unique(flat).tolist():
+        if e >= 0:
+            sel = (flat == e).nonzero().squeeze(1)
+            rows_of[e] = (token_of[sel], flat_w[sel])
+    return rows_of

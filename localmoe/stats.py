@@ -125,9 +125,15 @@ class StatsCollector:
         with self._lock:
             self.substitutions[layer][kind] += n
 
-    def set_gpu_tier(self, in_use: int, peak: int, budget: int | None, resident: list[list[int]] | None) -> None:
+    def set_gpu_tier(self, in_use: int, peak: int, budget: int | None, resident: dict[int, list[int]], reset: bool = False) -> None:
+        """The GPU tier's bytes and budget, and the resident experts of the layers in `resident`
+        (the others are unchanged; `reset`: every layer not given holds none)."""
         with self._lock:
-            self.gpu_bytes_in_use, self.gpu_bytes_peak, self.gpu_budget, self.resident = in_use, peak, budget, resident
+            self.gpu_bytes_in_use, self.gpu_bytes_peak, self.gpu_budget = in_use, peak, budget
+            if reset or self.resident is None:
+                self.resident = [[] for _ in range(self.n_layer)]
+            for layer, experts in resident.items():
+                self.resident[layer] = experts
 
     def record_prompt(self, n_tokens: int, seconds: float, wall: float | None = None) -> None:
         """`seconds` on the runtime's clock (modelled or measured); `wall` measured."""
