@@ -915,6 +915,24 @@ def llama_eval(llm, windows: np.ndarray) -> float:
     return ce_sum / n
 
 
+def localmoe_eval(path: Path, windows: np.ndarray) -> float | None:
+    """Same quantity as llama_eval, computed by localmoe (the runtime this model ships with), or
+    None when localmoe is not installed (the recipe itself does not need it)."""
+    try:
+        import localmoe
+    except ImportError:
+        return None
+    ce_sum, n = 0.0, 0
+    with localmoe.load(str(path), device="cpu") as rt:
+        for w in windows:
+            logits = rt.logits([int(t) for t in w]).astype(np.float64)  # [T, V]
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            ce_sum += -logp[np.arange(len(w) - 1), w[1:]].sum()
+            n += len(w) - 1
+    return ce_sum / n
+
+
 def unigram_ce(counts: np.ndarray, windows: np.ndarray) -> float:
     """CE of an add-one smoothed unigram model over the same targets."""
     p = (counts + 1) / (counts.sum() + len(counts))
@@ -996,6 +1014,7 @@ def step_eval(args, tokens: dict, corpus: dict) -> dict:
         ce_torch, counts = torch_eval(model, windows, cfg.n_expert)
         ce_gguf_torch, _ = torch_eval(gmodel, windows, cfg.n_expert)
         ce_llama = llama_eval(llm, windows)
+        ce_ours = localmoe_eval(gguf_path, windows)
         ce_uni = unigram_ce(data["unigram"], windows)
         counts_by_domain[name] = counts
         report["domains"][name] = {
@@ -1004,6 +1023,9 @@ def step_eval(args, tokens: dict, corpus: dict) -> dict:
             "ppl_llama_cpp": math.exp(ce_llama), "ce_torch": ce_torch, "ce_llama_cpp": ce_llama,
             "ce_unigram": ce_uni, "ce_ratio_vs_unigram": ce_llama / ce_uni,
             "ppl_rel_diff_llama_vs_torch": math.exp(ce_llama - ce_torch) - 1}
+        if ce_ours is not None:
+            report["domains"][name] |= {"ppl_localmoe": math.exp(ce_ours), "ce_localmoe": ce_ours,
+                                        "ppl_rel_diff_localmoe_vs_llama": math.exp(ce_ours - ce_llama) - 1}
         log(f"eval: {name:12s} ppl llama.cpp {math.exp(ce_llama):8.3f} | torch {math.exp(ce_torch):8.3f} "
             f"| torch(gguf) {math.exp(ce_gguf_torch):8.3f} | CE {ce_llama:.3f} vs unigram {ce_uni:.3f} "
             f"({ce_llama / ce_uni:.0%})")
@@ -1032,17 +1054,23 @@ def step_eval(args, tokens: dict, corpus: dict) -> dict:
 def report_markdown(r: dict, usage_rows: list[str], tokens: dict) -> str:
     lines = [f"Model: {r['params'] / 1e6:.2f} M parameters ({r['active_params'] / 1e6:.2f} M active per token), "
              f"GGUF {r['gguf_mb']} MB, {r['train_steps']} steps in {r['train_minutes']} min.", "",
-             "| domain | eval tokens | ppl llama.cpp | ppl PyTorch (f32) | ppl PyTorch (GGUF weights) | "
-             "llama.cpp vs PyTorch | CE nats/token | unigram CE | CE / unigram |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| domain | eval tokens | ppl llama.cpp | ppl localmoe | localmoe vs llama.cpp | ppl PyTorch (f32) | "
+             "ppl PyTorch (GGUF weights) | llama.cpp vs PyTorch | CE nats/token | unigram CE | CE / unigram |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d, v in r["domains"].items():
-        lines.append(f"| {d} | {v['eval_tokens']} | {v['ppl_llama_cpp']:.3f} | {v['ppl_torch']:.3f} | "
+        ours = (f"{v['ppl_localmoe']:.3f} | {v['ppl_rel_diff_localmoe_vs_llama']:+.2%}" if "ppl_localmoe" in v
+                else "(not installed) | ")
+        lines.append(f"| {d} | {v['eval_tokens']} | {v['ppl_llama_cpp']:.3f} | {ours} | {v['ppl_torch']:.3f} | "
                      f"{v['ppl_torch_from_gguf']:.3f} | {v['ppl_rel_diff_llama_vs_torch']:+.2%} | "
                      f"{v['ce_llama_cpp']:.3f} | {v['ce_unigram']:.3f} | {v['ce_ratio_vs_unigram']:.1%} |")
     doms = r["domains"].values()
     ce_all = {k: float(np.mean([v[k] for v in doms])) for k in ("ce_llama_cpp", "ce_torch", "ce_unigram")}
     r["all_domains"] = {**ce_all, "ce_ratio_vs_unigram": ce_all["ce_llama_cpp"] / ce_all["ce_unigram"]}
-    lines.append(f"| all (mean) | {sum(v['eval_tokens'] for v in doms)} | {math.exp(ce_all['ce_llama_cpp']):.3f} | "
+    ours_all = " | "
+    if all("ce_localmoe" in v for v in doms):
+        ce_ours = float(np.mean([v["ce_localmoe"] for v in doms]))
+        ours_all = f"{math.exp(ce_ours):.3f} | {math.exp(ce_ours - ce_all['ce_llama_cpp']) - 1:+.2%}"
+    lines.append(f"| all (mean) | {sum(v['eval_tokens'] for v in doms)} | {math.exp(ce_all['ce_llama_cpp']):.3f} | {ours_all} | "
                  f"{math.exp(ce_all['ce_torch']):.3f} | | {math.exp(ce_all['ce_llama_cpp'] - ce_all['ce_torch']) - 1:+.2%} | "
                  f"{ce_all['ce_llama_cpp']:.3f} | {ce_all['ce_unigram']:.3f} | "
                  f"{r['all_domains']['ce_ratio_vs_unigram']:.1%} |")

@@ -432,14 +432,10 @@ def test_cli_chat_with_a_bad_model_prints_error_and_exits_2(tmp_path):
 
 # -- a real model -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def real_model(tmp_path_factory) -> str:
-    if DEMO.is_file():
-        return str(DEMO)
-    from localmoe.synth import SynthConfig, write_model
-
-    path = str(tmp_path_factory.mktemp("tui") / "synth.gguf")
-    write_model(path, SynthConfig())
-    return path
+def real_model() -> str:
+    """The bundled demo model (trained, in the repository): the app as users meet it."""
+    assert DEMO.is_file(), f"{DEMO} is missing: it ships with the repository"
+    return str(DEMO)
 
 
 def test_real_model_streams_a_reply_with_stats_and_expert_map(real_model):
