@@ -29,6 +29,10 @@ class Tick:
         """Position in the global access order (layer steps since the start)."""
         return self.token * n_layer + self.layer
 
+    def before(self, n_layer: int) -> "Tick":
+        """The previous layer step: when a prefetch for this step's layer is issued."""
+        return Tick(self.token, self.layer - 1) if self.layer > 0 else Tick(self.token - 1, n_layer - 1)
+
 
 class CachePolicy:
     """Base class: bookkeeping hooks are no-ops; `victim` must be provided."""
@@ -44,6 +48,10 @@ class CachePolicy:
     def on_insert(self, key: Key, tick: Tick) -> None: ...
 
     def on_evict(self, key: Key) -> None: ...
+
+    def hint(self, key: Key, tick: Tick) -> None:
+        """The prefetcher predicts `key` for the layer step right after `tick` (before any
+        admission of it). The classic policies ignore predictions."""
 
     def victim(self, candidates: Sequence[Key], tick: Tick) -> Key:
         raise NotImplementedError
@@ -180,7 +188,9 @@ class ReuseDistance(CachePolicy):
     distance is d + L·(1/p − 1). Frequency alone (LFU) ignores d; layer order alone (Least-Stale)
     ignores p; this weighs both. Recent router picks (the prefetcher's predictions, reported with
     `hint`) count as half a use. And like Belady it may refuse a missed expert: one whose own
-    expected distance is larger than the victim's is not admitted (it runs without residency)."""
+    expected distance is larger than the victim's is not admitted (it runs without residency).
+    An expert the prefetcher predicts for the next step is expected there with the predictions'
+    measured precision q: its distance is q·d + (1 − q)·(the frequency estimate)."""
 
     name = "reuse"
 
@@ -191,6 +201,8 @@ class ReuseDistance(CachePolicy):
         self.layer_total = [0.0] * n_layer
         self.last: dict[Key, int] = {}
         self._aged_at = [0] * n_layer
+        self.predicted: dict[Key, int] = {}  # key → the access step it is predicted for
+        self.hints = self.hints_right = 0
 
     def _age(self, layer: int, token: int) -> None:
         while token - self._aged_at[layer] >= self.half_life:
@@ -201,14 +213,20 @@ class ReuseDistance(CachePolicy):
 
     def on_access(self, key: Key, tick: Tick) -> None:
         self._age(key[0], tick.token)
+        now = tick.index(self.n_layer)
+        if self.predicted.get(key) == now and self.last.get(key) != now:  # a prediction came true
+            self.hints_right += 1
         self.count[key] += 1.0
         self.layer_total[key[0]] += 1.0
-        self.last[key] = tick.index(self.n_layer)
+        self.last[key] = now
 
     def hint(self, key: Key, tick: Tick, weight: float = 0.5) -> None:
-        """A predicted use (the prefetcher's guess for the next layer)."""
+        """A predicted use at the next layer step: half a use for the frequency estimate, and the
+        step it is expected at."""
         self.count[key] += weight
         self.layer_total[key[0]] += weight
+        self.predicted[key] = tick.index(self.n_layer) + 1
+        self.hints += 1
 
     def expected_distance(self, k: Key, tick: Tick) -> float:
         L = self.n_layer
@@ -216,7 +234,11 @@ class ReuseDistance(CachePolicy):
         # each pass of a layer makes top_k uses, so p = top_k · (its share of the layer's uses)
         share = (self.count.get(k, 0.0) + self.prior) / (self.layer_total[k[0]] + self.prior * self.n_expert)
         p = min(1.0, max(self.top_k * share, 1e-6))
-        return d + L * (1.0 / p - 1.0)
+        estimate = d + L * (1.0 / p - 1.0)
+        if self.predicted.get(k) == tick.index(L) + d:  # predicted for its next pass
+            q = (self.hints_right + 1) / (self.hints + 2)  # the predictions' precision so far
+            return q * d + (1 - q) * estimate
+        return estimate
 
     def victim(self, candidates: Sequence[Key], tick: Tick) -> Key:
         return max(candidates, key=lambda k: (self.expected_distance(k, tick), -self.last.get(k, -1)))

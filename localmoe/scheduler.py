@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .cache_policies import Key, ReuseDistance, Tick, make_policy
+from .cache_policies import Key, Tick, make_policy
 from .errors import LocalMoEError
 from .expert_cache import ExpertCache
 from .experts import ExpertStore, ExpertWeights, swiglu_expert, swiglu_experts
@@ -213,14 +213,13 @@ class ExpertScheduler:
         # 6. prefetch the next layer's predicted experts, overlapping this layer's compute
         nxt = self._predicted.get(layer + 1)
         if nxt:
+            for e in nxt:  # the policy hears the prediction before it decides on admissions
+                self.policy.hint((layer + 1, e), tick)
             for e in nxt:
                 key = (layer + 1, e)
-                if key not in self.cache and self._load(key, Tick(self.token, layer + 1), protected + [(layer + 1, n) for n in nxt], ready=attn_end, prefetch=True):
+                if key not in self.cache and self._load(key, tick, protected + [(layer + 1, n) for n in nxt], ready=attn_end, prefetch=True):
                     st.add(layer + 1, prefetch_issued=1)
                     self._prefetched.add(key)
-            if isinstance(self.policy, ReuseDistance):
-                for e in nxt:
-                    self.policy.hint((layer + 1, e), tick)
 
         if layer == self.n_layer - 1:
             self.token += T

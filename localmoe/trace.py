@@ -108,9 +108,12 @@ def replay(trace: Trace, policy_name: str, budget_share: float, prefetch: bool =
     for tick, ids, pred in trace.steps:
         keys = [(tick.layer, e) for e in ids]
         if prefetch and pred:
+            issued_at = tick.before(trace.n_layer)  # during the previous layer, as the runtime does
+            for e in pred:
+                policy.hint((tick.layer, e), issued_at)
             for e in pred:
                 key = (tick.layer, e)
-                if key not in cache and cache.admit(key, tick, protected=[(tick.layer, p) for p in pred]) is not None:
+                if key not in cache and cache.admit(key, issued_at, protected=[(tick.layer, p) for p in pred]) is not None:
                     issued += 1
                     prefetched.add(key)
         for key in keys:

@@ -182,3 +182,33 @@ def test_bench_cli_replays_trace_and_compares_strategies(moe16, tmp_path):
     assert all(row["clock"] == "modelled:laptop-8gb" and row["decode_tps"] > 0 for row in out["results"])
     r = subprocess.run(cli + ["bench", "--trace", moe16], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error:")
+
+
+def test_reuse_policy_trusts_predictions_by_their_measured_precision():
+    """A predicted expert is expected at the next step with the predictions' precision so far; a
+    prefetch is issued during the previous layer step (Tick.before)."""
+    from localmoe.cache_policies import ReuseDistance
+
+    pol = ReuseDistance(n_layer=4, n_expert=16, top_k=2)
+    now = Tick(10, 1)
+    key = (2, 5)  # layer 2: the next step after layer 1
+    plain = pol.expected_distance(key, now)
+    pol.hint(key, now)
+    hinted = pol.expected_distance(key, now)
+    assert hinted < plain and hinted >= 1
+    assert Tick(10, 2).before(4) == now and Tick(11, 0).before(4) == Tick(10, 3)
+    # predictions that come true raise the trust, wrong ones lower it: the same accesses and the
+    # same number of hints in both, only their timing differs
+    right = ReuseDistance(n_layer=4, n_expert=16, top_k=2)
+    wrong = ReuseDistance(n_layer=4, n_expert=16, top_k=2)
+    for t in range(20):
+        if t % 4 == 0:
+            right.hint(key, Tick(t, 1))
+        if t % 4 == 1:
+            wrong.hint(key, Tick(t, 1))
+        for pol_ in (right, wrong):
+            pol_.on_access(key if t % 4 == 0 else (2, 8), Tick(t, 2))
+    assert (right.hints_right, right.hints, wrong.hints_right, wrong.hints) == (5, 5, 0, 5)
+    right.hint(key, Tick(20, 1))
+    wrong.hint(key, Tick(20, 1))
+    assert right.expected_distance(key, Tick(20, 1)) < wrong.expected_distance(key, Tick(20, 1))
