@@ -102,11 +102,18 @@ class ExpertScheduler:
                 self.tier.upload(key)
 
     def reconfigure(self, **changes) -> None:
-        """Apply new settings (policy, on_miss, prefetch, expert_budget) between requests; the
-        cache restarts empty under a new policy or budget."""
+        """Apply new settings (policy, on_miss, prefetch, expert_budget, ...) between requests. The
+        cache restarts empty under a new cache policy, budget or placement; a new miss policy or
+        prefetch setting keeps the warm cache."""
         fields = {**self.config.__dict__, **{k: v for k, v in changes.items() if v is not None}}
+        config = ResidencyConfig(**fields)
+        keeps_cache = all(getattr(config, f) == getattr(self.config, f) for f in ("expert_budget", "policy", "cpu_layers", "all_resident"))
+        if keeps_cache:
+            self.config = config
+            self.miss_policy = StaticPlacement() if config.cpu_layers is not None else make_miss_policy(config.on_miss, **dict(config.miss_params))
+            return
         table = self.buddy_table
-        self._configure(ResidencyConfig(**fields))
+        self._configure(config)
         self.buddy_table = table
 
     def bind(self, model: "MoEModel") -> None:

@@ -139,6 +139,14 @@ def test_prefetch_counts_and_configure(moe16):
         before = rt.stats().prefetch_issued
         rt.generate("the", max_tokens=4, temperature=0)
         assert rt.stats().prefetch_issued == before
+        # a new miss policy keeps the warm cache; a new cache policy starts a new one
+        warm = set(rt.scheduler.cache.resident)
+        assert warm
+        rt.configure(on_miss="drop")
+        assert set(rt.scheduler.cache.resident) == warm and rt.scheduler.miss_policy.name == "drop"
+        assert rt.stats().gpu_bytes_in_use == rt.scheduler.cache.used_bytes > 0
+        rt.configure(policy="lfu")
+        assert not rt.scheduler.cache.resident
 
 
 def test_trace_records_and_replays(moe16, tmp_path):
