@@ -8,6 +8,7 @@ only reads frozen `Stats` snapshots, a few times a second.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -291,7 +292,7 @@ class ChatApp(App[None]):
         prompt = self.query_one("#prompt", Input)
         prompt.disabled = False
         prompt.focus()
-        loaded = f"loaded {getattr(rt, 'path', '') or spec.name}" + (f" in {seconds:.1f} s" if seconds is not None else "")
+        loaded = f"loaded {os.path.basename(getattr(rt, 'path', '') or '') or spec.name}" + (f" in {seconds:.1f} s" if seconds is not None else "")
         self._note(loaded + " · F1 help · Esc cancels a reply")
         if self.system:
             self._note(f"system prompt: {self.system}")

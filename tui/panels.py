@@ -282,7 +282,7 @@ def stats_text(st: Stats, rss: int | None, settings: str) -> Text:
         ("subst", f"buddy {subs.get('buddy', 0)}", f"little {subs.get('little', 0)} · drop {subs.get('drop', 0)}"),
         ("CPU exp", f"{st.cpu_experts}", f"moved {human_bytes(st.bytes_to_gpu)} to GPU"),
         ("GPU tier", human_bytes(st.gpu_bytes_in_use), f"of {budget} ({_rate(st.gpu_bytes_in_use, st.gpu_budget)})")
-        if st.gpu_budget is not None else ("GPU tier", "no budget", "every expert resident"),
+        if st.gpu_budget is not None else ("GPU tier", "all experts", "(no budget)"),
         ("RSS", human_bytes(rss), f"tokens {st.tokens}"),
     ]
     if st.clock != "measured" and wall is not None:  # a modelled clock: say what this machine did
