@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import names
 from .gguf_file import GGUFModel
-from .kernels import QLinear, RawMatrix, fuse_rows, matvec_many, repack
+from .kernels import QLinear, RawMatrix, fuse_rows, matvec_many, repack, swiglu_decode
 from .stats import StatsCollector
 
 ExpertId = tuple[int, int]  # (layer, expert)
@@ -47,7 +47,11 @@ def swiglu_expert(w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
 
 def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """Σ_e weights[e] · expert_e(x) for one row x [1, n_embd] → [1, n_embd] (decode). C-kernel
-    experts of one shape run as two calls — every gate+up, then every down — instead of 2·k."""
+    experts of one shape run in one call (every gate+up, the SwiGLU, every down, the weighted sum);
+    otherwise two calls — every gate+up, then every down — instead of 2·k."""
+    y = swiglu_decode([w.gate_up for w in ws], [w.down for w in ws], x, weights)
+    if y is not None:
+        return y
     gu = matvec_many([w.gate_up for w in ws], x)  # [k, 2·n_ff]
     if gu is None:
         out = swiglu_expert(ws[0], x).mul_(weights[0])

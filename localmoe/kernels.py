@@ -99,29 +99,23 @@ static inline __m512i load_codes(const job_t *j, const uint8_t *row, const uint8
     return _mm512_loadu_si512((const void *)(row + c * 64));
 }
 
-// Per-lane factors (weight scale x activation scale) of 16 consecutive weight groups: one float16
-// load, one convert and one multiply serve 16 groups (8 chunks for G = 32, 4 for G = 16); a chunk then
-// takes its lanes' factors with one permute. The tail (< 16 groups) loads what is there.
-static inline __m512 group_factors(const uint16_t *srow, const float *dxg, int g0, int ng) {
-    if (g0 + 16 <= ng) return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(srow + g0))), _mm512_loadu_ps(dxg + g0));
-    __mmask16 m = (__mmask16)((1u << (ng - g0)) - 1);
-    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, srow + g0)), _mm512_maskz_loadu_ps(m, dxg + g0));
+// At the first chunk of every 16 weight groups (8 chunks for G = 32, 4 for G = 16): the per-lane
+// factors weight scale x activation scale of those groups (one float16 load, convert and multiply;
+// a chunk then takes its lanes' factors with one permute), and the zero term of the groups,
+// sum_g zero_g * xs_g, accumulated in `zacc` (symmetric types: sum_g scale_g * xs_g, times -offset
+// at the end). The tail (< 16 groups) loads under a mask.
+static inline void group_batch(const job_t *j, const uint16_t *srow, const uint16_t *zrow, const float *dxg, const float *xs,
+                               int g0, int ng, __m512 *f, __m512 *zacc) {
+    __mmask16 m = g0 + 16 <= ng ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g0)) - 1);
+    __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, srow + g0));
+    *f = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, dxg + g0));
+    __m512 z = zrow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, zrow + g0)) : s;
+    *zacc = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(m, xs + g0), *zacc);
 }
 
-static float zero_term(const job_t *j, int n, int t) {
-    int ng = j->K / j->G;
-    const uint16_t *zr = (j->zero ? j->zero : j->scale) + (size_t)n * ng;
-    const float *xs = j->xs + (size_t)t * ng;
-    __m512 acc = _mm512_setzero_ps();
-    int g = 0;
-    for (; g + 16 <= ng; g += 16)
-        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zr + g))), _mm512_loadu_ps(xs + g), acc);
-    if (g < ng) {
-        __mmask16 m = (__mmask16)((1u << (ng - g)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, zr + g)), _mm512_maskz_loadu_ps(m, xs + g), acc);
-    }
-    float s = _mm512_reduce_add_ps(acc);
-    return j->zero ? s : -(float)j->offset * s;
+// acc + the zero term, summed across lanes.
+static inline float finish(const job_t *j, __m512 acc, __m512 zacc) {
+    return _mm512_reduce_add_ps(_mm512_fmadd_ps(zacc, _mm512_set1_ps(j->zero ? 1.f : -(float)j->offset), acc));
 }
 
 // One weight row against tokens [t0, t0 + TT): each chunk's codes are unpacked once for TT tokens.
@@ -131,13 +125,14 @@ static float zero_term(const job_t *j, int n, int t) {
         int nc = j->K / 64, ng = j->K / j->G, gpc = 64 / j->G;                                     \
         const uint8_t *row = j->codes + (size_t)n * (j->nibble ? j->K / 2 : j->K);                 \
         const uint8_t *hrow = j->high + (size_t)n * (j->K / 64) * 8 * j->hbits;                    \
-        const uint16_t *srow = j->scale + (size_t)n * ng;                                          \
-        __m512 acc[TT], f[TT];                                                                     \
-        for (int u = 0; u < TT; u++) acc[u] = _mm512_setzero_ps();                                 \
+        const uint16_t *srow = j->scale + (size_t)n * ng, *zrow = j->zero ? j->zero + (size_t)n * ng : 0; \
+        __m512 acc[TT], f[TT], zacc[TT];                                                           \
+        for (int u = 0; u < TT; u++) acc[u] = zacc[u] = _mm512_setzero_ps();                       \
         for (int c = 0; c < nc; c++) {                                                             \
             int g = c * gpc;                                                                       \
             if (g % 16 == 0)                                                                       \
-                for (int u = 0; u < TT; u++) f[u] = group_factors(srow, j->dxg + (size_t)(t0 + u) * ng, g, ng); \
+                for (int u = 0; u < TT; u++)                                                       \
+                    group_batch(j, srow, zrow, j->dxg + (size_t)(t0 + u) * ng, j->xs + (size_t)(t0 + u) * ng, g, ng, &f[u], &zacc[u]); \
             __m512i w = load_codes(j, row, hrow, c);                                               \
             __m512i pi = _mm512_add_epi32(idx, _mm512_set1_epi32(g % 16));                        \
             for (int u = 0; u < TT; u++) {                                                         \
@@ -145,8 +140,7 @@ static float zero_term(const job_t *j, int n, int t) {
                 acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_permutexvar_ps(pi, f[u]), acc[u]); \
             }                                                                                      \
         }                                                                                          \
-        for (int u = 0; u < TT; u++)                                                               \
-            j->y[(size_t)(t0 + u) * j->N + n] = _mm512_reduce_add_ps(acc[u]) + zero_term(j, n, t0 + u); \
+        for (int u = 0; u < TT; u++) j->y[(size_t)(t0 + u) * j->N + n] = finish(j, acc[u], zacc[u]); \
     }
 TILE(4)
 
@@ -155,15 +149,15 @@ static void tile1(const job_t *j, int n, int t0, __m512i idx) {
     int nc = j->K / 64, ng = j->K / j->G, gpc = 64 / j->G;
     const uint8_t *row = j->codes + (size_t)n * (j->nibble ? j->K / 2 : j->K);
     const uint8_t *hrow = j->high + (size_t)n * (j->K / 64) * 8 * j->hbits;
-    const uint16_t *srow = j->scale + (size_t)n * ng;
+    const uint16_t *srow = j->scale + (size_t)n * ng, *zrow = j->zero ? j->zero + (size_t)n * ng : 0;
     const int8_t *xq = j->xq + (size_t)t0 * nc * 64;
-    const float *dxg = j->dxg + (size_t)t0 * ng;
+    const float *dxg = j->dxg + (size_t)t0 * ng, *xs = j->xs + (size_t)t0 * ng;
     __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m512 f = _mm512_setzero_ps();
+    __m512 f = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
     int c = 0;
     for (; c + 4 <= nc; c += 4) {  // 16 % (4 gpc) == 0: four chunks never straddle 16 groups
         int g = c * gpc;
-        if (g % 16 == 0) f = group_factors(srow, dxg, g, ng);
+        if (g % 16 == 0) group_batch(j, srow, zrow, dxg, xs, g, ng, &f, &zacc);
         _mm_prefetch((const char *)row + (c + 16) * (j->nibble ? 32 : 64), _MM_HINT_T0);
         __m512i p = _mm512_add_epi32(idx, _mm512_set1_epi32(g % 16));
         for (int u = 0; u < 4; u++) {
@@ -173,11 +167,11 @@ static void tile1(const job_t *j, int n, int t0, __m512i idx) {
     }
     for (; c < nc; c++) {
         int g = c * gpc;
-        if (g % 16 == 0) f = group_factors(srow, dxg, g, ng);
+        if (g % 16 == 0) group_batch(j, srow, zrow, dxg, xs, g, ng, &f, &zacc);
         __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_codes(j, row, hrow, c), _mm512_loadu_si512((const void *)(xq + c * 64)));
         a[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(g % 16)), f), a[0]);
     }
-    j->y[(size_t)t0 * j->N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))) + zero_term(j, n, t0);
+    j->y[(size_t)t0 * j->N + n] = finish(j, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])), zacc);
 }
 
 static void quantize_x(const float *x, int T, int K, int G, int8_t *xq, float *dxg, float *xs) {
@@ -275,6 +269,114 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
     return ok ? 0 : -1;
 }
 
+// The router of T tokens: logits = W x (W float32 [E, D]), softmax over the E experts, the k largest
+// probabilities (ties: the lower id first, as torch.topk), renormalised to sum 1 when norm (with
+// llama.cpp's floor on the sum), times scale when scale is neither 0 nor 1.
+void lm_route(const float *x, int T, int D, const float *W, int E, int k, int norm, float scale,
+              int64_t *ids, float *wts, float *scratch, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)E * D * T >= (1u << 16))
+    for (int r = 0; r < T * E; r++) {
+        const float *xr = x + (size_t)(r / E) * D, *wr = W + (size_t)(r % E) * D;
+        __m512 acc = _mm512_setzero_ps();
+        int i = 0;
+        for (; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i), _mm512_loadu_ps(xr + i), acc);
+        float sum = _mm512_reduce_add_ps(acc);
+        for (; i < D; i++) sum += wr[i] * xr[i];
+        scratch[r] = sum;
+    }
+    for (int t = 0; t < T; t++) {
+        float *p = scratch + (size_t)t * E, mx = p[0], total = 0.f;
+        for (int e = 1; e < E; e++) mx = fmaxf(mx, p[e]);
+        for (int e = 0; e < E; e++) { p[e] = expf(p[e] - mx); total += p[e]; }
+        for (int e = 0; e < E; e++) p[e] /= total;
+        float picked = 0.f;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int q = 0; q < j; q++) taken |= ids[(size_t)t * k + q] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ids[(size_t)t * k + j] = best;
+            wts[(size_t)t * k + j] = p[best];
+            picked += p[best];
+        }
+        float div = norm ? fmaxf(picked, 6.103515625e-5f) : 1.f;
+        for (int j = 0; j < k; j++) {
+            float w = wts[(size_t)t * k + j] / div;
+            wts[(size_t)t * k + j] = (scale != 0.f && scale != 1.f) ? w * scale : w;
+        }
+    }
+}
+
+// Row-wise RMS norm: y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (w has n values).
+void lm_rms_norm(const float *x, float *y, int rows, int n, const float *w, float eps) {
+    #pragma omp parallel for schedule(static) if (rows >= 16)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        float *yr = y + (size_t)r * n;
+        double ss = 0.0;  // double: a sequential float sum would round more than torch's blocked one
+        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        float inv = 1.f / sqrtf((float)(ss / n) + eps);
+        for (int i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
+    }
+}
+
+// In place on the q and k heads at the start of each of `rows` token rows (row stride `stride`
+// floats): nh heads of d floats, the first nq of them queries. Each head is RMS-normed with qw
+// (queries) or kw (keys) when those are given, then its first n_rot dims rotated with cos/sin
+// [rows, n_rot / 2]: neox pairs (i, i + n_rot / 2), otherwise adjacent pairs (2i, 2i + 1).
+void lm_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, const float *qw, const float *kw,
+                     float eps, int n_rot, const float *cosv, const float *sinv, int neox) {
+    int half = n_rot / 2;
+    #pragma omp parallel for schedule(static) if (rows >= 16)
+    for (int r = 0; r < rows; r++) {
+        const float *c = cosv + (size_t)r * half, *s = sinv + (size_t)r * half;
+        for (int h = 0; h < nh; h++) {
+            float *x = buf + (size_t)r * stride + (size_t)h * d;
+            const float *w = h < nq ? qw : kw;
+            if (w) {
+                double ss = 0.0;
+                for (int i = 0; i < d; i++) ss += (double)x[i] * x[i];
+                float inv = 1.f / sqrtf((float)(ss / d) + eps);
+                for (int i = 0; i < d; i++) x[i] = x[i] * inv * w[i];
+            }
+            for (int i = 0; i < half; i++) {
+                int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+                float x0 = x[a], x1 = x[b];
+                x[a] = x0 * c[i] - x1 * s[i];
+                x[b] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+}
+
+// The routed experts of one decode token: y = sum_e c[e] * down_e(silu(gate_e x) * up_e x), with every
+// expert's gate+up rows in one parallel pass and every down row in another. h: scratch [E, 2 F].
+int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x, const float *c, float *h, float *y, int nthreads) {
+    int F = gu[0].N / 2, D = dn[0].N;
+    float *act = malloc((size_t)E * dn[0].K * sizeof(float)), *out = malloc((size_t)E * D * sizeof(float));
+    if (!act || !out) { free(act); free(out); return -1; }
+    int rc = lm_qmatvec_multi(E, gu, x, 0, h, 2 * F, nthreads);
+    if (rc == 0) {
+        for (int e = 0; e < E; e++) {
+            const float *g = h + (size_t)e * 2 * F, *u = g + F;
+            float *a = act + (size_t)e * dn[0].K;
+            for (int i = 0; i < F; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+            for (int i = F; i < dn[0].K; i++) a[i] = 0.f;  // padding columns of the down weights
+        }
+        rc = lm_qmatvec_multi(E, dn, act, dn[0].K, out, D, nthreads);
+    }
+    if (rc == 0)
+        for (int i = 0; i < D; i++) {
+            float s = 0.f;
+            for (int e = 0; e < E; e++) s += c[e] * out[(size_t)e * D + i];
+            y[i] = s;
+        }
+    free(act); free(out);
+    return rc;
+}
+
 // Dequantize rows to float32: out [N, K] for a dense GEMM when many tokens share the weights
 // (prefill), where MKL's SGEMM beats per-token integer dot products.
 void lm_dequant_f32(int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale, const uint16_t *zero,
@@ -355,6 +457,18 @@ def native_lib() -> ctypes.CDLL | None:
         f = lib.lm_dequant_f32
         f.restype = None
         f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        f = lib.lm_route
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        f = lib.lm_swiglu_decode
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        f = lib.lm_rms_norm
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float]
+        f = lib.lm_qk_norm_rope
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         _lib = lib
         return lib
 
@@ -611,3 +725,73 @@ def _pack_int4(a: Affine, N: int, K: int) -> QLinear:
     sz = torch.stack([a.scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
     w = torch._convert_weight_to_int4pack_for_cpu(a.codes.to(torch.int32), 1)
     return QLinear("int4", N, K, {"w": w, "sz": sz})
+
+
+# -- small fused ops for the decode path (one C call instead of several torch ops) ---------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x · rsqrt(mean(x²) + eps) · weight over the last dimension: the C kernel for CPU float32
+    tensors when it is built (per-op overhead dominates at decode), torch otherwise."""
+    lib = native_lib()
+    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    lib.lm_rms_norm(x.data_ptr(), y.data_ptr(), x.numel() // n, n, weight.contiguous().data_ptr(), eps)
+    return y
+
+
+def qk_norm_rope(qkv: torch.Tensor, n_heads: int, n_q: int, head_dim: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, n_rot: int, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> bool:
+    """In place on the first n_heads·head_dim columns of qkv [T, width] (queries, then keys): per-head
+    RMS norm (when the weights are given) and RoPE with cos/sin [T, n_rot/2]. False, and nothing
+    done, when the C kernel is not available or the tensors do not fit it."""
+    lib = native_lib()
+    if lib is None or qkv.device.type != "cpu" or qkv.dtype != torch.float32 or not qkv.is_contiguous() or not cos.is_contiguous() or not sin.is_contiguous():
+        return False
+    lib.lm_qk_norm_rope(
+        qkv.data_ptr(), qkv.shape[0], qkv.shape[1], n_heads, n_q, head_dim,
+        q_norm.data_ptr() if q_norm is not None else None, k_norm.data_ptr() if k_norm is not None else None,
+        eps, n_rot, cos.data_ptr(), sin.data_ptr(), int(neox),
+    )
+    return True
+
+
+def route(h: torch.Tensor, router: torch.Tensor, k: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The router in one C call: h [T, D] @ router [E, D].T → softmax → top-k (→ renormalised, scaled):
+    (ids [T, k] int64, weights [T, k] float32), or None when the C kernel does not apply."""
+    lib = native_lib()
+    if lib is None or h.device.type != "cpu" or h.dtype != torch.float32 or router.dtype != torch.float32:
+        return None
+    h, T = h.contiguous(), h.shape[0]
+    E, D = router.shape
+    ids = torch.empty(T, k, dtype=torch.int64)
+    w = torch.empty(T, k, dtype=torch.float32)
+    scratch = torch.empty(T, E, dtype=torch.float32)
+    lib.lm_route(h.data_ptr(), T, D, router.data_ptr(), E, k, int(norm), scale, ids.data_ptr(), w.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return ids, w
+
+
+def swiglu_decode(gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, coef: list[float]) -> torch.Tensor | None:
+    """Σ_e coef[e] · down_e(silu(gate_e x) · up_e x) for one row x [1, D] in one C call; None when the
+    weights are not all C-kernel weights of one shape per matrix (the caller computes it in torch)."""
+    w0, d0 = gate_up[0], down[0]
+    if w0.backend != "vnni" or d0.backend != "vnni" or any(w.backend != "vnni" or w.n != w0.n or w.k != w0.k for w in gate_up) or any(w.backend != "vnni" or w.n != d0.n or w.k != d0.k for w in down):
+        return None
+    kp = w0.tensors["codes"].shape[1] * (2 if w0.nibble else 1)
+    if any(w.tensors["codes"].shape[1] * (2 if w.nibble else 1) != kp for w in gate_up):
+        return None
+    x = x.float()
+    if kp != w0.k:
+        x = F.pad(x, (0, kp - w0.k))
+    x = x.contiguous()
+    E = len(gate_up)
+    gu = (_WeightDesc * E)(*(_desc(w) for w in gate_up))
+    dn = (_WeightDesc * E)(*(_desc(w) for w in down))
+    if any(d.K < w0.n // 2 for d in dn) or len({d.K for d in dn}) != 1:
+        return None
+    c = torch.tensor(coef, dtype=torch.float32)
+    h = torch.empty(E, w0.n, dtype=torch.float32)
+    y = torch.empty(1, d0.n, dtype=torch.float32)
+    if native_lib().lm_swiglu_decode(E, gu, dn, x.data_ptr(), c.data_ptr(), h.data_ptr(), y.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError("lm_swiglu_decode could not allocate its scratch buffers")
+    return y

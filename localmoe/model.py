@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import names
 from .experts import ExpertWeights, pack_ffn, swiglu_expert
 from .gguf_file import GGUFModel, ModelSpec, TensorView
-from .kernels import QLinear, fuse_rows, repack
+from .kernels import QLinear, fuse_rows, qk_norm_rope, repack, rms_norm, route
 from .gguf_blocks import dequantize, to_torch
 
 
@@ -85,10 +85,6 @@ class KVCache:
     def clear(self) -> None:
         self.n = 0
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x · rsqrt(mean(x²) + eps) · weight over the last dimension (one fused op)."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class MoEModel:
@@ -186,25 +182,40 @@ class MoEModel:
             out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
         return torch.cat([out, rest], dim=-1) if rest.numel() else out
 
+    def _fused_qk_norm_rope(self, lw: LayerWeights, qkv: torch.Tensor, pos: torch.Tensor) -> bool:
+        """Per-head q/k norm and RoPE in place on qkv with one C call (decode's per-op overhead is a
+        large share of a token); False when this layer needs the general path."""
+        s = self.spec
+        if lw.bq is not None or lw.bk is not None or lw.bv is not None or s.arch.qk_norm == "full":
+            return False
+        per_head = s.arch.qk_norm == "per_head"
+        cos, sin = self.rope_tables(pos)
+        T = qkv.shape[0]
+        return qk_norm_rope(qkv, s.n_head + s.n_head_kv, s.n_head, s.head_dim, lw.q_norm if per_head else None, lw.k_norm if per_head else None,
+                            s.rms_eps, s.n_rot, cos.reshape(T, -1), sin.reshape(T, -1), s.arch.rope_style == "neox")
+
     def attention(self, i: int, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
         """h [T, D] (normed) → attention output [T, D]; appends this call's K/V to the cache."""
         s, lw = self.spec, self.layers[i]
         T = h.shape[0]
-        qkv = lw.wqkv[0](h) if len(lw.wqkv) == 1 else torch.cat([w(h) for w in lw.wqkv], dim=-1)
+        qkv = lw.wqkv[0](h) if len(lw.wqkv) == 1 else torch.cat([w(h) for w in lw.wqkv], dim=-1)  # [T, (H + 2 Hkv) d]
+        pos = torch.arange(pos0, pos0 + T, device=h.device)
+        if not self._fused_qk_norm_rope(lw, qkv, pos):  # the general path: biases, OLMoE's norm, no C kernel
+            q, k, v = qkv.split([s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim_v], dim=-1)
+            q, k, v = (t if b is None else t + b for t, b in ((q, lw.bq), (k, lw.bk), (v, lw.bv)))
+            if s.arch.qk_norm == "full":  # OLMoE: RMS-norm over all heads at once
+                q = rms_norm(q, lw.q_norm, s.rms_eps)
+                k = rms_norm(k, lw.k_norm, s.rms_eps)
+            q = q.reshape(T, s.n_head, s.head_dim)
+            k = k.reshape(T, s.n_head_kv, s.head_dim)
+            if s.arch.qk_norm == "per_head":  # Qwen3: RMS-norm over each head
+                q = rms_norm(q, lw.q_norm, s.rms_eps)
+                k = rms_norm(k, lw.k_norm, s.rms_eps)
+            qkv = torch.cat([self.rope(torch.cat([q, k], dim=1), pos).flatten(1), v], dim=-1)
         q, k, v = qkv.split([s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim_v], dim=-1)
-        q, k, v = (t if b is None else t + b for t, b in ((q, lw.bq), (k, lw.bk), (v, lw.bv)))
-        if s.arch.qk_norm == "full":  # OLMoE: RMS-norm over all heads at once
-            q = rms_norm(q, lw.q_norm, s.rms_eps)
-            k = rms_norm(k, lw.k_norm, s.rms_eps)
         q = q.view(T, s.n_head, s.head_dim)
         k = k.view(T, s.n_head_kv, s.head_dim)
         v = v.view(T, s.n_head_kv, s.head_dim_v)
-        if s.arch.qk_norm == "per_head":  # Qwen3: RMS-norm over each head
-            q = rms_norm(q, lw.q_norm, s.rms_eps)
-            k = rms_norm(k, lw.k_norm, s.rms_eps)
-        pos = torch.arange(pos0, pos0 + T, device=h.device)
-        qk = self.rope(torch.cat([q, k], dim=1), pos)  # one rotation for both: [T, H + Hkv, d]
-        q, k = qk[:, : s.n_head], qk[:, s.n_head :]
         cache.k[i][:, pos0 : pos0 + T] = k.transpose(0, 1)
         cache.v[i][:, pos0 : pos0 + T] = v.transpose(0, 1)
         S = pos0 + T
@@ -223,6 +234,9 @@ class MoEModel:
     def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router of layer i: h [T, D] → (ids [T, k] int64, weights [T, k] float32)."""
         s = self.spec
+        fast = route(h, self.layers[i].router, s.n_expert_used, s.norm_topk, s.expert_weights_scale)
+        if fast is not None:  # the same steps in one C call (decode's per-op overhead)
+            return fast
         probs = (h @ self.layers[i].router.T).softmax(-1)  # [T, E]
         weights, ids = probs.topk(s.n_expert_used, dim=-1)
         if s.norm_topk:

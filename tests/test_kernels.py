@@ -184,3 +184,59 @@ def test_model_runs_on_the_torch_fallback_kernels(make_model, tmp_path):
     fallback = np.load(out)
     assert np.linalg.norm(ours - fallback) / np.linalg.norm(ours) <= 2e-2
     assert (ours.argmax(-1) == fallback.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
+def test_fused_decode_ops_equal_their_torch_definitions():
+    """The C helpers of the decode path (RMS norm, q/k norm + RoPE, router, SwiGLU block) compute
+    what their torch definitions do."""
+    import torch.nn.functional as F
+
+    from localmoe.experts import pack_ffn, swiglu_expert
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 256, generator=g), torch.randn(256, generator=g)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), F.rms_norm(x, (256,), w, 1e-6), rtol=1e-5, atol=1e-5)
+
+    # per-head norm + RoPE, both pair layouts, on q (4 heads) and k (2 heads) at the start of each row
+    T, H, Hkv, d, n_rot = 3, 4, 2, 64, 48
+    qn, kn = torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5
+    theta = torch.arange(5, 5 + T, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(n_rot // 2, dtype=torch.float64) * 2 / n_rot)
+    cos, sin = theta.cos().float(), theta.sin().float()
+    for neox in (True, False):
+        qkv = torch.randn(T, (H + 2 * Hkv) * d, generator=g)
+        heads = qkv[:, : (H + Hkv) * d].reshape(T, H + Hkv, d)
+        normed = torch.cat([F.rms_norm(heads[:, :H], (d,), qn, 1e-6), F.rms_norm(heads[:, H:], (d,), kn, 1e-6)], dim=1)
+        rot, rest = normed[..., :n_rot], normed[..., n_rot:]
+        c, s = cos[:, None, :], sin[:, None, :]
+        if neox:
+            x0, x1 = rot[..., : n_rot // 2], rot[..., n_rot // 2 :]
+            rot = torch.cat([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
+        else:
+            x0, x1 = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+        want = torch.cat([torch.cat([rot, rest], dim=-1).flatten(1), qkv[:, (H + Hkv) * d :]], dim=-1)
+        assert kernels.qk_norm_rope(qkv, H + Hkv, H, d, qn, kn, 1e-6, n_rot, cos, sin, neox)
+        torch.testing.assert_close(qkv, want, rtol=1e-5, atol=1e-5)
+
+    # router: softmax, top-k, renormalised and scaled
+    h, router = torch.randn(5, 64, generator=g), torch.randn(16, 64, generator=g)
+    for norm, scale in ((True, 0.0), (False, 2.5)):
+        ids, wts = kernels.route(h, router, 4, norm, scale)
+        ref_w, ref_i = (h @ router.T).softmax(-1).topk(4, dim=-1)
+        if norm:
+            ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+        ref_w = ref_w * (scale if scale not in (0.0, 1.0) else 1.0)
+        assert torch.equal(ids, ref_i)
+        torch.testing.assert_close(wts, ref_w, rtol=1e-5, atol=1e-6)
+
+    # the SwiGLU block of k experts for one token: the weighted sum of the experts one by one
+    rng = np.random.default_rng(9)
+    experts = [pack_ffn((random_blocks(Q.Q4_K, 128, 256, rng), Q.Q4_K, (128, 256)), (random_blocks(Q.Q4_K, 128, 256, rng), Q.Q4_K, (128, 256)),
+                        (random_blocks(Q.Q8_0, 256, 128, rng), Q.Q8_0, (256, 128)), torch.device("cpu")) for _ in range(3)]
+    x1 = torch.randn(1, 256, generator=g)
+    coef = [0.5, 0.3, 0.2]
+    fused = kernels.swiglu_decode([e.gate_up for e in experts], [e.down for e in experts], x1, coef)
+    assert fused is not None
+    loop = sum(c * swiglu_expert(e, x1) for c, e in zip(coef, experts))
+    torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-4)
