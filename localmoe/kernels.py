@@ -545,6 +545,11 @@ def _gguf_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _kp(w: QLinear) -> int:
+    """A "vnni" weight's row length as stored: K padded to whole chunks."""
+    return w.tensors["codes"].shape[1] * (2 if w.nibble else 1)
+
+
 def _high(w: QLinear) -> tuple[int | None, int]:
     """(pointer, bits per code above 4) of a weight's high-bit plane; (None, 0) for 4- and 8-bit codes."""
     high = w.tensors.get("high")
@@ -553,7 +558,7 @@ def _high(w: QLinear) -> tuple[int | None, int]:
 
 def dequant_f32(w: QLinear) -> torch.Tensor:
     """A "vnni" weight as a float32 [N, K_padded] matrix (the C kernel's dequantizer)."""
-    kp = w.tensors["codes"].shape[1] * (2 if w.nibble else 1)
+    kp = _kp(w)
     out = torch.empty(w.n, kp, dtype=torch.float32)
     zero = w.tensors.get("zero")
     native_lib().lm_dequant_f32(
@@ -574,28 +579,39 @@ def _desc(w: QLinear) -> _WeightDesc:
     if d is None:
         t = w.tensors
         high, hbits = _high(w)
-        kp = t["codes"].shape[1] * (2 if w.nibble else 1)
+        kp = _kp(w)
         zero = t.get("zero")
         d = _WeightDesc(t["codes"].data_ptr(), high, t["scale"].data_ptr(), zero.data_ptr() if zero is not None else None, w.n, kp, int(w.nibble), w.offset, w.group, hbits)
         w.__dict__["_desc"] = d
     return d
 
 
+def _batch(ws: list[QLinear], x: torch.Tensor | None) -> tuple[ctypes.Array, torch.Tensor | None, int] | None:
+    """The C descriptors of weights the multi-weight kernels can take together — all "vnni", one
+    shape, one padded row length — and x as float32 padded to it; None when they cannot."""
+    w0 = ws[0]
+    if any(w.backend != "vnni" or w.n != w0.n or w.k != w0.k for w in ws):
+        return None
+    kp = _kp(w0)
+    if any(_kp(w) != kp for w in ws):
+        return None
+    if x is not None:
+        x = x.float()
+        if kp != w0.k:
+            x = F.pad(x, (0, kp - w0.k))
+        x = x.contiguous()
+    return (_WeightDesc * len(ws))(*(_desc(w) for w in ws)), x, kp
+
+
 def matvec_many(ws: list[QLinear], x: torch.Tensor) -> torch.Tensor | None:
     """One row per weight, all at once: x [1, K] (shared) or [E, K] (row e for ws[e]) → [E, N].
     None when the weights are not all C-kernel weights of one shape (the caller loops instead)."""
+    batch = _batch(ws, x)
+    if batch is None:
+        return None
+    descs, x, kp = batch
     w0 = ws[0]
-    if w0.backend != "vnni" or any(w.backend != "vnni" or w.n != w0.n or w.k != w0.k for w in ws):
-        return None
-    kp = w0.tensors["codes"].shape[1] * (2 if w0.nibble else 1)
-    if any(w.tensors["codes"].shape[1] * (2 if w.nibble else 1) != kp for w in ws):
-        return None
-    x = x.float()
-    if kp != w0.k:
-        x = F.pad(x, (0, kp - w0.k))
-    x = x.contiguous()
     y = torch.empty(len(ws), w0.n, dtype=torch.float32)
-    descs = (_WeightDesc * len(ws))(*(_desc(w) for w in ws))
     rc = native_lib().lm_qmatvec_multi(len(ws), descs, x.data_ptr(), 0 if x.shape[0] == 1 else kp, y.data_ptr(), w0.n, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("lm_qmatvec_multi could not allocate its scratch buffers")
@@ -605,7 +621,7 @@ def matvec_many(ws: list[QLinear], x: torch.Tensor) -> torch.Tensor | None:
 def _vnni_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
     lib = native_lib()
     T = x.shape[0]
-    kp = w.tensors["codes"].shape[1] * (2 if w.nibble else 1)  # padded K
+    kp = _kp(w)
     x = x.float()
     if kp != w.k:
         x = F.pad(x, (0, kp - w.k))
@@ -774,20 +790,12 @@ def route(h: torch.Tensor, router: torch.Tensor, k: int, norm: bool, scale: floa
 def swiglu_decode(gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, coef: list[float]) -> torch.Tensor | None:
     """Σ_e coef[e] · down_e(silu(gate_e x) · up_e x) for one row x [1, D] in one C call; None when the
     weights are not all C-kernel weights of one shape per matrix (the caller computes it in torch)."""
-    w0, d0 = gate_up[0], down[0]
-    if w0.backend != "vnni" or d0.backend != "vnni" or any(w.backend != "vnni" or w.n != w0.n or w.k != w0.k for w in gate_up) or any(w.backend != "vnni" or w.n != d0.n or w.k != d0.k for w in down):
+    gu_batch, dn_batch = _batch(gate_up, x), _batch(down, None)
+    if gu_batch is None or dn_batch is None:
         return None
-    kp = w0.tensors["codes"].shape[1] * (2 if w0.nibble else 1)
-    if any(w.tensors["codes"].shape[1] * (2 if w.nibble else 1) != kp for w in gate_up):
-        return None
-    x = x.float()
-    if kp != w0.k:
-        x = F.pad(x, (0, kp - w0.k))
-    x = x.contiguous()
-    E = len(gate_up)
-    gu = (_WeightDesc * E)(*(_desc(w) for w in gate_up))
-    dn = (_WeightDesc * E)(*(_desc(w) for w in down))
-    if any(d.K < w0.n // 2 for d in dn) or len({d.K for d in dn}) != 1:
+    (gu, x, _), (dn, _, kd) = gu_batch, dn_batch
+    w0, d0, E = gate_up[0], down[0], len(gate_up)
+    if kd < w0.n // 2:  # down's input is the SwiGLU of gate+up's output
         return None
     c = torch.tensor(coef, dtype=torch.float32)
     h = torch.empty(E, w0.n, dtype=torch.float32)
