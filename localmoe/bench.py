@@ -145,10 +145,10 @@ class LocalMoETimer:
             state["cache"] = KVCache(rt.spec, rt.n_ctx, rt.device)
 
         def prefill(ids: list[int]) -> None:
-            rt.model.forward(torch.tensor(ids), state["cache"], all_logits=False)
+            rt.model.forward(torch.tensor(ids), state["cache"], all_logits=False).cpu()  # .cpu(): wait for the device
 
         def decode_one(tok: int) -> None:
-            rt.model.forward(torch.tensor([tok]), state["cache"], all_logits=False)
+            rt.model.forward(torch.tensor([tok]), state["cache"], all_logits=False).cpu()
 
         return time_engine(prefill, decode_one, reset, self.prompt, self.gen, self.cfg)
 

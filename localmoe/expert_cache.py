@@ -19,6 +19,7 @@ class ExpertCache:
         self.bytes_per_expert = list(bytes_per_expert)  # by layer
         self.policy = policy
         self.resident: dict[Key, int] = {}  # key → bytes it holds
+        self.by_layer: dict[int, set[int]] = {}  # layer → its resident experts
         self.dirty: set[int] = set()  # layers whose resident set changed since take_dirty()
         self.used_bytes = 0
         self.peak_bytes = 0
@@ -54,6 +55,7 @@ class ExpertCache:
             self._remove(victim)
             evicted.append(victim)
         self.resident[key] = need
+        self.by_layer.setdefault(key[0], set()).add(key[1])
         self.dirty.add(key[0])
         self.used_bytes += need
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
@@ -62,6 +64,7 @@ class ExpertCache:
 
     def _remove(self, key: Key) -> None:
         self.used_bytes -= self.resident.pop(key)
+        self.by_layer[key[0]].discard(key[1])
         self.dirty.add(key[0])
         self.policy.on_evict(key)
 
@@ -69,21 +72,19 @@ class ExpertCache:
         # Put back what was evicted for an admission that could not complete: nothing changes.
         for k in evicted:
             self.resident[k] = self.size_of(k)
+            self.by_layer.setdefault(k[0], set()).add(k[1])
             self.used_bytes += self.resident[k]
             self.policy.on_insert(k, tick)
         return None
 
     def take_dirty(self) -> dict[int, list[int]]:
         """The resident experts of each layer that changed since the last call (for the stats)."""
-        out: dict[int, list[int]] = {layer: [] for layer in self.dirty}
-        if out:
-            for layer, expert in self.resident:
-                if layer in out:
-                    out[layer].append(expert)
+        out = {layer: sorted(self.by_layer.get(layer, ())) for layer in self.dirty}
         self.dirty.clear()
-        return {layer: sorted(x) for layer, x in out.items()}
+        return out
 
     def check(self) -> None:
         """Assert the accounting invariants (used by tests)."""
         assert self.used_bytes == sum(self.resident.values()) == sum(self.size_of(k) for k in self.resident)
+        assert {(layer, e) for layer, es in self.by_layer.items() for e in es} == set(self.resident)
         assert self.used_bytes <= self.budget

@@ -129,7 +129,10 @@ class DeviceTier:
         if not self.cuda:
             return staging.to(self.device, copy=True), None
         with torch.cuda.stream(self.copy_stream):
-            buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+            try:
+                buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+            except torch.cuda.OutOfMemoryError:
+                raise LocalMoEError(f"the GPU ran out of memory loading expert {expert} of layer {layer}; give a smaller --gpu-mem (other programs may be using the GPU)") from None
             buf.copy_(staging, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)

@@ -270,7 +270,7 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
 }
 
 // The router of T tokens: logits = W x (W float32 [E, D]), softmax over the E experts, the k largest
-// probabilities (ties: the lower id first, as torch.topk), renormalised to sum 1 when norm (with
+// probabilities (ties: the lower id first), renormalised to sum 1 when norm (with
 // llama.cpp's floor on the sum), times scale when scale is neither 0 nor 1.
 void lm_route(const float *x, int T, int D, const float *W, int E, int k, int norm, float scale,
               int64_t *ids, float *wts, float *scratch, int nthreads) {
@@ -310,8 +310,8 @@ void lm_route(const float *x, int T, int D, const float *W, int E, int k, int no
 }
 
 // Row-wise RMS norm: y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (w has n values).
-void lm_rms_norm(const float *x, float *y, int rows, int n, const float *w, float eps) {
-    #pragma omp parallel for schedule(static) if (rows >= 16)
+void lm_rms_norm(const float *x, float *y, int rows, int n, const float *w, float eps, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * n;
         float *yr = y + (size_t)r * n;
@@ -327,9 +327,9 @@ void lm_rms_norm(const float *x, float *y, int rows, int n, const float *w, floa
 // (queries) or kw (keys) when those are given, then its first n_rot dims rotated with cos/sin
 // [rows, n_rot / 2]: neox pairs (i, i + n_rot / 2), otherwise adjacent pairs (2i, 2i + 1).
 void lm_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, const float *qw, const float *kw,
-                     float eps, int n_rot, const float *cosv, const float *sinv, int neox) {
+                     float eps, int n_rot, const float *cosv, const float *sinv, int neox, int nthreads) {
     int half = n_rot / 2;
-    #pragma omp parallel for schedule(static) if (rows >= 16)
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
     for (int r = 0; r < rows; r++) {
         const float *c = cosv + (size_t)r * half, *s = sinv + (size_t)r * half;
         for (int h = 0; h < nh; h++) {
@@ -465,10 +465,10 @@ def native_lib() -> ctypes.CDLL | None:
         f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         f = lib.lm_rms_norm
         f.restype = None
-        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float]
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
         f = lib.lm_qk_norm_rope
         f.restype = None
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         _lib = lib
         return lib
 
@@ -726,10 +726,8 @@ def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:
 
 
 def _f16_tensor(a: np.ndarray) -> torch.Tensor:
-    """float32 [N, G] → float16 tensor with 4 spare values at the end (the kernel reads 8 bytes at a time)."""
-    flat = np.zeros(a.size + 4, dtype=np.float16)
-    flat[: a.size] = a.reshape(-1)
-    return torch.from_numpy(flat)
+    """float32 [N, G] → a flat float16 tensor (the kernel's scales and zeros)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float16).reshape(-1))
 
 
 def _pack_int4(a: Affine, N: int, K: int) -> QLinear:
@@ -750,10 +748,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     lib = native_lib()
     if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    x = x.contiguous()
+    x, weight = x.contiguous(), weight.contiguous()  # held here: the C call reads their memory
     y = torch.empty_like(x)
     n = x.shape[-1]
-    lib.lm_rms_norm(x.data_ptr(), y.data_ptr(), x.numel() // n, n, weight.contiguous().data_ptr(), eps)
+    lib.lm_rms_norm(x.data_ptr(), y.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, torch.get_num_threads())
     return y
 
 
@@ -762,12 +760,13 @@ def qk_norm_rope(qkv: torch.Tensor, n_heads: int, n_q: int, head_dim: int, q_nor
     RMS norm (when the weights are given) and RoPE with cos/sin [T, n_rot/2]. False, and nothing
     done, when the C kernel is not available or the tensors do not fit it."""
     lib = native_lib()
-    if lib is None or qkv.device.type != "cpu" or qkv.dtype != torch.float32 or not qkv.is_contiguous() or not cos.is_contiguous() or not sin.is_contiguous():
+    tensors = [t for t in (qkv, cos, sin, q_norm, k_norm) if t is not None]
+    if lib is None or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return False
     lib.lm_qk_norm_rope(
         qkv.data_ptr(), qkv.shape[0], qkv.shape[1], n_heads, n_q, head_dim,
         q_norm.data_ptr() if q_norm is not None else None, k_norm.data_ptr() if k_norm is not None else None,
-        eps, n_rot, cos.data_ptr(), sin.data_ptr(), int(neox),
+        eps, n_rot, cos.data_ptr(), sin.data_ptr(), int(neox), torch.get_num_threads(),
     )
     return True
 
@@ -778,7 +777,7 @@ def route(h: torch.Tensor, router: torch.Tensor, k: int, norm: bool, scale: floa
     lib = native_lib()
     if lib is None or h.device.type != "cpu" or h.dtype != torch.float32 or router.dtype != torch.float32:
         return None
-    h, T = h.contiguous(), h.shape[0]
+    h, router, T = h.contiguous(), router.contiguous(), h.shape[0]  # held here: the C call reads them
     E, D = router.shape
     ids = torch.empty(T, k, dtype=torch.int64)
     w = torch.empty(T, k, dtype=torch.float32)
@@ -793,10 +792,8 @@ def swiglu_decode(gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, 
     gu_batch, dn_batch = _batch(gate_up, x), _batch(down, None)
     if gu_batch is None or dn_batch is None:
         return None
-    (gu, x, _), (dn, _, kd) = gu_batch, dn_batch
+    (gu, x, _), (dn, _, _) = gu_batch, dn_batch
     w0, d0, E = gate_up[0], down[0], len(gate_up)
-    if kd < w0.n // 2:  # down's input is the SwiGLU of gate+up's output
-        return None
     c = torch.tensor(coef, dtype=torch.float32)
     h = torch.empty(E, w0.n, dtype=torch.float32)
     y = torch.empty(1, d0.n, dtype=torch.float32)

@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -159,20 +158,22 @@ class MoEModel:
         rows = self.embd.data[ids.cpu().numpy()]
         return dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)).to(self.device)
 
-    def rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos [T] → (cos, sin) [T, 1, n_rot/2] float32; the last call's tables are reused (every
-        layer of a forward pass rotates the same positions)."""
-        key = (pos.shape[0], int(pos[0]) if pos.numel() else 0, pos.device)
+    def rope_tables(self, pos0: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions pos0 .. pos0+T-1 → (cos, sin) [T, 1, n_rot/2] float32 on `device`; the last
+        call's tables are reused (every layer of a forward pass rotates the same positions). Keyed
+        on host integers: no device readback."""
+        key = (T, pos0, device)
         if getattr(self, "_rope_key", None) != key:
-            theta = (pos.to(torch.float64) * self.spec.rope_freq_scale)[:, None] * self.inv_freq.to(pos.device)[None, :]  # [T, n_rot/2]
+            pos = torch.arange(pos0, pos0 + T, dtype=torch.float64, device=device)
+            theta = (pos * self.spec.rope_freq_scale)[:, None] * self.inv_freq.to(device)[None, :]  # [T, n_rot/2]
             self._rope_tables = (torch.cos(theta).float()[:, None, :], torch.sin(theta).float()[:, None, :])
             self._rope_key = key
         return self._rope_tables
 
-    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, d]; pos [T] (consecutive positions) → x with its first n_rot dims of every head rotated."""
+    def rope(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
+        """x [T, heads, d] at positions pos0.. → x with its first n_rot dims of every head rotated."""
         s = self.spec
-        cos, sin = (t.to(x.dtype) for t in self.rope_tables(pos))
+        cos, sin = (t.to(x.dtype) for t in self.rope_tables(pos0, x.shape[0], x.device))
         rot, rest = x[..., : s.n_rot], x[..., s.n_rot :]
         if s.arch.rope_style == "neox":
             x0, x1 = rot[..., : s.n_rot // 2], rot[..., s.n_rot // 2 :]
@@ -182,15 +183,15 @@ class MoEModel:
             out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
         return torch.cat([out, rest], dim=-1) if rest.numel() else out
 
-    def _fused_qk_norm_rope(self, lw: LayerWeights, qkv: torch.Tensor, pos: torch.Tensor) -> bool:
+    def _fused_qk_norm_rope(self, lw: LayerWeights, qkv: torch.Tensor, pos0: int) -> bool:
         """Per-head q/k norm and RoPE in place on qkv with one C call (decode's per-op overhead is a
         large share of a token); False when this layer needs the general path."""
         s = self.spec
-        if lw.bq is not None or lw.bk is not None or lw.bv is not None or s.arch.qk_norm == "full":
+        if qkv.device.type != "cpu" or lw.bq is not None or lw.bk is not None or lw.bv is not None or s.arch.qk_norm == "full":
             return False
         per_head = s.arch.qk_norm == "per_head"
-        cos, sin = self.rope_tables(pos)
         T = qkv.shape[0]
+        cos, sin = self.rope_tables(pos0, T, qkv.device)
         return qk_norm_rope(qkv, s.n_head + s.n_head_kv, s.n_head, s.head_dim, lw.q_norm if per_head else None, lw.k_norm if per_head else None,
                             s.rms_eps, s.n_rot, cos.reshape(T, -1), sin.reshape(T, -1), s.arch.rope_style == "neox")
 
@@ -199,8 +200,7 @@ class MoEModel:
         s, lw = self.spec, self.layers[i]
         T = h.shape[0]
         qkv = lw.wqkv[0](h) if len(lw.wqkv) == 1 else torch.cat([w(h) for w in lw.wqkv], dim=-1)  # [T, (H + 2 Hkv) d]
-        pos = torch.arange(pos0, pos0 + T, device=h.device)
-        if not self._fused_qk_norm_rope(lw, qkv, pos):  # the general path: biases, OLMoE's norm, no C kernel
+        if not self._fused_qk_norm_rope(lw, qkv, pos0):  # the general path: biases, OLMoE's norm, no C kernel
             q, k, v = qkv.split([s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim_v], dim=-1)
             q, k, v = (t if b is None else t + b for t, b in ((q, lw.bq), (k, lw.bk), (v, lw.bv)))
             if s.arch.qk_norm == "full":  # OLMoE: RMS-norm over all heads at once
@@ -211,7 +211,7 @@ class MoEModel:
             if s.arch.qk_norm == "per_head":  # Qwen3: RMS-norm over each head
                 q = rms_norm(q, lw.q_norm, s.rms_eps)
                 k = rms_norm(k, lw.k_norm, s.rms_eps)
-            qkv = torch.cat([self.rope(torch.cat([q, k], dim=1), pos).flatten(1), v], dim=-1)
+            qkv = torch.cat([self.rope(torch.cat([q, k], dim=1), pos0).flatten(1), v], dim=-1)
         q, k, v = qkv.split([s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim_v], dim=-1)
         q = q.view(T, s.n_head, s.head_dim)
         k = k.view(T, s.n_head_kv, s.head_dim)
@@ -225,6 +225,7 @@ class MoEModel:
         qh = q.transpose(0, 1).reshape(s.n_head_kv, group * T, s.head_dim)  # [Hkv, group*T, d]: row g*T + t
         mask = None
         if T > 1:  # query t sees keys up to pos0 + t (a single new token sees every key)
+            pos = torch.arange(pos0, pos0 + T, device=h.device)
             mask = (torch.arange(S, device=h.device)[None, :] <= pos[:, None]).repeat(group, 1)  # [group*T, S]
         out = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], attn_mask=mask, scale=1.0 / math.sqrt(s.head_dim))  # [1, Hkv, group*T, dv]
         out = out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)

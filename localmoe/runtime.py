@@ -123,7 +123,7 @@ class Runtime:
         per_layer = [self.gguf.expert_bytes(layer) * self.spec.n_expert for layer in range(self.spec.n_layer)]
         if self.gpu_budget is None:  # no budget: room for every expert (or for the GPU layers' ones)
             need = sum(b for layer, b in enumerate(per_layer) if cpu_layers is None or layer not in cpu_layers)
-            self._check_device_room(need, "every expert")
+            self._check_device_room(need, "every expert" if cpu_layers is None else "every GPU layer's experts")
             return need
         smallest = min(self.gguf.expert_bytes(layer) for layer in range(self.spec.n_layer))
         if self.gpu_budget < dense + smallest:
@@ -134,9 +134,11 @@ class Runtime:
     def _check_device_room(self, expert_bytes: int, what: str) -> None:
         """On CUDA, refuse an expert tier that cannot fit in the GPU's free memory (the dense weights
         are already placed), keeping 512 MiB for activations, the KV cache and dequantization scratch."""
-        if self.device.type != "cuda" or self.scheduler is not None:
+        if self.device.type != "cuda":
             return
         free, _ = torch.cuda.mem_get_info(self.device)
+        if self.scheduler is not None and self.scheduler.tier is not None:
+            free += self.scheduler.tier.bytes_in_use  # a new configuration replaces the current tier
         room = free - (512 << 20)
         if expert_bytes > room:
             raise LocalMoEError(f"{what} needs {_fmt_bytes(expert_bytes)} of GPU memory for experts but only {_fmt_bytes(max(room, 0))} is free after the dense weights; give a smaller budget, e.g. --gpu-mem {_fmt_bytes(self.gguf.dense_bytes() + max(room, 0) // 2)}")

@@ -7,11 +7,15 @@
   3. loads what must be loaded (evicting by the cache policy, never the layer's own experts),
   4. computes resident experts on the "GPU" and CPU-assigned ones on the CPU, sums with the
      router weights,
-  5. charges each step to the modelled timeline (or, on CUDA, to the wall clock),
+  5. charges each step to the modelled timeline (also on CUDA, where the reported clock is the wall
+     clock and the timeline only feeds the cost model),
   6. starts the prefetch for the next layer from the prediction made after this layer's attention.
 
-Numerics never depend on residency: every path computes with the same expert weights, so `fetch`
-and `cpu` give exactly the all-resident logits; only `drop` (and substitution policies) change them.
+On the modelled tier numerics never depend on residency: every path computes with the same expert
+weights in the same order, so `fetch` and `cpu` give exactly the all-resident logits; only `drop`
+(and the substitution policies) change them. On a real device tier the GPU's experts compute from
+exactly dequantized float32 weights and the CPU's with int8 activations (llama.cpp's numerics), so
+results there agree within the oracle tests' tolerance, not bit for bit.
 
 Without CUDA the "GPU tier" is the CPU device and the timeline of a HardwareProfile gives time.
 On CUDA a `DeviceTier` holds the resident experts in GPU memory and does the copies (a side stream,
@@ -112,9 +116,14 @@ class ExpertScheduler:
             self.config = config
             self.miss_policy = StaticPlacement() if config.cpu_layers is not None else make_miss_policy(config.on_miss, **dict(config.miss_params))
             return
-        table = self.buddy_table
-        self._configure(config)
-        self.buddy_table = table
+        table, old = self.buddy_table, self.config
+        try:
+            self._configure(config)
+        except LocalMoEError:
+            self._configure(old)  # back to a whole, working configuration (its cache restarts empty)
+            raise
+        finally:
+            self.buddy_table = table
 
     def bind(self, model: "MoEModel") -> None:
         self.model = model
@@ -238,8 +247,8 @@ class ExpertScheduler:
         indices, router weights) on the host; on_cpu: the experts the CPU computes."""
         if x.device.type != "cpu":
             return self._run_experts_split(layer, x, rows_of, on_cpu)
-        # one device (the modelled tier): computed as the all-resident executor computes it whatever
-        # "ran where", so placement never changes a bit of the result
+        # one device: computed as the all-resident executor computes it whatever "ran where" (on the
+        # modelled tier placement never changes a bit of the result)
         if x.shape[0] == 1 and rows_of:  # decode: the experts in slot order, gate+up and down batched
             order = list(rows_of)
             ws = [self.store.weights(layer, e) if e in on_cpu else self._gpu_weights((layer, e)) for e in order]
@@ -338,9 +347,14 @@ def _rows_by_expert(ids: torch.Tensor, weights: torch.Tensor) -> dict[int, tuple
     """ids, weights [T, k] (host; id −1 = dropped slot) → expert → (token indices, router weights).
     One token: in slot order (the order the all-resident executor sums in); more: by expert id."""
     T = ids.shape[0]
-    if T == 1:
+    if T == 1:  # an expert in two slots (no policy does this) runs once with the summed weight
         tok = torch.zeros(1, dtype=torch.long)
-        return {e: (tok, weights[0, j : j + 1]) for j, e in enumerate(ids[0].tolist()) if e >= 0}
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for j, e in enumerate(ids[0].tolist()):
+            if e >= 0:
+                w = weights[0, j : j + 1]
+                rows[e] = (tok, rows[e][1] + w if e in rows else w)
+        return rows
     rows_of = {}
     flat, flat_w = ids.reshape(-1), weights.reshape(-1)
     token_of = torch.arange(T).repeat_interleave(ids.shape[1])

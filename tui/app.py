@@ -205,6 +205,8 @@ class ChatApp(App[None]):
         self._heat: ExpertHeat | None = None
         self._rate = DecodeRate()
         self._last_stats: Any = None
+        self._last_settings: str | None = None
+        self._last_resident: tuple | None = None  # per layer, as last drawn in the expert map
         self._process = psutil.Process()
         self._rss: int | None = None
         self._rss_at = 0.0
@@ -333,13 +335,15 @@ class ChatApp(App[None]):
                 rss = None
             rss_changed, self._rss = rss != self._rss, rss
         settings = self._settings_line()
-        if st == self._last_stats and not rss_changed and settings == getattr(self, "_last_settings", None):
+        if st == self._last_stats and not rss_changed and settings == self._last_settings:
             return
         self._last_stats, self._last_settings = st, settings
         self._rate.update(st)
         self.query_one(StatsPanel).show(st, self._rate, self._rss, settings)
-        if self._heat is not None and self._heat.update(st):
+        resident = tuple(layer.resident for layer in st.layers)  # changes without new uses after /gpu-mem, /policy
+        if self._heat is not None and (self._heat.update(st) or resident != self._last_resident):
             self.query_one(ExpertPanel).show(self._heat, st)
+        self._last_resident = resident
         if self.pending is not None:
             self._set_status(f"writing · {st.decode_tokens} tokens · {tps(st.decode_tps)} tok/s · Esc stops")
 
