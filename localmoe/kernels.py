@@ -10,8 +10,8 @@ symmetric types, zero = −offset · scale with no zeros stored): about the file
     "vnni"     our C kernel (AVX-512 VNNI, built on first use with the system C compiler): the
                activations are quantized to int8 per 32 values as llama.cpp does (Q8_0 rounding)
                and each group's integer dot products are scaled in float. Reads only the packed
-               bytes. From GEMM_ROWS rows on (prefill), it dequantizes the weight once to float32
-               for an SGEMM.
+               bytes. With LOCALMOE_GEMM_ROWS=N, from N rows on it dequantizes the weight once to
+               float32 for an SGEMM instead.
     "int4"     torch._weight_int4pack_mm_for_cpu (bf16 activations), for 4-bit codes with G = 32.
     "bf16"     dequantized once to bfloat16 + F.linear (CPU fallback for 5-8 bit types, F16, BF16).
     "f32"      float32 + F.linear: F32 files, which must match llama.cpp to float rounding.
@@ -42,7 +42,10 @@ from gguf import GGMLQuantizationType
 from .gguf_blocks import BLOCK_TYPES, FLOAT_TYPES, Affine, decode, dequantize, raw_bytes
 
 Q = GGMLQuantizationType
-GEMM_ROWS = int(os.environ.get("LOCALMOE_GEMM_ROWS", "128"))  # from this many rows, dequantize + SGEMM (see docs/speed.md)
+# From this many rows, dequantize to float32 + SGEMM instead of the integer kernel. Off by default: on
+# the machine we measure on the integer kernel is faster at every row count tried (128-1024 rows,
+# docs/speed.md); LOCALMOE_GEMM_ROWS=N turns the SGEMM path on where it pays.
+GEMM_ROWS = int(os.environ.get("LOCALMOE_GEMM_ROWS", str(1 << 30)))
 CHUNK = 64  # weights per SIMD step of the C kernel; rows are padded to a multiple of it (of 128 for 4-6 bit codes)
 
 

@@ -94,7 +94,7 @@ def test_torch_dequantize_is_bit_exact(qtype):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("rows", [1, 3, 9, kernels.GEMM_ROWS + 2])  # the last: the dequantize + SGEMM path
+@pytest.mark.parametrize("rows", [1, 3, 9, 130])
 def test_every_layout_matches_the_dequantized_matmul(qtype, rows):
     rng = np.random.default_rng(2)
     n, k = 80, 512
@@ -117,6 +117,20 @@ def q8_activations(x: torch.Tensor) -> np.ndarray:
     d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
     inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
     return (np.rint(b * inv) * d).reshape(x.shape).astype(np.float64)
+
+
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
+@pytest.mark.parametrize("qtype", tuple(BLOCKS), ids=lambda q: q.name)
+def test_sgemm_path_is_the_exact_dequantized_matmul(qtype, monkeypatch):
+    """With LOCALMOE_GEMM_ROWS set, many rows dequantize the weight to float32 for SGEMM: exact up to
+    float rounding (the K-types' composite scales are stored as float16: ≤ 1e-3)."""
+    monkeypatch.setattr(kernels, "GEMM_ROWS", 128)
+    rng = np.random.default_rng(6)
+    raw = random_blocks(qtype, 80, 512, rng)
+    x = torch.from_numpy(rng.standard_normal((130, 512), dtype=np.float32))
+    y = repack(raw, qtype, (80, 512), backend="vnni")(x)
+    tol = 1e-3 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 1e-5
+    assert rel_err(y, x.double().numpy() @ reference(raw, qtype, 80, 512).T) <= tol
 
 
 @pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
