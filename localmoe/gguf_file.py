@@ -17,11 +17,10 @@ from gguf import GGMLQuantizationType, GGUFReader
 from . import names
 from .arch import ARCHITECTURES, ArchSpec, supported_list
 from .errors import LocalMoEError
+from .gguf_blocks import BLOCK_TYPES, FLOAT_TYPES
 
 Q = GGMLQuantizationType
-SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = frozenset(
-    {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K}
-)
+SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = FLOAT_TYPES | BLOCK_TYPES  # what gguf_blocks decodes
 
 
 @dataclass(frozen=True)
