@@ -15,6 +15,7 @@ error instead of killing the benchmark.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -301,7 +302,7 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
         backends = (["vnni"] if kernels.native_lib() is not None else []) + (["int4"] if name in ("Q4_0", "Q4_K") else []) + ["bf16"]
         for backend in backends:
             w0 = kernels.repack(raw, qtype, (n, k), backend=backend)
-            copies = [w0] + [kernels.QLinear(w0.backend, w0.n, w0.k, {key: t.clone() for key, t in w0.tensors.items()}, w0.offset, w0.group, w0.nibble, w0.bits) for _ in range(max(0, copies_bytes // w0.nbytes - 1))]
+            copies = [w0] + [dataclasses.replace(w0, tensors={key: t.clone() for key, t in w0.tensors.items()}) for _ in range(max(0, copies_bytes // w0.nbytes - 1))]
             for m in rows:
                 x = torch.randn(m, k)
                 ws = copies if m == 1 else copies[:4]

@@ -157,6 +157,26 @@ def test_vnni_pads_columns_that_are_not_a_multiple_of_64():
     assert rel_err(repack(raw, Q.Q8_0, (16, 96), backend="vnni")(x), ref) <= 1e-5
 
 
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
+@pytest.mark.parametrize("qtype", (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0), ids=lambda q: q.name)
+def test_row_blocks_take_any_row_count(qtype):
+    """The row-interleaved layout pads rows to blocks of 16: 37 rows (two full blocks and a tail of
+    5) give the same products as each row alone, through the one-weight, the many-weight and the
+    dequantizing entry points."""
+    rng = np.random.default_rng(7)
+    k = 256
+    raw = random_blocks(qtype, 37, k, rng)
+    w = repack(raw, qtype, (37, k), backend="vnni")
+    assert w.r16
+    x = torch.from_numpy(rng.standard_normal((6, k), dtype=np.float32))
+    ref = reference(raw, qtype, 37, k)
+    tol = 1e-3 if qtype == Q.Q4_K else 1e-5
+    assert rel_err(w(x), q8_activations(x) @ ref.T) <= tol
+    assert rel_err(kernels.dequant_f32(w)[:, :k], ref) <= tol
+    many = kernels.matvec_many([w, w], x[:2])  # row e of x against weight e
+    assert rel_err(many, np.stack([q8_activations(x[e : e + 1])[0] @ ref.T for e in range(2)])) <= tol
+
+
 def test_fused_rows_equal_separate_matmuls():
     rng = np.random.default_rng(5)
     gate, up = random_blocks(Q.Q4_K, 32, 256, rng), random_blocks(Q.Q4_K, 32, 256, rng)
