@@ -47,10 +47,11 @@ Q = GGMLQuantizationType
 # docs/speed.md); LOCALMOE_GEMM_ROWS=N turns the SGEMM path on where it pays.
 GEMM_ROWS = int(os.environ.get("LOCALMOE_GEMM_ROWS", str(1 << 30)))
 CHUNK = 64  # weights per SIMD step of the C kernel; rows are padded to a multiple of it (of 128 for 4-6 bit codes)
-# 4- and 8-bit codes in groups of 32 (Q4_0, Q4_1, Q4_K, Q8_0) are stored row-interleaved in blocks of
-# 16 rows, which the C kernel multiplies ~2x faster per core (see "r16" in the C source);
+# Every block type is stored row-interleaved in blocks of 16 rows ("r16" in the C source), which
+# the C kernel multiplies 2-3x faster per core than one row at a time;
 # LOCALMOE_ROW_BLOCKS=0 keeps the per-row layout (for comparisons).
 ROW_BLOCKS = os.environ.get("LOCALMOE_ROW_BLOCKS", "1") != "0"
+R16_FORMATS = {(4, 32), (5, 32), (6, 16), (8, 32)}  # (bits per code, group size) with an r16 kernel
 
 
 # -- the C kernel --------------------------------------------------------------------------------
@@ -182,20 +183,29 @@ static void tile1(const job_t *j, int n, int t0, __m512i idx) {
     j->y[(size_t)t0 * j->N + n] = finish(j, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])), zacc);
 }
 
-// ---- The row-interleaved layout ("r16") of 4- and 8-bit codes in groups of 32 ------------------
-// Rows in blocks of 16, a block's bytes in one run over K: per 32-weight group, its 16 rows x 32
-// codes as 8 steps of 4 weights (lane r of a step = 4 consecutive weights of row r: one VPDPBUSD
-// against 4 activations broadcast to every lane). 4-bit: 4 vectors of 64 bytes per group, vector p
-// holding step 2p in its low nibbles and step 2p + 1 in its high ones; 8-bit: 8 vectors. Scales and
-// zeros: [blocks, groups, 16] float16. A group's products add up in int32 and meet the float
-// factors once per group, not once per 64 weights: about 3 vector ops per 64 weights instead of 7
-// (the per-row layout above is compute-bound at 13-19 GB/s per core on the machine we measure on).
+// ---- The row-interleaved layout ("r16") ---------------------------------------------------------
+// Rows in blocks of 16, a block's bytes in one run over K: per group of G weights, its 16 rows x G
+// codes as G / 4 steps of 4 weights (lane r of a step = 4 consecutive weights of row r: one VPDPBUSD
+// against 4 activations broadcast to every lane). 8-bit codes: one 64-byte vector per step. 4-6 bit
+// codes: one vector per pair of steps, step 2p in the low nibbles and 2p + 1 in the high ones, then
+// (5 and 6 bits) one vector of the bits above the nibble: for byte i of a step, bit s (5-bit, G = 32)
+// or bits 2s..2s+1 (6-bit, G = 16) of byte i belong to step s. Scales and zeros: [blocks, groups, 16]
+// float16. A group's products add up in int32 and meet the float factors once per group, not once
+// per 64 weights: about 3 vector ops per 64 weights instead of 7 (the per-row layout above is
+// compute-bound at 13-19 GB/s per core on the machine we measure on).
 static inline __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
-#define R16_TILE(TT)                                                                                 \
-    static void r16_tile##TT(const job_t *j, int b, int t0) {                                       \
-        int ng = j->K / 32;                                                                          \
-        size_t gb = j->nibble ? 256 : 512;                                                           \
+// The high bits of step s moved to bits 4.. of each byte (HB bits per step).
+static inline __m512i r16_high(__m512i hb, int s, int HB) {
+    int k = 4 - HB * s;  // left shift that takes step s's bits to bit 4
+    __m512i v = k > 0 ? _mm512_slli_epi16(hb, k) : k < 0 ? _mm512_srli_epi16(hb, -k) : hb;
+    return _mm512_and_si512(v, _mm512_set1_epi8(HB == 1 ? 0x10 : 0x30));
+}
+
+#define R16_TILE(NAME, TT, G, HB)                                                                    \
+    static void NAME(const job_t *j, int b, int t0) {                                               \
+        int ng = j->K / G;                                                                           \
+        size_t gb = j->nibble ? G * 8 + (HB ? 64 : 0) : G * 16;  /* bytes per group of 16 rows */   \
         const uint8_t *cb = j->codes + (size_t)b * ng * gb;                                          \
         const uint16_t *sb = j->scale + (size_t)b * ng * 16, *zb = j->zero ? j->zero + (size_t)b * ng * 16 : 0; \
         const __m512i m4 = _mm512_set1_epi8(0x0F);                                                   \
@@ -205,18 +215,23 @@ static inline __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); ret
             const uint8_t *cg = cb + g * gb;                                                         \
             __m512i ia[TT], ib[TT];                                                                  \
             for (int u = 0; u < TT; u++) ia[u] = ib[u] = _mm512_setzero_si512();                     \
-            for (int p = 0; p < 4; p++) {                                                            \
+            __m512i hb = HB ? _mm512_loadu_si512((const void *)(cg + G * 8)) : _mm512_setzero_si512(); \
+            for (int p = 0; p < G / 8; p++) {                                                        \
                 __m512i lo, hi;                                                                      \
                 if (j->nibble) {                                                                     \
                     __m512i v = _mm512_loadu_si512((const void *)(cg + p * 64));                     \
                     lo = _mm512_and_si512(v, m4);                                                    \
                     hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);                              \
+                    if (HB) {                                                                        \
+                        lo = _mm512_or_si512(lo, r16_high(hb, 2 * p, HB));                           \
+                        hi = _mm512_or_si512(hi, r16_high(hb, 2 * p + 1, HB));                       \
+                    }                                                                                \
                 } else {                                                                             \
                     lo = _mm512_loadu_si512((const void *)(cg + 2 * p * 64));                        \
                     hi = _mm512_loadu_si512((const void *)(cg + (2 * p + 1) * 64));                  \
                 }                                                                                    \
                 for (int u = 0; u < TT; u++) {                                                       \
-                    const int8_t *xr = j->xq + (size_t)(t0 + u) * j->K + g * 32 + p * 8;             \
+                    const int8_t *xr = j->xq + (size_t)(t0 + u) * j->K + g * G + p * 8;              \
                     ia[u] = _mm512_dpbusd_epi32(ia[u], lo, bcast4(xr));                              \
                     ib[u] = _mm512_dpbusd_epi32(ib[u], hi, bcast4(xr + 4));                          \
                 }                                                                                    \
@@ -235,15 +250,21 @@ static inline __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); ret
         __mmask16 m = rows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);                \
         for (int u = 0; u < TT; u++) _mm512_mask_storeu_ps(j->y + (size_t)(t0 + u) * j->N + b * 16, m, acc[u]); \
     }
-R16_TILE(1)
-R16_TILE(4)
+R16_TILE(r16_tile1, 1, 32, 0)
+R16_TILE(r16_tile4, 4, 32, 0)
+R16_TILE(r16_tile1_h1, 1, 32, 1)
+R16_TILE(r16_tile4_h1, 4, 32, 1)
+R16_TILE(r16_tile1_h2, 1, 16, 2)
+R16_TILE(r16_tile4_h2, 4, 16, 2)
 
 // Row block b (r16) or row n (per-row layout) of a job against tokens [0, T).
 static inline void job_rows(const job_t *j, int r, __m512i idx) {
     int t = 0;
     if (j->r16) {
-        for (; t + 4 <= j->T; t += 4) r16_tile4(j, r, t);
-        for (; t < j->T; t++) r16_tile1(j, r, t);
+        void (*one)(const job_t *, int, int) = j->hbits == 2 ? r16_tile1_h2 : j->hbits == 1 ? r16_tile1_h1 : r16_tile1;
+        void (*four)(const job_t *, int, int) = j->hbits == 2 ? r16_tile4_h2 : j->hbits == 1 ? r16_tile4_h1 : r16_tile4;
+        for (; t + 4 <= j->T; t += 4) four(j, r, t);
+        for (; t < j->T; t++) one(j, r, t);
     } else {
         for (; t + 4 <= j->T; t += 4) tile4(j, r, t, idx);
         for (; t < j->T; t++) tile1(j, r, t, idx);
@@ -454,14 +475,98 @@ int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x
     return rc;
 }
 
+// e^x for 16 floats (x <= 0 here): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor
+// polynomial (relative error < 2e-7), times 2^n. Scalar expf made a decode step's softmax cost more
+// than its dot products.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.f / 720.f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(y, n);
+}
+
+// Attention of one new token (decode) against the KV cache, after q/k norm and RoPE: appends its
+// key and value (from qkv = [q: nq heads x d | k: nkv x d | v: nkv x dv]) at position `pos` of the
+// per-layer cache k [nkv, cap, d], v [nkv, cap, dv], then for each query head h (KV head h / (nq /
+// nkv)): out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos]. out: [nq, dv].
+void lm_attn_decode(const float *qkv, float *kc, float *vc, int cap, int pos, int nq, int nkv, int d, int dv,
+                    float scale, float *out, float *scores, int nthreads) {
+    const float *q = qkv, *kn = qkv + (size_t)nq * d, *vn = kn + (size_t)nkv * d;
+    for (int h = 0; h < nkv; h++) {
+        memcpy(kc + ((size_t)h * cap + pos) * d, kn + (size_t)h * d, (size_t)d * sizeof(float));
+        memcpy(vc + ((size_t)h * cap + pos) * dv, vn + (size_t)h * dv, (size_t)dv * sizeof(float));
+    }
+    int S = pos + 1, group = nq / nkv;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
+    for (int h = 0; h < nq; h++) {
+        const float *qh = q + (size_t)h * d, *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
+        float *p = scores + (size_t)h * S, mx = -INFINITY, total = 0.f;
+        for (int s = 0; s < S; s++) {  // four accumulators: the FMA latency chain is d / 64 long, not d / 16
+            const float *kr = kh + (size_t)s * d;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int i = 0;
+            for (; i + 64 <= d; i += 64) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kr + i), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 16), _mm512_loadu_ps(kr + i + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 32), _mm512_loadu_ps(kr + i + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 48), _mm512_loadu_ps(kr + i + 48), a3);
+            }
+            for (; i + 16 <= d; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kr + i), a0);
+            float dot = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+            for (; i < d; i++) dot += qh[i] * kr[i];
+            p[s] = dot * scale;
+            mx = fmaxf(mx, p[s]);
+        }
+        __m512 vmx = _mm512_set1_ps(mx), vt = _mm512_setzero_ps();
+        int s = 0;
+        for (; s + 16 <= S; s += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + s), vmx));
+            _mm512_storeu_ps(p + s, e);
+            vt = _mm512_add_ps(vt, e);
+        }
+        total = _mm512_reduce_add_ps(vt);
+        for (; s < S; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
+        float inv = 1.f / total, *o = out + (size_t)h * dv;
+        int i = 0;
+        for (; i + 128 <= dv; i += 128) {  // 8 independent accumulators over positions
+            __m512 acc[8];
+            for (int c = 0; c < 8; c++) acc[c] = _mm512_setzero_ps();
+            for (int s = 0; s < S; s++) {
+                __m512 ps = _mm512_set1_ps(p[s]);
+                const float *vr = vh + (size_t)s * dv + i;
+                for (int c = 0; c < 8; c++) acc[c] = _mm512_fmadd_ps(ps, _mm512_loadu_ps(vr + 16 * c), acc[c]);
+            }
+            for (int c = 0; c < 8; c++) _mm512_storeu_ps(o + i + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        }
+        for (; i + 16 <= dv; i += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int s = 0; s < S; s++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), _mm512_loadu_ps(vh + (size_t)s * dv + i), acc);
+            _mm512_storeu_ps(o + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+        }
+        for (; i < dv; i++) {
+            float acc = 0.f;
+            for (int s = 0; s < S; s++) acc += p[s] * vh[(size_t)s * dv + i];
+            o[i] = acc * inv;
+        }
+    }
+}
+
 // Dequantize rows to float32: out [N, K] for a dense GEMM when many tokens share the weights
 // (prefill), where MKL's SGEMM beats per-token integer dot products.
 void lm_dequant_f32(int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale, const uint16_t *zero,
                     int offset, int G, float *out, int nthreads, const uint8_t *high, int hbits, int r16) {
     job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, high, hbits, r16};
     int nc = K / 64, ng = K / G;
-    if (r16) {  // G = 32; see the layout above
-        size_t gb = nibble ? 256 : 512;
+    if (r16) {  // see the layout above
+        size_t gb = nibble ? G * 8 + (hbits ? 64 : 0) : G * 16;
         #pragma omp parallel for schedule(static) num_threads(nthreads)
         for (int b = 0; b < (N + 15) / 16; b++)
             for (int g = 0; g < ng; g++)
@@ -469,10 +574,16 @@ void lm_dequant_f32(int K, int N, const uint8_t *codes, int nibble, const uint16
                     size_t sg = ((size_t)b * ng + g) * 16 + lane;
                     float sc = _cvtsh_ss(scale[sg]), zc = zero ? _cvtsh_ss(zero[sg]) : -(float)offset * sc;
                     const uint8_t *cg = codes + ((size_t)b * ng + g) * gb;
-                    for (int step = 0; step < 8; step++)
+                    for (int step = 0; step < G / 4; step++)
                         for (int q = 0; q < 4; q++) {
-                            int c = nibble ? (cg[(step / 2) * 64 + lane * 4 + q] >> (4 * (step % 2))) & 15 : cg[step * 64 + lane * 4 + q];
-                            out[(size_t)(b * 16 + lane) * K + g * 32 + step * 4 + q] = sc * (float)c + zc;
+                            int i = lane * 4 + q, c;
+                            if (nibble) {
+                                c = (cg[(step / 2) * 64 + i] >> (4 * (step % 2))) & 15;
+                                if (hbits) c |= ((cg[G * 8 + i] >> (hbits * step)) & ((1 << hbits) - 1)) << 4;
+                            } else {
+                                c = cg[step * 64 + i];
+                            }
+                            out[(size_t)(b * 16 + lane) * K + g * G + step * 4 + q] = sc * (float)c + zc;
                         }
                 }
         return;
@@ -563,6 +674,9 @@ def native_lib() -> ctypes.CDLL | None:
         f = lib.lm_qk_norm_rope
         f.restype = None
         f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        f = lib.lm_attn_decode
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         _lib = lib
         return lib
 
@@ -600,7 +714,7 @@ class QLinear:
     nibble: bool = False
     bits: int = 8  # bits per code ("vnni": 4-6 → nibbles + a high-bit plane, 8 → bytes)
     qtype: GGMLQuantizationType | None = None  # "gguf": the type of the raw bytes
-    r16: bool = False  # "vnni": rows interleaved in blocks of 16 (4- and 8-bit codes, groups of 32)
+    r16: bool = False  # "vnni": rows interleaved in blocks of 16 (R16_FORMATS)
 
     @property
     def nbytes(self) -> int:
@@ -643,12 +757,14 @@ def _gguf_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
 def _kp(w: QLinear) -> int:
     """A "vnni" weight's row length as stored: K padded to whole chunks (whole groups of 32 in r16)."""
     if w.r16:
-        return -(-w.k // 32) * 32
+        return -(-w.k // w.group) * w.group
     return w.tensors["codes"].shape[1] * (2 if w.nibble else 1)
 
 
 def _high(w: QLinear) -> tuple[int | None, int]:
     """(pointer, bits per code above 4) of a weight's high-bit plane; (None, 0) for 4- and 8-bit codes."""
+    if w.r16:  # the plane is inside each group's bytes
+        return None, w.bits - 4 if 4 < w.bits <= 6 else 0
     high = w.tensors.get("high")
     return (high.data_ptr(), w.bits - 4) if high is not None else (None, 0)
 
@@ -795,7 +911,7 @@ def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLin
 
 
 def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:
-    if ROW_BLOCKS and a.bits in (4, 8) and a.group == 32 and K % 32 == 0:
+    if ROW_BLOCKS and (a.bits, a.group) in R16_FORMATS and K % a.group == 0:
         return _pack_r16(a, N, K)
     nibble = a.bits <= 6  # 8-bit codes stay bytes
     kp = -(-K // (2 * CHUNK if nibble else CHUNK)) * (2 * CHUNK if nibble else CHUNK)
@@ -826,26 +942,33 @@ def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:
 
 def _pack_r16(a: Affine, N: int, K: int) -> QLinear:
     """The row-interleaved layout (the C source's "r16"): rows padded to blocks of 16 (code 0, scale
-    0, zero 0: padding rows compute 0 and are never stored); per block and group of 32, codes
-    [step 8, lane 16, 4] — 4-bit codes two steps per byte (step 2p low nibble, 2p + 1 high)."""
-    nb, ng = -(-N // 16), K // 32
+    0, zero 0: padding rows compute 0 and are never stored); per block and group of G, codes
+    [step G/4, lane 16, 4] — 4-6 bit codes two steps per byte (step 2p low nibble, 2p + 1 high),
+    then for 5 and 6 bits a 64-byte plane of the bits above the nibble (step s at bit hb·s)."""
+    G, hb = a.group, max(0, a.bits - 4) if a.bits <= 6 else 0
+    nb, ng = -(-N // 16), K // G
     codes, scale = a.codes.numpy(), a.scale.numpy()  # [N, K], [N, ng]
     zero = a.zero.numpy() if a.zero is not None else None
     if nb * 16 != N:
         pad = ((0, nb * 16 - N), (0, 0))
         codes, scale = np.pad(codes, pad), np.pad(scale, pad)
         zero = np.pad(zero, pad) if zero is not None else None
-    c = codes.reshape(nb, 16, ng, 8, 4).transpose(0, 2, 3, 1, 4)  # [block, group, step, lane, 4]
-    if a.bits == 4:
-        c = c.reshape(nb, ng, 4, 2, 64)
-        c = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # [block, group, 4, 64]
+    c = codes.reshape(nb, 16, ng, G // 4, 4).transpose(0, 2, 3, 1, 4).reshape(nb, ng, G // 4, 64)  # [block, group, step, lane·4]
+    if a.bits <= 6:
+        low = c & 0x0F
+        parts = [low[:, :, 0::2] | (low[:, :, 1::2] << 4)]  # [block, group, G/8, 64]
+        if hb:
+            shifts = (np.arange(G // 4, dtype=np.uint8) * hb)[None, None, :, None]
+            parts.append(np.bitwise_or.reduce((c >> 4) << shifts, axis=2)[:, :, None].astype(np.uint8))  # [block, group, 1, 64]
+        c = np.concatenate(parts, axis=2)
+
     def per_block(v: np.ndarray) -> np.ndarray:  # [rows, groups] → [block, group, lane]
         return v.reshape(nb, 16, ng).transpose(0, 2, 1)
 
     t = {"codes": torch.from_numpy(np.ascontiguousarray(c.reshape(nb, -1))), "scale": _f16_tensor(per_block(scale))}
     if zero is not None:
         t["zero"] = _f16_tensor(per_block(zero))
-    return QLinear("vnni", N, K, t, offset=a.offset, group=32, nibble=a.bits == 4, bits=a.bits, r16=True)
+    return QLinear("vnni", N, K, t, offset=a.offset, group=G, nibble=a.bits <= 6, bits=a.bits, r16=True)
 
 
 def _f16_tensor(a: np.ndarray) -> torch.Tensor:
@@ -892,6 +1015,22 @@ def qk_norm_rope(qkv: torch.Tensor, n_heads: int, n_q: int, head_dim: int, q_nor
         eps, n_rot, cos.data_ptr(), sin.data_ptr(), int(neox), torch.get_num_threads(),
     )
     return True
+
+
+def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_q: int, n_kv: int, head_dim: int, head_dim_v: int, scale: float) -> torch.Tensor | None:
+    """One token's attention in one C call: writes its key and value (from qkv [1, (n_q + n_kv)·d +
+    n_kv·dv], q and k already normed and rotated) at `pos` of the caches [n_kv, cap, d] / [n_kv, cap,
+    dv], and returns softmax(scale · q·Kᵀ) V over positions 0..pos as [1, n_q·dv]; None when the C
+    kernel does not apply (the caller runs torch's attention)."""
+    lib = native_lib()
+    tensors = (qkv, k_cache, v_cache)
+    if lib is None or qkv.shape[0] != 1 or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return None
+    out = torch.empty(1, n_q * head_dim_v, dtype=torch.float32)
+    scores = torch.empty(n_q, pos + 1, dtype=torch.float32)
+    lib.lm_attn_decode(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], pos, n_q, n_kv, head_dim, head_dim_v, scale,
+                       out.data_ptr(), scores.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def route(h: torch.Tensor, router: torch.Tensor, k: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:

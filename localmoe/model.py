@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import names
 from .experts import ExpertWeights, pack_ffn, swiglu_expert
 from .gguf_file import GGUFModel, ModelSpec, TensorView
-from .kernels import QLinear, fuse_rows, qk_norm_rope, repack, rms_norm, route
+from .kernels import QLinear, attn_decode, fuse_rows, qk_norm_rope, repack, rms_norm, route
 from .gguf_blocks import dequantize, to_torch
 
 
@@ -212,6 +212,11 @@ class MoEModel:
                 q = rms_norm(q, lw.q_norm, s.rms_eps)
                 k = rms_norm(k, lw.k_norm, s.rms_eps)
             qkv = torch.cat([self.rope(torch.cat([q, k], dim=1), pos0).flatten(1), v], dim=-1)
+        if T == 1:  # decode: cache append + attention in one C call
+            out = attn_decode(qkv, cache.k[i], cache.v[i], pos0, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, 1.0 / math.sqrt(s.head_dim))
+            if out is not None:
+                out = lw.wo(out)
+                return out + lw.bo if lw.bo is not None else out
         q, k, v = qkv.split([s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim_v], dim=-1)
         q = q.view(T, s.n_head, s.head_dim)
         k = k.view(T, s.n_head_kv, s.head_dim)
