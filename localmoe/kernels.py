@@ -559,33 +559,43 @@ void lm_attn_decode(const float *qkv, float *kc, float *vc, int cap, int pos, in
     }
 }
 
+// Row n of an r16 weight as float32 (see the layout above): out [K].
+static void r16_row(const wdesc_t *w, int n, float *out) {
+    int G = w->G, ng = w->K / G, b = n / 16, lane = n % 16;
+    size_t gb = w->nibble ? G * 8 + (w->hbits ? 64 : 0) : G * 16;
+    for (int g = 0; g < ng; g++) {
+        size_t sg = ((size_t)b * ng + g) * 16 + lane;
+        float sc = _cvtsh_ss(w->scale[sg]), zc = w->zero ? _cvtsh_ss(w->zero[sg]) : -(float)w->offset * sc;
+        const uint8_t *cg = w->codes + ((size_t)b * ng + g) * gb;
+        for (int step = 0; step < G / 4; step++)
+            for (int q = 0; q < 4; q++) {
+                int i = lane * 4 + q, c;
+                if (w->nibble) {
+                    c = (cg[(step / 2) * 64 + i] >> (4 * (step % 2))) & 15;
+                    if (w->hbits) c |= ((cg[G * 8 + i] >> (w->hbits * step)) & ((1 << w->hbits) - 1)) << 4;
+                } else {
+                    c = cg[step * 64 + i];
+                }
+                out[g * G + step * 4 + q] = sc * (float)c + zc;
+            }
+    }
+}
+
+// Rows ids[0..T) of an r16 weight as float32 (an embedding lookup): out [T, K].
+void lm_r16_rows(const wdesc_t *w, const int64_t *ids, int T, float *out) {
+    for (int t = 0; t < T; t++) r16_row(w, (int)ids[t], out + (size_t)t * w->K);
+}
+
 // Dequantize rows to float32: out [N, K] for a dense GEMM when many tokens share the weights
 // (prefill), where MKL's SGEMM beats per-token integer dot products.
 void lm_dequant_f32(int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale, const uint16_t *zero,
                     int offset, int G, float *out, int nthreads, const uint8_t *high, int hbits, int r16) {
     job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, high, hbits, r16};
     int nc = K / 64, ng = K / G;
-    if (r16) {  // see the layout above
-        size_t gb = nibble ? G * 8 + (hbits ? 64 : 0) : G * 16;
+    if (r16) {
+        wdesc_t w = {codes, high, scale, zero, N, K, nibble, offset, G, hbits, r16};
         #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int b = 0; b < (N + 15) / 16; b++)
-            for (int g = 0; g < ng; g++)
-                for (int lane = 0; lane < 16 && b * 16 + lane < N; lane++) {
-                    size_t sg = ((size_t)b * ng + g) * 16 + lane;
-                    float sc = _cvtsh_ss(scale[sg]), zc = zero ? _cvtsh_ss(zero[sg]) : -(float)offset * sc;
-                    const uint8_t *cg = codes + ((size_t)b * ng + g) * gb;
-                    for (int step = 0; step < G / 4; step++)
-                        for (int q = 0; q < 4; q++) {
-                            int i = lane * 4 + q, c;
-                            if (nibble) {
-                                c = (cg[(step / 2) * 64 + i] >> (4 * (step % 2))) & 15;
-                                if (hbits) c |= ((cg[G * 8 + i] >> (hbits * step)) & ((1 << hbits) - 1)) << 4;
-                            } else {
-                                c = cg[step * 64 + i];
-                            }
-                            out[(size_t)(b * 16 + lane) * K + g * G + step * 4 + q] = sc * (float)c + zc;
-                        }
-                }
+        for (int n = 0; n < N; n++) r16_row(&w, n, out + (size_t)n * K);
         return;
     }
     #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -674,6 +684,9 @@ def native_lib() -> ctypes.CDLL | None:
         f = lib.lm_qk_norm_rope
         f.restype = None
         f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        f = lib.lm_r16_rows
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         f = lib.lm_attn_decode
         f.restype = None
         f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -1015,6 +1028,19 @@ def qk_norm_rope(qkv: torch.Tensor, n_heads: int, n_q: int, head_dim: int, q_nor
         eps, n_rot, cos.data_ptr(), sin.data_ptr(), int(neox), torch.get_num_threads(),
     )
     return True
+
+
+def gather_rows(w: QLinear, ids: torch.Tensor) -> torch.Tensor | None:
+    """Rows `ids` [T] of an r16 weight [N, K] as float32 [T, K] (an embedding lookup, one C call);
+    None when the weight is not in that layout."""
+    if w.backend != "vnni" or not w.r16:
+        return None
+    ids = ids.to(device="cpu", dtype=torch.int64).contiguous()
+    if any(not 0 <= i < w.n for i in ids.tolist()):  # the C code does not check
+        raise IndexError(f"row id out of range for a weight of {w.n} rows")
+    out = torch.empty(ids.numel(), _kp(w), dtype=torch.float32)
+    native_lib().lm_r16_rows(ctypes.byref(_desc(w)), ids.data_ptr(), ids.numel(), out.data_ptr())
+    return out[:, : w.k] if _kp(w) != w.k else out
 
 
 def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_q: int, n_kv: int, head_dim: int, head_dim_v: int, scale: float) -> torch.Tensor | None:

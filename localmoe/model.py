@@ -23,11 +23,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from . import names
+from . import kernels, names
 from .experts import ExpertWeights, pack_ffn, swiglu_expert
 from .gguf_file import GGUFModel, ModelSpec, TensorView
-from .kernels import QLinear, attn_decode, fuse_rows, qk_norm_rope, repack, rms_norm, route
-from .gguf_blocks import dequantize, to_torch
+from .kernels import QLinear, attn_decode, fuse_rows, gather_rows, native_lib, qk_norm_rope, repack, rms_norm, route
+from .gguf_blocks import BLOCK_TYPES, dequantize, to_torch
 
 
 class ExpertFn(Protocol):
@@ -138,6 +138,12 @@ class MoEModel:
         self.embd: TensorView = model.view(names.TOKEN_EMBD)
         self.output_norm = load(names.OUTPUT_NORM)
         self.output = linear(names.OUTPUT) if model.has(names.OUTPUT) else linear(names.TOKEN_EMBD)  # [V, D]; tied when absent
+        # the embedding in the C kernel's row-block layout for one-call lookups (CPU): the output
+        # head's when tied, else a repacked copy (about the table's size in the file)
+        self.embd_packed: QLinear | None = None
+        if device.type == "cpu" and self.embd.qtype in BLOCK_TYPES and native_lib() is not None and kernels.ROW_BLOCKS:
+            packed = self.output if not model.has(names.OUTPUT) else linear(names.TOKEN_EMBD)
+            self.embd_packed = packed if packed.r16 else None
         half = spec.n_rot // 2
         # θ_i = base^(-2i/n_rot), i < n_rot/2 (float64 then rounded once, like ggml's float powers)
         self.inv_freq = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.n_rot)
@@ -154,21 +160,26 @@ class MoEModel:
         return n
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dequantize only the embedding rows needed: ids [T] → [T, D]."""
+        """The embedding rows of ids [T] → [T, D]: from the repacked table in one C call when there
+        is one (a decode step's torch ops run with cold caches and cost ~0.2 ms; exact for the
+        32-weight types, the K-types' composite scales rounded to float16 as in every matmul), else
+        only the rows needed dequantized exactly from the file."""
+        if self.embd_packed is not None:
+            return gather_rows(self.embd_packed, ids)
         rows = self.embd.data[ids.cpu().numpy()]
         return dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)).to(self.device)
 
     def rope_tables(self, pos0: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions pos0 .. pos0+T-1 → (cos, sin) [T, 1, n_rot/2] float32 on `device`; the last
-        call's tables are reused (every layer of a forward pass rotates the same positions). Keyed
-        on host integers: no device readback."""
-        key = (T, pos0, device)
-        if getattr(self, "_rope_key", None) != key:
-            pos = torch.arange(pos0, pos0 + T, dtype=torch.float64, device=device)
-            theta = (pos * self.spec.rope_freq_scale)[:, None] * self.inv_freq.to(device)[None, :]  # [T, n_rot/2]
-            self._rope_tables = (torch.cos(theta).float()[:, None, :], torch.sin(theta).float()[:, None, :])
-            self._rope_key = key
-        return self._rope_tables
+        """Positions pos0 .. pos0+T-1 → (cos, sin) [T, 1, n_rot/2] float32 on `device`: slices of
+        tables computed once for every position so far (doubling), so a decode step runs no
+        trigonometry. Keyed on host integers: no device readback."""
+        cached = getattr(self, "_rope", None)
+        if cached is None or cached[0] != device or cached[1].shape[0] < pos0 + T:
+            n = max(pos0 + T, 256, 2 * cached[1].shape[0] if cached is not None and cached[0] == device else 0)
+            pos = torch.arange(n, dtype=torch.float64, device=device)
+            theta = (pos * self.spec.rope_freq_scale)[:, None] * self.inv_freq.to(device)[None, :]  # [n, n_rot/2]
+            cached = self._rope = (device, torch.cos(theta).float()[:, None, :], torch.sin(theta).float()[:, None, :])
+        return cached[1][pos0 : pos0 + T], cached[2][pos0 : pos0 + T]
 
     def rope(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
         """x [T, heads, d] at positions pos0.. → x with its first n_rot dims of every head rotated."""

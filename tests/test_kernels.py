@@ -161,8 +161,8 @@ def test_vnni_pads_columns_that_are_not_a_multiple_of_64():
 @pytest.mark.parametrize("qtype", tuple(BLOCKS), ids=lambda q: q.name)
 def test_row_blocks_take_any_row_count(qtype):
     """The row-interleaved layout pads rows to blocks of 16: 37 rows (two full blocks and a tail of
-    5) give the same products as each row alone, through the one-weight, the many-weight and the
-    dequantizing entry points."""
+    5) give the same products as each row alone, through the one-weight, the many-weight, the
+    dequantizing and the row-gathering (embedding) entry points."""
     rng = np.random.default_rng(7)
     k = 256
     raw = random_blocks(qtype, 37, k, rng)
@@ -173,6 +173,10 @@ def test_row_blocks_take_any_row_count(qtype):
     tol = 1e-3 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 1e-5
     assert rel_err(w(x), q8_activations(x) @ ref.T) <= tol
     assert rel_err(kernels.dequant_f32(w)[:, :k], ref) <= tol
+    rows = torch.tensor([36, 0, 17, 16])  # the embedding lookup: the tail block, both ends of a block
+    assert rel_err(kernels.gather_rows(w, rows), ref[rows.numpy()]) <= tol
+    with pytest.raises(IndexError):
+        kernels.gather_rows(w, torch.tensor([37]))
     many = kernels.matvec_many([w, w], x[:2])  # row e of x against weight e
     assert rel_err(many, np.stack([q8_activations(x[e : e + 1])[0] @ ref.T for e in range(2)])) <= tol
 
