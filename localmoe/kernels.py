@@ -10,7 +10,9 @@ symmetric types, zero = −offset · scale with no zeros stored): about the file
     "vnni"     our C kernel (AVX-512 VNNI, built on first use with the system C compiler): the
                activations are quantized to int8 per 32 values as llama.cpp does (Q8_0 rounding)
                and each group's integer dot products are scaled in float. Reads only the packed
-               bytes. With LOCALMOE_GEMM_ROWS=N, from N rows on it dequantizes the weight once to
+               bytes, stored row-interleaved in blocks of 16 rows ("r16": 16 rows' dot products
+               per instruction, summed in int32 per group; LOCALMOE_ROW_BLOCKS=0 keeps one row at
+               a time). With LOCALMOE_GEMM_ROWS=N, from N rows on it dequantizes the weight once to
                float32 for an SGEMM instead.
     "int4"     torch._weight_int4pack_mm_for_cpu (bf16 activations), for 4-bit codes with G = 32.
     "bf16"     dequantized once to bfloat16 + F.linear (CPU fallback for 5-8 bit types, F16, BF16).
