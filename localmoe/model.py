@@ -223,11 +223,18 @@ class MoEModel:
                 q = rms_norm(q, lw.q_norm, s.rms_eps)
                 k = rms_norm(k, lw.k_norm, s.rms_eps)
             qkv = torch.cat([self.rope(torch.cat([q, k], dim=1), pos0).flatten(1), v], dim=-1)
-        if T == 1:  # decode: cache append + attention in one C call
-            out = attn_decode(qkv, cache.k[i], cache.v[i], pos0, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, 1.0 / math.sqrt(s.head_dim))
-            if out is not None:
-                out = lw.wo(out)
-                return out + lw.bo if lw.bo is not None else out
+        scale = 1.0 / math.sqrt(s.head_dim)
+        # decode: cache append + attention in one C call; otherwise (or without the kernel) torch
+        out = attn_decode(qkv, cache.k[i], cache.v[i], pos0, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, scale) if T == 1 else None
+        if out is None:
+            out = self._sdpa(i, qkv, cache, pos0, scale)
+        out = lw.wo(out)
+        return out + lw.bo if lw.bo is not None else out
+
+    def _sdpa(self, i: int, qkv: torch.Tensor, cache: KVCache, pos0: int, scale: float) -> torch.Tensor:
+        """torch's attention for qkv [T, ...] (q/k normed and rotated) at positions pos0..: appends
+        K/V to layer i's cache, returns [T, n_head · dv]."""
+        s, T = self.spec, qkv.shape[0]
         q, k, v = qkv.split([s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim_v], dim=-1)
         q = q.view(T, s.n_head, s.head_dim)
         k = k.view(T, s.n_head_kv, s.head_dim)
@@ -241,12 +248,10 @@ class MoEModel:
         qh = q.transpose(0, 1).reshape(s.n_head_kv, group * T, s.head_dim)  # [Hkv, group*T, d]: row g*T + t
         mask = None
         if T > 1:  # query t sees keys up to pos0 + t (a single new token sees every key)
-            pos = torch.arange(pos0, pos0 + T, device=h.device)
-            mask = (torch.arange(S, device=h.device)[None, :] <= pos[:, None]).repeat(group, 1)  # [group*T, S]
-        out = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], attn_mask=mask, scale=1.0 / math.sqrt(s.head_dim))  # [1, Hkv, group*T, dv]
-        out = out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
-        out = lw.wo(out)
-        return out + lw.bo if lw.bo is not None else out
+            pos = torch.arange(pos0, pos0 + T, device=qkv.device)
+            mask = (torch.arange(S, device=qkv.device)[None, :] <= pos[:, None]).repeat(group, 1)  # [group*T, S]
+        out = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], attn_mask=mask, scale=scale)  # [1, Hkv, group*T, dv]
+        return out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
 
     def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router of layer i: h [T, D] → (ids [T, k] int64, weights [T, k] float32)."""

@@ -102,7 +102,7 @@ class StatsCollector:
     # -- updates from the engine ------------------------------------------------------------------
     def count_routed(self, layer: int, ids: torch.Tensor, resident: torch.Tensor | None = None) -> None:
         """Record the routed uses of one layer. ids [T, k]; resident [T, k] bool (None: all resident)."""
-        flat = ids.reshape(-1).numpy()  # numpy: a decode step's few ids cost a torch op ~10 µs each
+        flat = ids.reshape(-1).cpu().numpy()  # numpy: a decode step's few ids cost a torch op ~10 µs each
         n_hit = len(flat) if resident is None else int(resident.sum())
         with self._lock:
             np.add.at(self.expert_uses[layer], flat[flat >= 0], 1)
