@@ -226,8 +226,8 @@ def test_model_runs_on_the_torch_fallback_kernels(make_model, tmp_path):
 
 @pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
 def test_fused_decode_ops_equal_their_torch_definitions():
-    """The C helpers of the decode path (RMS norm, q/k norm + RoPE, router, SwiGLU block) compute
-    what their torch definitions do."""
+    """The C helpers of the decode path (RMS norm, q/k norm + RoPE, router, attention over the KV
+    cache, SwiGLU block) compute what their torch definitions do."""
     import torch.nn.functional as F
 
     from localmoe.experts import pack_ffn, swiglu_expert
@@ -267,6 +267,20 @@ def test_fused_decode_ops_equal_their_torch_definitions():
         ref_w = ref_w * (scale if scale not in (0.0, 1.0) else 1.0)
         assert torch.equal(ids, ref_i)
         torch.testing.assert_close(wts, ref_w, rtol=1e-5, atol=1e-6)
+
+    # decode attention: appends the token's K/V at `pos`, then softmax(scale q·Kᵀ) V per query head (GQA)
+    H, Hkv, d, dv, cap, pos = 8, 2, 64, 48, 40, 29  # dv ≠ d, and head sizes that are not 128
+    kc, vc = torch.randn(Hkv, cap, d, generator=g), torch.randn(Hkv, cap, dv, generator=g)
+    qkv = torch.randn(1, (H + Hkv) * d + Hkv * dv, generator=g)
+    k_want, v_want = kc.clone(), vc.clone()
+    k_want[:, pos] = qkv[0, H * d : (H + Hkv) * d].view(Hkv, d)
+    v_want[:, pos] = qkv[0, (H + Hkv) * d :].view(Hkv, dv)
+    out = kernels.attn_decode(qkv, kc, vc, pos, H, Hkv, d, dv, 0.125)
+    assert out is not None and torch.equal(kc, k_want) and torch.equal(vc, v_want)
+    q = qkv[0, : H * d].view(H, 1, d)
+    keys, vals = k_want[:, : pos + 1].repeat_interleave(H // Hkv, 0), v_want[:, : pos + 1].repeat_interleave(H // Hkv, 0)
+    want = ((q @ keys.transpose(1, 2)) * 0.125).softmax(-1) @ vals  # [H, 1, dv]
+    torch.testing.assert_close(out.view(H, dv), want[:, 0], rtol=1e-5, atol=1e-5)
 
     # the SwiGLU block of k experts for one token: the weighted sum of the experts one by one
     rng = np.random.default_rng(9)
