@@ -29,7 +29,6 @@ also needs llama-cpp-python.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -853,34 +852,13 @@ def model_from_gguf(path: Path, cfg: ModelConfig):
 # Evaluation
 # --------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def llama_without_extra_bufts():
-    """Load llama.cpp models with use_extra_bufts=False while this context is active.
-
-    Work-around: in the llama-cpp-python 0.3.36 build on this (AMX_INT8-capable) machine, batched
-    decoding of any Q8_0 model crashes (SIGSEGV) when weights live in the CPU "extra" buffer types
-    (AMX / repacked); single-token decoding and the plain CPU buffers are fine. llama-cpp-python has no
-    keyword for this model parameter, so we patch its default-params factory for the duration.
-    """
-    import llama_cpp
-    import llama_cpp.llama as llama_mod
-    orig = llama_mod.llama_cpp.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    llama_mod.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        llama_mod.llama_cpp.llama_model_default_params = orig
-
-
 def open_llama(path: Path, **kwargs):
+    """llama.cpp on its plain CPU buffers (localmoe.llama_ref says why: the extra buffer types
+    crashed batched Q8_0 decoding on an AMX-capable machine, and the plain path is the reference)."""
     from llama_cpp import Llama
-    with llama_without_extra_bufts():
+
+    from localmoe.llama_ref import plain_cpu_buffers
+    with plain_cpu_buffers():
         return Llama(str(path), verbose=False, **kwargs)
 
 
