@@ -272,12 +272,13 @@ def format_table(res: BenchResult) -> str:
 
 # -- kernel micro-benchmark (`localmoe bench --kernels`) ---------------------------------------------
 # (weights per block, bytes per block, byte offsets of float16 scale fields) of each block type
-_BLOCKS = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)), "Q5_1": (32, 24, (0, 2)), "Q8_0": (32, 34, (0,)), "Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,))}
+# (weights per block, bytes per block, byte offsets of float16 scale fields) of each block type
+BLOCK_LAYOUTS = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)), "Q5_1": (32, 24, (0, 2)), "Q8_0": (32, 34, (0,)), "Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,))}
 
 
 def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """A [n, k] matrix of a block type as random bytes with sane float16 scales: every code pattern occurs."""
-    per, size, f16_at = _BLOCKS[qtype_name]
+    per, size, f16_at = BLOCK_LAYOUTS[qtype_name]
     b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
     for at in f16_at:
         b[..., at : at + 2] = (rng.uniform(0.5, 2.0, (n, k // per)) * 0.01).astype(np.float16)[..., None].view(np.uint8)

@@ -13,32 +13,18 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from localmoe import kernels
+from localmoe import bench, kernels
 from localmoe import gguf_blocks
 from localmoe.gguf_blocks import decode
 from localmoe.kernels import fuse_rows, repack
 
-# (weights per block, bytes per block, byte offsets of float16 scale fields)
-BLOCKS = {
-    Q.Q4_0: (32, 18, (0,)),
-    Q.Q4_1: (32, 20, (0, 2)),
-    Q.Q5_0: (32, 22, (0,)),
-    Q.Q5_1: (32, 24, (0, 2)),
-    Q.Q8_0: (32, 34, (0,)),
-    Q.Q4_K: (256, 144, (0, 2)),
-    Q.Q5_K: (256, 176, (0, 2)),
-    Q.Q6_K: (256, 210, (208,)),
-}
+BLOCKS = {Q[name]: layout for name, layout in bench.BLOCK_LAYOUTS.items()}  # the block types and their layouts
 FLOATS = (Q.F32, Q.F16, Q.BF16)
 ALL_TYPES = FLOATS + tuple(BLOCKS)
 
 
 def random_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    per, size, f16_at = BLOCKS[qtype]
-    b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
-    for at in f16_at:
-        b[..., at : at + 2] = (rng.uniform(0.5, 2.0, (n, k // per)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
-    return b.reshape(n, -1)
+    return bench.random_blocks(qtype.name, n, k, rng)
 
 
 def random_matrix(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
