@@ -77,6 +77,7 @@ class ExpertScheduler:
         self._predicted: dict[int, list[int]] = {}  # layer → experts predicted for it
         self._arrival: dict[Key, float] = {}  # modelled time a loading expert becomes usable
         self._prefetched: set[Key] = set()  # loaded by prefetch and not yet used
+        self._predictions = [0, 0]  # predicted experts so far, and how many the router then chose
         self._configure(config)
 
     # -- settings ---------------------------------------------------------------------------------
@@ -147,6 +148,17 @@ class ExpertScheduler:
         p = self.profile
         return p.copy_seconds(nbytes) + p.gpu_seconds(nbytes, flops) < p.cpu_seconds(nbytes, flops) + 2 * p.pcie_latency_s
 
+    def _prefetch_pays(self, start: float, next_routed: float, nbytes: int) -> bool:
+        """Whether a prefetch copy that can start at `start` is worth its link time: right (with
+        the predictions' precision q so far), it saves what a demand fetch at the next layer's
+        routing would wait beyond it; wrong, it holds the link past that routing and delays the
+        next layer's own fetches by as much."""
+        copy = self.profile.copy_seconds(nbytes)
+        q = (self._predictions[1] + 1) / (self._predictions[0] + 2)
+        saved = min(copy, next_routed - start)
+        delay = max(0.0, start + copy - next_routed)
+        return q * saved > (1 - q) * delay
+
     # -- hooks the forward pass calls -------------------------------------------------------------
     def after_attention(self, layer: int, x: torch.Tensor) -> None:
         """x [T, D]: the residual stream after layer `layer`'s attention. Predict the next layer's
@@ -178,6 +190,8 @@ class ExpertScheduler:
         st.count_routed(layer, ids, resident_mask)
         if predicted is not None:
             st.count_prediction(layer, predicted, experts)
+            self._predictions[0] += len(predicted)
+            self._predictions[1] += len(set(predicted) & set(experts))
         for e in experts:
             if resident[e] and (layer, e) in self._prefetched:
                 self._prefetched.discard((layer, e))
@@ -195,9 +209,9 @@ class ExpertScheduler:
             ids, weights = plan.ids, plan.weights
             for kind, n in plan.substitutions.items():
                 st.add_substitution(layer, kind, n)
-            for e in missing:  # substituted or skipped now; worth having for later tokens
-                if e not in plan.where:
-                    self._background_upload((layer, e), tick, protected, routed)
+        # experts this layer needed but did not load (substituted, skipped, computed on the CPU):
+        # worth having for later tokens, uploaded in the background after the prefetch (step 7)
+        upload_later = [e for e in missing if e not in plan.where] if plan is not None else []
 
         # 3./4./5. run the experts: GPU tier, link and CPU, each charged to the timeline
         cpu_end = routed
@@ -222,20 +236,32 @@ class ExpertScheduler:
             else:
                 tl.run_gpu(p.gpu_seconds(nbytes, flops), ready=max(routed, self._arrival.pop(key, 0.0)))
         out = self._run_experts(layer, x, rows_of, on_cpu)
-        for e in sorted(on_cpu):  # worth having for later tokens, if the link is idle
-            self._background_upload((layer, e), tick, protected, routed)
-        tl.now = max(tl.gpu, cpu_end + p.pcie_latency_s)
+        upload_later += sorted(on_cpu)
+        # the layer ends when the GPU is done and the CPU's sum is back on it (no CPU share: no copy)
+        tl.now = max(tl.gpu, routed, cpu_end + p.pcie_latency_s if on_cpu else routed)
 
-        # 6. prefetch the next layer's predicted experts, overlapping this layer's compute
+        # 6. prefetch the next layer's predicted experts, overlapping this layer's compute. The
+        # prediction is read back with this layer's routing (one sync), so the copies can start at
+        # `routed`; on the link they queue behind this layer's demand fetches only.
         nxt = self._predicted.get(layer + 1)
         if nxt:
+            protected = protected + [(layer + 1, n) for n in nxt]
             for e in nxt:  # the policy hears the prediction before it decides on admissions
                 self.policy.hint((layer + 1, e), tick)
+            next_routed = tl.now + p.gpu_seconds(self.dense_bytes_per_layer, self.dense_flops_per_row * T) + p.sync_latency_s
             for e in nxt:
                 key = (layer + 1, e)
-                if key not in self.cache and self._load(key, tick, protected + [(layer + 1, n) for n in nxt], ready=attn_end, prefetch=True):
+                if key in self.cache:
+                    continue
+                if not self._prefetch_pays(max(tl.link, routed), next_routed, self.bytes_per_expert[layer + 1]):
+                    break
+                if self._load(key, tick, protected, ready=routed, prefetch=True):
                     st.add(layer + 1, prefetch_issued=1)
                     self._prefetched.add(key)
+
+        # 7. background uploads last: they must never delay a fetch or a prefetch
+        for e in upload_later:
+            self._background_upload((layer, e), tick, protected, routed)
 
         if layer == self.n_layer - 1:
             self.token += T

@@ -149,6 +149,49 @@ def test_prefetch_counts_and_configure(moe16):
         assert not rt.scheduler.cache.resident
 
 
+def test_prefetch_is_issued_only_when_it_pays(moe16):
+    with localmoe.load(moe16, device="cpu", gpu_mem=_budget(moe16, 0.3), profile="laptop-8gb") as rt:
+        sched = rt.scheduler
+        nbytes = sched.bytes_per_expert[1]
+        copy = sched.profile.copy_seconds(nbytes)
+        assert sched._predictions == [0, 0]  # no evidence yet: precision 1/2
+        assert sched._prefetch_pays(0.0, 2 * copy, nbytes)  # lands before it is needed: nothing to lose
+        assert not sched._prefetch_pays(0.0, 0.1 * copy, nbytes)  # saves 10% of a copy, risks 90%
+        assert not sched._prefetch_pays(copy, copy, nbytes)  # could not even start in time
+        sched._predictions = [1000, 950]  # precise predictions make the same late copy worth it
+        assert sched._prefetch_pays(0.0, 0.1 * copy, nbytes)
+
+
+def test_background_uploads_never_delay_a_prefetch(moe16):
+    """Within one layer's step the link serves demand fetches, then the next layer's prefetch, then
+    background uploads of what the layer skipped (here: dropped experts)."""
+    with localmoe.load(moe16, device="cpu", gpu_mem=_budget(moe16, 0.3), on_miss="drop", profile="laptop-8gb") as rt:
+        sched, steps = rt.scheduler, {}
+        real_load, real_background = sched._load, sched._background_upload
+        tag = [None]
+
+        def load(key, tick, protected, ready, prefetch=False):
+            kind = "prefetch" if prefetch else tag[0] or "demand"
+            step = (sched.token, key[0] - 1 if prefetch else key[0])
+            steps.setdefault(step, []).append(kind)
+            return real_load(key, tick, protected, ready, prefetch)
+
+        def background(*args):
+            tag[0] = "background"
+            try:
+                real_background(*args)
+            finally:
+                tag[0] = None
+
+        sched._load, sched._background_upload = load, background
+        rt.generate("the model of experts", max_tokens=16, temperature=0)
+        kinds = [k for seq in steps.values() for k in seq]
+        assert "prefetch" in kinds and "background" in kinds
+        order = {"demand": 0, "prefetch": 1, "background": 2}
+        for seq in steps.values():
+            assert [order[k] for k in seq] == sorted(order[k] for k in seq), seq
+
+
 def test_trace_records_and_replays(moe16, tmp_path):
     path = str(tmp_path / "t.jsonl")
     with localmoe.load(moe16, device="cpu", trace=path) as rt:
