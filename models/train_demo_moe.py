@@ -54,6 +54,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+REWARM_STEPS = 20  # learning-rate warm-up after upcycling (fresh Adam moments)
 EVAL_EVERY = 20  # document i of a domain is held out when i % EVAL_EVERY == EVAL_EVERY // 2 (5%)
 
 
@@ -629,6 +630,84 @@ class ThreadGovernor:
         return n
 
 
+def dense_config(cfg: ModelConfig, groups: int) -> ModelConfig:
+    """The dense model the MoE is upcycled from: one always-used FFN of `groups` segments, each as
+    wide as an expert (an MoE with a single expert, so one model class serves both phases)."""
+    from dataclasses import replace
+    return replace(cfg, n_expert=1, n_expert_used=1, expert_ffn=groups * cfg.expert_ffn)
+
+
+def expert_group(e: int, groups: int) -> int:
+    """The dense FFN segment expert e was copied from: experts g, g + G, g + 2G, ... are replicas."""
+    return e % groups
+
+
+def upcycle(dense, cfg: ModelConfig, groups: int, seed: int):
+    """Sparse upcycling, fine-grained (as Qwen1.5-MoE was made from a dense model): the dense FFN's
+    intermediate dimension is cut into `groups` segments of cfg.expert_ffn; expert e starts as a copy
+    of segment e % groups, so each segment has n_expert / groups replicas. The down projection is
+    scaled by `groups`: with k slots of renormalised weight 1/k each drawing a segment at random,
+    the MoE output starts equal to the dense FFN's on average (exactly so when the k slots hold the
+    k = groups distinct segments). Everything else is copied;
+    the router starts fresh (its noise decides which replica a token meets, so replicas see
+    different tokens and drift apart: that is where specialisation and the redundancy come from)."""
+    import torch
+    torch.manual_seed(seed + 1)
+    moe = build_model(cfg)
+    F_e = cfg.expert_ffn
+    src = dict(dense.named_parameters())
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if ".w_" not in name and ".router." not in name:
+                p.copy_(src[name])
+        for bd, bm in zip(dense.blocks, moe.blocks):
+            for e in range(cfg.n_expert):
+                seg = slice(expert_group(e, groups) * F_e, (expert_group(e, groups) + 1) * F_e)
+                bm.w_gate[e].copy_(bd.w_gate[0, seg])
+                bm.w_up[e].copy_(bd.w_up[0, seg])
+                bm.w_down[e].copy_(bd.w_down[0][:, seg] * groups)
+    return moe
+
+
+def make_optimizer(model, args):
+    import torch
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def carry_optimizer_state(old_opt, old_model, new_opt, new_model) -> None:
+    """Adam moments of the parameters upcycling copied unchanged (attention, norms, embeddings)."""
+    old = dict(old_model.named_parameters())
+    for name, p in new_model.named_parameters():
+        q = old.get(name)
+        if q is not None and q.shape == p.shape and q in old_opt.state:
+            new_opt.state[p] = {k: v.clone() for k, v in old_opt.state[q].items()}
+
+
+def replica_similarity(model, groups: int) -> tuple[float, float]:
+    """Mean cosine of the experts' flattened weights (gate, up, down) between replicas of the same
+    segment, and between experts of different segments, over all layers."""
+    import torch
+    same, other = [], []
+    with torch.no_grad():
+        for b in model.blocks:
+            E = b.w_gate.shape[0]
+            if E < 2:
+                return float("nan"), float("nan")
+            w = torch.cat([b.w_gate.reshape(E, -1), b.w_up.reshape(E, -1), b.w_down.transpose(1, 2).reshape(E, -1)], 1)
+            w = torch.nn.functional.normalize(w, dim=1)
+            cos = w @ w.T
+            g = torch.tensor([expert_group(e, groups) for e in range(E)])
+            sib = (g[:, None] == g[None, :]) & ~torch.eye(E, dtype=torch.bool)
+            diff = g[:, None] != g[None, :]
+            same.append(cos[sib].mean().item() if sib.any() else float("nan"))
+            other.append(cos[diff].mean().item() if diff.any() else float("nan"))
+    return float(np.mean(same)), float(np.mean(other))
+
+
 def save_checkpoint(path: Path, model, opt, state: dict) -> None:
     import torch
     tmp = path.with_suffix(".tmp")
@@ -637,6 +716,9 @@ def save_checkpoint(path: Path, model, opt, state: dict) -> None:
 
 
 def step_train(args, tokens: dict) -> dict:
+    """Train for --minutes / --steps. With --upcycle-frac F > 0 the first F of the budget trains a
+    dense model (FFN of --upcycle-groups expert-sized segments), which is then upcycled into the
+    MoE (see `upcycle`) and trained on; the learning-rate schedule runs over the whole budget."""
     import torch
     import torch.nn.functional as F
 
@@ -644,33 +726,43 @@ def step_train(args, tokens: dict) -> dict:
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
     cfg = model_config(args, tokens)
+    upcycling = args.upcycle_frac > 0
     run_key = stamp({"cfg": asdict(cfg), "data": tokens["stamp"], "lr": args.lr, "batch": args.batch,
-                     "aux": args.aux_coef, "z": args.z_coef, "seed": args.seed})
+                     "aux": args.aux_coef, "z": args.z_coef, "seed": args.seed,
+                     **({"upcycle": [args.upcycle_frac, args.upcycle_groups]} if upcycling else {})})
     total, active = count_params(cfg)
     log(f"train: model {asdict(cfg)}")
     log(f"train: {total / 1e6:.2f} M parameters ({active / 1e6:.2f} M active per token)")
+    if upcycling:
+        log(f"train: the first {args.upcycle_frac:.0%} of the budget trains a dense model with an FFN of "
+            f"{args.upcycle_groups} x {cfg.expert_ffn}, then upcycles it into {cfg.n_expert} experts "
+            f"({cfg.n_expert // args.upcycle_groups} replicas of each segment)")
+    dense_cfg = dense_config(cfg, args.upcycle_groups) if upcycling else None
 
-    model = build_model(cfg)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     ckpt_path = work / "ckpt.pt"
-    state = {"step": 0, "elapsed_s": 0.0, "run_key": run_key, "cfg": asdict(cfg), "history": []}
+    state = {"step": 0, "elapsed_s": 0.0, "run_key": run_key, "cfg": asdict(dense_cfg or cfg), "history": [],
+             "phase": "dense" if upcycling else "moe", "moe_from_step": 0,
+             "upcycle": [args.upcycle_frac, args.upcycle_groups] if upcycling else None}
     rng = np.random.default_rng(args.seed)
+    ck = None
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck.get("run_key") == run_key:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-            state = {k: ck[k] for k in ("step", "elapsed_s", "run_key", "cfg", "history")}
-            rng.bit_generator.state = ck["rng"]
-            log(f"train: resumed from {ckpt_path} at step {state['step']} "
-                f"({state['elapsed_s'] / 60:.1f} min trained)")
-        else:
+        if ck.get("run_key") != run_key:
             log(f"train: WARNING {ckpt_path} belongs to a different configuration; starting over "
                 "(it will be overwritten)")
+            ck = None
+    if ck is not None:
+        state = {k: ck[k] for k in ("step", "elapsed_s", "run_key", "cfg", "history")}
+        state["phase"], state["moe_from_step"] = ck.get("phase", "moe"), ck.get("moe_from_step", 0)
+        state["upcycle"] = ck.get("upcycle", [args.upcycle_frac, args.upcycle_groups] if upcycling else None)
+    model = build_model(ModelConfig(**state["cfg"]))
+    opt = make_optimizer(model, args)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        rng.bit_generator.state = ck["rng"]
+        log(f"train: resumed from {ckpt_path} at step {state['step']} ({state['phase']} phase, "
+            f"{state['elapsed_s'] / 60:.1f} min trained)")
 
     data = np.load(work / "tokens.npz")
     stream = torch.from_numpy(data["train"].astype(np.int64))
@@ -688,9 +780,19 @@ def step_train(args, tokens: dict) -> dict:
         torch.set_num_threads(governor.n)
     model.train()
     while progress() < 1.0:
+        if state["phase"] == "dense" and progress() >= args.upcycle_frac:
+            moe = upcycle(model, cfg, args.upcycle_groups, args.seed)
+            moe_opt = make_optimizer(moe, args)
+            carry_optimizer_state(opt, model, moe_opt, moe)
+            model, opt = moe.train(), moe_opt
+            state.update(phase="moe", moe_from_step=state["step"], cfg=asdict(cfg))
+            log(f"train: upcycled the dense model into {cfg.n_expert} experts at step {state['step']} "
+                f"({state['elapsed_s'] / 60:.1f} min)")
         t0 = time.time()
+        # the upcycled experts and the new router start with fresh Adam moments: warm them up again
+        rewarm = min(1.0, (state["step"] - state["moe_from_step"] + 1) / REWARM_STEPS) if state["moe_from_step"] else 1.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(progress(), args)
+            g["lr"] = lr_at(progress(), args) * rewarm
         off = torch.from_numpy(rng.integers(0, len(stream) - T - 1, size=B))
         idx = off[:, None] + torch.arange(T + 1)[None, :]
         batch = stream[idx]                                   # [B, T+1]
@@ -698,7 +800,7 @@ def step_train(args, tokens: dict) -> dict:
         logits = model(batch[:, :-1], stats)                  # [B, T, V]
         ce = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), batch[:, 1:].reshape(-1))
         aux, z = stats["aux"] / cfg.n_layer, stats["z"] / cfg.n_layer
-        loss = ce + args.aux_coef * aux + args.z_coef * z
+        loss = ce + (args.aux_coef * aux + args.z_coef * z if state["phase"] == "moe" else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -716,15 +818,21 @@ def step_train(args, tokens: dict) -> dict:
             max_share = (counts / counts.sum(1, keepdim=True)).max().item()
             tps = tok_log / (time.time() - t_log)
             left = state["elapsed_s"] * (1 - progress()) / max(progress(), 1e-9)  # seconds
-            log(f"step {state['step']:6d} | ce {ce.item():.3f} | aux {aux.item():.3f} | z {z.item():.2f} "
+            extra = ""
+            if upcycling and state["phase"] == "moe":
+                same, other = replica_similarity(model, args.upcycle_groups)
+                extra = f" | replica cos {same:.2f} (others {other:.2f})"
+            log(f"step {state['step']:6d} | {state['phase']} | ce {ce.item():.3f} | aux {aux.item():.3f} | z {z.item():.2f} "
                 f"| max expert share {max_share:.2f} | lr {opt.param_groups[0]['lr']:.2e} | {tps:,.0f} tok/s "
-                f"| {state['elapsed_s'] / 60:.1f} min | ETA {left / 60:.1f} min")
+                f"| {state['elapsed_s'] / 60:.1f} min | ETA {left / 60:.1f} min{extra}")
             state["history"].append([state["step"], round(state["elapsed_s"], 1), round(ce.item(), 4)])
             t_log, tok_log = time.time(), 0
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
             save_checkpoint(ckpt_path, model, opt, {**state, "rng": rng.bit_generator.state})
             last_ckpt = time.time()
             log(f"train: checkpoint saved ({ckpt_path})")
+    if state["phase"] != "moe":
+        sys.exit("error: the training budget ended before the dense model was upcycled; lower --upcycle-frac")
     save_checkpoint(ckpt_path, model, opt, {**state, "rng": rng.bit_generator.state})
     log(f"train: done, {state['step']} steps, {state['elapsed_s'] / 60:.1f} min, "
         f"{state['step'] * B * T / 1e6:.1f} M tokens seen")
@@ -986,6 +1094,11 @@ def step_eval(args, tokens: dict, corpus: dict) -> dict:
               "params": count_params(cfg)[0], "active_params": count_params(cfg)[1],
               "config": asdict(cfg), "train_steps": ck["step"],
               "train_minutes": round(ck["elapsed_s"] / 60, 1), "domains": {}}
+    frac, groups = ck.get("upcycle") or (args.upcycle_frac, args.upcycle_groups)
+    if ck.get("moe_from_step") and cfg.n_expert > groups:  # upcycled, with replicas
+        same, other = replica_similarity(model, groups)
+        report["upcycle"] = {"frac": frac, "groups": groups, "moe_from_step": ck["moe_from_step"],
+                             "replica_weight_cosine": same, "other_weight_cosine": other}
     counts_by_domain = {}
     for name in tokens["domains"]:
         windows = data[f"eval_{name}"]
@@ -1031,10 +1144,16 @@ def step_eval(args, tokens: dict, corpus: dict) -> dict:
 
 def report_markdown(r: dict, usage_rows: list[str], tokens: dict) -> str:
     lines = [f"Model: {r['params'] / 1e6:.2f} M parameters ({r['active_params'] / 1e6:.2f} M active per token), "
-             f"GGUF {r['gguf_mb']} MB, {r['train_steps']} steps in {r['train_minutes']} min.", "",
-             "| domain | eval tokens | ppl llama.cpp | ppl localmoe | localmoe vs llama.cpp | ppl PyTorch (f32) | "
-             "ppl PyTorch (GGUF weights) | llama.cpp vs PyTorch | CE nats/token | unigram CE | CE / unigram |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"GGUF {r['gguf_mb']} MB, {r['train_steps']} steps in {r['train_minutes']} min.", ""]
+    if "upcycle" in r:
+        u = r["upcycle"]
+        lines += [f"Upcycled: dense for steps 1-{u['moe_from_step']}, then {r['config']['n_expert']} experts from "
+                  f"{u['groups']} FFN segments; mean cosine of the experts' weights after training: "
+                  f"{u['replica_weight_cosine']:.3f} between replicas of a segment, {u['other_weight_cosine']:.3f} "
+                  "between experts of different segments.", ""]
+    lines += ["| domain | eval tokens | ppl llama.cpp | ppl localmoe | localmoe vs llama.cpp | ppl PyTorch (f32) | "
+              "ppl PyTorch (GGUF weights) | llama.cpp vs PyTorch | CE nats/token | unigram CE | CE / unigram |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d, v in r["domains"].items():
         ours = (f"{v['ppl_localmoe']:.3f} | {v['ppl_rel_diff_localmoe_vs_llama']:+.2%}" if "ppl_localmoe" in v
                 else "(not installed) | ")
@@ -1106,8 +1225,21 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads (at most)")
     ap.add_argument("--no-adapt-threads", dest="adapt_threads", action="store_false",
                     help="always use --threads, even while other processes keep the CPU busy")
+    ap.add_argument("--upcycle-frac", type=float, default=0.5,
+                    help="share of the training budget spent on a dense model that is then upcycled "
+                         "into the MoE (0: train the MoE from scratch)")
+    ap.add_argument("--upcycle-groups", type=int, default=4,
+                    help="segments of the dense FFN, each expert-sized; every segment becomes "
+                         "n_expert / groups experts")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if not 0 <= args.upcycle_frac < 1:
+        ap.error("--upcycle-frac must be in [0, 1)")
+    if args.upcycle_frac > 0:
+        if args.upcycle_groups < 1 or args.n_expert % args.upcycle_groups:
+            ap.error(f"--upcycle-groups must be a positive divisor of --n-expert ({args.n_expert})")
+        if args.steps > 0 and math.ceil(args.upcycle_frac * args.steps) >= args.steps:
+            ap.error(f"--steps {args.steps} leaves no step for the MoE after the dense {args.upcycle_frac:.0%}")
     if args.minutes <= 0 and args.steps <= 0:
         ap.error("give --minutes or --steps")
     return args

@@ -56,7 +56,7 @@ def test_recipe_end_to_end_tiny(tmp_path):
            "--out", str(out), "--vocab-size", "320", "--n-embd", "64", "--n-layer", "2", "--n-head", "2",
            "--n-kv-head", "1", "--head-dim", "32", "--n-expert", "4", "--n-expert-used", "2",
            "--expert-ffn", "32", "--ctx", "64", "--batch", "4", "--steps", "4", "--minutes", "0",
-           "--eval-windows", "2", "--log-every", "2", "--threads", "2"]
+           "--eval-windows", "2", "--log-every", "2", "--threads", "2", "--upcycle-frac", "0.5", "--upcycle-groups", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.exists() and out.stat().st_size > 0
@@ -67,6 +67,10 @@ def test_recipe_end_to_end_tiny(tmp_path):
         assert math.isfinite(d["ppl_llama_cpp"]) and math.isfinite(d["ppl_torch"])
         assert abs(d["ppl_rel_diff_llama_vs_torch"]) < 0.01
     assert report["tokenizer_parity"]["mismatches"] == 0
+    # half the steps trained a dense model, upcycled into 2 replicas of each of 2 FFN segments
+    up = report["upcycle"]
+    assert up["moe_from_step"] == 2 and up["groups"] == 2
+    assert up["replica_weight_cosine"] > 0.9 > abs(up["other_weight_cosine"])  # two steps cannot undo a copy
 
     # llama.cpp loads the file and produces finite logits for every position
     recipe = load_recipe()
