@@ -33,10 +33,9 @@ from .errors import LocalMoEError
 from .gguf_file import GGUFModel
 
 LLAMA_CPP = "llama.cpp"
-AMX_HINT = (
-    "rebuild llama-cpp-python without AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
-    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install --force-reinstall --no-cache-dir llama-cpp-python, "
-    "or pass --llama-plain-buffers"
+REBUILD_HINT = (  # a build for another CPU (a cached wheel) or llama.cpp's AMX path on some Xeons
+    "rebuild llama-cpp-python for this CPU and without AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install --force-reinstall --no-cache-dir llama-cpp-python"
 )
 
 
@@ -171,6 +170,15 @@ def run_localmoe(path: str, cfg: BenchConfig, engine: str = "localmoe", **load_k
         timer.close()
 
 
+class LlamaCppCrashed(LocalMoEError):
+    """llama.cpp's process died on a signal (its native code crashed); `signal` is its name."""
+
+    def __init__(self, sig: str, path: str, plain_buffers: bool):
+        buffers = " with plain CPU buffers" if plain_buffers else ""
+        super().__init__(f"llama.cpp crashed ({sig}) while running {os.path.basename(path)}{buffers}; {REBUILD_HINT}")
+        self.signal = sig
+
+
 def llama_cpp_runs(path: str, cfg: BenchConfig, plain_buffers: bool = False, timeout: float = 1800) -> list[tuple[float, float]]:
     """One round of llama.cpp (llama-cpp-python) in a subprocess; a crash becomes a LocalMoEError."""
     job = json.dumps({"path": path, "config": asdict(cfg), "plain_buffers": plain_buffers})
@@ -180,8 +188,7 @@ def llama_cpp_runs(path: str, cfg: BenchConfig, plain_buffers: bool = False, tim
     except subprocess.TimeoutExpired:
         raise LocalMoEError(f"llama.cpp did not finish the benchmark within {timeout:.0f} s") from None
     if r.returncode < 0:
-        sig = signal.Signals(-r.returncode).name
-        raise LocalMoEError(f"llama.cpp crashed ({sig}) while running {os.path.basename(path)}; {AMX_HINT}")
+        raise LlamaCppCrashed(signal.Signals(-r.returncode).name, path, plain_buffers)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise LocalMoEError(f"llama.cpp failed on {os.path.basename(path)}: {last}")
@@ -189,13 +196,36 @@ def llama_cpp_runs(path: str, cfg: BenchConfig, plain_buffers: bool = False, tim
     return [tuple(x) for x in out["runs"]]
 
 
+class LlamaCppRounds:
+    """llama.cpp's rounds of one benchmark. If its default load (extra buffer types: AMX, weights
+    repacked at load) crashes, as a build for another CPU does on this one, the round is run again
+    with plain CPU buffers, the benchmark goes on with them, and the row says so; a crash with plain
+    buffers is the one-line error."""
+
+    def __init__(self, path: str, cfg: BenchConfig, plain_buffers: bool = False):
+        self.path, self.cfg, self.plain_buffers = path, cfg, plain_buffers
+        self.fell_back = ""  # the signal that made it switch to plain buffers, if it did
+
+    def round(self) -> list[tuple[float, float]]:
+        try:
+            return llama_cpp_runs(self.path, self.cfg, self.plain_buffers)
+        except LlamaCppCrashed as crash:
+            if self.plain_buffers:
+                raise
+            self.plain_buffers, self.fell_back = True, crash.signal
+            print(f"warning: llama.cpp crashed ({self.fell_back}) with its default buffers; measuring it with plain CPU buffers (--llama-plain-buffers)", file=sys.stderr)
+            return llama_cpp_runs(self.path, self.cfg, self.plain_buffers)
+
+    def notes(self) -> str:
+        if self.fell_back:
+            return f"plain CPU buffers (no repacking; the default buffers crashed: {self.fell_back})"
+        return "plain CPU buffers (no repacking)" if self.plain_buffers else ""
+
+
 def run_llama_cpp(path: str, cfg: BenchConfig, plain_buffers: bool = False) -> BenchRow:
-    runs = [r for _ in range(cfg.rounds) for r in llama_cpp_runs(path, cfg, plain_buffers)]
-    return make_row(LLAMA_CPP, runs, cfg, bytes_per_token(GGUFModel(path)), notes=_llama_notes(plain_buffers))
-
-
-def _llama_notes(plain_buffers: bool) -> str:
-    return "plain CPU buffers (no repacking)" if plain_buffers else ""
+    rounds = LlamaCppRounds(path, cfg, plain_buffers)
+    runs = [r for _ in range(cfg.rounds) for r in rounds.round()]
+    return make_row(LLAMA_CPP, runs, cfg, bytes_per_token(GGUFModel(path)), notes=rounds.notes())
 
 
 def _llama_worker(job: dict[str, Any]) -> None:
@@ -236,18 +266,19 @@ def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buf
     if vs not in (None, LLAMA_CPP):
         raise LocalMoEError(f"unknown engine to compare with '{vs}'; only llama.cpp is supported")
     timer = LocalMoETimer(path, cfg, **load_kwargs)
+    llama = LlamaCppRounds(path, cfg, plain_buffers)
     theirs: list[tuple[float, float]] = []
     ours: list[tuple[float, float]] = []
     try:
         for _ in range(cfg.rounds):
             if vs == LLAMA_CPP:
-                theirs += llama_cpp_runs(path, cfg, plain_buffers)
+                theirs += llama.round()
             ours += timer.runs()
         clock = timer.clock
     finally:
         timer.close()
     nbytes = bytes_per_token(model)
-    rows = [make_row(LLAMA_CPP, theirs, cfg, nbytes, notes=_llama_notes(plain_buffers))] if vs == LLAMA_CPP else []
+    rows = [make_row(LLAMA_CPP, theirs, cfg, nbytes, notes=llama.notes())] if vs == LLAMA_CPP else []
     rows.append(make_row("localmoe", ours, cfg, nbytes, clock))
     return BenchResult(path, cfg, rows, vs, compare(rows, vs))
 

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=1, help="run the engines in turn this many times, pooling the runs (default 1; use 3+ on a busy machine)")
     g.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="localmoe's device (default cpu)")
     g.add_argument("--kernels", action="store_true", help="instead: micro-benchmark the quantized matmul kernels per quant type (no model needed)")
-    g.add_argument("--llama-plain-buffers", action="store_true", help="load llama.cpp with use_extra_bufts=False (no AMX/repacked weights: avoids the AMX crash, but slower)")
+    g.add_argument("--llama-plain-buffers", action="store_true", help="load llama.cpp with use_extra_bufts=False from the start (no AMX/repacked weights: slower; bench switches to it by itself when the default buffers crash)")
 
     p = sub.add_parser("synth", help="write a random-weight MoE GGUF with a real model's shapes (for benchmarks)", description="Write a random-weight MoE GGUF file shaped like a real model, for benchmarking without downloads. K-quants (Q4_K_M, ...) are made by llama.cpp's quantizer from a Q8_0 file.")
     p.add_argument("preset", metavar="PRESET", help="qwen3-30b-a3b, mixtral-8x7b or olmoe-1b-7b")

@@ -51,12 +51,36 @@ def test_table_has_a_row_per_engine_configuration():
     assert "| localmoe (policy lfu, gpu-mem 6GB) |" in table and "modelled:laptop-8gb" in table and "| 2.00 |" in table
 
 
+def _fake_llama_worker(crash_unless_plain: bool, signum: int):
+    """subprocess.run for the llama.cpp worker: crashes on `signum` with the default buffers (and
+    with plain ones too unless `crash_unless_plain`), else prints one round of timings."""
+
+    def run(cmd, *a, **k):
+        plain = json.loads(cmd[-1])["plain_buffers"]
+        if plain and crash_unless_plain:
+            return subprocess.CompletedProcess(cmd, 0, json.dumps({"runs": [[0.01, 0.02]]}) + "\n", "")
+        return subprocess.CompletedProcess(cmd, -signum, "", "")
+
+    return run
+
+
 def test_llama_cpp_crash_is_one_line_error(monkeypatch, make_model):
     path = make_model("qwen3moe", "Q4_0")
-    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -11, "", ""))
-    with pytest.raises(LocalMoEError, match=r"llama.cpp crashed \(SIGSEGV\).*mno-amx-tile.*--llama-plain-buffers") as exc:
+    monkeypatch.setattr(bench.subprocess, "run", _fake_llama_worker(crash_unless_plain=False, signum=11))
+    with pytest.raises(LocalMoEError, match=r"llama.cpp crashed \(SIGSEGV\).*with plain CPU buffers.*mno-amx-tile.*--no-cache-dir") as exc:
         bench.run_llama_cpp(path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1))
     assert "\n" not in str(exc.value)
+
+
+def test_llama_cpp_crash_with_default_buffers_falls_back_to_plain(monkeypatch, make_model, capsys):
+    """A llama-cpp-python build for another CPU died on SIGILL in CI with its default (repacking)
+    buffers, while plain buffers ran: the benchmark goes on with plain buffers and says so."""
+    path = make_model("qwen3moe", "Q4_0")
+    monkeypatch.setattr(bench.subprocess, "run", _fake_llama_worker(crash_unless_plain=True, signum=4))
+    row = bench.run_llama_cpp(path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1, rounds=2))
+    assert len(row.prompt_tps_runs) == 2 and row.prompt_tps == pytest.approx(400.0)
+    assert row.notes == "plain CPU buffers (no repacking; the default buffers crashed: SIGILL)"
+    assert capsys.readouterr().err.count("warning: llama.cpp crashed (SIGILL)") == 1
 
 
 def test_bench_user_errors(make_model):
