@@ -124,15 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity, agreement and speed of miss policies against the all-resident model", description="Decode the same tokens with the all-resident model and with each miss policy under a GPU budget; report perplexity, top-1 agreement, KL divergence, substitutions and decode tok/s (modelled under the profile, and measured).")
     _add_model_arg(p, required=False)
     p.add_argument("--text", metavar="FILE", required=True, help="evaluation text")
-    p.add_argument("--on-miss", default="fetch,cpu,drop,buddy,little,cost", help="miss policies to compare, comma-separated (default: all)")
+    p.add_argument("--on-miss", default="fetch,cpu,drop,buddy,little,cost", help="miss policies to compare, comma-separated (default: all); each may carry options, NAME:option=value[:option=value], e.g. buddy:min_score=0.3 (a row per spec)")
     p.add_argument("--gpu-mem", metavar="SIZE", help="GPU budget (default: dense weights + --budget-share of expert bytes)")
     p.add_argument("--budget-share", type=float, default=0.25, help="expert share of the default budget (default 0.25)")
     p.add_argument("--policy", default="lfu", choices=ONLINE_POLICIES, help="cache policy for every run (default lfu)")
     p.add_argument("--profile", default="laptop-8gb", choices=tuple(PROFILES), help="hardware profile of the modelled clock (default laptop-8gb)")
     p.add_argument("--tokens", type=int, default=1024, help="tokens of the text to evaluate (default 1024)")
     p.add_argument("--window", type=int, default=256, help="tokens per window; each window starts from an empty context (default 256)")
-    p.add_argument("--little-threshold", type=float, default=None, help="little: weight share of the top half that makes a token unimportant (default 0.75; >1 = never)")
-    p.add_argument("--buddy-min-score", type=float, default=None, help="buddy: least buddy score accepted (default 0.3)")
+    p.add_argument("--little-share", type=float, default=None, help="little: share of the tokens, the most router-confident ones per layer, that run the little set on a miss (default 0.75; 0 = never)")
+    p.add_argument("--little-threshold", type=float, default=None, help="little: an absolute confidence instead (router-weight share of a token's top half of experts) at or above which a token is unimportant; >1 = never")
+    p.add_argument("--little-prefer-resident", type=float, default=None, help="little: router-weight share a resident expert is worth over a missing one when the little set (k/2 experts) is chosen (default 0.1; 0 = the heaviest half, 1 = resident first)")
+    p.add_argument("--buddy-min-score", type=float, default=None, help="buddy: least buddy score accepted (default 0.5)")
+    p.add_argument("--buddy-max-per-token", type=int, default=None, help="buddy: most substitutions per token and layer (default min(3, k-1))")
     p.add_argument("--quality-budget", type=float, default=None, help="cost: router-weight share a token may give up per layer (default 0.15)")
     p.add_argument("--trace", metavar="FILE", default=None, help="also record the all-resident run's routing (with the prefetcher's predictions) for `localmoe bench --trace FILE`")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -176,6 +179,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table
     from .bundled import demo_model_path
+    from .miss_policies import parse_policy_spec
     from .gguf_file import GGUFModel
     from .progress import Progress
     from .runtime import parse_size
@@ -185,15 +189,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     policies = [p.strip() for p in args.on_miss.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in ON_MISS_POLICIES]
-    if unknown:
-        raise LocalMoEError(f"unknown miss policy '{unknown[0]}'; choose from {', '.join(ON_MISS_POLICIES)}")
+    for spec in policies:  # a bad name or option fails now, not after minutes of decoding
+        parse_policy_spec(spec)
     path = args.model or demo_model_path()
     gpu_mem = parse_size(args.gpu_mem)
     if gpu_mem is None:
         m = GGUFModel(path)
         gpu_mem = m.dense_bytes() + int(m.all_expert_bytes() * args.budget_share)
-    options = {"little": {"threshold": args.little_threshold}, "buddy": {"min_score": args.buddy_min_score}, "cost": {"quality_budget": args.quality_budget}}
+    options = {"little": {"share": args.little_share, "threshold": args.little_threshold, "prefer_resident": args.little_prefer_resident}, "buddy": {"min_score": args.buddy_min_score, "max_per_token": args.buddy_max_per_token}, "cost": {"quality_budget": args.quality_budget}}
     options = {k: {o: v for o, v in d.items() if v is not None} for k, d in options.items()}
     bars: dict[str, Progress] = {}
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import LocalMoEError
+from .miss_policies import parse_policy_spec
 from .model import KVCache
 
 
@@ -50,7 +51,9 @@ def targets(ids: list[int], window: int) -> np.ndarray:
 
 
 def evaluate(model_path: str | None, text: str, policies: list[str], gpu_mem: int | str | None, profile: str, max_tokens: int = 1024, window: int = 256, policy: str = "lfu", miss_options: dict[str, dict[str, Any]] | None = None, progress: Callable[[str, int, int], None] | None = None, trace: str | None = None) -> dict[str, Any]:
-    """`trace`: also record the all-resident run's routing (decode order, with the prefetcher's
+    """`policies`: miss policy specs, each a name with optional options ("little:share=0.9", see
+    `parse_policy_spec`), which override `miss_options[name]`; the result is keyed by the spec.
+    `trace`: also record the all-resident run's routing (decode order, with the prefetcher's
     predictions) to this file, for `localmoe bench --trace`."""
     from .runtime import load
 
@@ -74,14 +77,16 @@ def evaluate(model_path: str | None, text: str, policies: list[str], gpu_mem: in
         "baseline": {"perplexity": float(math.exp(ref_nll.mean())), "decode_tps": n / ref_clock if ref_clock else 0.0, "decode_tps_measured": n / ref_wall, "clock": f"modelled:{profile}"},
         "policies": {},
     }
-    for name in policies:
-        with load(model_path, device="cpu", profile=profile, gpu_mem=gpu_mem, policy=policy, on_miss=name, miss_options=miss_options.get(name)) as rt:
-            step = (lambda k, name=name: progress(name, k, n)) if progress else None
+    for spec in policies:
+        name, spec_options = parse_policy_spec(spec)
+        options = {**miss_options.get(name, {}), **spec_options}
+        with load(model_path, device="cpu", profile=profile, gpu_mem=gpu_mem, policy=policy, on_miss=name, miss_options=options) as rt:
+            step = (lambda k, spec=spec: progress(spec, k, n)) if progress else None
             lp, clock, wall = decode_logprobs(rt, ids, window, _counter(step))
             st = rt.stats()
         nll = -lp[rows, tgt]
         kl = (np.exp(ref) * (ref - lp)).sum(-1)
-        result["policies"][name] = {
+        result["policies"][spec] = {
             "perplexity": float(math.exp(nll.mean())),
             "perplexity_change": float(math.exp(nll.mean() - ref_nll.mean()) - 1.0),
             "top1_agreement": float((lp.argmax(-1) == ref_top1).mean()),

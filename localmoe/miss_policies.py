@@ -9,9 +9,11 @@ fallback plug in here as further policies.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .errors import LocalMoEError
@@ -110,16 +112,18 @@ class BuddyOnMiss(MissPolicy):
     """BuddyMoE, with its three gates in order:
     1. tolerance: a token whose router bets on few experts (token activating entropy ≤ the layer's
        calibrated τ) is never substituted;
-    2. pressure: when more than `max_missing_share` of the layer's routed slots miss, substitution
-       would rewrite too much of the layer: fall back for all of them;
+    2. pressure: in a batch (prefill) where more than `max_missing_share` of the routed slots miss,
+       loading them pays (many tokens share each copy): the fallback takes them all. A single
+       decoding token has no batch to share copies; its substitutions are bounded by the cap;
     3. candidates: the missing expert's buddies in score order, resident, not already chosen for
        this token, with score ≥ `min_score`; the substitute keeps the original router weight.
-    At most `max_per_token` substitutions per token and layer (low-weight slots first). What is not
-    substituted goes to the fallback policy (`cpu` by default)."""
+    At most `max_per_token` substitutions per token and layer (BuddyMoE's 3, and never all k: by
+    default min(3, k − 1)), lightest slots first. What is not substituted goes to the fallback
+    policy (`cpu` by default)."""
 
     name = "buddy"
 
-    def __init__(self, fallback: str = "cpu", min_score: float = 0.3, max_missing_share: float = 0.75, max_per_token: int | None = None):
+    def __init__(self, fallback: str = "cpu", min_score: float = 0.5, max_missing_share: float = 0.75, max_per_token: int | None = None):
         self.fallback = make_miss_policy(fallback)
         self.min_score, self.max_missing_share, self.max_per_token = min_score, max_missing_share, max_per_token
 
@@ -128,10 +132,11 @@ class BuddyOnMiss(MissPolicy):
 
         table = sched.buddy_table
         miss_mask = torch.isin(ids, torch.tensor(missing, dtype=ids.dtype))
-        if table is None or float(miss_mask.float().mean()) > self.max_missing_share:
+        crowded = ids.shape[0] > 1 and float(miss_mask.float().mean()) > self.max_missing_share
+        if table is None or crowded:
             return self.fallback.plan(sched, layer, ids, weights, missing)
         k = ids.shape[1]
-        cap = self.max_per_token if self.max_per_token is not None else max(1, min(3, k // 2))
+        cap = self.max_per_token if self.max_per_token is not None else max(1, min(3, k - 1))
         tae = token_activating_entropy(weights)
         tau = table.tau(layer)
         new_ids = ids.clone()
@@ -158,58 +163,101 @@ class BuddyOnMiss(MissPolicy):
 
 
 class LittleOnMiss(MissPolicy):
-    """MoBiLE's big-little split with missing experts as the trigger. A token is unimportant when
-    its router is confident: the heaviest ⌈k/2⌉ of its k experts carry at least `threshold` of its
-    weight. An unimportant token that hits a missing expert runs a little set of k/2 experts from
-    its top-k, resident ones first, weights rescaled to the original sum; an important one keeps
-    all k (missing ones via the fallback, `cpu` by default). threshold > 1 means never little."""
+    """MoBiLE's big-little split with missing experts as the trigger.
+
+    A token's *confidence* at a layer is the share of its router weight on its heaviest ⌈k/2⌉
+    experts. The token is unimportant when its confidence ranks among the top `share` of the
+    confidences this layer has seen so far (an online quantile, so one setting means the same on
+    any model and any k: share 0.75 sends the three most confident quarters of the tokens to the
+    little set); `threshold`, when given, is an absolute confidence instead. Until a layer has seen
+    `WARMUP` tokens every token is important.
+
+    An unimportant token that meets a missing expert runs its little set: the k/2 slots ranked
+    highest by router-weight share plus `prefer_resident` for a resident expert (0: MoBiLE's
+    heaviest half; ≥ 1: resident experts first), and every other resident expert too (it costs no
+    transfer); its weights are rescaled to the original sum. Missing experts in the little set, and
+    all of an important token's, go to the fallback (`cpu` by default). share 0 (or threshold > 1)
+    never goes little: exactly the all-resident results."""
 
     name = "little"
+    BINS = 256  # confidence histogram resolution per layer (confidence is in [0, 1])
+    WARMUP = 32
 
-    def __init__(self, threshold: float = 0.75, fallback: str = "cpu"):
-        self.threshold, self.fallback = threshold, make_miss_policy(fallback)
+    def __init__(self, share: float = 0.75, threshold: float | None = None, prefer_resident: float = 0.1, fallback: str = "cpu"):
+        if not 0.0 <= share <= 1.0:
+            raise LocalMoEError(f"little: share must be between 0 and 1, got {share}")
+        if prefer_resident < 0.0:
+            raise LocalMoEError(f"little: prefer_resident must be at least 0, got {prefer_resident}")
+        self.share, self.threshold, self.fallback = share, threshold, make_miss_policy(fallback)
+        self.prefer_resident = prefer_resident
+        self._seen: dict[int, np.ndarray] = {}  # layer → confidence histogram [BINS]
+
+    def unimportant(self, layer: int, confidence: torch.Tensor) -> torch.Tensor:
+        """confidence [T] → [T] bool, and the tokens join the layer's histogram."""
+        conf = confidence.double().numpy()
+        bins = np.minimum((conf * self.BINS).astype(np.int64), self.BINS - 1)
+        hist = self._seen.setdefault(layer, np.zeros(self.BINS))
+        if self.threshold is not None:
+            out = conf >= self.threshold
+        elif self.share <= 0.0 or hist.sum() < self.WARMUP:
+            out = np.zeros(len(conf), dtype=bool)
+        else:  # rank of each confidence among those seen: the share strictly below its bin
+            below = np.concatenate([[0.0], np.cumsum(hist)])[bins] / hist.sum()
+            out = below >= 1.0 - self.share
+        np.add.at(hist, bins, 1.0)
+        return torch.from_numpy(out)
 
     def plan(self, sched, layer, ids, weights, missing):
         k = ids.shape[1]
         half = max(1, k // 2)
         miss_mask = torch.isin(ids, torch.tensor(missing, dtype=ids.dtype))
         sorted_w = weights.sort(-1, descending=True).values
-        confident = sorted_w[:, : (k + 1) // 2].sum(-1) >= self.threshold * weights.sum(-1)  # [T]
-        little = confident & miss_mask.any(-1)
+        confidence = sorted_w[:, : (k + 1) // 2].sum(-1) / weights.sum(-1).clamp(min=1e-12)  # [T]
+        little = self.unimportant(layer, confidence) & miss_mask.any(-1)
         if not bool(little.any()):
             return self.fallback.plan(sched, layer, ids, weights, missing)
-        # rank slots: resident first, then by weight; keep the best `half` for little tokens
-        rank = (~miss_mask).float() * 10.0 + weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
-        top = rank.topk(half, dim=-1).indices
-        keep = torch.ones_like(weights, dtype=torch.bool)
-        keep[little] = False
-        keep[little] = keep[little].scatter(1, top[little], True)
+        # a little token keeps its `half` best-ranked slots (weight share, plus prefer_resident if
+        # resident) and every other resident slot
+        rank = (~miss_mask).float() * self.prefer_resident + weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+        in_top = torch.zeros_like(miss_mask).scatter(1, rank.topk(half, dim=-1).indices, True)
+        keep = torch.where(little[:, None], in_top | ~miss_mask, torch.ones_like(miss_mask))
         new_w = _rescale(weights, keep.float())
         new_ids = ids.masked_fill(~keep, -1)
         return _finish_with(self.fallback, sched, layer, new_ids, new_w, {"little": int((~keep).sum())})
 
 
 class CostAwareOnMiss(MissPolicy):
-    """Ours: choose per miss between fetch, cpu, buddy and little/drop from what each costs.
+    """Ours: choose per miss between fetch, cpu, a substitute and dropping the slot, from what each
+    costs.
 
     Time: fetch costs copy + GPU compute on the critical path; cpu costs what CPU work adds beyond
-    the GPU's (they overlap); a buddy or a dropped slot costs no transfer. Quality: a buddy costs
-    w·(1 − s) (w the slot's router weight share, s the buddy score: how well it stands in), a
-    dropped slot costs w, fetch and cpu cost nothing. Each token may spend `quality_budget` of its
-    router mass per layer; within it the policy takes the cheapest-in-time option, lightest slots
-    first, and a substitution never uses a non-resident expert or one the token already has.
-    Whatever exceeds the budget runs exactly, via fetch or cpu, whichever the cost model says is
-    faster for the number of tokens that need that expert."""
+    the GPU's (they overlap); a substitute or a dropped slot costs no transfer. Quality, in shares
+    of the token's router weight (w: the slot's share), from the calibrated functional similarity
+    c(i→j) (cosine of expert j's output to expert i's, on the inputs routed to i):
+      * a substitute j costs w·(1 − c(i→j)); the policy takes the resident expert, not already
+        chosen for the token, with the highest c(i→j) ≥ `min_similarity`;
+      * dropping the slot rescales the token's other experts, so they stand in for it together:
+        it costs w·(1 − Σ_j w_j·c(i→j) / Σ_j w_j) over the experts that run (cheap when one of
+        them is a near-copy of the missing one, as replicas in upcycled MoEs are; w without a table);
+      * fetch and cpu cost nothing.
+    Unlike BuddyMoE's ranking score, which mixes in the router's correlation to order candidates,
+    the cost is the similarity alone: it is what the substitution changes in the output.
+    Each token may spend `quality_budget` of its router mass per layer; within it the policy takes
+    the cheaper of substitute and drop, lightest slots first. Whatever exceeds the budget runs
+    exactly, via fetch or cpu, whichever the cost model says is faster for the number of tokens
+    that need that expert."""
 
     name = "cost"
 
-    def __init__(self, quality_budget: float = 0.15, min_score: float = 0.2):
-        self.quality_budget, self.min_score = quality_budget, min_score
+    def __init__(self, quality_budget: float = 0.15, min_similarity: float = 0.2):
+        self.quality_budget, self.min_similarity = quality_budget, min_similarity
 
     def plan(self, sched, layer, ids, weights, missing):
         table = sched.buddy_table
         miss_mask = torch.isin(ids, torch.tensor(missing, dtype=ids.dtype))
         share = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+        sim = table.layers[layer].similarity if table is not None else None  # [E, E]
+        resident = [j for j in range(sched.n_expert) if (layer, j) in sched.cache] if sim is not None else []
         new_ids, keep = ids.clone(), torch.ones_like(weights)
         subs = {"buddy": 0, "drop": 0}
         for t in range(ids.shape[0]):
@@ -217,27 +265,31 @@ class CostAwareOnMiss(MissPolicy):
                 continue
             left = self.quality_budget
             chosen = set(ids[t].tolist())
+            running = [slot for slot in range(ids.shape[1]) if not miss_mask[t, slot]]  # slots sure to run
             for slot in torch.argsort(weights[t]).tolist():
                 if not miss_mask[t, slot]:
                     continue
                 e, w = int(ids[t, slot]), float(share[t, slot])
-                best = None  # (quality cost, kind, substitute)
-                if table is not None:
-                    for j, score in table.buddies(layer, e):
-                        if score >= self.min_score and j not in chosen and (layer, j) in sched.cache:
-                            best = (w * (1.0 - score), "buddy", j)
-                            break
-                if best is None or w < best[0]:
-                    best = (w, "drop", -1)
-                if best[0] <= left:
-                    left -= best[0]
-                    subs[best[1]] += 1
-                    if best[1] == "buddy":
-                        new_ids[t, slot] = best[2]
-                        chosen.add(best[2])
-                    else:
-                        keep[t, slot] = 0.0
-                        new_ids[t, slot] = -1
+                stand_in = 0.0  # how well the experts that run cover e together
+                if sim is not None and running:
+                    stand_in = sum(float(share[t, s]) * float(sim[e, int(new_ids[t, s])]) for s in running) / sum(float(share[t, s]) for s in running)
+                best = (w * (1.0 - max(stand_in, 0.0)), "drop", -1)
+                free = [j for j in resident if j not in chosen]
+                if free:
+                    j = max(free, key=lambda j: float(sim[e, j]))
+                    if float(sim[e, j]) >= self.min_similarity and w * (1.0 - float(sim[e, j])) < best[0]:
+                        best = (w * (1.0 - float(sim[e, j])), "buddy", j)
+                if best[0] > left:
+                    continue
+                left -= best[0]
+                subs[best[1]] += 1
+                if best[1] == "buddy":
+                    new_ids[t, slot] = best[2]
+                    chosen.add(best[2])
+                    running.append(slot)
+                else:
+                    keep[t, slot] = 0.0
+                    new_ids[t, slot] = -1
         new_w = _rescale(weights, keep) if subs["drop"] else weights
         return _finish_with(CpuOnMiss(), sched, layer, new_ids, new_w, {k: v for k, v in subs.items() if v})
 
@@ -249,4 +301,29 @@ def make_miss_policy(name: str, **params) -> MissPolicy:
     cls = MISS_POLICIES.get(name)
     if cls is None:
         raise LocalMoEError(f"miss policy '{name}' is not available; choose one of {', '.join(MISS_POLICIES)}")
+    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = [p for p in params if p not in known]
+    if unknown:
+        raise LocalMoEError(f"miss policy '{name}' has no option '{unknown[0]}'; its options: {', '.join(known) or 'none'}")
     return cls(**params)
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """"buddy:min_score=0.3:max_per_token=2" → ("buddy", {"min_score": 0.3, "max_per_token": 2}):
+    a miss policy with options, as `localmoe eval --on-miss` takes them. Numbers become int or
+    float; anything else stays a string (e.g. fallback=fetch). The options are checked here."""
+    name, *pairs = spec.strip().split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise LocalMoEError(f"cannot read '{pair}' in miss policy '{spec}'; write NAME:option=value, e.g. buddy:min_score=0.3")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                options[key] = value
+    make_miss_policy(name, **options)  # the name and the options exist, the values are accepted
+    return name, options

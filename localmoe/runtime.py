@@ -335,11 +335,12 @@ def load(
 
     gpu_mem: GPU-tier budget (bytes or "6GB") for the dense weights plus cached experts;
     None keeps every expert resident. policy: cache policy (lru, lfu, least-stale, reuse).
-    on_miss: fetch, cpu or drop. profile: hardware profile of the modelled clock (laptop-8gb,
-    desktop-24gb; default laptop-8gb when a budget is set without CUDA). n_cpu_moe / cpu_moe:
-    llama.cpp's static placement (experts of the first N layers, or all, stay on the CPU).
+    on_miss: fetch, cpu, drop, buddy, little or cost. profile: hardware profile of the modelled
+    clock (laptop-8gb, desktop-24gb; default laptop-8gb when a budget is set without CUDA).
+    n_cpu_moe / cpu_moe: llama.cpp's static placement (experts of the first N layers, or all, stay
+    on the CPU).
     trace: write the routing of every token to this file (JSON lines). miss_options: parameters of
-    the miss policy, e.g. {"threshold": 0.8} for little, {"min_score": 0.4, "fallback": "fetch"} for
+    the miss policy, e.g. {"share": 0.5} for little, {"min_score": 0.4, "fallback": "fetch"} for
     buddy, {"quality_budget": 0.1} for cost (see docs/fallback.md)."""
     return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace, miss_options)
 

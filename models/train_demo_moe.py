@@ -80,11 +80,10 @@ APT_PACKAGES = ["bible-kjv", "bible-kjv-text", "fortunes", "fortunes-de"]
 
 def apt_install(packages: list[str]) -> None:
     log(f"installing Debian packages {' '.join(packages)} (apt-get) ...")
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-    if os.geteuid() != 0:
-        cmd = ["sudo", "-n", *cmd]
-    try:
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    try:  # a fresh machine has no package lists yet: update them first
+        subprocess.run([*sudo, "apt-get", "update"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*sudo, "apt-get", "install", "-y", "--no-install-recommends", *packages], check=True, stdout=subprocess.DEVNULL)
     except (OSError, subprocess.CalledProcessError) as exc:
         sys.exit(
             f"error: could not install {' '.join(packages)} ({exc}).\n"

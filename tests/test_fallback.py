@@ -59,8 +59,9 @@ def test_sidecar_for_another_file_is_refused(calibrated, tmp_path):
         localmoe.load(other, device="cpu", gpu_mem=_budget(other, 0.3), on_miss="buddy")
 
 
-def test_substitution_only_picks_resident_experts(calibrated):
-    with localmoe.load(calibrated, device="cpu", gpu_mem=_budget(calibrated, 0.3), on_miss="buddy", miss_options={"min_score": 0.0}) as rt:
+@pytest.mark.parametrize("on_miss,options", [("buddy", {"min_score": 0.0}), ("cost", {"min_similarity": -1.0, "quality_budget": 1.0})])
+def test_substitution_only_picks_resident_experts(calibrated, on_miss, options):
+    with localmoe.load(calibrated, device="cpu", gpu_mem=_budget(calibrated, 0.3), on_miss=on_miss, miss_options=options) as rt:
         sched = rt.scheduler
         policy = sched.miss_policy
         rng = np.random.default_rng(1)
@@ -75,14 +76,14 @@ def test_substitution_only_picks_resident_experts(calibrated):
                     plan = policy.plan(sched, layer, ids, w, missing)
                     changed = plan.ids != ids
                     for e in plan.ids[changed].tolist():
-                        assert (layer, e) in sched.cache  # a substitute is always resident
+                        assert e == -1 or (layer, e) in sched.cache  # a substitute is always resident (-1: dropped)
                     assert len(set(plan.ids[0].tolist()) - {-1}) == int((plan.ids[0] >= 0).sum())  # never a duplicate
                     n_subs += int(changed.sum())
                 sched(layer, x, ids, w)
         assert n_subs > 0
 
 
-@pytest.mark.parametrize("on_miss,options", [("buddy", {"min_score": 2.0}), ("little", {"threshold": 2.0}), ("cost", {"quality_budget": 0.0})])
+@pytest.mark.parametrize("on_miss,options", [("buddy", {"min_score": 2.0}), ("little", {"threshold": 2.0}), ("little", {"share": 0.0}), ("cost", {"quality_budget": 0.0})])
 def test_never_thresholds_give_all_resident_logits(calibrated, on_miss, options):
     ids = list(np.random.default_rng(2).integers(0, 300, 32))
     with localmoe.load(calibrated, device="cpu") as rt:
@@ -103,6 +104,85 @@ def test_little_and_drop_substitute_and_are_counted(calibrated):
         assert sum(layer.substitutions["little"] for layer in s.layers) == s.substitutions["little"]
 
 
+class _FakeScheduler:
+    """What a miss policy reads of the scheduler: the buddy table, residency, the cost model."""
+
+    def __init__(self, table, n_expert, resident):
+        self.buddy_table, self.n_expert, self.cache = table, n_expert, set(resident)
+
+    def fetch_is_faster(self, layer, rows):
+        return False
+
+
+def _table(similarity: np.ndarray) -> BuddyTable:
+    from localmoe.buddies import LayerCalibration
+
+    E = similarity.shape[0]
+    layer = LayerCalibration(np.ones(E), np.zeros((E, E)), similarity.astype(np.float32), np.zeros((E, E), np.float32), 0.0, {i: [] for i in range(E)})
+    return BuddyTable([layer], {})
+
+
+@pytest.mark.parametrize("case", ["replica runs", "replica resident", "no replica"])
+def test_cost_policy_substitutes_drops_or_runs_exactly_by_similarity(case):
+    """Expert 1 is a copy of expert 0 (similarity 1), the others are unlike it (0); expert 0 misses.
+    If its copy runs for the token anyway, dropping slot 0 costs 0.25 * (1 - 1/3) = 0.167 of the
+    router mass (the three running experts, equally weighted, stand in for it at mean similarity
+    1/3): within the budget of 0.2. If the copy is resident but not routed, it substitutes at no
+    cost. Without it, dropping costs the full 0.25: the expert runs exactly (here on the CPU)."""
+    from localmoe.miss_policies import CostAwareOnMiss
+
+    sim = np.eye(6)
+    sim[0, 1] = sim[1, 0] = 1.0
+    ids = torch.tensor([[0, 1, 2, 3]]) if case == "replica runs" else torch.tensor([[0, 4, 2, 3]])
+    resident = {1, 2, 3, 4, 5} if case != "no replica" else {2, 3, 4, 5}
+    weights = torch.full((1, 4), 0.25)
+    sched = _FakeScheduler(_table(sim), 6, {(0, e) for e in resident})
+    plan = CostAwareOnMiss(quality_budget=0.2).plan(sched, 0, ids, weights, [0])
+    if case == "replica runs":
+        assert plan.ids[0, 0] == -1 and plan.substitutions == {"drop": 1} and not plan.where
+        assert float(plan.weights.sum()) == pytest.approx(1.0)
+    elif case == "replica resident":
+        assert plan.ids[0].tolist() == [1, 4, 2, 3] and plan.substitutions == {"buddy": 1} and not plan.where
+    else:
+        assert torch.equal(plan.ids, ids) and plan.where == {0: "cpu"} and not plan.substitutions
+
+
+@pytest.mark.parametrize("prefer_resident,kept", [(0.0, [0, 1, 3]), (0.15, [0, 1, 3]), (0.35, [1, 3]), (1.0, [1, 3])])
+def test_little_set_is_the_best_ranked_half_plus_resident_experts(prefer_resident, kept):
+    """Router weights 0.4/0.3/0.2/0.1 on experts 0-3, experts 0 and 2 missing. The little set is the
+    two slots with the highest weight share (+ prefer_resident if resident), plus every resident
+    expert; a missing expert it keeps runs via the fallback (cpu), the others are dropped."""
+    from localmoe.miss_policies import LittleOnMiss
+
+    ids, weights = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    sched = _FakeScheduler(None, 4, {(0, 1), (0, 3)})
+    plan = LittleOnMiss(threshold=0.0, prefer_resident=prefer_resident).plan(sched, 0, ids, weights, [0, 2])
+    assert [e for e in plan.ids[0].tolist() if e >= 0] == kept
+    assert plan.where == ({0: "cpu"} if 0 in kept else {})
+    assert plan.substitutions == {"little": 4 - len(kept)}
+    assert float(plan.weights.sum()) == pytest.approx(1.0) and float(plan.weights[plan.ids < 0].sum()) == 0.0
+
+
+def test_little_importance_is_an_online_quantile_per_layer():
+    from localmoe.miss_policies import LittleOnMiss
+
+    rng = np.random.default_rng(0)
+    conf = lambda n: torch.from_numpy(rng.uniform(0.5, 1.0, n))  # top-half share of k=4: [0.5, 1]
+    policy = LittleOnMiss(share=0.25)
+    assert not policy.unimportant(0, conf(1000)).any()  # nothing seen yet: every token is important
+    little = policy.unimportant(0, conf(4000)).float().mean()
+    assert 0.22 < float(little) < 0.28  # the most confident quarter
+    assert not policy.unimportant(1, conf(10)).any()  # each layer has its own history
+    confident = policy.unimportant(0, torch.tensor([0.99, 0.51], dtype=torch.float64))
+    assert confident.tolist() == [True, False]
+    always, never = LittleOnMiss(share=1.0), LittleOnMiss(share=0.0)
+    for p in (always, never):
+        p.unimportant(0, conf(100))
+    assert always.unimportant(0, conf(50)).all() and not never.unimportant(0, conf(50)).any()
+    with pytest.raises(LocalMoEError, match="share"):
+        LittleOnMiss(share=1.5)
+
+
 def test_token_activating_entropy():
     w = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
     tae = token_activating_entropy(w)
@@ -121,5 +201,29 @@ def test_eval_cli_json(calibrated, tmp_path):
     assert fetch["perplexity"] == pytest.approx(res["baseline"]["perplexity"], rel=1e-5) and fetch["top1_agreement"] == 1.0
     for p in res["policies"].values():
         assert {"perplexity", "top1_agreement", "kl", "decode_tps", "clock"} <= set(p)
-    r = subprocess.run(CLI + ["eval", calibrated, "--text", str(text), "--on-miss", "teleport"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr.startswith("error:")
+    for bad, says in [("teleport", "not available"), ("buddy:min_scor=0.3", "no option 'min_scor'"), ("little:share", "cannot read 'share'")]:
+        r = subprocess.run(CLI + ["eval", calibrated, "--text", str(text), "--on-miss", f"fetch,{bad}"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_eval_compares_one_policy_with_several_options(calibrated, tmp_path):
+    """A row per spec: the CLI knob --little-threshold 0 (every token unimportant) applies to the
+    plain `little` row, and a spec's own option wins over it: `little:threshold=2` never goes
+    little, so it is exactly the all-resident run."""
+    text = tmp_path / "t.txt"
+    text.write_text("the model of experts and the expert model of the model " * 6)
+    args = ["eval", calibrated, "--text", str(text), "--tokens", "40", "--window", "20", "--json", "--gpu-mem", str(_budget(calibrated, 0.3))]
+    specs = ["little", "little:threshold=2", "little:prefer_resident=0"]
+    r = subprocess.run(CLI + args + ["--on-miss", ",".join(specs), "--little-threshold", "0"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["policies"]
+    assert list(rows) == specs
+    assert rows["little:threshold=2"]["substitutions"]["little"] == 0 and rows["little:threshold=2"]["top1_agreement"] == 1.0
+    assert rows["little"]["substitutions"]["little"] > 0 and rows["little:prefer_resident=0"]["substitutions"]["little"] > 0
+
+
+def test_policy_specs_parse_numbers_and_words():
+    from localmoe.miss_policies import parse_policy_spec
+
+    assert parse_policy_spec("buddy:min_score=0.3:max_per_token=2:fallback=fetch") == ("buddy", {"min_score": 0.3, "max_per_token": 2, "fallback": "fetch"})
+    assert parse_policy_spec(" cost ") == ("cost", {})
