@@ -122,6 +122,26 @@ def _table(similarity: np.ndarray) -> BuddyTable:
     return BuddyTable([layer], {})
 
 
+def test_buddy_caps_a_single_token_and_leaves_a_crowded_batch_to_the_fallback():
+    """Experts 0-3 are missing, each with a resident buddy (i + 4, score 0.9). One decoding token
+    routed to all four gets min(3, k - 1) = 3 substitutions and the fourth runs on the CPU; in a
+    batch where more than 75% of the slots miss, loading pays, so none is substituted."""
+    from localmoe.buddies import LayerCalibration
+    from localmoe.miss_policies import BuddyOnMiss
+
+    E = 8
+    layer = LayerCalibration(np.ones(E), np.zeros((E, E)), np.eye(E, dtype=np.float32), np.zeros((E, E), np.float32), 0.0, {i: [(i + 4, 0.9)] for i in range(4)})
+    sched = _FakeScheduler(BuddyTable([layer], {}), E, {(0, e) for e in range(4, 8)})
+    one = BuddyOnMiss().plan(sched, 0, torch.tensor([[0, 1, 2, 3]]), torch.full((1, 4), 0.25), [0, 1, 2, 3])
+    assert one.substitutions == {"buddy": 3} and len(one.where) == 1 and set(one.where.values()) == {"cpu"}
+    kept = [e for e in one.ids[0].tolist() if e < 4]
+    assert len(kept) == 1 and sorted(set(one.ids[0].tolist()) - set(kept)) == [e + 4 for e in range(4) if e not in kept]
+    uncapped = BuddyOnMiss(max_per_token=4).plan(sched, 0, torch.tensor([[0, 1, 2, 3]]), torch.full((1, 4), 0.25), [0, 1, 2, 3])
+    assert uncapped.ids[0].tolist() == [4, 5, 6, 7] and not uncapped.where
+    batch = BuddyOnMiss().plan(sched, 0, torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]), torch.full((2, 4), 0.25), [0, 1, 2, 3])
+    assert not batch.substitutions and batch.where == {e: "cpu" for e in range(4)}
+
+
 @pytest.mark.parametrize("case", ["replica runs", "replica resident", "no replica"])
 def test_cost_policy_substitutes_drops_or_runs_exactly_by_similarity(case):
     """Expert 1 is a copy of expert 0 (similarity 1), the others are unlike it (0); expert 0 misses.
