@@ -170,12 +170,19 @@ def run_localmoe(path: str, cfg: BenchConfig, engine: str = "localmoe", **load_k
         timer.close()
 
 
+NATIVE_CRASHES = ("SIGILL", "SIGSEGV", "SIGBUS", "SIGABRT")  # its own code failed (not SIGKILL, SIGINT)
+
+
 class LlamaCppCrashed(LocalMoEError):
     """llama.cpp's process died on a signal (its native code crashed); `signal` is its name."""
 
     def __init__(self, sig: str, path: str, plain_buffers: bool):
-        buffers = " with plain CPU buffers" if plain_buffers else ""
-        super().__init__(f"llama.cpp crashed ({sig}) while running {os.path.basename(path)}{buffers}; {REBUILD_HINT}")
+        name = os.path.basename(path)
+        if sig not in NATIVE_CRASHES:  # ended from outside: the OOM killer, Ctrl-C, a timeout
+            super().__init__(f"llama.cpp was stopped by {sig} while running {name} (out of memory?); free memory or try a smaller model")
+        else:
+            buffers = " with plain CPU buffers" if plain_buffers else ""
+            super().__init__(f"llama.cpp crashed ({sig}) while running {name}{buffers}; {REBUILD_HINT}")
         self.signal = sig
 
 
@@ -197,24 +204,26 @@ def llama_cpp_runs(path: str, cfg: BenchConfig, plain_buffers: bool = False, tim
 
 
 class LlamaCppRounds:
-    """llama.cpp's rounds of one benchmark. If its default load (extra buffer types: AMX, weights
-    repacked at load) crashes, as a build for another CPU does on this one, the round is run again
-    with plain CPU buffers, the benchmark goes on with them, and the row says so; a crash with plain
-    buffers is the one-line error."""
+    """llama.cpp's rounds of one benchmark, their runs pooled in `runs`. If its default load (extra
+    buffer types: AMX, weights repacked at load) crashes in native code, as a build for another CPU
+    does on this one, the benchmark goes on with plain CPU buffers from that round on — the runs
+    with default buffers are dropped, so one row never mixes the two — and the row says so; a crash
+    with plain buffers is the one-line error."""
 
     def __init__(self, path: str, cfg: BenchConfig, plain_buffers: bool = False):
         self.path, self.cfg, self.plain_buffers = path, cfg, plain_buffers
         self.fell_back = ""  # the signal that made it switch to plain buffers, if it did
+        self.runs: list[tuple[float, float]] = []
 
-    def round(self) -> list[tuple[float, float]]:
+    def round(self) -> None:
         try:
-            return llama_cpp_runs(self.path, self.cfg, self.plain_buffers)
+            self.runs += llama_cpp_runs(self.path, self.cfg, self.plain_buffers)
         except LlamaCppCrashed as crash:
-            if self.plain_buffers:
+            if self.plain_buffers or crash.signal not in NATIVE_CRASHES:
                 raise
             self.plain_buffers, self.fell_back = True, crash.signal
             print(f"warning: llama.cpp crashed ({self.fell_back}) with its default buffers; measuring it with plain CPU buffers (--llama-plain-buffers)", file=sys.stderr)
-            return llama_cpp_runs(self.path, self.cfg, self.plain_buffers)
+            self.runs = llama_cpp_runs(self.path, self.cfg, self.plain_buffers)  # earlier rounds' runs dropped
 
     def notes(self) -> str:
         if self.fell_back:
@@ -223,9 +232,10 @@ class LlamaCppRounds:
 
 
 def run_llama_cpp(path: str, cfg: BenchConfig, plain_buffers: bool = False) -> BenchRow:
-    rounds = LlamaCppRounds(path, cfg, plain_buffers)
-    runs = [r for _ in range(cfg.rounds) for r in rounds.round()]
-    return make_row(LLAMA_CPP, runs, cfg, bytes_per_token(GGUFModel(path)), notes=rounds.notes())
+    llama = LlamaCppRounds(path, cfg, plain_buffers)
+    for _ in range(cfg.rounds):
+        llama.round()
+    return make_row(LLAMA_CPP, llama.runs, cfg, bytes_per_token(GGUFModel(path)), notes=llama.notes())
 
 
 def _llama_worker(job: dict[str, Any]) -> None:
@@ -267,18 +277,17 @@ def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buf
         raise LocalMoEError(f"unknown engine to compare with '{vs}'; only llama.cpp is supported")
     timer = LocalMoETimer(path, cfg, **load_kwargs)
     llama = LlamaCppRounds(path, cfg, plain_buffers)
-    theirs: list[tuple[float, float]] = []
     ours: list[tuple[float, float]] = []
     try:
         for _ in range(cfg.rounds):
             if vs == LLAMA_CPP:
-                theirs += llama.round()
+                llama.round()
             ours += timer.runs()
         clock = timer.clock
     finally:
         timer.close()
     nbytes = bytes_per_token(model)
-    rows = [make_row(LLAMA_CPP, theirs, cfg, nbytes, notes=llama.notes())] if vs == LLAMA_CPP else []
+    rows = [make_row(LLAMA_CPP, llama.runs, cfg, nbytes, notes=llama.notes())] if vs == LLAMA_CPP else []
     rows.append(make_row("localmoe", ours, cfg, nbytes, clock))
     return BenchResult(path, cfg, rows, vs, compare(rows, vs))
 

@@ -84,8 +84,9 @@ class BuddyTable:
     def buddies(self, layer: int, expert: int) -> list[tuple[int, float]]:
         return self.layers[layer].buddies.get(expert, [])
 
-    def similarity(self, layer: int, i: int, j: int) -> float:
-        return float(self.layers[layer].similarity[i, j])
+    def similarity_matrix(self, layer: int) -> np.ndarray:
+        """[E, E]: row i, how well each expert's output stands in for expert i's."""
+        return self.layers[layer].similarity
 
     def tau(self, layer: int) -> float:
         return self.layers[layer].tae_tau

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import LocalMoEError
-from .miss_policies import parse_policy_spec
+from .miss_policies import make_miss_policy, parse_policy_spec
 from .model import KVCache
 
 
@@ -52,12 +52,19 @@ def targets(ids: list[int], window: int) -> np.ndarray:
 
 def evaluate(model_path: str | None, text: str, policies: list[str], gpu_mem: int | str | None, profile: str, max_tokens: int = 1024, window: int = 256, policy: str = "lfu", miss_options: dict[str, dict[str, Any]] | None = None, progress: Callable[[str, int, int], None] | None = None, trace: str | None = None) -> dict[str, Any]:
     """`policies`: miss policy specs, each a name with optional options ("little:share=0.9", see
-    `parse_policy_spec`), which override `miss_options[name]`; the result is keyed by the spec.
+    `parse_policy_spec`); a spec with options runs with those alone, a bare name with
+    `miss_options[name]`. The result is keyed by the spec.
     `trace`: also record the all-resident run's routing (decode order, with the prefetcher's
     predictions) to this file, for `localmoe bench --trace`."""
     from .runtime import load
 
     miss_options = miss_options or {}
+    runs = []  # (spec, policy name, its options): a spec's own options, else the knobs for its name
+    for spec in policies:
+        name, spec_options = parse_policy_spec(spec)
+        options = spec_options if spec_options else dict(miss_options.get(name, {}))
+        make_miss_policy(name, **options)  # every option checked before minutes of decoding
+        runs.append((spec, name, options))
     with load(model_path, device="cpu", profile=profile, trace=trace) as base:
         ids = base.tokenize(text)[: max_tokens + 1]
         if len(ids) < 2:
@@ -77,9 +84,7 @@ def evaluate(model_path: str | None, text: str, policies: list[str], gpu_mem: in
         "baseline": {"perplexity": float(math.exp(ref_nll.mean())), "decode_tps": n / ref_clock if ref_clock else 0.0, "decode_tps_measured": n / ref_wall, "clock": f"modelled:{profile}"},
         "policies": {},
     }
-    for spec in policies:
-        name, spec_options = parse_policy_spec(spec)
-        options = {**miss_options.get(name, {}), **spec_options}
+    for spec, name, options in runs:
         with load(model_path, device="cpu", profile=profile, gpu_mem=gpu_mem, policy=policy, on_miss=name, miss_options=options) as rt:
             step = (lambda k, spec=spec: progress(spec, k, n)) if progress else None
             lp, clock, wall = decode_logprobs(rt, ids, window, _counter(step))

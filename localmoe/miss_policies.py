@@ -118,8 +118,8 @@ class BuddyOnMiss(MissPolicy):
     3. candidates: the missing expert's buddies in score order, resident, not already chosen for
        this token, with score ≥ `min_score`; the substitute keeps the original router weight.
     At most `max_per_token` substitutions per token and layer (BuddyMoE's 3, and never all k: by
-    default min(3, k − 1)), lightest slots first. What is not substituted goes to the fallback
-    policy (`cpu` by default)."""
+    default min(3, k − 1); 1 for a top-1 model), lightest slots first. What is not substituted
+    goes to the fallback policy (`cpu` by default)."""
 
     name = "buddy"
 
@@ -167,9 +167,9 @@ class LittleOnMiss(MissPolicy):
 
     A token's *confidence* at a layer is the share of its router weight on its heaviest ⌈k/2⌉
     experts. The token is unimportant when its confidence ranks among the top `share` of the
-    confidences this layer has seen so far (an online quantile, so one setting means the same on
-    any model and any k: share 0.75 sends the three most confident quarters of the tokens to the
-    little set); `threshold`, when given, is an absolute confidence instead. Until a layer has seen
+    confidences of the tokens that met a miss at this layer so far (an online quantile — the policy
+    sees no other tokens — so one setting means the same on any model and any k: share 0.75 sends
+    the three most confident quarters of them to the little set); `threshold`, when given, is an absolute confidence instead. Until a layer has seen
     `WARMUP` tokens every token is important.
 
     An unimportant token that meets a missing expert runs its little set: the k/2 slots ranked
@@ -256,8 +256,8 @@ class CostAwareOnMiss(MissPolicy):
         table = sched.buddy_table
         miss_mask = torch.isin(ids, torch.tensor(missing, dtype=ids.dtype))
         share = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
-        sim = table.layers[layer].similarity if table is not None else None  # [E, E]
-        resident = [j for j in range(sched.n_expert) if (layer, j) in sched.cache] if sim is not None else []
+        sim = table.similarity_matrix(layer) if table is not None else None  # [E, E]
+        resident = np.array([(layer, j) in sched.cache for j in range(sched.n_expert)])  # [E] bool
         new_ids, keep = ids.clone(), torch.ones_like(weights)
         subs = {"buddy": 0, "drop": 0}
         for t in range(ids.shape[0]):
@@ -271,14 +271,17 @@ class CostAwareOnMiss(MissPolicy):
                     continue
                 e, w = int(ids[t, slot]), float(share[t, slot])
                 stand_in = 0.0  # how well the experts that run cover e together
-                if sim is not None and running:
-                    stand_in = sum(float(share[t, s]) * float(sim[e, int(new_ids[t, s])]) for s in running) / sum(float(share[t, s]) for s in running)
+                running_w = sum(float(share[t, s]) for s in running)
+                if sim is not None and running_w > 0:
+                    stand_in = sum(float(share[t, s]) * float(sim[e, int(new_ids[t, s])]) for s in running) / running_w
                 best = (w * (1.0 - max(stand_in, 0.0)), "drop", -1)
-                free = [j for j in resident if j not in chosen]
-                if free:
-                    j = max(free, key=lambda j: float(sim[e, j]))
-                    if float(sim[e, j]) >= self.min_similarity and w * (1.0 - float(sim[e, j])) < best[0]:
-                        best = (w * (1.0 - float(sim[e, j])), "buddy", j)
+                if sim is not None:  # the most similar resident expert the token has not chosen
+                    free = resident.copy()
+                    free[list(chosen)] = False
+                    if free.any():
+                        j = int(np.flatnonzero(free)[np.argmax(sim[e, free])])
+                        if float(sim[e, j]) >= self.min_similarity and w * (1.0 - float(sim[e, j])) < best[0]:
+                            best = (w * (1.0 - float(sim[e, j])), "buddy", j)
                 if best[0] > left:
                     continue
                 left -= best[0]
@@ -301,10 +304,13 @@ def make_miss_policy(name: str, **params) -> MissPolicy:
     cls = MISS_POLICIES.get(name)
     if cls is None:
         raise LocalMoEError(f"miss policy '{name}' is not available; choose one of {', '.join(MISS_POLICIES)}")
-    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = [p for p in params if p not in known]
-    if unknown:
-        raise LocalMoEError(f"miss policy '{name}' has no option '{unknown[0]}'; its options: {', '.join(known) or 'none'}")
+    known = {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key, value in params.items():
+        if key not in known:
+            raise LocalMoEError(f"miss policy '{name}' has no option '{key}'; its options: {', '.join(known) or 'none'}")
+        wants_text = isinstance(known[key], str)  # the others are numbers (a None default: a number or unset)
+        if value is not None and (isinstance(value, str) != wants_text or isinstance(value, bool)):
+            raise LocalMoEError(f"miss policy '{name}': option '{key}' takes {'a name' if wants_text else 'a number'}, not {value!r}")
     return cls(**params)
 
 
@@ -325,5 +331,5 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
                 options[key] = float(value)
             except ValueError:
                 options[key] = value
-    make_miss_policy(name, **options)  # the name and the options exist, the values are accepted
+    make_miss_policy(name, **options)  # the name, the options and their values are accepted
     return name, options

@@ -83,6 +83,27 @@ def test_llama_cpp_crash_with_default_buffers_falls_back_to_plain(monkeypatch, m
     assert capsys.readouterr().err.count("warning: llama.cpp crashed (SIGILL)") == 1
 
 
+def test_llama_cpp_runs_from_before_a_crash_are_dropped_and_a_kill_is_no_crash(monkeypatch, make_model):
+    """Round 1 runs with default buffers, round 2 crashes: the row holds plain-buffer runs only. A
+    process killed from outside (SIGKILL: out of memory) is reported, not retried."""
+    path = make_model("qwen3moe", "Q4_0")
+    calls = []
+
+    def run(cmd, *a, **k):
+        plain = json.loads(cmd[-1])["plain_buffers"]
+        calls.append(plain)
+        if len(calls) == 2 and not plain:
+            return subprocess.CompletedProcess(cmd, -11, "", "")
+        return subprocess.CompletedProcess(cmd, 0, json.dumps({"runs": [[0.04 if plain else 0.01, 0.02]]}) + "\n", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    row = bench.run_llama_cpp(path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1, rounds=2))
+    assert calls == [False, False, True] and row.prompt_tps_runs == [pytest.approx(100.0)]
+    monkeypatch.setattr(bench.subprocess, "run", _fake_llama_worker(crash_unless_plain=True, signum=9))
+    with pytest.raises(LocalMoEError, match=r"stopped by SIGKILL .*out of memory"):
+        bench.run_llama_cpp(path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1))
+
+
 def test_bench_user_errors(make_model):
     r = _cli("bench", make_model("qwen3moe", "Q4_0"), "--vs", "llama.cpp", "--reps", "0")
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1

@@ -65,6 +65,7 @@ def test_substitution_only_picks_resident_experts(calibrated, on_miss, options):
         sched = rt.scheduler
         policy = sched.miss_policy
         rng = np.random.default_rng(1)
+        torch.manual_seed(1)
         x = torch.randn(1, rt.spec.n_embd)
         n_subs = 0
         for _ in range(30):
@@ -78,7 +79,7 @@ def test_substitution_only_picks_resident_experts(calibrated, on_miss, options):
                     for e in plan.ids[changed].tolist():
                         assert e == -1 or (layer, e) in sched.cache  # a substitute is always resident (-1: dropped)
                     assert len(set(plan.ids[0].tolist()) - {-1}) == int((plan.ids[0] >= 0).sum())  # never a duplicate
-                    n_subs += int(changed.sum())
+                    n_subs += plan.substitutions.get("buddy", 0)  # substitutes, not drops
                 sched(layer, x, ids, w)
         assert n_subs > 0
 
@@ -227,19 +228,21 @@ def test_eval_cli_json(calibrated, tmp_path):
 
 
 def test_eval_compares_one_policy_with_several_options(calibrated, tmp_path):
-    """A row per spec: the CLI knob --little-threshold 0 (every token unimportant) applies to the
-    plain `little` row, and a spec's own option wins over it: `little:threshold=2` never goes
-    little, so it is exactly the all-resident run."""
+    """A row per spec. A bare name runs with the CLI knobs (--little-threshold 0: every token is
+    unimportant), a spec with options with its own alone: `little:share=0` never goes little, so it
+    is exactly the all-resident run, although the knob says otherwise."""
     text = tmp_path / "t.txt"
     text.write_text("the model of experts and the expert model of the model " * 6)
     args = ["eval", calibrated, "--text", str(text), "--tokens", "40", "--window", "20", "--json", "--gpu-mem", str(_budget(calibrated, 0.3))]
-    specs = ["little", "little:threshold=2", "little:prefer_resident=0"]
+    specs = ["little", "little:share=0", "little:threshold=0:prefer_resident=0"]
     r = subprocess.run(CLI + args + ["--on-miss", ",".join(specs), "--little-threshold", "0"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["policies"]
     assert list(rows) == specs
-    assert rows["little:threshold=2"]["substitutions"]["little"] == 0 and rows["little:threshold=2"]["top1_agreement"] == 1.0
-    assert rows["little"]["substitutions"]["little"] > 0 and rows["little:prefer_resident=0"]["substitutions"]["little"] > 0
+    assert rows["little:share=0"]["substitutions"]["little"] == 0 and rows["little:share=0"]["top1_agreement"] == 1.0
+    assert rows["little"]["substitutions"]["little"] > 0 and rows["little:threshold=0:prefer_resident=0"]["substitutions"]["little"] > 0
+    r = subprocess.run(CLI + args + ["--on-miss", "fetch,little", "--little-share", "2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "share must be between 0 and 1" in r.stderr and "%" not in r.stderr  # refused before any decoding
 
 
 def test_policy_specs_parse_numbers_and_words():
@@ -247,3 +250,6 @@ def test_policy_specs_parse_numbers_and_words():
 
     assert parse_policy_spec("buddy:min_score=0.3:max_per_token=2:fallback=fetch") == ("buddy", {"min_score": 0.3, "max_per_token": 2, "fallback": "fetch"})
     assert parse_policy_spec(" cost ") == ("cost", {})
+    for bad, says in [("fetch:args=1", "has no option 'args'; its options: none"), ("buddy:min_score=high", "takes a number"), ("buddy:fallback=2", "takes a name"), ("little:share=1.5", "between 0 and 1")]:
+        with pytest.raises(LocalMoEError, match=says):
+            parse_policy_spec(bad)
