@@ -169,8 +169,8 @@ class LittleOnMiss(MissPolicy):
     experts. The token is unimportant when its confidence ranks among the top `share` of the
     confidences of the tokens that met a miss at this layer so far (an online quantile — the policy
     sees no other tokens — so one setting means the same on any model and any k: share 0.75 sends
-    the three most confident quarters of them to the little set); `threshold`, when given, is an absolute confidence instead. Until a layer has seen
-    `WARMUP` tokens every token is important.
+    the three most confident quarters of them to the little set); `threshold`, when given, is an
+    absolute confidence instead. Until a layer has seen `WARMUP` tokens every token is important.
 
     An unimportant token that meets a missing expert runs its little set: the k/2 slots ranked
     highest by router-weight share plus `prefer_resident` for a resident expert (0: MoBiLE's
@@ -257,7 +257,8 @@ class CostAwareOnMiss(MissPolicy):
         miss_mask = torch.isin(ids, torch.tensor(missing, dtype=ids.dtype))
         share = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
         sim = table.similarity_matrix(layer) if table is not None else None  # [E, E]
-        resident = np.array([(layer, j) in sched.cache for j in range(sched.n_expert)])  # [E] bool
+        if sim is not None:  # [E] bool, for choosing substitutes
+            resident = np.array([(layer, j) in sched.cache for j in range(sched.n_expert)])
         new_ids, keep = ids.clone(), torch.ones_like(weights)
         subs = {"buddy": 0, "drop": 0}
         for t in range(ids.shape[0]):
