@@ -10,6 +10,7 @@ fallback plug in here as further policies.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,23 @@ def drop_experts(ids: torch.Tensor, weights: torch.Tensor, drop: list[int]) -> P
     return Plan(ids.masked_fill(mask, -1), kept * scale, {}, {"drop": n} if n else {})
 
 
+def stand_in_error(weights: list[float], cosines: list[float]) -> float:
+    """Relative L2 error ‖m − y‖ of standing in for an expert's output y with the weighted mix
+    m = Σ a_j·y_j of other experts' outputs (a_j: `weights` normalised), given each
+    cos(y_j, y) = c_j — modelling every output as unit-norm and each y_j as c_j·y plus a part
+    orthogonal to y, independent across experts. One stand-in is a substitution: √(2 − 2c), 0 for
+    a copy, √2 for an unrelated expert. Several are what a dropped slot's rescaled weight buys:
+    the mix averages part of their differences away (two at 0.6: 0.69, against 0.89 for one), and
+    the mix of unrelated experts errs less (√(1 + Σ a_j²)) than one unrelated substitute."""
+    total = sum(weights)
+    if total <= 0:
+        return 1.0  # nothing stands in: the output loses y
+    a = [w / total for w in weights]
+    along = sum(ai * ci for ai, ci in zip(a, cosines))  # m's component along y
+    across = sum(ai * ai * max(1.0 - ci * ci, 0.0) for ai, ci in zip(a, cosines))  # ‖m's orthogonal part‖²
+    return math.sqrt(max((along - 1.0) ** 2 + across, 0.0))
+
+
 def _finish_with(fallback: MissPolicy, sched, layer: int, ids: torch.Tensor, weights: torch.Tensor, subs: dict[str, int]) -> Plan:
     """Hand the experts still missing after a substitution step to the fallback policy."""
     still = [e for e in torch.unique(ids).tolist() if e >= 0 and (layer, e) not in sched.cache]
@@ -168,22 +186,23 @@ class LittleOnMiss(MissPolicy):
     A token's *confidence* at a layer is the share of its router weight on its heaviest ⌈k/2⌉
     experts. The token is unimportant when its confidence ranks among the top `share` of the
     confidences of the tokens that met a miss at this layer so far (an online quantile — the policy
-    sees no other tokens — so one setting means the same on any model and any k: share 0.75 sends
-    the three most confident quarters of them to the little set); `threshold`, when given, is an
+    sees no other tokens — so one setting means the same on any model and any k: share 0.9 sends
+    all but the least confident tenth of them to the little set); `threshold`, when given, is an
     absolute confidence instead. Until a layer has seen `WARMUP` tokens every token is important.
 
     An unimportant token that meets a missing expert runs its little set: the k/2 slots ranked
-    highest by router-weight share plus `prefer_resident` for a resident expert (0: MoBiLE's
-    heaviest half; ≥ 1: resident experts first), and every other resident expert too (it costs no
-    transfer); its weights are rescaled to the original sum. Missing experts in the little set, and
-    all of an important token's, go to the fallback (`cpu` by default). share 0 (or threshold > 1)
-    never goes little: exactly the all-resident results."""
+    highest by router-weight share plus `prefer_resident` for a resident expert (0, the default:
+    MoBiLE's heaviest half; ≥ 1: resident experts first), and every other resident expert too (it
+    costs no transfer); its weights are rescaled to the original sum. Missing experts in the little
+    set, and all of an important token's, go to the fallback (`cpu` by default). share 0 (or
+    threshold > 1) never goes little: exactly the all-resident results. The defaults are the
+    fastest setting within 3% perplexity on the demo model's calibration text (docs/fallback.md)."""
 
     name = "little"
     BINS = 256  # confidence histogram resolution per layer (confidence is in [0, 1])
     WARMUP = 32
 
-    def __init__(self, share: float = 0.75, threshold: float | None = None, prefer_resident: float = 0.1, fallback: str = "cpu"):
+    def __init__(self, share: float = 0.9, threshold: float | None = None, prefer_resident: float = 0.0, fallback: str = "cpu"):
         if not 0.0 <= share <= 1.0:
             raise LocalMoEError(f"little: share must be between 0 and 1, got {share}")
         if prefer_resident < 0.0:
@@ -231,25 +250,26 @@ class CostAwareOnMiss(MissPolicy):
     costs.
 
     Time: fetch costs copy + GPU compute on the critical path; cpu costs what CPU work adds beyond
-    the GPU's (they overlap); a substitute or a dropped slot costs no transfer. Quality, in shares
-    of the token's router weight (w: the slot's share), from the calibrated functional similarity
+    the GPU's (they overlap); a substitute or a dropped slot costs no transfer. Quality: the error
+    it adds to the token's MoE output, w·‖stand-in − y_i‖ relative to ‖y_i‖ (w: the slot's share of
+    the router weight), estimated by `stand_in_error` from the calibrated functional similarity
     c(i→j) (cosine of expert j's output to expert i's, on the inputs routed to i):
-      * a substitute j costs w·(1 − c(i→j)); the policy takes the resident expert, not already
+      * a substitute j costs w·√(2 − 2c(i→j)); the policy takes the resident expert, not already
         chosen for the token, with the highest c(i→j) ≥ `min_similarity`;
-      * dropping the slot rescales the token's other experts, so they stand in for it together:
-        it costs w·(1 − Σ_j w_j·c(i→j) / Σ_j w_j) over the experts that run (cheap when one of
-        them is a near-copy of the missing one, as replicas in upcycled MoEs are; w without a table);
+      * dropping the slot rescales the token's other experts, so their weighted mix stands in for
+        i: cheap when one of them is a near-copy of i, as replicas in upcycled MoEs are, and
+        cheaper than any one of them alone, since the mix averages their differences;
       * fetch and cpu cost nothing.
     Unlike BuddyMoE's ranking score, which mixes in the router's correlation to order candidates,
     the cost is the similarity alone: it is what the substitution changes in the output.
-    Each token may spend `quality_budget` of its router mass per layer; within it the policy takes
+    Each token may add `quality_budget` of such error per layer; within it the policy takes
     the cheaper of substitute and drop, lightest slots first. Whatever exceeds the budget runs
     exactly, via fetch or cpu, whichever the cost model says is faster for the number of tokens
     that need that expert."""
 
     name = "cost"
 
-    def __init__(self, quality_budget: float = 0.15, min_similarity: float = 0.2):
+    def __init__(self, quality_budget: float = 0.2, min_similarity: float = 0.2):
         self.quality_budget, self.min_similarity = quality_budget, min_similarity
 
     def plan(self, sched, layer, ids, weights, missing):
@@ -271,18 +291,17 @@ class CostAwareOnMiss(MissPolicy):
                 if not miss_mask[t, slot]:
                     continue
                 e, w = int(ids[t, slot]), float(share[t, slot])
-                stand_in = 0.0  # how well the experts that run cover e together
-                running_w = sum(float(share[t, s]) for s in running)
-                if sim is not None and running_w > 0:
-                    stand_in = sum(float(share[t, s]) * float(sim[e, int(new_ids[t, s])]) for s in running) / running_w
-                best = (w * (1.0 - max(stand_in, 0.0)), "drop", -1)
+                # dropping: the experts that run stand in for e together, at their weights
+                cos_running = [float(sim[e, int(new_ids[t, s])]) if sim is not None else 0.0 for s in running]
+                best = (w * stand_in_error([float(share[t, s]) for s in running], cos_running), "drop", -1)
                 if sim is not None:  # the most similar resident expert the token has not chosen
                     free = resident.copy()
                     free[list(chosen)] = False
                     if free.any():
                         j = int(np.flatnonzero(free)[np.argmax(sim[e, free])])
-                        if float(sim[e, j]) >= self.min_similarity and w * (1.0 - float(sim[e, j])) < best[0]:
-                            best = (w * (1.0 - float(sim[e, j])), "buddy", j)
+                        cost = w * stand_in_error([1.0], [float(sim[e, j])])
+                        if float(sim[e, j]) >= self.min_similarity and cost < best[0]:
+                            best = (cost, "buddy", j)
                 if best[0] > left:
                     continue
                 left -= best[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -146,10 +147,10 @@ def test_buddy_caps_a_single_token_and_leaves_a_crowded_batch_to_the_fallback():
 @pytest.mark.parametrize("case", ["replica runs", "replica resident", "no replica"])
 def test_cost_policy_substitutes_drops_or_runs_exactly_by_similarity(case):
     """Expert 1 is a copy of expert 0 (similarity 1), the others are unlike it (0); expert 0 misses.
-    If its copy runs for the token anyway, dropping slot 0 costs 0.25 * (1 - 1/3) = 0.167 of the
-    router mass (the three running experts, equally weighted, stand in for it at mean similarity
-    1/3): within the budget of 0.2. If the copy is resident but not routed, it substitutes at no
-    cost. Without it, dropping costs the full 0.25: the expert runs exactly (here on the CPU)."""
+    If its copy runs for the token anyway, dropping slot 0 costs 0.25 · √(6/9) = 0.204 (the three
+    running experts, equally weighted, mix to 1/3 of it plus two unrelated thirds): within the
+    budget of 0.25. If the copy is resident but not routed, it substitutes at no cost. Without it,
+    dropping costs 0.25 · √(1 + 1/3) = 0.289: the expert runs exactly (here on the CPU)."""
     from localmoe.miss_policies import CostAwareOnMiss
 
     sim = np.eye(6)
@@ -158,7 +159,7 @@ def test_cost_policy_substitutes_drops_or_runs_exactly_by_similarity(case):
     resident = {1, 2, 3, 4, 5} if case != "no replica" else {2, 3, 4, 5}
     weights = torch.full((1, 4), 0.25)
     sched = _FakeScheduler(_table(sim), 6, {(0, e) for e in resident})
-    plan = CostAwareOnMiss(quality_budget=0.2).plan(sched, 0, ids, weights, [0])
+    plan = CostAwareOnMiss(quality_budget=0.25).plan(sched, 0, ids, weights, [0])
     if case == "replica runs":
         assert plan.ids[0, 0] == -1 and plan.substitutions == {"drop": 1} and not plan.where
         assert float(plan.weights.sum()) == pytest.approx(1.0)
@@ -253,3 +254,18 @@ def test_policy_specs_parse_numbers_and_words():
     for bad, says in [("fetch:args=1", "has no option 'args'; its options: none"), ("buddy:min_score=high", "takes a number"), ("buddy:fallback=2", "takes a name"), ("little:share=1.5", "between 0 and 1")]:
         with pytest.raises(LocalMoEError, match=says):
             parse_policy_spec(bad)
+
+
+def test_stand_in_error_of_one_or_several_experts():
+    """A substitute errs by √(2 − 2c); a dropped slot's weight goes to the experts that run, whose
+    mix errs less than any one of them when their differences from the missing expert are
+    independent."""
+    from localmoe.miss_policies import stand_in_error
+
+    assert stand_in_error([1.0], [1.0]) == pytest.approx(0.0)
+    assert stand_in_error([1.0], [0.6]) == pytest.approx(math.sqrt(0.8))
+    assert stand_in_error([1.0], [0.0]) == pytest.approx(math.sqrt(2))
+    assert stand_in_error([1.0, 1.0], [0.6, 0.6]) == pytest.approx(math.sqrt(0.16 + 0.32))
+    assert stand_in_error([1.0, 1.0, 1.0], [0.0, 0.0, 0.0]) == pytest.approx(math.sqrt(4 / 3))
+    assert stand_in_error([], []) == 1.0
+    assert stand_in_error([0.8, 0.2], [0.9, 0.3]) < stand_in_error([0.2, 0.8], [0.9, 0.3])  # weight on the close one helps
