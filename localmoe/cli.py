@@ -11,11 +11,11 @@ import resource
 import sys
 
 from . import __version__
-from .cache_policies import ONLINE_POLICIES
+from .residency.cache_policies import ONLINE_POLICIES
 from .errors import LocalMoEError
-from .miss_policies import MISS_POLICIES
-from .profiles import PROFILES
-from .residency_bench import DEFAULT_POLICIES
+from .fallback.miss_policies import MISS_POLICIES
+from .residency.profiles import PROFILES
+from .bench.residency import DEFAULT_POLICIES
 
 ON_MISS_POLICIES = tuple(MISS_POLICIES)
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import hashlib
 
-    from .buddies import builtin_calibration_text, calibrate, sidecar_path
+    from .fallback.buddies import builtin_calibration_text, calibrate, sidecar_path
     from .progress import Progress
     from .runtime import load
 
@@ -177,9 +177,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table
+    from .fallback.evaluate import evaluate, format_table
     from .bundled import demo_model_path
-    from .gguf_file import GGUFModel
+    from .gguf.file import GGUFModel
     from .progress import Progress
     from .runtime import parse_size
 
@@ -216,12 +216,12 @@ def _read_text(path: str) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import residency_bench as rb
+    from .bench import residency as rb
 
     if args.vs or args.kernels:
         return cmd_speed_bench(args)
     if args.trace:
-        from .trace import load_trace
+        from .residency.trace import load_trace
 
         trace = load_trace(args.trace)
         try:
@@ -232,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2) if args.json else rb.format_replay(trace, rows))
         return 0
     from .bundled import demo_model_path
-    from .gguf_file import GGUFModel
+    from .gguf.file import GGUFModel
     from .runtime import parse_size
 
     path = args.model or demo_model_path()
@@ -246,7 +246,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_speed_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, format_kernel_table, format_table, kernel_table, run_bench
+    from .bench.speed import BenchConfig, format_kernel_table, format_table, kernel_table, run_bench
     from .bundled import demo_model_path
 
     if args.kernels:
@@ -263,7 +263,7 @@ def cmd_speed_bench(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from .progress import Progress
-    from .synth import write_preset
+    from .bench.synth import write_preset
 
     bar = Progress("writing", 1)
 
@@ -279,7 +279,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .gguf_file import GGUFModel
+    from .gguf.file import GGUFModel
     from .info import describe, format_text
 
     d = describe(GGUFModel(args.model))

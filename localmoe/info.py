@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .gguf_file import GGUFModel
+from .gguf.file import GGUFModel
 
 # VRAM of the hardware profiles the fit estimate reports (bytes).
 FIT_TARGETS = {"8GB GPU": 8 << 30, "24GB GPU": 24 << 30}

@@ -23,11 +23,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from . import kernels, names
-from .experts import ExpertWeights, pack_ffn, swiglu_expert
-from .gguf_file import GGUFModel, ModelSpec, TensorView
-from .kernels import QLinear, attn_decode, fuse_rows, gather_rows, native_lib, qk_norm_rope, repack, rms_norm, route
-from .gguf_blocks import BLOCK_TYPES, dequantize, to_torch
+from .compute import kernels
+from .gguf import names
+from .compute.experts import ExpertWeights, pack_ffn, swiglu_expert
+from .gguf.file import GGUFModel, ModelSpec, TensorView
+from .compute.kernels import QLinear, attn_decode, fuse_rows, gather_rows, native_lib, qk_norm_rope, repack, rms_norm, route
+from .gguf.blocks import BLOCK_TYPES, dequantize, to_torch
 
 
 class ExpertFn(Protocol):

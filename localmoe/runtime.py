@@ -15,19 +15,19 @@ import torch
 
 from .bundled import demo_model_path
 from .errors import LocalMoEError
-from .cache_policies import ONLINE_POLICIES
-from .experts import ExpertExecutor, ExpertStore
-from .gpu_tier import DeviceTier
-from .miss_policies import MISS_POLICIES
-from .profiles import get_profile
-from .scheduler import ExpertScheduler, ResidencyConfig
-from .trace import TraceRecorder
-from .gguf_file import GGUFModel
+from .residency.cache_policies import ONLINE_POLICIES
+from .compute.experts import ExpertExecutor, ExpertStore
+from .residency.gpu_tier import DeviceTier
+from .fallback.miss_policies import MISS_POLICIES
+from .residency.profiles import get_profile
+from .residency.scheduler import ExpertScheduler, ResidencyConfig
+from .residency.trace import TraceRecorder
+from .gguf.file import GGUFModel
 from .model import KVCache, MoEModel
 from .sampling import SamplingParams, sample
 from .stats import Stats, StatsCollector
 from .tokenizer import IncrementalDecoder, Tokenizer
-from . import names
+from .gguf import names
 
 ON_MISS_POLICIES = tuple(MISS_POLICIES)
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of dequantized experts kept in host RAM
@@ -161,7 +161,7 @@ class Runtime:
         """The calibrated buddy table beside the model (needed by on_miss='buddy'; used by 'cost')."""
         if self.on_miss not in ("buddy", "cost"):
             return None
-        from .buddies import BuddyTable, sidecar_path
+        from .fallback.buddies import BuddyTable, sidecar_path
 
         path = sidecar_path(self.path)
         if not os.path.exists(path):

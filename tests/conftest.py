@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from localmoe.synth import SynthConfig, quantize_with_llama_cpp, write_model
+from localmoe.bench.synth import SynthConfig, quantize_with_llama_cpp, write_model
 
 ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama")
 # Written directly by GGUFWriter (gguf.quants), or made by llama.cpp's own quantizer from a file

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from localmoe import bench
+from localmoe.bench import speed as bench
 from localmoe.errors import LocalMoEError
-from localmoe.gguf_file import GGUFModel
+from localmoe.gguf.file import GGUFModel
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -14,8 +14,8 @@ import torch
 
 import localmoe
 from localmoe import LocalMoEError
-from localmoe.buddies import BuddyTable, builtin_calibration_text, calibrate, sidecar_path, token_activating_entropy
-from localmoe.synth import SynthConfig, write_model
+from localmoe.fallback.buddies import BuddyTable, builtin_calibration_text, calibrate, sidecar_path, token_activating_entropy
+from localmoe.bench.synth import SynthConfig, write_model
 
 CLI = [sys.executable, "-m", "localmoe"]
 
@@ -117,7 +117,7 @@ class _FakeScheduler:
 
 
 def _table(similarity: np.ndarray) -> BuddyTable:
-    from localmoe.buddies import LayerCalibration
+    from localmoe.fallback.buddies import LayerCalibration
 
     E = similarity.shape[0]
     layer = LayerCalibration(np.ones(E), np.zeros((E, E)), similarity.astype(np.float32), np.zeros((E, E), np.float32), 0.0, {i: [] for i in range(E)})
@@ -128,8 +128,8 @@ def test_buddy_caps_a_single_token_and_leaves_a_crowded_batch_to_the_fallback():
     """Experts 0-3 are missing, each with a resident buddy (i + 4, score 0.9). One decoding token
     routed to all four gets min(3, k - 1) = 3 substitutions and the fourth runs on the CPU; in a
     batch where more than 75% of the slots miss, loading pays, so none is substituted."""
-    from localmoe.buddies import LayerCalibration
-    from localmoe.miss_policies import BuddyOnMiss
+    from localmoe.fallback.buddies import LayerCalibration
+    from localmoe.fallback.miss_policies import BuddyOnMiss
 
     E = 8
     layer = LayerCalibration(np.ones(E), np.zeros((E, E)), np.eye(E, dtype=np.float32), np.zeros((E, E), np.float32), 0.0, {i: [(i + 4, 0.9)] for i in range(4)})
@@ -151,7 +151,7 @@ def test_cost_policy_substitutes_drops_or_runs_exactly_by_similarity(case):
     running experts, equally weighted, mix to 1/3 of it plus two unrelated thirds): within the
     budget of 0.25. If the copy is resident but not routed, it substitutes at no cost. Without it,
     dropping costs 0.25 · √(1 + 1/3) = 0.289: the expert runs exactly (here on the CPU)."""
-    from localmoe.miss_policies import CostAwareOnMiss
+    from localmoe.fallback.miss_policies import CostAwareOnMiss
 
     sim = np.eye(6)
     sim[0, 1] = sim[1, 0] = 1.0
@@ -174,7 +174,7 @@ def test_little_set_is_the_best_ranked_half_plus_resident_experts(prefer_residen
     """Router weights 0.4/0.3/0.2/0.1 on experts 0-3, experts 0 and 2 missing. The little set is the
     two slots with the highest weight share (+ prefer_resident if resident), plus every resident
     expert; a missing expert it keeps runs via the fallback (cpu), the others are dropped."""
-    from localmoe.miss_policies import LittleOnMiss
+    from localmoe.fallback.miss_policies import LittleOnMiss
 
     ids, weights = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]])
     sched = _FakeScheduler(None, 4, {(0, 1), (0, 3)})
@@ -186,7 +186,7 @@ def test_little_set_is_the_best_ranked_half_plus_resident_experts(prefer_residen
 
 
 def test_little_importance_is_an_online_quantile_per_layer():
-    from localmoe.miss_policies import LittleOnMiss
+    from localmoe.fallback.miss_policies import LittleOnMiss
 
     rng = np.random.default_rng(0)
     conf = lambda n: torch.from_numpy(rng.uniform(0.5, 1.0, n))  # top-half share of k=4: [0.5, 1]
@@ -247,7 +247,7 @@ def test_eval_compares_one_policy_with_several_options(calibrated, tmp_path):
 
 
 def test_policy_specs_parse_numbers_and_words():
-    from localmoe.miss_policies import parse_policy_spec
+    from localmoe.fallback.miss_policies import parse_policy_spec
 
     assert parse_policy_spec("buddy:min_score=0.3:max_per_token=2:fallback=fetch") == ("buddy", {"min_score": 0.3, "max_per_token": 2, "fallback": "fetch"})
     assert parse_policy_spec(" cost ") == ("cost", {})
@@ -260,7 +260,7 @@ def test_stand_in_error_of_one_or_several_experts():
     """A substitute errs by √(2 − 2c); a dropped slot's weight goes to the experts that run, whose
     mix errs less than any one of them when their differences from the missing expert are
     independent."""
-    from localmoe.miss_policies import stand_in_error
+    from localmoe.fallback.miss_policies import stand_in_error
 
     assert stand_in_error([1.0], [1.0]) == pytest.approx(0.0)
     assert stand_in_error([1.0], [0.6]) == pytest.approx(math.sqrt(0.8))

@@ -8,7 +8,7 @@ import pytest
 import localmoe
 from localmoe import LocalMoEError
 from localmoe.sampling import SamplingParams, sample
-from localmoe.synth import write_model
+from localmoe.bench.synth import write_model
 from conftest import arch_config
 
 

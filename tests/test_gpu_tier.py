@@ -1,4 +1,4 @@
-"""The physical GPU tier (localmoe/gpu_tier.py): experts held as their GGUF bytes in device memory.
+"""The physical GPU tier (localmoe/residency/gpu_tier.py): experts held as their GGUF bytes in device memory.
 
 Its bookkeeping and numerics run on the CPU device everywhere; the `gpu` tests run the real CUDA
 path (pinned staging, copy stream, events) and skip cleanly without CUDA."""
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import localmoe
-from localmoe.gpu_tier import DeviceTier
-from localmoe.scheduler import ExpertScheduler
-from localmoe.synth import SynthConfig, write_model
+from localmoe.residency.gpu_tier import DeviceTier
+from localmoe.residency.scheduler import ExpertScheduler
+from localmoe.bench.synth import SynthConfig, write_model
 
 from oracle import compare
 

@@ -13,10 +13,11 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from localmoe import bench, kernels
-from localmoe import gguf_blocks
-from localmoe.gguf_blocks import decode
-from localmoe.kernels import fuse_rows, repack
+from localmoe.bench import speed as bench
+from localmoe.compute import kernels
+from localmoe.gguf import blocks as gguf_blocks
+from localmoe.gguf.blocks import decode
+from localmoe.compute.kernels import fuse_rows, repack
 
 BLOCKS = {Q[name]: layout for name, layout in bench.BLOCK_LAYOUTS.items()}  # the block types and their layouts
 FLOATS = (Q.F32, Q.F16, Q.BF16)
@@ -216,7 +217,7 @@ def test_fused_decode_ops_equal_their_torch_definitions():
     cache, SwiGLU block) compute what their torch definitions do."""
     import torch.nn.functional as F
 
-    from localmoe.experts import pack_ffn, swiglu_expert
+    from localmoe.compute.experts import pack_ffn, swiglu_expert
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 256, generator=g), torch.randn(256, generator=g)

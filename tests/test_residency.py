@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 import localmoe
 from localmoe import LocalMoEError
-from localmoe.cache_policies import ONLINE_POLICIES, Tick, make_policy
-from localmoe.expert_cache import ExpertCache
-from localmoe.synth import SynthConfig, write_model
-from localmoe.trace import load_trace, replay
+from localmoe.residency.cache_policies import ONLINE_POLICIES, Tick, make_policy
+from localmoe.residency.expert_cache import ExpertCache
+from localmoe.bench.synth import SynthConfig, write_model
+from localmoe.residency.trace import load_trace, replay
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_bench_cli_replays_trace_and_compares_strategies(moe16, tmp_path):
 def test_reuse_policy_trusts_predictions_by_their_measured_precision():
     """A predicted expert is expected at the next step with the predictions' precision so far; a
     prefetch is issued during the previous layer step (Tick.before)."""
-    from localmoe.cache_policies import ReuseDistance
+    from localmoe.residency.cache_policies import ReuseDistance
 
     pol = ReuseDistance(n_layer=4, n_expert=16, top_k=2)
     now = Tick(10, 1)

@@ -28,7 +28,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, LoadingIndicator, Static
 from textual.worker import Worker, get_current_worker
 
-from localmoe.cache_policies import ONLINE_POLICIES
+from localmoe.residency.cache_policies import ONLINE_POLICIES
 from localmoe.errors import LocalMoEError
 from localmoe.runtime import ON_MISS_POLICIES
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import LocalMoEError
+from ..errors import LocalMoEError
 
 if TYPE_CHECKING:
-    from .scheduler import ExpertScheduler
+    from ..residency.scheduler import ExpertScheduler
 
 FETCH, CPU = "fetch", "cpu"
 

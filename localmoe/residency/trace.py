@@ -16,7 +16,7 @@ from typing import IO
 import torch
 
 from .cache_policies import Belady, Key, Tick, make_policy
-from .errors import LocalMoEError
+from ..errors import LocalMoEError
 from .expert_cache import ExpertCache
 
 

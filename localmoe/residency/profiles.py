@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import LocalMoEError
+from ..errors import LocalMoEError
 
 GB = 1e9
 

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import LocalMoEError
+from ..errors import LocalMoEError
 from .miss_policies import make_miss_policy, parse_policy_spec
-from .model import KVCache
+from ..model import KVCache
 
 
 def decode_logprobs(rt, ids: list[int], window: int, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, float, float]:
@@ -56,7 +56,7 @@ def evaluate(model_path: str | None, text: str, policies: list[str], gpu_mem: in
     `miss_options[name]`. The result is keyed by the spec.
     `trace`: also record the all-resident run's routing (decode order, with the prefetcher's
     predictions) to this file, for `localmoe bench --trace`."""
-    from .runtime import load
+    from ..runtime import load
 
     miss_options = miss_options or {}
     runs = []  # (spec, policy name, its options): a spec's own options, else the knobs for its name

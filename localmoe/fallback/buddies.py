@@ -27,8 +27,8 @@ from importlib import resources
 import numpy as np
 import torch
 
-from .errors import LocalMoEError
-from .experts import swiglu_expert
+from ..errors import LocalMoEError
+from ..compute.experts import swiglu_expert
 
 SIDECAR_SUFFIX = ".buddies.json"
 FORMAT = 1
@@ -183,7 +183,7 @@ class _Recorder:
 
 def calibrate(rt, text: str, max_tokens: int = 4096, samples: int = 64, window: int = 256, seed: int = 0, progress=None) -> BuddyTable:
     """Run `rt`'s model over `text` (at most `max_tokens` tokens, in windows) and build the table."""
-    from .model import KVCache
+    from ..model import KVCache
 
     ids = rt.tokenize(text)[:max_tokens]
     if len(ids) < 16:

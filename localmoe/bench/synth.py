@@ -17,9 +17,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
-from . import names
-from .errors import LocalMoEError
-from .tokenizer import CHATML_TEMPLATE
+from ..gguf import names
+from ..errors import LocalMoEError
+from ..tokenizer import CHATML_TEMPLATE
 
 Q = GGMLQuantizationType
 # What `weight_type` may be for the big matrices; norms and routers stay F32 as llama.cpp keeps them.

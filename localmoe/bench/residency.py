@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .cache_policies import ONLINE_POLICIES
-from .errors import LocalMoEError
-from .trace import Trace, replay
+from ..residency.cache_policies import ONLINE_POLICIES
+from ..errors import LocalMoEError
+from ..residency.trace import Trace, replay
 
 DEFAULT_PROMPT = "In the beginning God created the heaven and the earth. And the earth was without form, and void;"
 
@@ -56,8 +56,8 @@ class StrategyResult:
 def strategies_for(model_path: str | None, gpu_mem: int) -> list[tuple[str, dict[str, Any]]]:
     """The comparison `localmoe bench` runs: llama.cpp-style static placement (the fewest CPU
     layers that fit the budget), on-demand fetch with LRU, and ours."""
-    from .gguf_file import GGUFModel
-    from .bundled import demo_model_path
+    from ..gguf.file import GGUFModel
+    from ..bundled import demo_model_path
 
     m = GGUFModel(model_path or demo_model_path())
     room = gpu_mem - m.dense_bytes()
@@ -73,7 +73,7 @@ def strategies_for(model_path: str | None, gpu_mem: int) -> list[tuple[str, dict
 
 
 def run_strategies(model_path: str | None, gpu_mem: int, profile: str, prompt: str, max_tokens: int, threads: int | None = None) -> list[StrategyResult]:
-    from .runtime import load
+    from ..runtime import load
 
     results = []
     for label, kwargs in strategies_for(model_path, gpu_mem):

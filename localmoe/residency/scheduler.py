@@ -31,17 +31,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache_policies import Key, Tick, make_policy
-from .errors import LocalMoEError
+from ..errors import LocalMoEError
 from .expert_cache import ExpertCache
-from .experts import ExpertStore, ExpertWeights, swiglu_expert, swiglu_experts
+from ..compute.experts import ExpertStore, ExpertWeights, swiglu_expert, swiglu_experts
 from .gpu_tier import DeviceTier
-from .miss_policies import CPU, FETCH, StaticPlacement, make_miss_policy
+from ..fallback.miss_policies import CPU, FETCH, StaticPlacement, make_miss_policy
 from .profiles import HardwareProfile, Timeline
-from .stats import StatsCollector
+from ..stats import StatsCollector
 from .trace import TraceRecorder
 
 if TYPE_CHECKING:
-    from .model import MoEModel
+    from ..model import MoEModel
 
 
 @dataclass(frozen=True)

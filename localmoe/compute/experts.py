@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import names
-from .gguf_file import GGUFModel
+from ..gguf import names
+from ..gguf.file import GGUFModel
 from .kernels import QLinear, RawMatrix, fuse_rows, matvec_many, repack, swiglu_decode
-from .stats import StatsCollector
+from ..stats import StatsCollector
 
 ExpertId = tuple[int, int]  # (layer, expert)
 

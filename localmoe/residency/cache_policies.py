@@ -15,7 +15,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import LocalMoEError
+from ..errors import LocalMoEError
 
 Key = tuple[int, int]  # (layer, expert)
 

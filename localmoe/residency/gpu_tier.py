@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import names
-from .errors import LocalMoEError
-from .experts import ExpertWeights
-from .gguf_file import GGUFModel
-from .kernels import QLinear
+from ..gguf import names
+from ..errors import LocalMoEError
+from ..compute.experts import ExpertWeights
+from ..gguf.file import GGUFModel
+from ..compute.kernels import QLinear
 
 Key = tuple[int, int]  # (layer, expert)
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from .gguf_blocks import BLOCK_TYPES, FLOAT_TYPES, Affine, decode, dequantize, raw_bytes
+from ..gguf.blocks import BLOCK_TYPES, FLOAT_TYPES, Affine, decode, dequantize, raw_bytes
 
 Q = GGMLQuantizationType
 # From this many rows, dequantize to float32 + SGEMM instead of the integer kernel. Off by default: on

@@ -15,9 +15,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from . import names
-from .arch import ARCHITECTURES, ArchSpec, supported_list
-from .errors import LocalMoEError
-from .gguf_blocks import BLOCK_TYPES, FLOAT_TYPES
+from ..arch import ARCHITECTURES, ArchSpec, supported_list
+from ..errors import LocalMoEError
+from .blocks import BLOCK_TYPES, FLOAT_TYPES
 
 Q = GGMLQuantizationType
 SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = FLOAT_TYPES | BLOCK_TYPES  # what gguf_blocks decodes

@@ -8,7 +8,7 @@ achieved memory bandwidth, bytes touched per decoded token × decode tokens/s (a
 it): every dense weight, one embedding row and the top-k experts of each layer at their size in the
 file. Ratios are computed from rows measured in the same run, never from stored figures.
 
-llama.cpp runs in a subprocess (`python -m localmoe.bench llama-worker ...`), so that a crash in
+llama.cpp runs in a subprocess (`python -m localmoe.bench.speed llama-worker ...`), so that a crash in
 its native code — e.g. the AMX path of a `-march=native` build on some Xeons — becomes a one-line
 error instead of killing the benchmark.
 """
@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import names
-from .errors import LocalMoEError
-from .gguf_file import GGUFModel
+from ..gguf import names
+from ..errors import LocalMoEError
+from ..gguf.file import GGUFModel
 
 LLAMA_CPP = "llama.cpp"
 REBUILD_HINT = (  # a build for another CPU (a cached wheel) or llama.cpp's AMX path on some Xeons
@@ -128,7 +128,7 @@ class LocalMoETimer:
     load_kwargs go to localmoe.load (device, gpu_mem, policy, ...)."""
 
     def __init__(self, path: str, cfg: BenchConfig, **load_kwargs: Any):
-        from .runtime import load
+        from ..runtime import load
 
         self.cfg = cfg
         self.rt = load(path, n_ctx=cfg.prompt_tokens + cfg.decode_tokens + 8, threads=cfg.threads, **load_kwargs)
@@ -137,7 +137,7 @@ class LocalMoETimer:
     def runs(self) -> list[tuple[float, float]]:
         import torch
 
-        from .model import KVCache
+        from ..model import KVCache
 
         rt, state = self.rt, {}
 
@@ -189,7 +189,7 @@ class LlamaCppCrashed(LocalMoEError):
 def llama_cpp_runs(path: str, cfg: BenchConfig, plain_buffers: bool = False, timeout: float = 1800) -> list[tuple[float, float]]:
     """One round of llama.cpp (llama-cpp-python) in a subprocess; a crash becomes a LocalMoEError."""
     job = json.dumps({"path": path, "config": asdict(cfg), "plain_buffers": plain_buffers})
-    cmd = [sys.executable, "-m", "localmoe.bench", "llama-worker", job]
+    cmd = [sys.executable, "-m", "localmoe.bench.speed", "llama-worker", job]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -244,7 +244,7 @@ def _llama_worker(job: dict[str, Any]) -> None:
 
     import llama_cpp
 
-    from .llama_ref import plain_cpu_buffers
+    from ..llama_ref import plain_cpu_buffers
 
     cfg = BenchConfig(**job["config"])
     n_ctx = cfg.prompt_tokens + cfg.decode_tokens + 8
@@ -332,7 +332,7 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
     import torch
     from gguf import GGMLQuantizationType
 
-    from . import kernels
+    from ..compute import kernels
 
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
@@ -375,4 +375,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "llama-worker":
         _llama_worker(json.loads(sys.argv[2]))
     else:
-        sys.exit("usage: python -m localmoe.bench llama-worker JOB_JSON (internal; use `localmoe bench`)")
+        sys.exit("usage: python -m localmoe.bench.speed llama-worker JOB_JSON (internal; use `localmoe bench`)")

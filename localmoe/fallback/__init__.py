@@ -1,0 +1,1 @@
+"""What a missing expert does instead: miss policies, the buddy table (calibration) and `localmoe eval`."""

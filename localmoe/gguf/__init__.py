@@ -1,0 +1,1 @@
+"""GGUF files: every tensor and metadata name, reading a file into a ModelSpec, the block decoder."""
