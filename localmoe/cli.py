@@ -321,6 +321,8 @@ def print_timings(st, out) -> None:  # st: Stats
         f"peak memory:  {peak_rss / (1 << 20):9.1f} MiB RSS",
         f"experts:      {st.hits} hits, {st.misses} misses (hit rate {st.hit_rate:.1%}), {st.cpu_experts} computed on CPU",
     ]
+    if st.decode_tokens:
+        lines.append(f"overhead:     {st.decode_host_syncs / st.decode_tokens:.1f} host syncs and {st.decode_launches / st.decode_tokens:.1f} Triton launches per decoded token")
     if st.gpu_budget is not None:
         decode_s = st.decode_tokens / st.decode_tps if st.decode_tps else 0.0
         gbps = f", {st.bytes_to_gpu / decode_s / 1e9:.2f} GB/s over decode" if decode_s else ""

@@ -27,6 +27,7 @@ from .compute import kernels
 from .gguf import names
 from .compute.experts import ExpertWeights, pack_ffn, swiglu_expert
 from .gguf.file import GGUFModel, ModelSpec, TensorView
+from .compute.counters import to_device
 from .compute.kernels import QLinear, attn_decode, fuse_rows, gather_rows, native_lib, qk_norm_rope, repack, rms_norm, route
 from .gguf.blocks import BLOCK_TYPES, dequantize, to_torch
 
@@ -168,7 +169,7 @@ class MoEModel:
         if self.embd_packed is not None:
             return gather_rows(self.embd_packed, ids)
         rows = self.embd.data[ids.cpu().numpy()]
-        return dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)).to(self.device)
+        return to_device(dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)), self.device)
 
     def rope_tables(self, pos0: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions pos0 .. pos0+T-1 → (cos, sin) [T, 1, n_rot/2] float32 on `device`: slices of

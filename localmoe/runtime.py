@@ -16,6 +16,7 @@ import torch
 from .bundled import demo_model_path
 from .errors import LocalMoEError
 from .residency.cache_policies import ONLINE_POLICIES
+from .compute.counters import readback
 from .compute.experts import ExpertExecutor, ExpertStore
 from .residency.gpu_tier import DeviceTier
 from .fallback.miss_policies import MISS_POLICIES
@@ -157,6 +158,20 @@ class Runtime:
         self.model.experts = self.scheduler
         self._stats.clock = self.scheduler.clock
 
+    def attach_tier(self, tier: DeviceTier) -> None:
+        """Run the GPU tier through `tier` from now on, the residency settings kept (the cache
+        restarts). For tests and `scripts/gpu-check --smoke`: a DeviceTier on the CPU device
+        (kernel="triton": the Triton kernels under their interpreter) runs the CUDA code path
+        without a GPU."""
+        with self._lock:
+            if self.scheduler is None:
+                self._start_scheduler()
+            old = self.scheduler
+            sched = ExpertScheduler(self.store, self._stats, old.config, old.profile, tier)
+            sched.buddy_table, sched.trace = old.buddy_table, old.trace
+            sched.bind(self.model)
+            self.model.experts = self.scheduler = sched
+
     def _buddy_table(self):
         """The calibrated buddy table beside the model (needed by on_miss='buddy'; used by 'cost')."""
         if self.on_miss not in ("buddy", "cost"):
@@ -261,7 +276,7 @@ class Runtime:
         sampling and its generator live)."""
         out = self.model.forward(torch.tensor(ids, dtype=torch.long), self._cache, all_logits=False)
         self._cache_tokens = self._cache_tokens + list(ids)
-        return out[-1].float().cpu()
+        return readback(out[-1].float())[0]
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, seed: int | None = None) -> str:
         return "".join(c.text for c in self.stream(prompt, max_tokens, temperature, top_p, top_k, seed))

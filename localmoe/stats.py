@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compute import counters
+
 
 @dataclass(frozen=True)
 class LayerStats:
@@ -51,6 +53,8 @@ class Stats:
     clock: str  # "measured" or "modelled:PROFILE"
     prompt_tps_measured: float = 0.0  # wall clock, whatever `clock` says
     decode_tps_measured: float = 0.0
+    decode_host_syncs: int = 0  # device→host readbacks since the last prompt ended (compute/counters.py)
+    decode_launches: int = 0  # Triton kernel launches since then (torch's own ops not counted)
     layers: tuple[LayerStats, ...] = field(default_factory=tuple)
 
     def as_dict(self) -> dict[str, Any]:
@@ -71,6 +75,7 @@ class StatsCollector:
         self.n_layer = n_layer
         self.n_expert = n_expert
         self.clock = clock
+        self._on_snapshot: list = []  # callables that bring counts still on the device in first
         self.reset()
 
     def reset(self) -> None:
@@ -97,6 +102,7 @@ class StatsCollector:
             self.gpu_bytes_in_use = 0
             self.gpu_bytes_peak = 0
             self.gpu_budget: int | None = None
+            self._counters_at_prompt = (counters.host_syncs, counters.triton_launches())
             self.resident: list[list[int]] | None = None  # per layer; None → every expert resident
 
     # -- updates from the engine ------------------------------------------------------------------
@@ -108,6 +114,17 @@ class StatsCollector:
             np.add.at(self.expert_uses[layer], flat[flat >= 0], 1)
             self.hits[layer] += n_hit
             self.misses[layer] += ids.numel() - n_hit
+
+    def add_uses(self, uses: np.ndarray) -> None:
+        """Routed uses [L, E] counted elsewhere (on the device, every expert resident): all hits."""
+        with self._lock:
+            self.expert_uses += uses
+            for layer, n in enumerate(uses.sum(axis=1).tolist()):
+                self.hits[layer] += n
+
+    def on_snapshot(self, fn) -> None:
+        """Call fn() before each snapshot (the scheduler's device-side counts; it never blocks)."""
+        self._on_snapshot.append(fn)
 
     def count_prediction(self, layer: int, predicted: list[int], routed: list[int]) -> None:
         """The prefetcher guessed `predicted` for this layer; the router then chose `routed`."""
@@ -146,6 +163,7 @@ class StatsCollector:
             self.decode_tokens = 0
             self.decode_seconds = 0.0
             self.decode_wall = 0.0
+            self._counters_at_prompt = (counters.host_syncs, counters.triton_launches())
 
     def record_decode(self, n_tokens: int, seconds: float, wall: float | None = None) -> None:
         with self._lock:
@@ -156,6 +174,11 @@ class StatsCollector:
 
     # -- the snapshot -----------------------------------------------------------------------------
     def snapshot(self) -> Stats:
+        for fn in self._on_snapshot:
+            fn()
+        return self._snapshot()
+
+    def _snapshot(self) -> Stats:
         with self._lock:
             hits, misses = sum(self.hits), sum(self.misses)
             subs = {k: sum(s[k] for s in self.substitutions) for k in SUBSTITUTION_KINDS}
@@ -196,6 +219,8 @@ class StatsCollector:
                 clock=self.clock,
                 prompt_tps_measured=_rate(self.prompt_tokens, self.prompt_wall),
                 decode_tps_measured=_rate(self.decode_tokens, self.decode_wall),
+                decode_host_syncs=counters.host_syncs - self._counters_at_prompt[0],
+                decode_launches=counters.triton_launches() - self._counters_at_prompt[1],
                 layers=layers,
             )
 

@@ -7,6 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA the Triton GPU kernels run under Triton's interpreter on CPU tensors; the switch is
+# read when triton first compiles a kernel, so it is set before any test imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from localmoe.bench.synth import SynthConfig, quantize_with_llama_cpp, write_model
 

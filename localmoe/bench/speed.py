@@ -312,16 +312,21 @@ def format_table(res: BenchResult) -> str:
 
 # -- kernel micro-benchmark (`localmoe bench --kernels`) ---------------------------------------------
 # (weights per block, bytes per block, byte offsets of float16 scale fields) of each block type
-# (weights per block, bytes per block, byte offsets of float16 scale fields) of each block type
+# with a CPU kernel; RANDOM_LAYOUTS adds the types only the GPU kernels (compute/triton_gguf.py) take
 BLOCK_LAYOUTS = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)), "Q5_1": (32, 24, (0, 2)), "Q8_0": (32, 34, (0,)), "Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,))}
+RANDOM_LAYOUTS = {**BLOCK_LAYOUTS, "Q2_K": (256, 84, (80, 82)), "Q3_K": (256, 110, (108,)), "IQ4_NL": (32, 18, (0,)), "IQ4_XS": (256, 136, (0,)), "MXFP4": (32, 17, ())}
 
 
-def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """A [n, k] matrix of a block type as random bytes with sane float16 scales: every code pattern occurs."""
-    per, size, f16_at = BLOCK_LAYOUTS[qtype_name]
+def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator, scale: float = 0.01) -> np.ndarray:
+    """A [n, k] matrix of a block type as random bytes with sane float16 scales (about `scale`):
+    every code pattern occurs."""
+    per, size, f16_at = RANDOM_LAYOUTS[qtype_name]
     b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
     for at in f16_at:
-        b[..., at : at + 2] = (rng.uniform(0.5, 2.0, (n, k // per)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+        b[..., at : at + 2] = (rng.uniform(0.5, 2.0, (n, k // per)) * scale).astype(np.float16)[..., None].view(np.uint8)
+    if qtype_name == "MXFP4":  # the E8M0 exponent byte: scales 2^-8 .. 2^-1 around `scale`
+        e = int(round(np.log2(scale))) + 128
+        b[..., 0] = rng.integers(e - 3, e + 4, (n, k // per))
     return b.reshape(n, -1)
 
 

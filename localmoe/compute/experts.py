@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..gguf import names
 from ..gguf.file import GGUFModel
+from .counters import to_device
 from .kernels import QLinear, RawMatrix, fuse_rows, matvec_many, repack, swiglu_decode
 from ..stats import StatsCollector
 
@@ -63,6 +64,60 @@ def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float
     if y is None:
         y = torch.cat([w.down(h[None]) for w, h in zip(ws, F.silu(gate).mul_(up))])
     return torch.tensor(weights, dtype=y.dtype)[None] @ y
+
+
+# -- grouped execution on the GPU tier (Triton) --------------------------------------------------
+def grouped_ready(ws: list[ExpertWeights]) -> bool:
+    """The experts can run as one group: Triton-backed, one quant type and shape per matrix."""
+    if not ws or any(w.gate_up.backend != "triton" or w.down.backend != "triton" for w in ws):
+        return False
+    g, d = ws[0].gate_up, ws[0].down
+    return all((w.gate_up.qtype, w.gate_up.n, w.gate_up.k, w.down.qtype, w.down.n, w.down.k) == (g.qtype, g.n, g.k, d.qtype, d.n, d.k) for w in ws)
+
+
+def grouped_swiglu(ws: list[ExpertWeights], x: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Σ_s weight_s · expert_s(x[tokens_s]) → [T, D] for grouped_ready experts `ws`, rows[s] =
+    (token indices [n] int64, router weights [n] float32) on the host. Decode (T = 1): 3 launches
+    — gate+up of every expert, down of every expert with the SwiGLU read in, the weighted sum —
+    and 2 small uploads; prefill: the tokens sorted by expert and padded to the tile (one plan
+    upload), 2 grouped GEMMs and one index_add."""
+    from . import triton_gguf as tg  # only reached with "triton" weights: Triton is installed
+
+    g, d = ws[0].gate_up, ws[0].down
+    dev = x.device
+    ptrs = to_device(torch.tensor([[w.gate_up.tensors["raw"].data_ptr() for w in ws], [w.down.tensors["raw"].data_ptr() for w in ws]], dtype=torch.int64), dev)
+    raw = g.tensors["raw"]
+    T = x.shape[0]
+    if T == 1:
+        coef = to_device(torch.cat([w for _, w in rows]).float(), dev)  # [S]
+        gu = tg.gemv(raw, g.qtype.name, g.n, g.k, x, table=ptrs[0])  # [S, 2F]
+        y = tg.gemv(raw, d.qtype.name, d.n, d.k, gu, table=ptrs[1], swiglu=True)  # [S, D]
+        return coef[None] @ y
+    plan = tg.GroupedRows.build([(s, tok) for s, (tok, _) in enumerate(rows)], dev)
+    gu = tg.gemm(raw, g.qtype.name, g.n, g.k, x, x_rows=plan.rows, table=ptrs[0], block_slot=plan.block_slot, M=plan.n_rows)
+    y = tg.gemm(raw, d.qtype.name, d.n, d.k, gu, table=ptrs[1], block_slot=plan.block_slot, M=plan.n_rows, swiglu=True)
+    dst = torch.zeros(plan.n_rows, dtype=torch.int64)
+    wt = torch.zeros(plan.n_rows, dtype=torch.float32)
+    for s, (tok, w) in enumerate(rows):
+        at = plan.starts[s]
+        dst[at : at + len(tok)] = tok
+        wt[at : at + len(tok)] = w
+    dst, wt = to_device(dst, dev), to_device(wt, dev)
+    return torch.zeros_like(x).index_add_(0, dst, y * wt[:, None])
+
+
+def resident_decode(addresses: torch.Tensor, like: ExpertWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Every expert of the layer resident, decode: the routing never leaves the device. addresses
+    [2, E] int64 (each expert's gate_up and down bytes on the device; compute/gpu_tier.py), `like`
+    any of the layer's experts (types and shapes), ids/weights [1, k] on the device → [1, D]:
+    3 launches and no host sync."""
+    from . import triton_gguf as tg
+
+    g, d = like.gate_up, like.down
+    raw = g.tensors["raw"]
+    gu = tg.gemv(raw, g.qtype.name, g.n, g.k, x, table=addresses[0], ids=ids[0])  # [k, 2F]
+    y = tg.gemv(raw, d.qtype.name, d.n, d.k, gu, table=addresses[1], ids=ids[0], swiglu=True)  # [k, D]
+    return weights[0:1].float() @ y
 
 
 class ExpertStore:

@@ -17,9 +17,12 @@ symmetric types, zero = −offset · scale with no zeros stored): about the file
     "int4"     torch._weight_int4pack_mm_for_cpu (bf16 activations), for 4-bit codes with G = 32.
     "bf16"     dequantized once to bfloat16 + F.linear (CPU fallback for 5-8 bit types, F16, BF16).
     "f32"      float32 + F.linear: F32 files, which must match llama.cpp to float rounding.
-    "gguf"     the GGUF bytes as they are in the file, on any device; every call dequantizes them
-               (exactly, to float32, with torch ops) and runs F.linear. The GPU path: a weight in
-               GPU memory takes exactly its bytes in the file.
+    "triton"   the GGUF bytes as they are in the file, on the GPU: Triton kernels decode the blocks
+               in registers inside the matmul (compute/triton_gguf.py; GEMV for a few rows, GEMM
+               beyond). A weight in GPU memory takes exactly its bytes in the file.
+    "gguf"     the same bytes on any device; every call dequantizes them (exactly, to float32,
+               with torch ops) and runs F.linear: the reference the Triton kernels are tested
+               against, and the GPU path where Triton is missing (LOCALMOE_GPU_KERNEL=gguf forces it).
 
 `QLinear.backend` says which one a weight uses; `choose_backend` is the policy (docs/speed.md has
 the measurements behind it). Set LOCALMOE_KERNEL=torch to never build or use the C kernel.
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from .counters import to_device
 from ..gguf.blocks import BLOCK_TYPES, FLOAT_TYPES, Affine, decode, dequantize, raw_bytes
 
 Q = GGMLQuantizationType
@@ -720,7 +724,7 @@ def _compile(so: str) -> None:
 class QLinear:
     """A weight matrix [N, K] in a layout with a fast kernel; `qlinear(x)` computes x @ W.T."""
 
-    backend: str  # "vnni" | "int4" | "bf16" | "f32" | "gguf"
+    backend: str  # "vnni" | "int4" | "bf16" | "f32" | "triton" | "gguf"
     n: int
     k: int
     tensors: dict[str, torch.Tensor]
@@ -748,9 +752,35 @@ class QLinear:
         if self.backend == "int4":
             t = self.tensors
             return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), t["w"], 32, t["sz"]).float()
+        if self.backend == "triton":
+            return _triton_matmul(self, x.float())
         if self.backend == "gguf":
             return _gguf_matmul(self, x.float())
         return _vnni_matmul(self, x)
+
+
+GEMV_ROWS = 8  # "triton": up to this many activation rows run the GEMV kernel (one pass over the weight per row), beyond it the GEMM
+
+
+def _triton_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
+    from . import triton_gguf as tg
+
+    raw = w.tensors["raw"]
+    if x.shape[0] <= GEMV_ROWS:
+        return tg.gemv(raw, w.qtype.name, w.n, w.k, x)
+    return tg.gemm(raw, w.qtype.name, w.n, w.k, x)
+
+
+def gpu_kernel(qtype: GGMLQuantizationType) -> str:
+    """The GPU-side backend for block type `qtype`: "triton" when Triton is importable and has a
+    kernel for it, else "gguf" (dequantize + F.linear). LOCALMOE_GPU_KERNEL=gguf forces the latter."""
+    if os.environ.get("LOCALMOE_GPU_KERNEL", "triton") == "gguf":
+        return "gguf"
+    try:
+        from . import triton_gguf as tg
+    except ImportError:
+        return "gguf"
+    return "triton" if tg.supports(qtype.name) else "gguf"
 
 
 GGUF_CHUNK_WEIGHTS = 1 << 24  # "gguf" backend: weights dequantized at once (64 MB of float32 scratch)
@@ -872,7 +902,7 @@ def _vnni_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
 def choose_backend(qtype: GGMLQuantizationType, device: torch.device, prefer: str | None = None) -> str:
     """The backend for a weight of `qtype` on `device` (see the module docstring)."""
     if device.type != "cpu":
-        return "gguf"
+        return "gguf" if qtype in FLOAT_TYPES else gpu_kernel(qtype)
     if qtype == Q.F32:
         return "f32"
     if qtype in FLOAT_TYPES:
@@ -891,8 +921,8 @@ def repack(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int],
     device = torch.device(device)
     N, K = shape
     backend = backend or choose_backend(qtype, device)
-    if backend == "gguf":
-        return QLinear("gguf", N, K, {"raw": raw_bytes(raw, N).to(device)}, qtype=qtype)
+    if backend in ("gguf", "triton"):
+        return QLinear(backend, N, K, {"raw": to_device(raw_bytes(raw, N), device)}, qtype=qtype)
     if backend in ("f32", "bf16"):
         dtype = torch.float32 if backend == "f32" else torch.bfloat16
         return QLinear(backend, N, K, {"w": dequantize(raw, qtype, shape).to(device=device, dtype=dtype)})

@@ -3,7 +3,10 @@
 The scheduler decides what is resident (ExpertCache does the accounting); this class does the
 moving. Each resident expert is one device buffer holding its GGUF bytes exactly as in the file —
 gate rows, up rows, down rows, back to back — so the tier's memory is the accounting's bytes, and
-a matmul dequantizes on the fly (kernels.QLinear, backend "gguf"). An upload copies the three
+the Triton kernels read those blocks in place (kernels.QLinear, backend "triton"; "gguf", which
+dequantizes with torch ops per call, where Triton has no kernel for the type). `addresses` holds
+every resident expert's gate_up and down addresses on the device, so a layer whose experts are all
+resident can run from device-side routing ids without a host sync. An upload copies the three
 row ranges out of the memory-mapped file into a pinned staging buffer, then one host-to-device
 copy on a side stream moves the whole expert; an event marks its arrival, and compute that needs
 the expert waits on that event on the GPU (the host never blocks on a copy it does not need).
@@ -23,7 +26,7 @@ from ..gguf import names
 from ..errors import LocalMoEError
 from ..compute.experts import ExpertWeights
 from ..gguf.file import GGUFModel
-from ..compute.kernels import QLinear
+from ..compute.kernels import QLinear, gpu_kernel
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -37,11 +40,17 @@ class ExpertLayout:
 
 
 class DeviceTier:
-    def __init__(self, model: GGUFModel, device: torch.device, n_staging: int | None = None):
+    def __init__(self, model: GGUFModel, device: torch.device, n_staging: int | None = None, kernel: str | None = None):
         self.model = model
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.layouts = [self._layout(layer) for layer in range(model.spec.n_layer)]
+        # "triton" or "gguf" (kernels.py): the GPU kernels when every expert type has one; on the
+        # CPU device "gguf" unless asked (the Triton kernels then run under the interpreter)
+        types = {part[2] for layout in self.layouts for part in layout.parts}
+        self.kernel = kernel or ("triton" if self.cuda and all(gpu_kernel(t) == "triton" for t in types) else "gguf")
+        # [2, layer, expert] int64: the gate_up and down addresses of each resident expert (0: not resident)
+        self.addresses = torch.zeros((2, model.spec.n_layer, model.spec.n_expert), dtype=torch.int64, device=self.device)
         self.buffers: dict[Key, torch.Tensor] = {}  # resident experts: uint8 [nbytes] on the device
         self.ready: dict[Key, torch.cuda.Event] = {}  # CUDA: the copy that filled the buffer
         self.bytes_in_use = 0
@@ -77,12 +86,22 @@ class DeviceTier:
         self.bytes_in_use += buf.numel()
         if event is not None:
             self.ready[key] = event
+        (g0, _, _, _), _, (d0, _, _, _) = self.layouts[key[0]].parts
+        self.addresses[0, key[0], key[1]] = buf.data_ptr() + g0  # a fill kernel: no host sync
+        self.addresses[1, key[0], key[1]] = buf.data_ptr() + d0
 
     def evict(self, key: Key) -> None:
         buf = self.buffers.pop(key, None)
         if buf is not None:
             self.bytes_in_use -= buf.numel()
+            self.addresses[:, key[0], key[1]] = 0
         self.ready.pop(key, None)
+
+    def wait_all(self) -> None:
+        """Make the current stream wait for every copy in flight (before device-side routing
+        reads experts the host never waits for one by one)."""
+        for key in list(self.ready):
+            self._wait(self.ready.pop(key), self.buffers[key])
 
     def clear(self) -> None:
         for key in list(self.buffers):
@@ -141,8 +160,8 @@ class DeviceTier:
 
     def _views(self, layer: int, buf: torch.Tensor) -> ExpertWeights:
         (g0, _, qtype, (n_ff, d)), (_, u1, _, _), (d0, d1, dq, (dn, dk)) = self.layouts[layer].parts
-        gate_up = QLinear("gguf", 2 * n_ff, d, {"raw": buf[g0:u1].view(2 * n_ff, -1)}, qtype=qtype)
-        down = QLinear("gguf", dn, dk, {"raw": buf[d0:d1].view(dn, -1)}, qtype=dq)
+        gate_up = QLinear(self.kernel, 2 * n_ff, d, {"raw": buf[g0:u1].view(2 * n_ff, -1)}, qtype=qtype)
+        down = QLinear(self.kernel, dn, dk, {"raw": buf[d0:d1].view(dn, -1)}, qtype=dq)
         return ExpertWeights(gate_up, down)
 
     def check(self, resident: set[Key]) -> None:

@@ -20,6 +20,11 @@ results there agree within the oracle tests' tolerance, not bit for bit.
 Without CUDA the "GPU tier" is the CPU device and the timeline of a HardwareProfile gives time.
 On CUDA a `DeviceTier` holds the resident experts in GPU memory and does the copies (a side stream,
 pinned staging); the timeline still runs beside it, and the wall clock is the reported one.
+
+Host syncs: a layer reads its routing back once (ids, weights and the next layer's prediction in
+one copy, compute/counters.py). With every expert resident on a Triton tier a decode step reads
+nothing back at all: the experts run from device-side ids through the tier's address table, and
+their use counts are summed on the device and read with the token's logits.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .cache_policies import Key, Tick, make_policy
 from ..errors import LocalMoEError
 from .expert_cache import ExpertCache
-from ..compute.experts import ExpertStore, ExpertWeights, swiglu_expert, swiglu_experts
+from ..compute.counters import readback, to_device
+from ..compute.experts import ExpertStore, ExpertWeights, grouped_ready, grouped_swiglu, resident_decode, swiglu_expert, swiglu_experts
 from .gpu_tier import DeviceTier
 from ..fallback.miss_policies import CPU, FETCH, StaticPlacement, make_miss_policy
 from .profiles import HardwareProfile, Timeline
@@ -78,6 +85,13 @@ class ExpertScheduler:
         self._arrival: dict[Key, float] = {}  # modelled time a loading expert becomes usable
         self._prefetched: set[Key] = set()  # loaded by prefetch and not yet used
         self._predictions = [0, 0]  # predicted experts so far, and how many the router then chose
+        self._predicted_dev: dict[int, torch.Tensor] = {}  # layer → predicted ids [k], still on the device
+        # all-resident decode on the device: expert uses counted there, copied out without a sync
+        self._device_uses: torch.Tensor | None = None  # [L, E] int64 on the device
+        self._uses_host: torch.Tensor | None = None  # its pinned host copy, valid once _uses_copied is done
+        self._uses_copied = None  # the event of the last copy (or True on the CPU device)
+        self._uses_seen = None  # the counts already given to the stats
+        stats.on_snapshot(self.absorb_device_uses)
         self._configure(config)
 
     # -- settings ---------------------------------------------------------------------------------
@@ -164,15 +178,23 @@ class ExpertScheduler:
         """x [T, D]: the residual stream after layer `layer`'s attention. Predict the next layer's
         experts with its own router (decode only: in prefill nearly every expert is used)."""
         nxt = layer + 1
-        if not self.config.prefetch or self.config.cpu_layers is not None or self.model is None or nxt >= self.n_layer or x.shape[0] != 1:
+        if not self.config.prefetch or self.config.cpu_layers is not None or self.config.all_resident or self.model is None or nxt >= self.n_layer or x.shape[0] != 1:
             return
         ids, _ = self.model.route(nxt, self.model.ffn_input(nxt, x))
-        self._predicted[nxt] = ids[0].tolist()
+        self._predicted_dev[nxt] = ids[0]  # read back with this layer's routing: no sync of its own
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; ids, weights [T, k] → [T, D]."""
         T = x.shape[0]
-        ids, weights = ids.cpu(), weights.cpu()  # decisions are made on the host (one readback per layer)
+        if T == 1 and self._on_device(layer):
+            return self._resident_decode(layer, x, ids, weights)
+        # decisions are made on the host: one readback per layer, the next layer's prediction with it
+        pred = self._predicted_dev.pop(layer + 1, None)
+        if pred is not None:
+            ids, weights, pred = readback(ids, weights, pred)
+            self._predicted[layer + 1] = pred.tolist()
+        else:
+            ids, weights = readback(ids, weights)
         tick = Tick(self.token, layer)
         p, tl, st = self.profile, self.timeline, self.stats
         predicted = self._predicted.pop(layer, None)
@@ -268,10 +290,51 @@ class ExpertScheduler:
         self._publish()
         return out
 
+    def _on_device(self, layer: int) -> bool:
+        """Every expert resident on a Triton tier and nothing to record per layer on the host: the
+        layer runs from device-side routing."""
+        c = self.config
+        return self.tier is not None and self.tier.kernel == "triton" and c.all_resident and c.cpu_layers is None and self.trace is None
+
+    def _resident_decode(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One decode token, every expert resident: 3 launches from the device-side ids, no sync.
+        The routed uses are counted on the device (hits, by definition) and reach the stats when
+        the copy made after the last layer has landed (absorb_device_uses)."""
+        tier = self.tier
+        if tier.ready:
+            tier.wait_all()  # the preload's copies: the kernels read experts the host never named
+        if self._device_uses is None:
+            self._device_uses = torch.zeros((self.n_layer, self.n_expert), dtype=torch.int64, device=x.device)
+            self._uses_seen = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
+            self._uses_host = torch.zeros((self.n_layer, self.n_expert), dtype=torch.int64, pin_memory=tier.cuda)
+            self._ones = torch.ones(self.top_k, dtype=torch.int64, device=x.device)
+        self._device_uses[layer].index_add_(0, ids[0], self._ones)
+        out = resident_decode(tier.addresses[:, layer], tier.weights((layer, 0)), x, ids, weights)
+        if layer == self.n_layer - 1:
+            self.token += 1
+            self._uses_host.copy_(self._device_uses, non_blocking=True)
+            if tier.cuda:
+                self._uses_copied = torch.cuda.Event()
+                self._uses_copied.record()
+            else:
+                self._uses_copied = True
+        return out
+
+    def absorb_device_uses(self) -> None:
+        """Give the stats the expert uses counted on the device, once their copy has landed (never
+        waits: the token's logits readback has normally finished it)."""
+        done = self._uses_copied
+        if done is None or not (done is True or done.query()):
+            return
+        self._uses_copied = None
+        now = self._uses_host.numpy().copy()
+        delta, self._uses_seen = now - self._uses_seen, now
+        self.stats.add_uses(delta)
+
     def _run_experts(self, layer: int, x: torch.Tensor, rows_of: dict[int, tuple[torch.Tensor, torch.Tensor]], on_cpu: set[int]) -> torch.Tensor:
         """Σ over experts of weight · expert(x rows), x [T, D] → [T, D]; rows_of: expert → (token
         indices, router weights) on the host; on_cpu: the experts the CPU computes."""
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or (self.tier is not None and self.tier.kernel == "triton"):
             return self._run_experts_split(layer, x, rows_of, on_cpu)
         # one device: computed as the all-resident executor computes it whatever "ran where" (on the
         # modelled tier placement never changes a bit of the result)
@@ -291,21 +354,24 @@ class ExpertScheduler:
         share from the quantized weights while the GPU works (Fiddler), and its sum is added on the
         GPU. Nothing here waits for the GPU: host→device copies come from pinned memory."""
         dev = x.device
-        x_host = x.cpu() if on_cpu else None  # x is ready: the router readback already synchronised
+        x_host = readback(x)[0] if on_cpu else None  # x is ready: the router readback already synchronised
         gpu = [e for e in sorted(rows_of) if e not in on_cpu]
         out = torch.zeros_like(x)
-        if gpu:
+        ws = [self._gpu_weights((layer, e)) for e in gpu]
+        if gpu and grouped_ready(ws):  # one launch per matrix for all of them
+            out = grouped_swiglu(ws, x, [rows_of[e] for e in gpu])
+        elif gpu:
             counts = [len(rows_of[e][0]) for e in gpu]
-            toks = _upload(torch.cat([rows_of[e][0] for e in gpu]), dev).split(counts)
-            ws = _upload(torch.cat([rows_of[e][1] for e in gpu]), dev).split(counts)
-            for e, tok, w in zip(gpu, toks, ws):
-                out.index_add_(0, tok, swiglu_expert(self._gpu_weights((layer, e)), x[tok]) * w.unsqueeze(1))
+            toks = to_device(torch.cat([rows_of[e][0] for e in gpu]), dev).split(counts)
+            coefs = to_device(torch.cat([rows_of[e][1] for e in gpu]), dev).split(counts)
+            for wt, tok, w in zip(ws, toks, coefs):
+                out.index_add_(0, tok, swiglu_expert(wt, x[tok]) * w.unsqueeze(1))
         if on_cpu:
             acc = torch.zeros_like(x_host)
             for e in sorted(on_cpu):
                 tok, w = rows_of[e]
                 acc.index_add_(0, tok, swiglu_expert(self.store.weights(layer, e), x_host[tok]) * w.unsqueeze(1))
-            out += _upload(acc, dev)
+            out += to_device(acc, dev)
         return out
 
     def _gpu_weights(self, key: Key) -> ExpertWeights:
@@ -362,11 +428,6 @@ class ExpertScheduler:
         self.cache.check()
         if self.tier is not None:
             self.tier.check(set(self.cache.resident))
-
-
-def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to CUDA through pinned memory, so the copy does not wait for the GPU."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _rows_by_expert(ids: torch.Tensor, weights: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
