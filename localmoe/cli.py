@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
     p.add_argument("--quant", default="Q4_K_M", help="F32, F16, Q8_0, Q4_0 (written directly) or a llama.cpp type: Q4_K_M, Q4_K_S, Q5_K_M, Q6_K, Q4_1, Q5_0, Q5_1, BF16 (default Q4_K_M)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    p.add_argument("--fast", action="store_true", help="write random block bytes instead of quantizing random floats: seconds instead of minutes for a full-depth file (--quant Q4_K_M, Q4_0, Q8_0 or Q6_K; Q4_K_M = Q4_K with Q6_K expert down, attn_v and head). For speed and memory runs only: the numbers it computes are noise")
     p = sub.add_parser("calibrate", help="expert statistics and the buddy table, saved beside the model", description="Run the model over calibration text and record, per layer, expert usage, co-activation, functional similarity of experts on real activations and router-score correlation; build the buddy table used by --on-miss buddy/cost and save it as MODEL.buddies.json with its provenance.")
     _add_model_arg(p, required=False)
     p.add_argument("--text", metavar="FILE", help="calibration text (default: the built-in multi-domain sample)")
@@ -271,9 +272,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done)
 
-    if args.quant not in ("F32", "F16", "Q8_0", "Q4_0"):
+    if args.quant not in ("F32", "F16", "Q8_0", "Q4_0") and not args.fast:
         print(f"(then {args.quant} by llama.cpp's quantizer)", file=sys.stderr)
-    write_preset(args.preset, args.output, args.layers, args.quant, args.seed, progress)
+    write_preset(args.preset, args.output, args.layers, args.quant, args.seed, progress, fast=args.fast)
     print(args.output)
     return 0
 

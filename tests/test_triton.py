@@ -105,11 +105,14 @@ def moe_q4k(tmp_path_factory) -> str:
 
 
 def on_triton_tier(path: str, **kwargs):
+    """On a GPU the real CUDA tier; without one a DeviceTier on the CPU device whose Triton
+    kernels run under the interpreter: the same code path either way."""
     import localmoe
     from localmoe.residency.gpu_tier import DeviceTier
 
-    rt = localmoe.load(path, device="cpu", **kwargs)
-    rt.attach_tier(DeviceTier(rt.gguf, rt.device, kernel="triton"))
+    rt = localmoe.load(path, device=DEV.type, **kwargs)
+    if DEV.type == "cpu":
+        rt.attach_tier(DeviceTier(rt.gguf, rt.device, kernel="triton"))
     return rt
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from ..gguf import names
@@ -49,6 +49,7 @@ class SynthConfig:
 
 # Presets with the expert shapes of real models (layers and quant type are chosen per use).
 PRESETS: dict[str, SynthConfig] = {
+    "tiny-moe": SynthConfig("qwen3moe", 2, 256, 4, 2, 64, 8, 2, 256, name="synthetic-tiny-moe"),
     "qwen3-30b-a3b": SynthConfig("qwen3moe", 4, 2048, 32, 4, 128, 128, 8, 768, n_vocab=32768, n_ctx=4096, name="synthetic-qwen3-30b-a3b"),
     "mixtral-8x7b": SynthConfig("llama", 4, 4096, 32, 8, 128, 8, 2, 14336, n_vocab=32000, n_ctx=4096, name="synthetic-mixtral-8x7b"),
     "olmoe-1b-7b": SynthConfig("olmoe", 4, 2048, 16, 16, 128, 64, 8, 1024, n_vocab=50304, n_ctx=4096, name="synthetic-olmoe-1b-7b"),
@@ -108,13 +109,20 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callable[[int, int], None] | None = None) -> str:
+def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callable[[int, int], None] | None = None, fast: bool = False) -> str:
     """Write a random-weight MoE model; returns the path. progress(done, total) is called after
-    each tensor with counts of weights."""
+    each tensor with counts of weights. fast: the big matrices are random block bytes of a FAST_TYPES
+    mix (no quantizing: a 48-layer Qwen3-30B-A3B shape in seconds, not ~11 minutes) — right for
+    speed and memory runs, noise for anything numerical."""
     path = os.fspath(path)
-    if cfg.weight_type not in WRITE_TYPES:
+    if fast:
+        if cfg.weight_type not in FAST_TYPES:
+            raise LocalMoEError(f"--fast writes one of {', '.join(FAST_TYPES)}, not {cfg.weight_type}")
+        qtype, ftype = Q[FAST_TYPES[cfg.weight_type][0]], FAST_TYPES[cfg.weight_type][2]
+    elif cfg.weight_type not in WRITE_TYPES:
         raise LocalMoEError(f"weight_type must be one of {', '.join(WRITE_TYPES)} (K-quants: write Q8_0, then quantize_with_llama_cpp)")
-    qtype, ftype = WRITE_TYPES[cfg.weight_type]
+    else:
+        qtype, ftype = WRITE_TYPES[cfg.weight_type]
     rng = np.random.default_rng(cfg.seed)
     head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
     D, F_exp, E = cfg.n_embd, cfg.n_ff_exp, cfg.n_expert
@@ -164,7 +172,11 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType, Callable[[], Any]]] = []
 
     def put(name: str, shape: tuple[int, ...], make: Callable[[], Any], keep_f32: bool = False) -> None:
-        plan.append((name, shape, Q.F32 if keep_f32 or len(shape) == 1 else qtype, make))
+        qt = Q.F32 if keep_f32 or len(shape) == 1 else qtype
+        if fast and qt != Q.F32:  # random blocks of the mix's type for this tensor, about make()'s spread
+            qt = Q[FAST_TYPES[cfg.weight_type][1]] if name.endswith(FAST_HIGH_TENSORS) else qtype
+            make = _fast_maker(name, shape, qt, rng)
+        plan.append((name, shape, qt, make))
 
     put(names.TOKEN_EMBD, (cfg.n_vocab, D), lambda: mat(cfg.n_vocab, D, gain=float(np.sqrt(D))) * 0.5)
     for i in range(cfg.n_layer):
@@ -219,12 +231,47 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     for name, shape, qt, make in plan:
         made = make()
         parts = [made] if isinstance(made, np.ndarray) else made
-        w.write_tensor_data(np.concatenate([_encode(m, qt).reshape(-1) for m in parts]) if len(shape) == 3 else _encode(parts[0], qt))
+        if fast and qt != Q.F32:  # already the stored bytes
+            w.write_tensor_data(made)
+        else:
+            w.write_tensor_data(np.concatenate([_encode(m, qt).reshape(-1) for m in parts]) if len(shape) == 3 else _encode(parts[0], qt))
         done += int(np.prod(shape))
         if progress is not None:
             progress(done, total)
     w.close()
     return path
+
+
+# --fast: weight type → (type of most matrices, type of FAST_HIGH_TENSORS, file type). "Q4_K_M" is
+# llama.cpp's mix in spirit: Q4_K, with Q6_K for the expert down projections, attn_v and the head.
+FAST_TYPES = {"Q4_K_M": ("Q4_K", "Q6_K", LlamaFileType.MOSTLY_Q4_K_M), "Q4_0": ("Q4_0", "Q4_0", LlamaFileType.MOSTLY_Q4_0),
+              "Q8_0": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_Q8_0), "Q6_K": ("Q6_K", "Q6_K", LlamaFileType.MOSTLY_Q6_K)}
+FAST_HIGH_TENSORS = (names.FFN_DOWN_EXPS + ".weight", names.ATTN_V + ".weight", names.OUTPUT)
+FAST_DISTINCT_EXPERTS = 8  # --fast: expert k holds the bytes of expert k mod 8 (the file's and RAM's sizes are real)
+_UNIT_SPREAD: dict[str, float] = {}  # block type → std of its random blocks' weights at scale 1
+
+
+def _fast_maker(name: str, shape: tuple[int, ...], qt: GGMLQuantizationType, rng: np.random.Generator) -> Callable[[], np.ndarray]:
+    """make() for --fast: random blocks whose weights spread like a 1/√cols Gaussian init."""
+    from gguf.quants import dequantize
+
+    from .speed import random_blocks
+
+    cols, rows = shape[-1], int(np.prod(shape[:-1]))
+    if qt.name not in _UNIT_SPREAD:
+        sample = random_blocks(qt.name, 16, 256, np.random.default_rng(0), scale=1.0)
+        _UNIT_SPREAD[qt.name] = float(dequantize(sample, qt).std())
+    gain = float(np.sqrt(cols)) * 0.5 if name == names.TOKEN_EMBD else 1.0
+    scale = gain / np.sqrt(cols) / _UNIT_SPREAD[qt.name]
+    if len(shape) == 3 and shape[0] > FAST_DISTINCT_EXPERTS:  # experts: a few distinct ones, repeated
+        per = rows // shape[0]
+        return lambda: np.tile(random_blocks(qt.name, per * FAST_DISTINCT_EXPERTS, cols, rng, scale=scale).reshape(-1), -(-shape[0] // FAST_DISTINCT_EXPERTS))[: rows * _row_bytes(qt, cols)]
+    return lambda: random_blocks(qt.name, rows, cols, rng, scale=scale).reshape(-1)
+
+
+def _row_bytes(qt: GGMLQuantizationType, cols: int) -> int:
+    per, size = GGML_QUANT_SIZES[qt]
+    return cols // per * size
 
 
 def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -259,12 +306,18 @@ def preset(name: str, **overrides: object) -> SynthConfig:
         raise LocalMoEError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}") from None
 
 
-def write_preset(name: str, path: str, n_layer: int = 4, quant: str = "Q4_K_M", seed: int = 0, progress: Callable[[int, int], None] | None = None) -> str:
+def write_preset(name: str, path: str, n_layer: int = 4, quant: str = "Q4_K_M", seed: int = 0, progress: Callable[[int, int], None] | None = None, fast: bool = False) -> str:
     """`localmoe synth`: a preset's shapes with `n_layer` blocks in `quant` — written directly
-    (WRITE_TYPES) or as Q8_0 (F32 for the float and legacy types) re-quantized by llama.cpp.
-    Tensors are made and written one at a time: memory stays around one expert tensor."""
+    (WRITE_TYPES) or as Q8_0 (F32 for the float and legacy types) re-quantized by llama.cpp; with
+    `fast`, random blocks of a FAST_TYPES mix (write_model). Tensors are made and written one at a
+    time: memory stays around one expert tensor."""
     if n_layer < 1:
         raise LocalMoEError(f"--layers must be at least 1, got {n_layer}")
+    if fast:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise LocalMoEError(f"cannot write {path}: folder {folder} does not exist")
+        return write_model(path, preset(name, n_layer=n_layer, seed=seed, weight_type=quant), progress, fast=True)
     if quant not in WRITE_TYPES and quant not in LLAMA_FTYPES:
         raise LocalMoEError(f"unknown quantization '{quant}'; choose one of {', '.join(sorted(set(WRITE_TYPES) | set(LLAMA_FTYPES)))}")
     folder = os.path.dirname(os.path.abspath(path))

@@ -66,43 +66,43 @@ def _lut(lut, code, mask):
 
 
 @triton.jit
-def _dequant(row, kg, l, mask, lut, QT: tl.constexpr, G: tl.constexpr):
+def _dequant(row, kg, l, mask, gm, lut, QT: tl.constexpr, G: tl.constexpr):
     """row: byte pointers [BN, 1, 1] to each weight row; kg [1, NG, 1]: the groups' index along the
     row; l [1, 1, G]: the index inside a group. Returns float32 weights [BN, NG, G]."""
     if QT == 0:  # Q4_0: d f16, 16 bytes of nibbles; w = d · (q − 8)
         blk = row + kg * 18
-        d = _f16(blk, mask)
+        d = _f16(blk, gm)
         return d * (_nibble(blk + 2, l, mask).to(tl.float32) - 8.0)
     elif QT == 1:  # Q4_1: d, m f16, nibbles; w = d · q + m
         blk = row + kg * 20
-        return _f16(blk, mask) * _nibble(blk + 4, l, mask).to(tl.float32) + _f16(blk + 2, mask)
+        return _f16(blk, gm) * _nibble(blk + 4, l, mask).to(tl.float32) + _f16(blk + 2, gm)
     elif QT == 2:  # Q5_0: d, 32 high bits, nibbles; w = d · (q − 16)
         blk = row + kg * 22
         hi = (_u8(blk + 2 + l // 8, mask) >> (l % 8)) & 1
         q = _nibble(blk + 6, l, mask) | (hi << 4)
-        return _f16(blk, mask) * (q.to(tl.float32) - 16.0)
+        return _f16(blk, gm) * (q.to(tl.float32) - 16.0)
     elif QT == 3:  # Q5_1: d, m, 32 high bits, nibbles; w = d · q + m
         blk = row + kg * 24
         hi = (_u8(blk + 4 + l // 8, mask) >> (l % 8)) & 1
         q = _nibble(blk + 8, l, mask) | (hi << 4)
-        return _f16(blk, mask) * q.to(tl.float32) + _f16(blk + 2, mask)
+        return _f16(blk, gm) * q.to(tl.float32) + _f16(blk + 2, gm)
     elif QT == 4:  # Q8_0: d, 32 int8; w = d · q
         blk = row + kg * 34
         q = _u8(blk + 2 + l, mask)
-        return _f16(blk, mask) * (q - ((q >> 7) << 8)).to(tl.float32)
+        return _f16(blk, gm) * (q - ((q >> 7) << 8)).to(tl.float32)
     elif QT == 5 or QT == 6:  # Q4_K / Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins
         sb = row + (kg // 8) * (144 if QT == 5 else 176)
         j = kg % 8
-        a = _u8(sb + 4 + j, mask)  # the 12 scale bytes start at 4
-        b = _u8(sb + 8 + j, mask)  # scales[j + 4]
-        c = _u8(sb + 4 + j % 4, mask)  # scales[j − 4] for j ≥ 4
+        a = _u8(sb + 4 + j, gm)  # the 12 scale bytes start at 4
+        b = _u8(sb + 8 + j, gm)  # scales[j + 4]
+        c = _u8(sb + 4 + j % 4, gm)  # scales[j − 4] for j ≥ 4
         sc = tl.where(j < 4, a & 63, (b & 0xF) | ((c >> 6) << 4))
         mn = tl.where(j < 4, b & 63, (b >> 4) | ((a >> 6) << 4))
         qs = sb + (16 if QT == 5 else 48)
         q = (_u8(qs + (j // 2) * 32 + l, mask) >> (4 * (j % 2))) & 0xF
         if QT == 6:
             q = q | (((_u8(sb + 16 + l, mask) >> j) & 1) << 4)
-        return _f16(sb, mask) * sc.to(tl.float32) * q.to(tl.float32) - _f16(sb + 2, mask) * mn.to(tl.float32)
+        return _f16(sb, gm) * sc.to(tl.float32) * q.to(tl.float32) - _f16(sb + 2, gm) * mn.to(tl.float32)
     elif QT == 7:  # Q6_K: 128 B low nibbles, 64 B 2-bit highs, 16 int8 scales, d; w = d · s · (q − 32)
         sb = row + (kg // 16) * 210
         j = kg % 16
@@ -111,16 +111,16 @@ def _dequant(row, kg, l, mask, lut, QT: tl.constexpr, G: tl.constexpr):
         r = w % 128
         low = (_u8(sb + h * 64 + r % 64, mask) >> (4 * (r // 64))) & 0xF
         hi = (_u8(sb + 128 + h * 32 + r % 32, mask) >> (2 * (r // 32))) & 3
-        s = _u8(sb + 192 + j, mask)
+        s = _u8(sb + 192 + j, gm)
         s = (s - ((s >> 7) << 8)).to(tl.float32)
-        return _f16(sb + 208, mask) * s * ((low | (hi << 4)).to(tl.float32) - 32.0)
+        return _f16(sb + 208, gm) * s * ((low | (hi << 4)).to(tl.float32) - 32.0)
     elif QT == 8:  # Q2_K: 16 scale bytes (4-bit scale | 4-bit min), 64 B of 2-bit codes, d, dmin
         sb = row + (kg // 16) * 84
         j = kg % 16
         jj = j % 8
         q = (_u8(sb + 16 + (j // 8) * 32 + (jj % 2) * 16 + l, mask) >> (2 * (jj // 2))) & 3
-        sc = _u8(sb + j, mask)
-        return _f16(sb + 80, mask) * (sc & 0xF).to(tl.float32) * q.to(tl.float32) - _f16(sb + 82, mask) * (sc >> 4).to(tl.float32)
+        sc = _u8(sb + j, gm)
+        return _f16(sb + 80, gm) * (sc & 0xF).to(tl.float32) * q.to(tl.float32) - _f16(sb + 82, gm) * (sc >> 4).to(tl.float32)
     elif QT == 9:  # Q3_K: 32 B high-bit mask, 64 B 2-bit codes, 12 B of 6-bit scales, d
         sb = row + (kg // 16) * 110
         j = kg % 16
@@ -128,20 +128,20 @@ def _dequant(row, kg, l, mask, lut, QT: tl.constexpr, G: tl.constexpr):
         lo = (_u8(sb + 32 + (j // 8) * 32 + (jj % 2) * 16 + l, mask) >> (2 * (jj // 2))) & 3
         hm = (_u8(sb + (jj % 2) * 16 + l, mask) >> ((j // 8) * 4 + jj // 2)) & 1
         q = lo - 4 * (1 - hm)
-        s = ((_u8(sb + 96 + j % 8, mask) >> (4 * (j // 8))) & 0xF) | (((_u8(sb + 104 + j % 4, mask) >> (2 * (j // 4))) & 3) << 4)
-        return _f16(sb + 108, mask) * (s - 32).to(tl.float32) * q.to(tl.float32)
+        s = ((_u8(sb + 96 + j % 8, gm) >> (4 * (j // 8))) & 0xF) | (((_u8(sb + 104 + j % 4, gm) >> (2 * (j // 4))) & 3) << 4)
+        return _f16(sb + 108, gm) * (s - 32).to(tl.float32) * q.to(tl.float32)
     elif QT == 10:  # IQ4_NL: d, nibbles indexing a 16-value code book
         blk = row + kg * 18
-        return _f16(blk, mask) * _lut(lut, _nibble(blk + 2, l, mask), mask)
+        return _f16(blk, gm) * _lut(lut, _nibble(blk + 2, l, mask), mask)
     elif QT == 11:  # IQ4_XS: d, 2-bit scale highs (u16), 4-bit scale lows, 8 sub-blocks of nibbles
         sb = row + (kg // 8) * 136
         j = kg % 8
-        sh = _u8(sb + 2, mask) | (_u8(sb + 3, mask) << 8)
-        ls = ((_u8(sb + 4 + j // 2, mask) >> (4 * (j % 2))) & 0xF) | (((sh >> (2 * j)) & 3) << 4)
-        return _f16(sb, mask) * (ls - 32).to(tl.float32) * _lut(lut, _nibble(sb + 8 + j * 16, l, mask), mask)
+        sh = _u8(sb + 2, gm) | (_u8(sb + 3, gm) << 8)
+        ls = ((_u8(sb + 4 + j // 2, gm) >> (4 * (j % 2))) & 0xF) | (((sh >> (2 * j)) & 3) << 4)
+        return _f16(sb, gm) * (ls - 32).to(tl.float32) * _lut(lut, _nibble(sb + 8 + j * 16, l, mask), mask)
     else:  # MXFP4: an E8M0 exponent byte (halved scale), nibbles indexing e2m1 values
         blk = row + kg * 17
-        e = _u8(blk, mask)
+        e = _u8(blk, gm)
         bits = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23)  # 2^(e − 128) exactly, as ggml builds it
         return bits.to(tl.uint32).to(tl.float32, bitcast=True) * _lut(lut, _nibble(blk + 1, l, mask), mask)
 
@@ -183,7 +183,7 @@ def gemv_kernel(x_ptr, w_ptr, table_ptr, ids_ptr, y_ptr, lut_ptr, N, K, row_byte
     for k0 in range(0, K, NG * G):
         k = k0 + g * G + l  # [1, NG, G]
         kmask = k < K
-        w = _dequant(row, k0 // G + g, l, rmask & kmask, lut_ptr, QT, G)
+        w = _dequant(row, k0 // G + g, l, rmask & kmask, rmask & (k0 + g * G < K), lut_ptr, QT, G)
         xv = _load_x(x, k, kmask, K, SWIGLU)
         acc += tl.sum(tl.sum(w * xv, axis=2), axis=1)
     tl.store(y_ptr + slot.to(tl.int64) * y_stride + rows, acc, mask=rows < N)
@@ -220,7 +220,7 @@ def gemm_kernel(x_ptr, x_rows_ptr, w_ptr, table_ptr, block_slot_ptr, y_ptr, lut_
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, NG * G):
         kmask3 = (k0 + g * G + l) < K
-        w = _dequant(row, k0 // G + g, l, rmask & kmask3, lut_ptr, QT, G)  # [BN, NG, G]
+        w = _dequant(row, k0 // G + g, l, rmask & kmask3, rmask & (k0 + g * G < K), lut_ptr, QT, G)  # [BN, NG, G]
         k2 = (k0 + kt)[None, :]
         xmask = mmask[:, None] & (k2 < K)
         xv = _load_x(xrow, k2, xmask, K, SWIGLU)  # [BM, BK]
@@ -241,7 +241,7 @@ def dequant_kernel(w_ptr, y_ptr, lut_ptr, N, K, row_bytes, QT: tl.constexpr, G: 
     g = tl.arange(0, NG)[None, :, None]
     l = tl.arange(0, G)[None, None, :]
     k = kb * NG * G + g * G + l
-    w = _dequant(row, kb * NG + g, l, rmask & (k < K), lut_ptr, QT, G)
+    w = _dequant(row, kb * NG + g, l, rmask & (k < K), rmask & (kb * NG * G + g * G < K), lut_ptr, QT, G)
     tl.store(y_ptr + (rows.to(tl.int64) * K)[:, None, None] + k, w, mask=rmask & (k < K))
 
 
