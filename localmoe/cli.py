@@ -46,7 +46,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def runtime_kwargs(args: argparse.Namespace) -> dict:
-    """The load() arguments the runtime flags give."""
+    """The load() arguments the runtime flags give (for `run`, and for `chat`, whose app takes them)."""
     return dict(
         device=args.device, n_ctx=args.ctx_size, threads=args.threads, gpu_mem=args.gpu_mem, policy=args.policy, on_miss=args.on_miss,
         prefetch=not args.no_prefetch, profile=args.profile, n_cpu_moe=args.n_cpu_moe, cpu_moe=args.cpu_moe, trace=args.trace,
@@ -343,7 +343,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if exc.name != "localmoe.tui":
             raise
         raise LocalMoEError("the chat app (localmoe.tui) is not installed; install the package with `pip install -e .`") from None
-    return run_chat(args)
+    return run_chat(args, runtime_kwargs(args) | {"seed": args.seed})
 
 
 COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench, "synth": cmd_synth, "calibrate": cmd_calibrate, "eval": cmd_eval}

@@ -211,6 +211,19 @@ class Runtime:
             self._stats.record_prompt(len(ids), self._clock() - start, time.perf_counter() - wall)
         return out.float().cpu().numpy()
 
+    def decode_logits(self, ids: list[int]) -> Iterator[tuple[torch.Tensor, float, float]]:
+        """Run `ids` one token at a time through a fresh KV cache, as generation decodes (so residency
+        behaves as it does in use); yield per token the next-token logits [V] and the seconds the
+        step took on the runtime's clock and on the wall clock. The runtime is held while iterating;
+        the steps count in the expert counters of `stats()`, not in its prompt and decode rates."""
+        ids = self._check_ids(ids)
+        with self._lock:
+            cache = KVCache(self.spec, self.n_ctx, self.device)
+            for token in ids:
+                c0, w0 = self._clock(), time.perf_counter()
+                logits = self.model.forward(torch.tensor([token]), cache, all_logits=False)[-1]
+                yield logits, self._clock() - c0, time.perf_counter() - w0
+
     def _check_ids(self, ids: list[int]) -> list[int]:
         ids = [int(t) for t in ids]
         if not ids:

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from localmoe.cli import runtime_kwargs
 from localmoe.errors import LocalMoEError
 
 from .app import ChatApp, Sampling
 
-def run_chat(args: argparse.Namespace) -> int:
-    """Run the app; a model that fails to load raises LocalMoEError (the CLI prints `error: ...`
-    and exits 2) after the app has shown the reason on screen."""
+
+def run_chat(args: argparse.Namespace, load_kwargs: dict[str, Any]) -> int:
+    """Run the app on the parsed `localmoe chat` arguments; `load_kwargs`: the load() arguments of
+    the runtime flags, which the CLI owns (localmoe.cli.runtime_kwargs). A model that fails to load
+    raises LocalMoEError (the CLI prints `error: ...` and exits 2) after the app has shown the reason
+    on screen."""
     from localmoe import load
 
     if args.max_tokens < 1:
         raise LocalMoEError("--max-tokens must be ≥ 1")
     sampling = Sampling(args.max_tokens, args.temp, args.top_p, args.top_k, args.seed)
-    kwargs = runtime_kwargs(args) | {"seed": args.seed}
 
     def loader():
-        return load(args.model, **kwargs)
+        return load(args.model, **load_kwargs)
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         loader().close()  # a bad model is reported like every other command's

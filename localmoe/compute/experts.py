@@ -122,7 +122,7 @@ def resident_decode(addresses: torch.Tensor, like: ExpertWeights, x: torch.Tenso
 
 class ExpertStore:
     """Expert weights at rest stay quantized in the memory-mapped file. Computing on them needs a
-    one-time repack into the kernel's layout (kernels.py) — about the file's size, not float32.
+    one-time repack into the kernel's layout (compute/kernels.py) — about the file's size, not float32.
     Repacked experts are kept in an LRU in host RAM under `host_cache_bytes` so a hot expert is
     repacked once, not every token."""
 

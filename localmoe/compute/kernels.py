@@ -1,7 +1,7 @@
 """Fast matmuls on quantized GGUF weights: repack once, then compute without dequantizing.
 
 Every GGUF block type we support is, per group of G weights (G = 32, or 16 for Q6_K), an affine
-code: w = scale · code + zero with an unsigned integer code of 4, 5, 6 or 8 bits (gguf_blocks.py
+code: w = scale · code + zero with an unsigned integer code of 4, 5, 6 or 8 bits (gguf/blocks.py
 decodes it). For the CPU, `repack` decodes a tensor once into that form — codes (4 low bits packed two per byte plus a plane of the 1-2 high
 bits for 5- and 6-bit types; bytes for 8-bit), float16 scales, and float16 zeros (or, for the
 symmetric types, zero = −offset · scale with no zeros stored): about the file's size — and

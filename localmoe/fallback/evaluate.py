@@ -10,7 +10,6 @@ tokens/s — modelled under the profile, and measured on this machine.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -18,7 +17,6 @@ import torch
 
 from ..errors import LocalMoEError
 from .miss_policies import make_miss_policy, parse_policy_spec
-from ..model import KVCache
 
 
 def decode_logprobs(rt, ids: list[int], window: int, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, float, float]:
@@ -26,18 +24,14 @@ def decode_logprobs(rt, ids: list[int], window: int, progress: Callable[[int], N
     `window` tokens; returns (logprobs, clock seconds, wall seconds) of the decode steps."""
     out = []
     clock = wall = 0.0
-    with rt._lock:
-        for start in range(0, len(ids) - 1, window):
-            chunk = ids[start : start + window + 1]
-            cache = KVCache(rt.spec, rt.n_ctx, rt.device)
-            for i in range(len(chunk) - 1):
-                c0, w0 = rt._clock(), time.perf_counter()
-                logits = rt.model.forward(torch.tensor([chunk[i]]), cache, all_logits=False)[-1]
-                clock += rt._clock() - c0
-                wall += time.perf_counter() - w0
-                out.append(torch.log_softmax(logits.float(), -1).numpy())
-                if progress:
-                    progress(1)
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window + 1]
+        for logits, step_clock, step_wall in rt.decode_logits(chunk[:-1]):
+            clock += step_clock
+            wall += step_wall
+            out.append(torch.log_softmax(logits.float(), -1).numpy())
+            if progress:
+                progress(1)
     return np.stack(out), clock, wall
 
 

@@ -1,7 +1,8 @@
 """What to do with a routed expert that is not resident: one interface, one class per answer.
 
-A miss policy sees one layer's routing and the residency of every routed expert and returns a
-`Plan`: possibly changed routing (a substitute expert, a dropped slot) and, for each missing expert
+A miss policy sees one layer's routing and a `MissContext` (which experts are resident, the expert
+count, the cost model, the buddy table: what the scheduler hands it, not the scheduler) and returns
+a `Plan`: possibly changed routing (a substitute expert, a dropped slot) and, for each missing expert
 still to run, where it runs — `FETCH` (load it over PCIe, wait, compute on the GPU) or `CPU`
 (compute it on the CPU from the quantized weights, beside the GPU's work). Buddy and little-expert
 fallback plug in here as further policies.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,9 +22,20 @@ import torch
 from ..errors import LocalMoEError
 
 if TYPE_CHECKING:
-    from ..residency.scheduler import ExpertScheduler
+    from .buddies import BuddyTable
 
 FETCH, CPU = "fetch", "cpu"
+
+
+@dataclass(frozen=True)
+class MissContext:
+    """What a miss policy knows of the residency engine; the scheduler builds one per layer that
+    misses. Any object with these attributes will do (tests hand a small fake)."""
+
+    cache: Container[tuple[int, int]]  # the resident set: (layer, expert) in cache ⇔ on the GPU tier now
+    n_expert: int  # experts per layer
+    fetch_is_faster: Callable[[int, int], bool]  # (layer, rows) → loading the expert beats computing it on the CPU
+    buddy_table: BuddyTable | None = None  # when the model has been calibrated
 
 
 @dataclass
@@ -36,7 +49,7 @@ class Plan:
 class MissPolicy:
     name = "base"
 
-    def plan(self, sched: "ExpertScheduler", layer: int, ids: torch.Tensor, weights: torch.Tensor, missing: list[int]) -> Plan:
+    def plan(self, ctx: MissContext, layer: int, ids: torch.Tensor, weights: torch.Tensor, missing: list[int]) -> Plan:
         raise NotImplementedError
 
 
@@ -45,7 +58,7 @@ class FetchOnMiss(MissPolicy):
 
     name = "fetch"
 
-    def plan(self, sched, layer, ids, weights, missing):
+    def plan(self, ctx, layer, ids, weights, missing):
         return Plan(ids, weights, {e: FETCH for e in missing})
 
 
@@ -55,11 +68,11 @@ class CpuOnMiss(MissPolicy):
 
     name = "cpu"
 
-    def plan(self, sched, layer, ids, weights, missing):
+    def plan(self, ctx, layer, ids, weights, missing):
         where = {}
         for e in missing:
             rows = int((ids == e).sum())
-            where[e] = FETCH if sched.fetch_is_faster(layer, rows) else CPU
+            where[e] = FETCH if ctx.fetch_is_faster(layer, rows) else CPU
         return Plan(ids, weights, where)
 
 
@@ -69,7 +82,7 @@ class DropOnMiss(MissPolicy):
 
     name = "drop"
 
-    def plan(self, sched, layer, ids, weights, missing):
+    def plan(self, ctx, layer, ids, weights, missing):
         return drop_experts(ids, weights, missing)
 
 
@@ -80,7 +93,7 @@ class StaticPlacement(MissPolicy):
     name = "static"
     BATCH_TO_GPU = 32
 
-    def plan(self, sched, layer, ids, weights, missing):
+    def plan(self, ctx, layer, ids, weights, missing):
         return Plan(ids, weights, {e: FETCH if ids.shape[0] >= self.BATCH_TO_GPU else CPU for e in missing})
 
 
@@ -110,10 +123,10 @@ def stand_in_error(weights: list[float], cosines: list[float]) -> float:
     return math.sqrt(max((along - 1.0) ** 2 + across, 0.0))
 
 
-def _finish_with(fallback: MissPolicy, sched, layer: int, ids: torch.Tensor, weights: torch.Tensor, subs: dict[str, int]) -> Plan:
+def _finish_with(fallback: MissPolicy, ctx: MissContext, layer: int, ids: torch.Tensor, weights: torch.Tensor, subs: dict[str, int]) -> Plan:
     """Hand the experts still missing after a substitution step to the fallback policy."""
-    still = [e for e in torch.unique(ids).tolist() if e >= 0 and (layer, e) not in sched.cache]
-    plan = fallback.plan(sched, layer, ids, weights, still) if still else Plan(ids, weights)
+    still = [e for e in torch.unique(ids).tolist() if e >= 0 and (layer, e) not in ctx.cache]
+    plan = fallback.plan(ctx, layer, ids, weights, still) if still else Plan(ids, weights)
     for kind, n in subs.items():
         plan.substitutions[kind] = plan.substitutions.get(kind, 0) + n
     return plan
@@ -145,14 +158,14 @@ class BuddyOnMiss(MissPolicy):
         self.fallback = make_miss_policy(fallback)
         self.min_score, self.max_missing_share, self.max_per_token = min_score, max_missing_share, max_per_token
 
-    def plan(self, sched, layer, ids, weights, missing):
+    def plan(self, ctx, layer, ids, weights, missing):
         from .buddies import token_activating_entropy
 
-        table = sched.buddy_table
+        table = ctx.buddy_table
         miss_mask = torch.isin(ids, torch.tensor(missing, dtype=ids.dtype))
         crowded = ids.shape[0] > 1 and float(miss_mask.float().mean()) > self.max_missing_share
         if table is None or crowded:
-            return self.fallback.plan(sched, layer, ids, weights, missing)
+            return self.fallback.plan(ctx, layer, ids, weights, missing)
         k = ids.shape[1]
         cap = self.max_per_token if self.max_per_token is not None else max(1, min(3, k - 1))
         tae = token_activating_entropy(weights)
@@ -171,13 +184,13 @@ class BuddyOnMiss(MissPolicy):
                 for j, score in table.buddies(layer, e):
                     if score < self.min_score:
                         break
-                    if j not in chosen and (layer, j) in sched.cache:
+                    if j not in chosen and (layer, j) in ctx.cache:
                         new_ids[t, slot] = j
                         chosen.add(j)
                         done += 1
                         break
             n_subs += done
-        return _finish_with(self.fallback, sched, layer, new_ids, weights, {"buddy": n_subs} if n_subs else {})
+        return _finish_with(self.fallback, ctx, layer, new_ids, weights, {"buddy": n_subs} if n_subs else {})
 
 
 class LittleOnMiss(MissPolicy):
@@ -226,7 +239,7 @@ class LittleOnMiss(MissPolicy):
         np.add.at(hist, bins, 1.0)
         return torch.from_numpy(out)
 
-    def plan(self, sched, layer, ids, weights, missing):
+    def plan(self, ctx, layer, ids, weights, missing):
         k = ids.shape[1]
         half = max(1, k // 2)
         miss_mask = torch.isin(ids, torch.tensor(missing, dtype=ids.dtype))
@@ -234,7 +247,7 @@ class LittleOnMiss(MissPolicy):
         confidence = sorted_w[:, : (k + 1) // 2].sum(-1) / weights.sum(-1).clamp(min=1e-12)  # [T]
         little = self.unimportant(layer, confidence) & miss_mask.any(-1)
         if not bool(little.any()):
-            return self.fallback.plan(sched, layer, ids, weights, missing)
+            return self.fallback.plan(ctx, layer, ids, weights, missing)
         # a little token keeps its `half` best-ranked slots (weight share, plus prefer_resident if
         # resident) and every other resident slot
         rank = (~miss_mask).float() * self.prefer_resident + weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -242,7 +255,7 @@ class LittleOnMiss(MissPolicy):
         keep = torch.where(little[:, None], in_top | ~miss_mask, torch.ones_like(miss_mask))
         new_w = _rescale(weights, keep.float())
         new_ids = ids.masked_fill(~keep, -1)
-        return _finish_with(self.fallback, sched, layer, new_ids, new_w, {"little": int((~keep).sum())})
+        return _finish_with(self.fallback, ctx, layer, new_ids, new_w, {"little": int((~keep).sum())})
 
 
 class CostAwareOnMiss(MissPolicy):
@@ -272,13 +285,13 @@ class CostAwareOnMiss(MissPolicy):
     def __init__(self, quality_budget: float = 0.2, min_similarity: float = 0.2):
         self.quality_budget, self.min_similarity = quality_budget, min_similarity
 
-    def plan(self, sched, layer, ids, weights, missing):
-        table = sched.buddy_table
+    def plan(self, ctx, layer, ids, weights, missing):
+        table = ctx.buddy_table
         miss_mask = torch.isin(ids, torch.tensor(missing, dtype=ids.dtype))
         share = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
         sim = table.similarity_matrix(layer) if table is not None else None  # [E, E]
         if sim is not None:  # [E] bool, for choosing substitutes
-            resident = np.array([(layer, j) in sched.cache for j in range(sched.n_expert)])
+            resident = np.array([(layer, j) in ctx.cache for j in range(ctx.n_expert)])
         new_ids, keep = ids.clone(), torch.ones_like(weights)
         subs = {"buddy": 0, "drop": 0}
         for t in range(ids.shape[0]):
@@ -314,7 +327,7 @@ class CostAwareOnMiss(MissPolicy):
                     keep[t, slot] = 0.0
                     new_ids[t, slot] = -1
         new_w = _rescale(weights, keep) if subs["drop"] else weights
-        return _finish_with(CpuOnMiss(), sched, layer, new_ids, new_w, {k: v for k, v in subs.items() if v})
+        return _finish_with(CpuOnMiss(), ctx, layer, new_ids, new_w, {k: v for k, v in subs.items() if v})
 
 
 MISS_POLICIES: dict[str, type[MissPolicy]] = {p.name: p for p in (FetchOnMiss, CpuOnMiss, DropOnMiss, BuddyOnMiss, LittleOnMiss, CostAwareOnMiss)}

@@ -42,7 +42,7 @@ from .expert_cache import ExpertCache
 from ..compute.counters import readback, to_device
 from ..compute.experts import ExpertStore, ExpertWeights, grouped_ready, grouped_swiglu, resident_decode, swiglu_expert, swiglu_experts
 from .gpu_tier import DeviceTier
-from ..fallback.miss_policies import CPU, FETCH, StaticPlacement, make_miss_policy
+from ..fallback.miss_policies import CPU, FETCH, MissContext, StaticPlacement, make_miss_policy
 from .profiles import HardwareProfile, Timeline
 from ..stats import StatsCollector
 from .trace import TraceRecorder
@@ -162,6 +162,10 @@ class ExpertScheduler:
         p = self.profile
         return p.copy_seconds(nbytes) + p.gpu_seconds(nbytes, flops) < p.cpu_seconds(nbytes, flops) + 2 * p.pcie_latency_s
 
+    def miss_context(self) -> MissContext:
+        """What the miss policy sees: the resident set, the expert count, the cost model, the buddy table."""
+        return MissContext(self.cache, self.n_expert, self.fetch_is_faster, self.buddy_table)
+
     def _prefetch_pays(self, start: float, next_routed: float, nbytes: int) -> bool:
         """Whether a prefetch copy that can start at `start` is worth its link time: right (with
         the predictions' precision q so far), it saves what a demand fetch at the next layer's
@@ -226,7 +230,7 @@ class ExpertScheduler:
 
         # 2. the miss policy's plan
         missing = [e for e in experts if not resident[e]]
-        plan = self.miss_policy.plan(self, layer, ids, weights, missing) if missing else None
+        plan = self.miss_policy.plan(self.miss_context(), layer, ids, weights, missing) if missing else None
         if plan is not None:
             ids, weights = plan.ids, plan.weights
             for kind, n in plan.substitutions.items():
