@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..compute import counters
 from ..gguf import names
 from ..errors import LocalMoEError
 from ..gguf.file import GGUFModel
@@ -63,6 +64,8 @@ class BenchRow:
     bandwidth_gbs: float  # bytes_per_token × decode_tps / 1e9
     clock: str = "measured"  # or "modelled:PROFILE" for budgeted runs on a modelled GPU tier
     notes: str = ""
+    syncs_per_token: float | None = None  # localmoe: device→host readbacks per decoded token (compute/counters.py)
+    launches_per_token: float | None = None  # localmoe: Triton kernel launches per decoded token
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,14 @@ def bytes_per_token(m: GGUFModel) -> int:
     return dense + experts
 
 
-def make_row(engine: str, runs: list[tuple[float, float]], cfg: BenchConfig, nbytes: int, clock: str = "measured", notes: str = "") -> BenchRow:
-    """runs: (prefill seconds, decode seconds) per timed run → a row of medians."""
+def make_row(engine: str, runs: list[tuple[float, float]], cfg: BenchConfig, nbytes: int, clock: str = "measured", notes: str = "", per_token: tuple[float, float] | None = None) -> BenchRow:
+    """runs: (prefill seconds, decode seconds) per timed run → a row of medians. per_token: (host
+    syncs, kernel launches) per decoded token, where the engine counts them."""
     p = [cfg.prompt_tokens / s for s, _ in runs]
     d = [cfg.decode_tokens / s for _, s in runs]
     decode = statistics.median(d)
-    return BenchRow(engine, statistics.median(p), decode, p, d, nbytes, nbytes * decode / 1e9, clock, notes)
+    syncs, launches = per_token if per_token is not None else (None, None)
+    return BenchRow(engine, statistics.median(p), decode, p, d, nbytes, nbytes * decode / 1e9, clock, notes, syncs, launches)
 
 
 def time_engine(prefill: Callable[[list[int]], None], decode_one: Callable[[int], None], reset: Callable[[], None], prompt: list[int], gen: list[int], cfg: BenchConfig) -> list[tuple[float, float]]:
@@ -133,6 +138,7 @@ class LocalMoETimer:
         self.cfg = cfg
         self.rt = load(path, n_ctx=cfg.prompt_tokens + cfg.decode_tokens + 8, threads=cfg.threads, **load_kwargs)
         self.prompt, self.gen = token_ids(self.rt.spec.n_vocab, cfg)
+        self.counted = [0, 0, 0]  # host syncs, launches, decode steps
 
     def runs(self) -> list[tuple[float, float]]:
         import torch
@@ -148,9 +154,19 @@ class LocalMoETimer:
             rt.model.forward(torch.tensor(ids), state["cache"], all_logits=False).cpu()  # .cpu(): wait for the device
 
         def decode_one(tok: int) -> None:
-            rt.model.forward(torch.tensor([tok]), state["cache"], all_logits=False).cpu()
+            s0, l0 = counters.host_syncs, counters.launches
+            counters.readback(rt.model.forward(torch.tensor([tok]), state["cache"], all_logits=False))
+            self.counted[0] += counters.host_syncs - s0
+            self.counted[1] += counters.launches - l0
+            self.counted[2] += 1
 
         return time_engine(prefill, decode_one, reset, self.prompt, self.gen, self.cfg)
+
+    @property
+    def per_token(self) -> tuple[float, float] | None:
+        """(host syncs, Triton launches) per decoded token over every run so far."""
+        syncs, launches, n = self.counted
+        return (syncs / n, launches / n) if n else None
 
     @property
     def clock(self) -> str:
@@ -165,7 +181,7 @@ def run_localmoe(path: str, cfg: BenchConfig, engine: str = "localmoe", **load_k
     timer = LocalMoETimer(path, cfg, **load_kwargs)
     try:
         runs = [r for _ in range(cfg.rounds) for r in timer.runs()]
-        return make_row(engine, runs, cfg, bytes_per_token(GGUFModel(path)), timer.clock)
+        return make_row(engine, runs, cfg, bytes_per_token(GGUFModel(path)), timer.clock, per_token=timer.per_token)
     finally:
         timer.close()
 
@@ -299,14 +315,16 @@ def format_table(res: BenchResult) -> str:
         f"model: {os.path.basename(res.model)}   threads: {c.threads}   prompt: {c.prompt_tokens} tokens   decode: {c.decode_tokens} tokens   "
         f"runs: {c.rounds} round(s) × {c.reps} (+{c.warmup} warm-up each), engines in turn; medians",
         "",
-        "| engine | prompt tok/s | decode tok/s | MB/token | decode GB/s | prompt ×base | decode ×base | clock |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| engine | prompt tok/s | decode tok/s | MB/token | decode GB/s | prompt ×base | decode ×base | syncs/token | launches/token | clock |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in res.rows:
         ratio = res.ratios.get(r.engine)
         rp, rd = (f"{ratio['prompt']:.2f}", f"{ratio['decode']:.2f}") if ratio else ("1.00", "1.00") if r.engine == res.baseline else ("", "")
         name = r.engine + (f" ({r.notes})" if r.notes else "")
-        lines.append(f"| {name} | {r.prompt_tps:.1f} | {r.decode_tps:.2f} | {r.bytes_per_token / 1e6:.1f} | {r.bandwidth_gbs:.2f} | {rp} | {rd} | {r.clock} |")
+        syncs = f"{r.syncs_per_token:.1f}" if r.syncs_per_token is not None else ""
+        launches = f"{r.launches_per_token:.1f}" if r.launches_per_token is not None else ""
+        lines.append(f"| {name} | {r.prompt_tps:.1f} | {r.decode_tps:.2f} | {r.bytes_per_token / 1e6:.1f} | {r.bandwidth_gbs:.2f} | {rp} | {rd} | {syncs} | {launches} | {r.clock} |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 host_syncs = 0  # readbacks since import
+launches = 0  # Triton kernel launches since import (compute/triton_gguf.py counts each)
 
 
 def readback(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -43,11 +44,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def triton_launches() -> int:
-    try:
-        from . import triton_gguf
-    except ImportError:
-        return 0
-    return triton_gguf.launches
+    return launches
 
 
 def per_token(step: Callable[[], None], device: torch.device) -> dict[str, object]:

@@ -248,12 +248,12 @@ def dequant_kernel(w_ptr, y_ptr, lut_ptr, N, K, row_bytes, QT: tl.constexpr, G: 
 # -- launching -------------------------------------------------------------------------------------
 import torch  # noqa: E402  (after the kernels: the module's first half is the kernels alone)
 
+from . import counters  # noqa: E402
 from .counters import to_device  # noqa: E402
 
 GEMV_BN = 32
 GEMM_BM, GEMM_BN, GEMM_BK = 32, 64, 64
 GEMV_BK = 256
-launches = 0  # kernels launched by this module since import (per-token counts: take differences)
 _luts: dict[tuple[str, int], torch.Tensor] = {}
 
 
@@ -288,7 +288,6 @@ def gemv(raw: torch.Tensor, qtype_name: str, N: int, K: int, x: torch.Tensor, ta
     raw: uint8 [N, row bytes], the weight of every slot; or `table` (int64 device addresses of
     weights of this type and shape): slot s reads table[s], or table[ids[s]] with `ids` (int64
     [S] on the device). With a table, raw only names the device."""
-    global launches
     code, G = _check(qtype_name, K)
     x = x.contiguous()
     S = ids.numel() if ids is not None else (table.numel() if table is not None and x.shape[0] == 1 else x.shape[0])
@@ -298,7 +297,7 @@ def gemv(raw: torch.Tensor, qtype_name: str, N: int, K: int, x: torch.Tensor, ta
                       _code_book(qtype_name, x.device), N, K, _row_bytes(qtype_name, K),
                       0 if x.shape[0] == 1 else x.stride(0), y.stride(0), QT=code, G=G, NG=GEMV_BK // G,
                       BN=GEMV_BN, GROUPED=table is not None, IDS=ids is not None, SWIGLU=swiglu)
-    launches += 1
+    counters.launches += 1
     return y
 
 
@@ -307,7 +306,6 @@ def gemm(raw: torch.Tensor, qtype_name: str, N: int, K: int, x: torch.Tensor, x_
     """y [M, N] = x[rows] @ wᵀ. Plain: M = x rows, one weight `raw`. Grouped: x_rows [M] (int32,
     −1 = padding) picks x's rows (or None: row m is x's row m), block_slot [M / BM] the slot of
     each block of GEMM_BM rows, table [slots] the weights' addresses."""
-    global launches
     code, G = _check(qtype_name, K)
     x = x.contiguous()
     M = x.shape[0] if M is None else M
@@ -320,18 +318,17 @@ def gemm(raw: torch.Tensor, qtype_name: str, N: int, K: int, x: torch.Tensor, x_
                       block_slot if grouped else dummy, y, _code_book(qtype_name, x.device), M, N, K,
                       _row_bytes(qtype_name, K), x.stride(0), y.stride(0), QT=code, G=G, NG=NG, BM=GEMM_BM,
                       BN=GEMM_BN, GROUPED=grouped, GATHER=x_rows is not None, SWIGLU=swiglu)
-    launches += 1
+    counters.launches += 1
     return y
 
 
 def dequantize(raw: torch.Tensor, qtype_name: str, N: int, K: int) -> torch.Tensor:
     """float32 [N, K] from GGUF bytes uint8 [N, row bytes] on the kernel's device."""
-    global launches
     code, G = _check(qtype_name, K)
     NG = GEMV_BK // G
     y = torch.empty((N, K), dtype=torch.float32, device=raw.device)
     dequant_kernel[(triton.cdiv(N, GEMV_BN), triton.cdiv(K, NG * G))](raw, y, _code_book(qtype_name, raw.device), N, K, raw.shape[-1], QT=code, G=G, NG=NG, BN=GEMV_BN)
-    launches += 1
+    counters.launches += 1
     return y
 
 
