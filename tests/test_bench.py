@@ -32,7 +32,11 @@ def test_bench_vs_llama_cpp_json(make_model):
         assert row["prompt_tps"] > 0 and row["decode_tps"] > 0 and row["clock"] == "measured"
         assert row["bytes_per_token"] == bench.bytes_per_token(GGUFModel(path))
         assert row["bandwidth_gbs"] == pytest.approx(row["bytes_per_token"] * row["decode_tps"] / 1e9)
+        # each engine in a fresh process of its own: its cold start and its own peak RSS
+        assert row["load_s"] > 0 and row["ttft_s"] > 0 and row["cold_decode_tps"] > 0
+        assert row["peak_rss_bytes"] > 50 << 20
     ours, base = rows["localmoe"], rows["llama.cpp"]
+    assert ours["syncs_per_token"] >= 1 and base["syncs_per_token"] is None  # localmoe counts its readbacks
     assert d["ratios"] == {"localmoe": {"prompt": pytest.approx(ours["prompt_tps"] / base["prompt_tps"]), "decode": pytest.approx(ours["decode_tps"] / base["decode_tps"])}}
 
 

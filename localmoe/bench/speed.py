@@ -8,9 +8,13 @@ achieved memory bandwidth, bytes touched per decoded token × decode tokens/s (a
 it): every dense weight, one embedding row and the top-k experts of each layer at their size in the
 file. Ratios are computed from rows measured in the same run, never from stored figures.
 
-llama.cpp runs in a subprocess (`python -m localmoe.bench.speed llama-worker ...`), so that a crash in
-its native code — e.g. the AMX path of a `-march=native` build on some Xeons — becomes a one-line
-error instead of killing the benchmark.
+Each engine runs in a process of its own, one after the other (`python -m localmoe.bench.speed
+llama-worker|localmoe-worker ...`): a crash in llama.cpp's native code — e.g. the AMX path of a
+`-march=native` build on some Xeons — becomes a one-line error instead of killing the benchmark,
+each engine's peak RSS is its own, and a 16 GB file fits a 24 GB machine. A fresh process also
+gives the cold start a user sees: load time, time to first token (the prompt's prefill, which
+makes the first token's logits) and the decode speed of the first `decode_tokens` tokens after load,
+before any warm-up; the warm rows (warm-up, then `reps` timed runs) follow in the same process.
 """
 
 from __future__ import annotations
@@ -66,6 +70,10 @@ class BenchRow:
     notes: str = ""
     syncs_per_token: float | None = None  # localmoe: device→host readbacks per decoded token (compute/counters.py)
     launches_per_token: float | None = None  # localmoe: Triton kernel launches per decoded token
+    load_s: float | None = None  # cold start, median over rounds: opening the model
+    ttft_s: float | None = None  # then the prompt's prefill, which yields the first token
+    cold_decode_tps: float | None = None  # then the first decode_tokens tokens, no warm-up
+    peak_rss_bytes: int | None = None  # the engine's process, the largest over rounds
 
 
 @dataclass(frozen=True)
@@ -101,14 +109,40 @@ def bytes_per_token(m: GGUFModel) -> int:
     return dense + experts
 
 
-def make_row(engine: str, runs: list[tuple[float, float]], cfg: BenchConfig, nbytes: int, clock: str = "measured", notes: str = "", per_token: tuple[float, float] | None = None) -> BenchRow:
+def make_row(engine: str, runs: list[tuple[float, float]], cfg: BenchConfig, nbytes: int, clock: str = "measured", notes: str = "",
+             per_token: tuple[float, float] | None = None, colds: list[dict[str, Any]] | None = None) -> BenchRow:
     """runs: (prefill seconds, decode seconds) per timed run → a row of medians. per_token: (host
-    syncs, kernel launches) per decoded token, where the engine counts them."""
+    syncs, kernel launches) per decoded token, where the engine counts them. colds: each round's
+    process's cold start ({"load_s", "ttft_s", "cold_decode_tps", "peak_rss"})."""
     p = [cfg.prompt_tokens / s for s, _ in runs]
     d = [cfg.decode_tokens / s for _, s in runs]
     decode = statistics.median(d)
     syncs, launches = per_token if per_token is not None else (None, None)
-    return BenchRow(engine, statistics.median(p), decode, p, d, nbytes, nbytes * decode / 1e9, clock, notes, syncs, launches)
+    colds = [c for c in colds or [] if c]
+    med = (lambda key: statistics.median(c[key] for c in colds)) if colds else (lambda key: None)
+    rss = max((c["peak_rss"] for c in colds), default=None)
+    return BenchRow(engine, statistics.median(p), decode, p, d, nbytes, nbytes * decode / 1e9, clock, notes, syncs, launches, med("load_s"), med("ttft_s"), med("cold_decode_tps"), rss)
+
+
+def cold_start(load: Callable[[], tuple[list[int], list[int]]], prefill: Callable[[list[int]], None], decode_one: Callable[[int], None]) -> dict[str, float]:
+    """What a user waits for in a fresh process: load (which returns the prompt and decode ids),
+    the prompt (its prefill yields the first token), the first tokens."""
+    t0 = time.perf_counter()
+    prompt, gen = load()
+    t1 = time.perf_counter()
+    prefill(prompt)
+    t2 = time.perf_counter()
+    for tok in gen:
+        decode_one(tok)
+    t3 = time.perf_counter()
+    return {"load_s": t1 - t0, "ttft_s": t2 - t1, "cold_decode_tps": len(gen) / (t3 - t2)}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def time_engine(prefill: Callable[[list[int]], None], decode_one: Callable[[int], None], reset: Callable[[], None], prompt: list[int], gen: list[int], cfg: BenchConfig) -> list[tuple[float, float]]:
@@ -133,34 +167,43 @@ class LocalMoETimer:
     load_kwargs go to localmoe.load (device, gpu_mem, policy, ...)."""
 
     def __init__(self, path: str, cfg: BenchConfig, **load_kwargs: Any):
+        self.cfg = cfg
+        self.counted = [0, 0, 0]  # host syncs, launches, decode steps
+        self._state: dict[str, Any] = {}
+        # the cold start: load, the prompt, the first decode_tokens tokens (not counted as runs)
+        self.cold = cold_start(lambda: self._load(path, load_kwargs), self._prefill, self._decode_one)
+        self.counted = [0, 0, 0]
+
+    def _load(self, path: str, load_kwargs: dict[str, Any]) -> tuple[list[int], list[int]]:
         from ..runtime import load
 
-        self.cfg = cfg
+        cfg = self.cfg
         self.rt = load(path, n_ctx=cfg.prompt_tokens + cfg.decode_tokens + 8, threads=cfg.threads, **load_kwargs)
         self.prompt, self.gen = token_ids(self.rt.spec.n_vocab, cfg)
-        self.counted = [0, 0, 0]  # host syncs, launches, decode steps
+        self._reset()
+        return self.prompt, self.gen
 
-    def runs(self) -> list[tuple[float, float]]:
-        import torch
-
+    def _reset(self) -> None:
         from ..model import KVCache
 
-        rt, state = self.rt, {}
+        self._state["cache"] = KVCache(self.rt.spec, self.rt.n_ctx, self.rt.device)
 
-        def reset() -> None:
-            state["cache"] = KVCache(rt.spec, rt.n_ctx, rt.device)
+    def _prefill(self, ids: list[int]) -> None:
+        import torch
 
-        def prefill(ids: list[int]) -> None:
-            rt.model.forward(torch.tensor(ids), state["cache"], all_logits=False).cpu()  # .cpu(): wait for the device
+        counters.readback(self.rt.model.forward(torch.tensor(list(ids)), self._state["cache"], all_logits=False))  # waits for the device
 
-        def decode_one(tok: int) -> None:
-            s0, l0 = counters.host_syncs, counters.launches
-            counters.readback(rt.model.forward(torch.tensor([tok]), state["cache"], all_logits=False))
-            self.counted[0] += counters.host_syncs - s0
-            self.counted[1] += counters.launches - l0
-            self.counted[2] += 1
+    def _decode_one(self, tok: int) -> None:
+        import torch
 
-        return time_engine(prefill, decode_one, reset, self.prompt, self.gen, self.cfg)
+        s0, l0 = counters.host_syncs, counters.launches
+        counters.readback(self.rt.model.forward(torch.tensor([tok]), self._state["cache"], all_logits=False))
+        self.counted[0] += counters.host_syncs - s0
+        self.counted[1] += counters.launches - l0
+        self.counted[2] += 1
+
+    def runs(self) -> list[tuple[float, float]]:
+        return time_engine(self._prefill, self._decode_one, self._reset, self.prompt, self.gen, self.cfg)
 
     @property
     def per_token(self) -> tuple[float, float] | None:
@@ -202,21 +245,33 @@ class LlamaCppCrashed(LocalMoEError):
         self.signal = sig
 
 
-def llama_cpp_runs(path: str, cfg: BenchConfig, plain_buffers: bool = False, timeout: float = 1800) -> list[tuple[float, float]]:
-    """One round of llama.cpp (llama-cpp-python) in a subprocess; a crash becomes a LocalMoEError."""
-    job = json.dumps({"path": path, "config": asdict(cfg), "plain_buffers": plain_buffers})
-    cmd = [sys.executable, "-m", "localmoe.bench.speed", "llama-worker", job]
+def _worker(kind: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One round of an engine in its own process: {"runs": [[prefill s, decode s], ...], "cold":
+    {load_s, ttft_s, cold_decode_tps, peak_rss}, ...}. A crash raises LlamaCppCrashed (llama.cpp)."""
+    engine = LLAMA_CPP if kind == "llama-worker" else "localmoe"
+    cmd = [sys.executable, "-m", "localmoe.bench.speed", kind, json.dumps(job)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise LocalMoEError(f"llama.cpp did not finish the benchmark within {timeout:.0f} s") from None
+        raise LocalMoEError(f"{engine} did not finish the benchmark within {timeout:.0f} s") from None
+    if r.returncode < 0 and engine == LLAMA_CPP:
+        raise LlamaCppCrashed(signal.Signals(-r.returncode).name, job["path"], job["plain_buffers"])
     if r.returncode < 0:
-        raise LlamaCppCrashed(signal.Signals(-r.returncode).name, path, plain_buffers)
+        raise LocalMoEError(f"localmoe's benchmark process was stopped by {signal.Signals(-r.returncode).name} (out of memory?)")
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LocalMoEError(f"llama.cpp failed on {os.path.basename(path)}: {last}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    return [tuple(x) for x in out["runs"]]
+        raise LocalMoEError(f"{engine} failed on {os.path.basename(job['path'])}: {last}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_runs(path: str, cfg: BenchConfig, plain_buffers: bool = False, timeout: float = 1800) -> dict[str, Any]:
+    """One round of llama.cpp (llama-cpp-python) in a subprocess; a crash becomes a LocalMoEError."""
+    return _worker("llama-worker", {"path": path, "config": asdict(cfg), "plain_buffers": plain_buffers}, timeout)
+
+
+def localmoe_runs(path: str, cfg: BenchConfig, load_kwargs: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """One round of localmoe in a subprocess (load_kwargs: localmoe.load's, JSON-able)."""
+    return _worker("localmoe-worker", {"path": path, "config": asdict(cfg), "load": load_kwargs}, timeout)
 
 
 class LlamaCppRounds:
@@ -230,16 +285,20 @@ class LlamaCppRounds:
         self.path, self.cfg, self.plain_buffers = path, cfg, plain_buffers
         self.fell_back = ""  # the signal that made it switch to plain buffers, if it did
         self.runs: list[tuple[float, float]] = []
+        self.colds: list[dict[str, Any]] = []
 
     def round(self) -> None:
         try:
-            self.runs += llama_cpp_runs(self.path, self.cfg, self.plain_buffers)
+            out = llama_cpp_runs(self.path, self.cfg, self.plain_buffers)
         except LlamaCppCrashed as crash:
             if self.plain_buffers or crash.signal not in NATIVE_CRASHES:
                 raise
             self.plain_buffers, self.fell_back = True, crash.signal
             print(f"warning: llama.cpp crashed ({self.fell_back}) with its default buffers; measuring it with plain CPU buffers (--llama-plain-buffers)", file=sys.stderr)
-            self.runs = llama_cpp_runs(self.path, self.cfg, self.plain_buffers)  # earlier rounds' runs dropped
+            self.runs, self.colds = [], []  # earlier rounds' runs dropped
+            out = llama_cpp_runs(self.path, self.cfg, self.plain_buffers)
+        self.runs += [tuple(x) for x in out["runs"]]
+        self.colds.append(out.get("cold", {}))
 
     def notes(self) -> str:
         if self.fell_back:
@@ -251,11 +310,11 @@ def run_llama_cpp(path: str, cfg: BenchConfig, plain_buffers: bool = False) -> B
     llama = LlamaCppRounds(path, cfg, plain_buffers)
     for _ in range(cfg.rounds):
         llama.round()
-    return make_row(LLAMA_CPP, llama.runs, cfg, bytes_per_token(GGUFModel(path)), notes=llama.notes())
+    return make_row(LLAMA_CPP, llama.runs, cfg, bytes_per_token(GGUFModel(path)), notes=llama.notes(), colds=llama.colds)
 
 
 def _llama_worker(job: dict[str, Any]) -> None:
-    """Runs inside the subprocess: time llama.cpp, print {"runs": [[prefill s, decode s], ...]}."""
+    """Runs inside the subprocess: time llama.cpp's cold start, then its warm runs; print JSON."""
     import contextlib
 
     import llama_cpp
@@ -264,12 +323,30 @@ def _llama_worker(job: dict[str, Any]) -> None:
 
     cfg = BenchConfig(**job["config"])
     n_ctx = cfg.prompt_tokens + cfg.decode_tokens + 8
-    with plain_cpu_buffers() if job["plain_buffers"] else contextlib.nullcontext():  # no AMX / repacked weights
-        llm = llama_cpp.Llama(model_path=job["path"], n_threads=cfg.threads, n_threads_batch=cfg.threads, n_ctx=n_ctx, n_batch=max(cfg.prompt_tokens, 1), n_ubatch=max(cfg.prompt_tokens, 1), verbose=False)
+    held: dict[str, Any] = {}
+
+    def load() -> tuple[list[int], list[int]]:
+        with plain_cpu_buffers() if job["plain_buffers"] else contextlib.nullcontext():  # no AMX / repacked weights
+            held["llm"] = llama_cpp.Llama(model_path=job["path"], n_threads=cfg.threads, n_threads_batch=cfg.threads, n_ctx=n_ctx, n_batch=max(cfg.prompt_tokens, 1), n_ubatch=max(cfg.prompt_tokens, 1), verbose=False)
+        return token_ids(held["llm"].n_vocab(), cfg)
+
+    cold = cold_start(load, lambda ids: held["llm"].eval(ids), lambda tok: held["llm"].eval([tok]))
+    llm = held["llm"]
     prompt, gen = token_ids(llm.n_vocab(), cfg)
+    llm.reset()
     runs = time_engine(llm.eval, lambda tok: llm.eval([tok]), llm.reset, prompt, gen, cfg)
     llm.close()
-    print(json.dumps({"runs": runs}))
+    print(json.dumps({"runs": runs, "cold": {**cold, "peak_rss": peak_rss()}}))
+
+
+def _localmoe_worker(job: dict[str, Any]) -> None:
+    """Runs inside the subprocess: localmoe's cold start, then its warm runs; print JSON."""
+    cfg = BenchConfig(**job["config"])
+    timer = LocalMoETimer(job["path"], cfg, **job["load"])
+    runs = timer.runs()
+    out = {"runs": runs, "cold": {**timer.cold, "peak_rss": peak_rss()}, "clock": timer.clock, "per_token": timer.per_token}
+    timer.close()
+    print(json.dumps(out))
 
 
 # -- the comparison and its table ------------------------------------------------------------------
@@ -291,20 +368,22 @@ def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buf
     model = GGUFModel(path)  # validate before spending minutes
     if vs not in (None, LLAMA_CPP):
         raise LocalMoEError(f"unknown engine to compare with '{vs}'; only llama.cpp is supported")
-    timer = LocalMoETimer(path, cfg, **load_kwargs)
     llama = LlamaCppRounds(path, cfg, plain_buffers)
     ours: list[tuple[float, float]] = []
-    try:
-        for _ in range(cfg.rounds):
-            if vs == LLAMA_CPP:
-                llama.round()
-            ours += timer.runs()
-        clock = timer.clock
-    finally:
-        timer.close()
+    colds, per_token, clock = [], [], "measured"
+    for _ in range(cfg.rounds):  # one process per engine per round, one after the other
+        if vs == LLAMA_CPP:
+            llama.round()
+        out = localmoe_runs(path, cfg, load_kwargs)
+        ours += [tuple(x) for x in out["runs"]]
+        colds.append(out["cold"])
+        clock = out["clock"]
+        if out.get("per_token"):
+            per_token.append(out["per_token"])
     nbytes = bytes_per_token(model)
-    rows = [make_row(LLAMA_CPP, llama.runs, cfg, nbytes, notes=llama.notes())] if vs == LLAMA_CPP else []
-    rows.append(make_row("localmoe", ours, cfg, nbytes, clock))
+    rows = [make_row(LLAMA_CPP, llama.runs, cfg, nbytes, notes=llama.notes(), colds=llama.colds)] if vs == LLAMA_CPP else []
+    mean_per_token = tuple(float(np.mean([p[i] for p in per_token])) for i in range(2)) if per_token else None
+    rows.append(make_row("localmoe", ours, cfg, nbytes, clock, per_token=mean_per_token, colds=colds))
     return BenchResult(path, cfg, rows, vs, compare(rows, vs))
 
 
@@ -315,8 +394,8 @@ def format_table(res: BenchResult) -> str:
         f"model: {os.path.basename(res.model)}   threads: {c.threads}   prompt: {c.prompt_tokens} tokens   decode: {c.decode_tokens} tokens   "
         f"runs: {c.rounds} round(s) × {c.reps} (+{c.warmup} warm-up each), engines in turn; medians",
         "",
-        "| engine | prompt tok/s | decode tok/s | MB/token | decode GB/s | prompt ×base | decode ×base | syncs/token | launches/token | clock |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| engine | load s | load + 1st token s | cold decode tok/s | prompt tok/s | decode tok/s | peak RSS GiB | MB/token | decode GB/s | prompt ×base | decode ×base | cold decode ×base | syncs/token | launches/token | clock |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in res.rows:
         ratio = res.ratios.get(r.engine)
@@ -324,7 +403,13 @@ def format_table(res: BenchResult) -> str:
         name = r.engine + (f" ({r.notes})" if r.notes else "")
         syncs = f"{r.syncs_per_token:.1f}" if r.syncs_per_token is not None else ""
         launches = f"{r.launches_per_token:.1f}" if r.launches_per_token is not None else ""
-        lines.append(f"| {name} | {r.prompt_tps:.1f} | {r.decode_tps:.2f} | {r.bytes_per_token / 1e6:.1f} | {r.bandwidth_gbs:.2f} | {rp} | {rd} | {syncs} | {launches} | {r.clock} |")
+        base = next((b for b in res.rows if b.engine == res.baseline), None)
+        rc = f"{r.cold_decode_tps / base.cold_decode_tps:.2f}" if base is not None and r is not base and r.cold_decode_tps and base.cold_decode_tps else ""
+        load = f"{r.load_s:.2f}" if r.load_s is not None else ""
+        first = f"{r.load_s + r.ttft_s:.2f}" if r.load_s is not None and r.ttft_s is not None else ""
+        cold = f"{r.cold_decode_tps:.2f}" if r.cold_decode_tps is not None else ""
+        rss = f"{r.peak_rss_bytes / 2**30:.2f}" if r.peak_rss_bytes else ""
+        lines.append(f"| {name} | {load} | {first} | {cold} | {r.prompt_tps:.1f} | {r.decode_tps:.2f} | {rss} | {r.bytes_per_token / 1e6:.1f} | {r.bandwidth_gbs:.2f} | {rp} | {rd} | {rc} | {syncs} | {launches} | {r.clock} |")
     return "\n".join(lines)
 
 
@@ -395,7 +480,10 @@ def format_kernel_table(rows: list[dict[str, Any]], threads: int) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "llama-worker":
-        _llama_worker(json.loads(sys.argv[2]))
+    if len(sys.argv) == 3 and sys.argv[1] in ("llama-worker", "localmoe-worker"):
+        try:
+            (_llama_worker if sys.argv[1] == "llama-worker" else _localmoe_worker)(json.loads(sys.argv[2]))
+        except LocalMoEError as exc:
+            sys.exit(f"error: {exc}")
     else:
-        sys.exit("usage: python -m localmoe.bench.speed llama-worker JOB_JSON (internal; use `localmoe bench`)")
+        sys.exit("usage: python -m localmoe.bench.speed llama-worker|localmoe-worker JOB_JSON (internal; use `localmoe bench`)")
