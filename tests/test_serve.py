@@ -452,12 +452,16 @@ def test_load_concurrent_streams_and_disconnects(demo):
         return {"prompt": _prompt(c), "max_tokens": N, "temperature": 0.9, "seed": 1000 * c + r}
 
     # the same-seed runs alone, one at a time
-    ref = {}
+    ref, alone = {}, []
+    start = time.monotonic()
     for c in range(CLIENTS):
         for r in range(REQUESTS):
+            t = time.monotonic()
             out = _plain(demo.url, body(c, r)).json()
+            alone.append(time.monotonic() - t)
             ref[c, r] = (out["choices"][0]["text"], out["usage"]["completion_tokens"], out["choices"][0]["finish_reason"])
             assert out["usage"]["completion_tokens"] == N or out["choices"][0]["finish_reason"] == "stop"
+    alone_tps = sum(v[1] for v in ref.values()) / (time.monotonic() - start)
 
     def client(c: int) -> list[dict]:
         return [_stream(demo.url, body(c, r)) | {"key": (c, r)} for r in range(REQUESTS)]
@@ -489,6 +493,7 @@ def test_load_concurrent_streams_and_disconnects(demo):
         tokens = sum(x["tokens"] for x in done)
         figures.append((np.percentile(lat, 50), np.percentile(lat, 95), tokens / wall, wall))
         rss.append(demo.rss())
+    print(f"\nalone: {CLIENTS * REQUESTS} requests of {N} tokens one at a time: p50 {np.percentile(alone, 50):.2f} s, p95 {np.percentile(alone, 95):.2f} s, {alone_tps:.1f} tok/s")
     for i, (p50, p95, tps, wall) in enumerate(figures):
         print(f"\nload round {i + 1}: {CLIENTS} clients x {REQUESTS} streamed requests of {N} tokens + 2 disconnects: p50 {p50:.2f} s, p95 {p95:.2f} s, {tps:.1f} tok/s over {wall:.1f} s; server RSS {rss[i] / 2**20:.0f} MiB")
     growth = max(rss) - rss[0]
