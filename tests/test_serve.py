@@ -354,8 +354,16 @@ def test_failed_load_is_reported(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "not found" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("template,words", [("{{ raise_exception('roles must alternate') }}", "roles must alternate"), ("{{ messages[0].content.nope() }}", "failed to render")])
-def test_template_failure_is_400(tmp_path, template, words):
+TEMPLATE_FAILURES = [
+    ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    ("{{ messages[0].content.nope() }}", "failed to render"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran for more than 0.3 s"),
+]
+
+
+@pytest.mark.parametrize("template,words", TEMPLATE_FAILURES, ids=["raises", "undefined", "loops"])
+def test_template_failure_is_400(tmp_path, monkeypatch, template, words):
+    monkeypatch.setattr("localmoe.tokenizer.RENDER_SECONDS", 0.3)
     path = write_model(tmp_path / "bad-template.gguf", SynthConfig(chat_template=template))
     srv = InProcess(lambda: localmoe.load(path, device="cpu"), ServeConfig("bad-template"))
     try:
@@ -467,7 +475,7 @@ def test_load_concurrent_streams_and_disconnects(demo):
         return [_stream(demo.url, body(c, r)) | {"key": (c, r)} for r in range(REQUESTS)]
 
     def leaver(i: int) -> dict:
-        return _stream(demo.url, {"prompt": _prompt(i), "max_tokens": 120, "temperature": 0, "seed": i}, disconnect_after=2)
+        return _stream(demo.url, {"prompt": _prompt(i), "max_tokens": 200, "temperature": 0, "seed": i}, disconnect_after=2)
 
     rss, figures = [], []
     for _round in range(ROUNDS):
@@ -511,6 +519,7 @@ class _Gated:
         self._rt = rt
         self.open, self.holding = threading.Event(), threading.Event()
         self.open.set()
+        self.delay = 0.0  # seconds before each token: a slow model
 
     def __getattr__(self, name):
         return getattr(self._rt, name)
@@ -524,6 +533,7 @@ class _Gated:
                     if not self.open.is_set():
                         self.holding.set()
                         self.open.wait(60)
+                    time.sleep(self.delay)
                     yield chunk
             finally:
                 it.close()
@@ -565,6 +575,19 @@ def test_burst_past_the_queue_gets_exactly_the_overflow_429():
         run_burst(srv, gate)
         m = _metrics(srv.url, http=HTTP)
         assert m[("localmoe_requests_total", (("code", "429"), ("endpoint", "/v1/completions")))] == 3
+
+        # a non-streamed request whose client gives up while it runs is cancelled too
+        gate.delay = 0.02  # 100 tokens would take 2 s
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json={"prompt": "In the beginning", "max_tokens": 100, "temperature": 0}, timeout=0.4)
+        key = ("localmoe_generations_total", (("outcome", "cancelled"),))
+        deadline = time.monotonic() + 10
+        while (m2 := _metrics(srv.url, http=HTTP)).get(key, 0) < m.get(key, 0) + 1:
+            assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+            time.sleep(0.02)
+        gate.delay = 0.0
+        made = m2[("localmoe_completion_tokens_total", ())] - m[("localmoe_completion_tokens_total", ())]
+        assert 0 < made < 100 and m2[("localmoe_cancel_overrun_tokens_total", ())] - m[("localmoe_cancel_overrun_tokens_total", ())] <= 1
         assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
     finally:
         gate.open.set()
