@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt for the conversation")
     _add_sampling_args(p)
     _add_runtime_args(p)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with live expert-cache metrics", description="Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), /health, Prometheus /metrics and /v1/localmoe/stats. One request runs at a time; others wait in a bounded queue. The sampling flags are the defaults for requests that leave them out. See docs/serve.md.")
+    _add_model_arg(p, required=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 = any free port, printed at start)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the LOCALMOE_API_KEY environment variable, else none)")
+    p.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait while one runs; more get 429 (default 16)")
+    p.add_argument("--max-body", default="4MB", metavar="SIZE", help="largest request body; larger gets 413 (default 4MB)")
+    p.add_argument("--verbose", action="store_true", help="log every request (uvicorn's access log)")
+    _add_sampling_args(p)
+    _add_runtime_args(p)
+
     p = sub.add_parser("bench", help="benchmark: cache policies on a trace, or placement strategies on a model", description="With --trace FILE: replay the cache policies on a recorded routing trace at several budgets (hit rates, in seconds, without the model). With MODEL: decode the same prompt with static placement (llama.cpp's --n-cpu-moe), fetch+LRU and cpu+reuse+prefetch under a GPU budget and hardware profile.")
     _add_model_arg(p, required=False)
     p.add_argument("--trace", metavar="FILE", help="replay cache policies on this trace (from `localmoe run --trace FILE`)")
@@ -336,6 +347,32 @@ def print_timings(st, out) -> None:  # st: Stats
     print("\n".join(lines), file=out)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .runtime import parse_size
+
+    try:
+        from .serve import Defaults, ServeConfig, model_id_for, serve
+    except ModuleNotFoundError as exc:
+        raise LocalMoEError(f"the server needs {exc.name}, which is not installed; `pip install -e .` installs it") from None
+    from .bundled import demo_model_path
+
+    if args.queue < 1:
+        raise LocalMoEError("--queue must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise LocalMoEError(f"--port must be from 0 to 65535, got {args.port}")
+    if args.max_tokens < 0:
+        raise LocalMoEError("--max-tokens must be ≥ 0")
+    max_body = parse_size(args.max_body)
+    if not max_body or max_body < 1024:
+        raise LocalMoEError(f"--max-body must be at least 1KB, got {args.max_body}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LOCALMOE_API_KEY") or None
+    defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.seed)
+    config = ServeConfig(model_id_for(args.model or demo_model_path()), api_key, args.queue, max_body, defaults)
+    return serve(args.model, runtime_kwargs(args), config, args.host, args.port, args.verbose)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     try:
         from .tui import run_chat
@@ -346,7 +383,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args, runtime_kwargs(args) | {"seed": args.seed})
 
 
-COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench, "synth": cmd_synth, "calibrate": cmd_calibrate, "eval": cmd_eval}
+COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench, "synth": cmd_synth, "calibrate": cmd_calibrate, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import threading
@@ -32,6 +33,7 @@ from .gguf import names
 
 ON_MISS_POLICIES = tuple(MISS_POLICIES)
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of dequantized experts kept in host RAM
+MAX_TOKENS_LIMIT = 2**31 - 1  # max_tokens beyond this is a mistake, not a request
 
 
 @dataclass(frozen=True)
@@ -195,10 +197,18 @@ class Runtime:
 
     # -- tokens -----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        self._check_open()
+        if not isinstance(text, str):
+            raise LocalMoEError(f"tokenize() takes a str, got {type(text).__name__}")
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise LocalMoEError(f"add_bos must be True, False or None, got {add_bos!r}")
         return self.tokenizer.tokenize(text, add_bos)
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.detokenize(list(ids))
+        """Text of token ids; an id outside the vocabulary raises (llama.cpp would abort)."""
+        self._check_open()
+        ids = self._token_ids(ids)
+        return self.tokenizer.detokenize(ids) if ids else ""
 
     # -- numerics ---------------------------------------------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -224,15 +234,31 @@ class Runtime:
                 logits = self.model.forward(torch.tensor([token]), cache, all_logits=False)[-1]
                 yield logits, self._clock() - c0, time.perf_counter() - w0
 
+    def _token_ids(self, ids: Any) -> list[int]:
+        """ids as a list of Python ints, each inside the vocabulary; anything else raises."""
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise LocalMoEError(f"token ids must be a list of ints, got {type(ids).__name__}")
+        out = []
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise LocalMoEError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
+            out.append(int(t))
+        bad = [t for t in out if not 0 <= t < self.spec.n_vocab]
+        if bad:
+            raise LocalMoEError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.n_vocab - 1})")
+        return out
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalMoEError("this runtime is closed; load the model again")
+
     def _check_ids(self, ids: list[int]) -> list[int]:
-        ids = [int(t) for t in ids]
+        self._check_open()
+        ids = self._token_ids(ids)
         if not ids:
             raise LocalMoEError("no tokens to evaluate: the prompt is empty")
         if len(ids) > self.n_ctx:
             raise LocalMoEError(f"the prompt is {len(ids)} tokens but the context holds {self.n_ctx}; shorten it or raise n_ctx (--ctx-size)")
-        bad = [t for t in ids if not 0 <= t < self.spec.n_vocab]
-        if bad:
-            raise LocalMoEError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.n_vocab - 1})")
         return ids
 
     # -- generation -------------------------------------------------------------------------------
@@ -246,13 +272,26 @@ class Runtime:
         seed: int | None = None,
     ) -> Iterator[Chunk]:
         """Yield a Chunk per generated token, then a closing Chunk with the finish reason.
-        `prompt` is text, or a list of chat messages rendered with the model's chat template."""
+        `prompt` is text, or a list of chat messages rendered with the model's chat template.
+        Bad input raises LocalMoEError here, before the iterator is returned; closing the
+        iterator stops generation at the next token."""
+        self._check_open()
         params = SamplingParams(temperature, top_k, top_p).validate()
-        ids = self.tokenizer.tokenize_chat(prompt) if isinstance(prompt, list) else self.tokenize(prompt)
+        max_tokens = _check_max_tokens(max_tokens)
+        seed = _check_seed(seed if seed is not None else self._seed)
+        if isinstance(prompt, list):
+            ids = self.tokenizer.tokenize_chat(prompt)
+        elif isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        else:
+            raise LocalMoEError(f"the prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
         ids = self._check_ids(ids)
-        seed = seed if seed is not None else self._seed
         generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+        return self._stream_locked(ids, max_tokens, params, generator)
+
+    def _stream_locked(self, ids: list[int], max_tokens: int, params: SamplingParams, generator: torch.Generator) -> Iterator[Chunk]:
         with self._lock:
+            self._check_open()
             yield from self._generate_locked(ids, max_tokens, params, generator)
 
     def _generate_locked(self, ids: list[int], max_tokens: int, params: SamplingParams, generator: torch.Generator) -> Iterator[Chunk]:
@@ -292,6 +331,8 @@ class Runtime:
         return readback(out[-1].float())[0]
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, seed: int | None = None) -> str:
+        if not isinstance(prompt, str):
+            raise LocalMoEError(f"generate() takes a str prompt, got {type(prompt).__name__}; use chat() for messages")
         return "".join(c.text for c in self.stream(prompt, max_tokens, temperature, top_p, top_k, seed))
 
     def chat(self, messages: list[dict[str, Any]], max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, seed: int | None = None) -> str:
@@ -303,6 +344,14 @@ class Runtime:
     def configure(self, policy: str | None = None, on_miss: str | None = None, gpu_mem: int | str | None = None, prefetch: bool | None = None) -> None:
         """Change the cache policy, miss policy, GPU budget or prefetching between requests
         (the chat app's /policy, /on-miss and /gpu-mem). Raises LocalMoEError on a bad value."""
+        self._check_open()
+        for name, value in (("policy", policy), ("on_miss", on_miss)):
+            if value is not None and not isinstance(value, str):
+                raise LocalMoEError(f"{name} must be a str, got {type(value).__name__}")
+        if prefetch is not None and not isinstance(prefetch, bool):
+            raise LocalMoEError(f"prefetch must be True, False or None, got {prefetch!r}")
+        if gpu_mem is not None and (isinstance(gpu_mem, bool) or not isinstance(gpu_mem, (int, str)) or parse_size(gpu_mem) <= 0):
+            raise LocalMoEError(f"gpu_mem must be a positive byte count or a size such as '6GB', got {gpu_mem!r}")
         with self._lock:
             _check_policy_names(policy or self.policy, on_miss or self.on_miss)
             old = (self.policy, self.on_miss, self.prefetch, self.gpu_budget)
@@ -378,6 +427,20 @@ def _check_policy_names(policy: str, on_miss: str) -> None:
         raise LocalMoEError(f"unknown cache policy '{policy}'; choose one of {', '.join(ONLINE_POLICIES)}")
     if on_miss not in ON_MISS_POLICIES:
         raise LocalMoEError(f"unknown miss policy '{on_miss}'; choose one of {', '.join(ON_MISS_POLICIES)}")
+
+
+def _check_max_tokens(max_tokens: Any) -> int:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or not 0 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise LocalMoEError(f"max_tokens must be a whole number from 0 to {MAX_TOKENS_LIMIT}, got {max_tokens!r}")
+    return int(max_tokens)
+
+
+def _check_seed(seed: Any) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise LocalMoEError(f"seed must be a whole number from 0 to 2**64-1, got {seed!r}")
+    return int(seed)
 
 
 def _static_cpu_layers(n_cpu_moe: int | None, cpu_moe: bool, n_layer: int) -> frozenset[int] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,12 @@ class SamplingParams:
     top_p: float = 0.95  # ≥ 1 → no nucleus cut
 
     def validate(self) -> "SamplingParams":
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise LocalMoEError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise LocalMoEError(f"top_k must be a whole number (0 = all tokens), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise LocalMoEError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature < 0:
@@ -28,6 +36,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature <= 0:
         return int(torch.argmax(logits))
     scores = logits.float() / params.temperature
+    if math.isinf(float(scores.max())):  # a temperature so small that scores overflow: the greedy limit
+        return int(torch.argmax(logits))
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import sys
+import time
 from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import LocalMoEError
+
+RENDER_SECONDS = 2.0  # a chat template that renders for longer is stopped (a hostile or broken loop)
+RENDER_CHARS = 4 << 20  # and one whose output grows past this many characters
 
 # Used when a file carries no template: ChatML, which most MoE chat models use.
 CHATML_TEMPLATE = (
@@ -41,7 +46,7 @@ class Tokenizer:
         self.chat_template_source = chat_template or CHATML_TEMPLATE
         self.has_own_template = chat_template is not None
         self._pieces: dict[int, bytes] = {}
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = _LimitedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
@@ -78,20 +83,28 @@ class Tokenizer:
         return self._llama.detokenize(ids).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The messages through the chat template, in the sandbox, stopped after RENDER_SECONDS
+        or RENDER_CHARS characters of output."""
+        if not isinstance(messages, list) or not messages:
+            raise LocalMoEError("chat messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise LocalMoEError("each chat message must be a dict with 'role' and 'content'")
+            if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+                raise LocalMoEError(f"a chat message's 'role' and 'content' must be strings, got {type(m['role']).__name__} and {type(m['content']).__name__}")
+        context = dict(
+            messages=messages,
+            add_generation_prompt=bool(add_generation_prompt),
+            bos_token=self.token_text(self.bos_id) if self.bos_id >= 0 else "",
+            eos_token=self.token_text(self.eos_id) if self.eos_id >= 0 else "",
+        )
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.token_text(self.bos_id) if self.bos_id >= 0 else "",
-                eos_token=self.token_text(self.eos_id) if self.eos_id >= 0 else "",
-            )
+            return _render_limited(self._template, context, RENDER_SECONDS, RENDER_CHARS)
         except LocalMoEError:
             raise
         except Exception as exc:  # SecurityError, UndefinedError, …
-            raise LocalMoEError(f"the model's chat template failed to render ({type(exc).__name__}: {exc})") from None
+            message = " ".join(str(exc).split())[:200]
+            raise LocalMoEError(f"the model's chat template failed to render ({type(exc).__name__}: {message})") from None
 
     def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self.render_chat(messages)
@@ -114,6 +127,58 @@ def silence_llama_cpp_logs() -> None:
 
         _NO_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
         llama_cpp.llama_log_set(_NO_LOG, ctypes.c_void_p(0))
+
+
+class _LimitedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, plus a cap on `*` and `**`: one C-level operation ('a' * 10**10) would run
+    past any time limit that Python code can enforce."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+            raise LocalMoEError(f"chat template: exponent {right} is too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_CHARS:
+                    raise LocalMoEError(f"chat template: a repetition makes more than {RENDER_CHARS} items")
+        return super().call_binop(context, operator, left, right)
+
+
+class _RenderTimeout(BaseException):  # not an Exception: nothing on the way up catches it
+    pass
+
+
+def _render_limited(template, context: dict[str, Any], seconds: float, max_chars: int) -> str:
+    """Render with a deadline: a trace function on this thread checks the clock as the compiled
+    template's Python runs (every line and call), so a loop that emits nothing is stopped too."""
+    deadline = time.monotonic() + seconds
+    fired = False
+
+    def tracer(frame, event, arg):
+        nonlocal fired
+        if fired:
+            return None  # unwinding: no more tracing
+        if time.monotonic() > deadline:
+            fired = True
+            raise _RenderTimeout
+        return tracer
+
+    previous = sys.gettrace()
+    parts: list[str] = []
+    size = 0
+    sys.settrace(tracer)
+    try:
+        for part in template.generate(**context):
+            parts.append(part)
+            size += len(part)
+            if size > max_chars:
+                raise LocalMoEError(f"the model's chat template renders more than {max_chars} characters; it is broken or hostile")
+    except _RenderTimeout:
+        raise LocalMoEError(f"the model's chat template ran for more than {seconds:g} s and was stopped; it is broken or hostile") from None
+    finally:
+        sys.settrace(previous)
+    return "".join(parts)
 
 
 def _raise_template_error(message: str) -> None:
