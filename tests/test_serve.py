@@ -573,7 +573,10 @@ def test_burst_past_the_queue_gets_exactly_the_overflow_429():
     try:
         srv.wait_ready()
         run_burst(srv, gate)
-        m = _metrics(srv.url, http=HTTP)
+        deadline = time.monotonic() + 30
+        while (m := _metrics(srv.url, http=HTTP))[("localmoe_requests_running", ())] or m[("localmoe_queue_depth", ())]:
+            assert time.monotonic() < deadline, "the server did not go idle"  # the blockers' ends settled
+            time.sleep(0.02)
         assert m[("localmoe_requests_total", (("code", "429"), ("endpoint", "/v1/completions")))] == 3
 
         # a non-streamed request whose client gives up while it runs is cancelled too

@@ -122,11 +122,10 @@ def run(job: Job, rt: Runtime, prep: Prepared, metrics: ServerMetrics) -> None:
     it = prep.iterator
     try:
         for chunk in it:
-            if job.cancelled.is_set():
-                overrun = job.tokens + (chunk.token is not None) - (job.tokens_at_cancel or 0)
-                metrics.cancel_overrun.inc(max(0, overrun))
-                if chunk.token is not None:
+            if job.cancelled.is_set():  # checked before each next token is asked for, so at most
+                if chunk.token is not None:  # the one in flight when the client left is made after it
                     job.tokens += 1
+                    metrics.cancel_overrun.inc()
                 break
             piece = chunk.text
             if chunk.token is not None:

@@ -27,7 +27,7 @@ class ServerMetrics:
         self.generations = Counter("localmoe_generations", "Generations run, by how they ended (completed, cancelled: the client left, failed)", ["outcome"], registry=r)
         self.prompt_tokens = Counter("localmoe_prompt_tokens", "Prompt tokens of the generations run (tokens in)", registry=r)
         self.completion_tokens = Counter("localmoe_completion_tokens", "Tokens generated (tokens out)", registry=r)
-        self.cancel_overrun = Counter("localmoe_cancel_overrun_tokens", "Tokens generated after the client had disconnected (at most one per cancelled generation)", registry=r)
+        self.cancel_overrun = Counter("localmoe_cancel_overrun_tokens", "Tokens that were being made when their client disconnected (the worker checks before each next token: at most one per cancelled generation)", registry=r)
         self.latency = Histogram("localmoe_request_duration_seconds", "Seconds from admission to the last token of a generation (queueing included)", buckets=LATENCY_BUCKETS, registry=r)
         self.first_token = Histogram("localmoe_time_to_first_token_seconds", "Seconds from admission to the first generated token (queueing and prompt included)", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("localmoe_queue_wait_seconds", "Seconds a generation waited for the model", buckets=LATENCY_BUCKETS, registry=r)

@@ -23,7 +23,6 @@ class Job:
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.tokens = 0  # generated so far (written by the worker)
-        self.tokens_at_cancel: int | None = None
         self.admitted = time.monotonic()
         self.started: float | None = None
         self._queue: ModelQueue | None = None
@@ -38,7 +37,6 @@ class Job:
     def cancel(self) -> None:
         """The client is gone (or the request is over): stop at the next token, or never start."""
         if not self.cancelled.is_set():
-            self.tokens_at_cancel = self.tokens
             self.cancelled.set()
             if self._queue is not None:
                 self._queue.discard(self)
