@@ -185,8 +185,17 @@ def test_default_backend_per_type():
     assert kernels.choose_backend(Q.F16, cpu) == "bf16"
     fast = "vnni" if kernels.native_lib() is not None else "int4"
     assert kernels.choose_backend(Q.Q4_K, cpu) == fast
-    for qtype in (Q.F32, Q.F16, Q.Q4_K, Q.Q6_K):  # off the CPU: the file's bytes, dequantized per call
-        assert kernels.choose_backend(qtype, torch.device("cuda")) == "gguf"
+    cuda = torch.device("cuda")
+    for qtype in (Q.F32, Q.F16):  # off the CPU: float types as the file's bytes, through torch
+        assert kernels.choose_backend(qtype, cuda) == "gguf"
+    try:  # block types: the Triton kernels where Triton is installed, else dequantize per call
+        import triton  # noqa: F401
+
+        gpu = "triton"
+    except ImportError:
+        gpu = "gguf"
+    for qtype in (Q.Q4_K, Q.Q6_K):
+        assert kernels.choose_backend(qtype, cuda) == gpu
 
 
 def test_model_runs_on_the_torch_fallback_kernels(make_model, tmp_path):
