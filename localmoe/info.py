@@ -19,8 +19,8 @@ def describe(model: GGUFModel) -> dict[str, Any]:
         by_type_bytes[t.qtype.name] += t.n_bytes
         by_type_count[t.qtype.name] += 1
     expert_bytes, dense_bytes = model.all_expert_bytes(), model.dense_bytes()
-    by_layer = [model.expert_bytes(layer) for layer in range(s.n_layer)]  # mixes such as Q4_K_M vary by layer
-    n_experts_total = s.n_expert * s.n_layer
+    by_layer = [model.expert_bytes(layer) for layer in s.moe_layers]  # mixes such as Q4_K_M vary by layer
+    n_experts_total = s.n_expert * len(s.moe_layers)
     per_expert = expert_bytes // n_experts_total
     fit = {}
     for label, vram in FIT_TARGETS.items():

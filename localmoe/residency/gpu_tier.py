@@ -41,7 +41,7 @@ class DeviceTier:
         self.model = model
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.layouts = [self._layout(layer) for layer in range(model.spec.n_layer)]
+        self.layouts = [self._layout(layer) if model.spec.is_moe(layer) else None for layer in range(model.spec.n_layer)]  # None: a layer without experts
         self.buffers: dict[Key, torch.Tensor] = {}  # resident experts: uint8 [nbytes] on the device
         self.ready: dict[Key, torch.cuda.Event] = {}  # CUDA: the copy that filled the buffer
         self.bytes_in_use = 0
@@ -49,7 +49,7 @@ class DeviceTier:
         # a ring of pinned staging buffers, each with the event of the last copy that read it; room for
         # two layers' worth of routed experts in flight before the host waits for a copy to finish
         n_staging = n_staging or max(4, 2 * model.spec.n_expert_used)
-        size = max(layout.nbytes for layout in self.layouts)
+        size = max(layout.nbytes for layout in self.layouts if layout is not None)
         self._staging = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(n_staging)]
         self._staging_done: list[torch.cuda.Event | None] = [None] * n_staging
         self._next = 0
