@@ -190,7 +190,7 @@ class MoEModel:
                     bo=bias(names.ATTN_OUT),
                     q_norm=maybe(names.blk(i, names.ATTN_Q_NORM)) if arch.qk_norm != "none" else None,
                     k_norm=maybe(names.blk(i, names.ATTN_K_NORM)) if arch.qk_norm != "none" else None,
-                    ffn_norm=load(names.blk(i, names.FFN_NORM)),
+                    ffn_norm=load(names.blk(i, arch.ffn_norm)),
                     router=load(names.blk(i, names.FFN_GATE_INP)).reshape(spec.n_expert, spec.n_embd) if moe_layer else None,
                     shared=shared,
                     shared_gate=load(names.blk(i, names.FFN_GATE_INP_SHEXP)).reshape(-1) if moe_layer and arch.shared_expert == "gated" else None,
@@ -293,7 +293,7 @@ class MoEModel:
                 k = rms_norm(k, lw.k_norm, s.rms_eps)
             q = q.reshape(T, s.n_head, s.head_dim)
             k = k.reshape(T, s.n_head_kv, s.head_dim)
-            if s.arch.qk_norm == "per_head":  # Qwen3: RMS-norm over each head
+            if s.arch.qk_norm == "per_head" and lw.q_norm is not None:  # Qwen3 (and GLM files with the weights): RMS-norm over each head
                 q = rms_norm(q, lw.q_norm, s.rms_eps)
                 k = rms_norm(k, lw.k_norm, s.rms_eps)
             qkv = torch.cat([self.rope(torch.cat([q, k], dim=1), pos0).flatten(1), v], dim=-1)

@@ -36,12 +36,14 @@ class ArchSpec:
     rope_style: RopeStyle
     attention: Attention = "gqa"
     qk_norm: QKNorm = "none"
+    qk_norm_optional: bool = False  # the q/k norm runs only in files that carry its weights
     qkv_bias: bool = False  # q/k/v projections carry biases
     routings: tuple[Routing, ...] = ("softmax_topk",)  # the routing kinds files of this arch may choose
     norm_topk: bool = False  # default for renormalising the top-k weights (the file's key wins)
     shared_expert: SharedExpert = "none"
     dense_leading: bool = False  # the first `leading_dense_block_count` blocks have a dense FFN, no experts
     rope_scalings: tuple[RopeScaling, ...] = ("none", "linear")
+    ffn_norm: str = "ffn_norm"  # the stem of the norm in front of the FFN (GLM: post_attention_norm)
     sinks: bool = False  # per-head attention sinks (none of the supported ones yet)
     sliding_window: bool = False  # sliding-window attention on some layers (none yet)
     checked: str = ""  # how the implementation was checked against llama.cpp (docs/models.md)
@@ -154,8 +156,8 @@ def route_reference(logits: torch.Tensor, spec: Any, bias: torch.Tensor | None) 
 def required_tensors(spec: Any, layer: int) -> list[str]:
     """Per-layer tensor stems (with blk()) a GQA file of `spec.arch` must hold."""
     arch: ArchSpec = spec.arch
-    stems = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"]
-    if arch.qk_norm != "none":
+    stems = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", arch.ffn_norm]
+    if arch.qk_norm != "none" and not arch.qk_norm_optional:
         stems += ["attn_q_norm", "attn_k_norm"]
     stems += ffn_tensors(spec, layer)
     return stems

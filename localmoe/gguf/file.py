@@ -7,6 +7,7 @@ tensor is a contiguous byte range — `expert_raw` returns a numpy view of exact
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class ModelSpec:
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_orig_ctx: int = 0
+    yarn_log_mul: float = 0.0  # mscale_all_dim (llama.cpp's hparams.rope_yarn_log_mul)
     attn_scale: float = 0.0  # softmax scale of q·k; 0 → 1/sqrt(head_dim)
 
     def is_moe(self, layer: int) -> bool:
@@ -100,6 +102,8 @@ class GGUFModel:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[t.name] = TensorView(t.name, GGMLQuantizationType(int(t.tensor_type)), shape, t.data, int(t.n_bytes))
         self.spec = _read_spec(self)
+        # next-token-prediction (MTP) blocks past the trunk are skipped, as llama.cpp skips them
+        self.tensors = {n: t for n, t in self.tensors.items() if not (n.startswith("blk.") and int(n.split(".")[1]) >= self.spec.n_layer)}
         self._check_tensors()
 
     # -- metadata ---------------------------------------------------------------------------------
@@ -241,7 +245,7 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
     fields: dict[str, Any] = dict(
         arch=arch,
         name=str(m.meta(names.MODEL_NAME, os.path.basename(m.path))),
-        n_layer=int(need(names.BLOCK_COUNT)),
+        n_layer=int(need(names.BLOCK_COUNT)) - int(opt(names.NEXTN_PREDICT_LAYERS, 0) or 0),  # trunk only: MTP layers are skipped
         n_embd=n_embd,
         n_vocab=n_vocab,
         n_head=n_head,
@@ -269,12 +273,17 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
             yarn_ext_factor=float(opt(names.ROPE_YARN_EXT_FACTOR, 1.0)) if fs != 1.0 else 0.0,
             yarn_beta_fast=float(opt(names.ROPE_YARN_BETA_FAST, 32.0)),
             yarn_beta_slow=float(opt(names.ROPE_YARN_BETA_SLOW, 1.0)),
-            yarn_orig_ctx=int(opt(names.ROPE_ORIG_CTX, fields["ctx_train"])),
+            yarn_orig_ctx=int(opt(names.ROPE_ORIG_CTX, 0) or fields["ctx_train"]),
+            yarn_log_mul=float(opt(names.ROPE_YARN_LOG_MUL, 0.0) or 0.0),
         )
     fields.update(module.read_args(opt, lambda name: m.tensors[name].shape if name in m.tensors else None))
     if fields["rope_scaling"] == "yarn" and fields["yarn_ext_factor"] != 0.0 and "rope_attn_factor" not in fields:
-        fields["rope_attn_factor"] = arch_common.yarn_attn_factor(arch_name, fields["rope_freq_scale"], float(opt(names.ROPE_YARN_LOG_MUL, 0.0)), float(opt(names.ROPE_ATTN_FACTOR, 1.0)))
+        fields["rope_attn_factor"] = arch_common.yarn_attn_factor(arch_name, fields["rope_freq_scale"], fields["yarn_log_mul"], float(opt(names.ROPE_ATTN_FACTOR, 1.0)))
+    else:
+        fields.setdefault("rope_attn_factor", float(opt(names.ROPE_ATTN_FACTOR, 1.0)))
     spec = ModelSpec(**fields)
+    if hasattr(module, "attn_scale"):
+        spec = dataclasses.replace(spec, attn_scale=module.attn_scale(spec))
     if spec.routing not in arch.routings:
         raise LocalMoEError(f"{m.path}: routing '{spec.routing}' is not one {arch_name} implements ({', '.join(arch.routings)})")
     if spec.n_expert_groups > 1 and (spec.n_expert % spec.n_expert_groups or not 0 < spec.n_group_used <= spec.n_expert_groups):
