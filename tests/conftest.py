@@ -10,7 +10,7 @@ import pytest
 
 from localmoe.bench.synth import SynthConfig, quantize_with_llama_cpp, write_model
 
-ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2")
+ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2", "glm4moe")
 # Written directly by GGUFWriter (gguf.quants), or made by llama.cpp's own quantizer from a file
 # written at higher precision (the K-quant mix of a real Q4_K_M file, and the legacy types).
 DIRECT_TYPES = ("F32", "Q8_0", "Q4_0")
@@ -24,6 +24,9 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
     if arch == "deepseek2":  # V2-Lite's structure in small: MLA without q_lora, one dense layer, 2 shared experts, YaRN
         kw.update(n_layer=3, head_dim=48, n_dense_lead=1, n_ff_dense=256, n_expert_shared=2, n_ff_exp=128,
                   yarn_factor=4.0, yarn_orig_ctx=32, yarn_log_mul=0.707, expert_weights_scale=1.0)
+    if arch == "glm4moe":  # GLM-4.5-Air's structure in small: partial rotary, biases, 1 dense layer, sigmoid + bias, one MTP block
+        kw.update(n_layer=3, head_dim=64, qk_rope=32, n_dense_lead=1, n_ff_dense=256, n_expert_shared=1, n_ff_exp=128,
+                  gating="sigmoid", expert_weights_norm=True, expert_weights_scale=1.5, n_nextn=1)
     kw.update(overrides)
     return SynthConfig(**kw)
 

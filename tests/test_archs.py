@@ -32,6 +32,7 @@ def test_declarations_decide_the_fast_paths(make_model):
     assert "fused_qk_norm_rope" not in got["qwen2moe"]  # q/k/v biases
     assert "fused_qk_norm_rope" not in got["olmoe"]  # q/k norm over all heads
     assert {"c_router", "c_decode_attention"} <= got["qwen2moe"] & got["olmoe"]
+    assert got["glm4moe"] == {"embedding_gather", "c_decode_attention"}  # biases; sigmoid routing: no C router
     assert got["deepseek2"] == {"embedding_gather", "c_router"}  # MLA: not the GQA kernels; softmax routing (V2): the C router
 
 

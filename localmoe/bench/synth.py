@@ -77,6 +77,14 @@ PRESETS: dict[str, SynthConfig] = {
         kv_lora_rank=512, q_lora_rank=0, qk_rope=64, v_head_dim=128, n_dense_lead=1, n_ff_dense=10944, n_expert_shared=2,
         gating="softmax", expert_weights_norm=False, expert_weights_scale=1.0, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_log_mul=0.707,
     ),
+    # GLM-4.5-Air's config.json: 96 heads (8 KV) of 128, partial_rotary_factor 0.5, 128 routed
+    # experts (top-8, sigmoid + correction bias, renormalised, scale 1.0) of 1408 + 1 shared,
+    # first_k_dense_replace 1 (intermediate 10944), one MTP block; attention biases, no q/k norm
+    "glm-4.5-air": SynthConfig(
+        "glm4moe", 4, 4096, 96, 8, 128, 128, 8, 1408, n_vocab=151552, n_ctx=131072, name="synthetic-glm-4.5-air",
+        qk_rope=64, n_dense_lead=1, n_ff_dense=10944, n_expert_shared=1, gating="sigmoid", expert_weights_norm=True,
+        expert_weights_scale=1.0, n_nextn=1,
+    ),
 }
 
 # Attention and FFN outputs are kept small next to the embedding in the residual stream. llama.cpp
