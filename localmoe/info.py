@@ -19,8 +19,8 @@ def describe(model: GGUFModel) -> dict[str, Any]:
         by_type_bytes[t.qtype.name] += t.n_bytes
         by_type_count[t.qtype.name] += 1
     expert_bytes, dense_bytes = model.all_expert_bytes(), model.dense_bytes()
-    by_layer = [model.expert_bytes(layer) for layer in range(s.n_layer)]  # mixes such as Q4_K_M vary by layer
-    n_experts_total = s.n_expert * s.n_layer
+    by_layer = [model.expert_bytes(layer) for layer in s.moe_layers]  # mixes such as Q4_K_M vary by layer
+    n_experts_total = s.n_expert * len(s.moe_layers)
     per_expert = expert_bytes // n_experts_total
     fit = {}
     for label, vram in FIT_TARGETS.items():
@@ -37,7 +37,11 @@ def describe(model: GGUFModel) -> dict[str, Any]:
         "kv_heads": s.n_head_kv,
         "head_dim": s.head_dim,
         "context_length": s.ctx_train,
-        "experts": {"count": s.n_expert, "used": s.n_expert_used, "ffn_length": s.n_ff_exp, "shared_ffn_length": s.n_ff_shexp, "normalised_top_k": s.norm_topk},
+        "experts": {"count": s.n_expert, "used": s.n_expert_used, "ffn_length": s.n_ff_exp, "shared_ffn_length": s.n_ff_shexp, "shared_count": s.n_expert_shared or int(s.n_ff_shexp > 0), "normalised_top_k": s.norm_topk},
+        "routing": {"kind": s.routing, "groups": {"count": s.n_expert_groups, "used": s.n_group_used} if s.n_expert_groups > 1 else None, "weights_scale": s.expert_weights_scale},
+        "attention": _attention(s),
+        "dense_layers": [layer for layer in range(s.n_layer) if not s.is_moe(layer)],
+        "rope": {"style": s.arch.rope_style, "dims": s.n_rot, "scaling": s.rope_scaling, "freq_scale": s.rope_freq_scale} | ({"original_context": s.yarn_orig_ctx} if s.rope_scaling == "yarn" else {}),
         "bytes_per_expert": per_expert,  # mean over layers
         "bytes_per_expert_by_layer": by_layer,
         "expert_bytes": expert_bytes,
@@ -46,6 +50,19 @@ def describe(model: GGUFModel) -> dict[str, Any]:
         "quant_mix": {k: {"tensors": by_type_count[k], "bytes": v} for k, v in sorted(by_type_bytes.items(), key=lambda kv: -kv[1])},
         "fit": fit,
     }
+
+
+def _attention(s) -> dict[str, Any]:
+    if s.arch.attention == "mla":
+        return {"kind": "mla", "kv_lora_rank": s.kv_lora_rank, "q_lora_rank": s.q_lora_rank, "qk_rope_dim": s.n_rot, "qk_nope_dim": s.head_dim - s.n_rot, "v_head_dim": s.head_dim_v}
+    return {"kind": "gqa", "sinks": s.arch.sinks, "sliding_window": s.arch.sliding_window}
+
+
+def _attention_line(a: dict[str, Any]) -> str:
+    if a["kind"] == "mla":
+        q = f"q_lora {a['q_lora_rank']}" if a["q_lora_rank"] else "no q_lora"
+        return f"attention      MLA: kv_lora {a['kv_lora_rank']}, {q}, qk {a['qk_nope_dim']} + rope {a['qk_rope_dim']}, v {a['v_head_dim']}"
+    return "attention      GQA" + (", sinks" if a["sinks"] else "") + (", sliding window" if a["sliding_window"] else "")
 
 
 def _mib(n: int) -> str:
@@ -58,7 +75,14 @@ def format_text(d: dict[str, Any]) -> str:
         f"model          {d['name']}  ({d['path']})",
         f"architecture   {d['architecture']}",
         f"layers         {d['layers']}   hidden {d['embedding_length']}   heads {d['heads']} (kv {d['kv_heads']}, dim {d['head_dim']})   vocab {d['vocab_size']}   context {d['context_length']}",
-        f"experts        {e['count']} per layer, top-{e['used']} used, ffn {e['ffn_length']}" + (f", shared expert ffn {e['shared_ffn_length']}" if e["shared_ffn_length"] else ""),
+        f"experts        {e['count']} per layer, top-{e['used']} used, ffn {e['ffn_length']}"
+        + (f", {e['shared_count']} shared expert{'s' if e['shared_count'] > 1 else ''} (ffn {e['shared_ffn_length']})" if e["shared_ffn_length"] else ""),
+        f"routing        {d['routing']['kind']}" + (f", {d['routing']['groups']['used']} of {d['routing']['groups']['count']} expert groups" if d["routing"]["groups"] else "")
+        + (f", weights × {d['routing']['weights_scale']:g}" if d["routing"]["weights_scale"] not in (0.0, 1.0) else ""),
+        _attention_line(d["attention"]),
+        f"rope           {d['rope']['style']}, {d['rope']['dims']} dims" + (f", {d['rope']['scaling']} × {1 / d['rope']['freq_scale']:g}" if d["rope"]["scaling"] != "none" else "")
+        + (f" over {d['rope']['original_context']}" if "original_context" in d["rope"] else ""),
+        *([f"dense layers   {', '.join(map(str, d['dense_layers']))} (a dense FFN, no experts)"] if d["dense_layers"] else []),
         f"bytes/expert   {_mib(d['bytes_per_expert'])}  ({d['bytes_per_expert']:,} bytes: gate+up+down at rest"
         + (f"; {min(d['bytes_per_expert_by_layer']):,}–{max(d['bytes_per_expert_by_layer']):,} by layer)" if len(set(d["bytes_per_expert_by_layer"])) > 1 else ")"),
         f"size           experts {_mib(d['expert_bytes'])} + dense {_mib(d['dense_bytes'])} = {_mib(d['file_bytes'])}",

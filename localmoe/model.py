@@ -1,14 +1,18 @@
-"""The forward pass: one function for every supported architecture, read from its ArchSpec.
+"""The forward pass, read from the architecture's declarations (localmoe/archs/) and the ModelSpec.
 
-Mirrors llama.cpp's graphs (src/models/{qwen3moe,qwen2moe,olmoe,llama}.cpp) step for step:
+Mirrors llama.cpp's graphs (src/models/{qwen3moe,qwen2moe,olmoe,llama,deepseek2}.cpp) step for step:
 
     x = embd[ids]
-    per layer:  h = rms(x)·attn_norm → q,k,v (+bias) → qk-norm → RoPE → causal GQA attention → wo
+    per layer:  h = rms(x)·attn_norm → attention: GQA (q,k,v (+bias) → qk-norm → RoPE → causal
+                    attention → wo) or MLA (archs declare which)
                 x = x + attn
-                h = rms(x)·ffn_norm → router softmax → top-k (→ renormalise) → experts(h, ids, w)
-                    (+ sigmoid(h·g_sh) · shared_expert(h))
-                x = x + moe
+                h = rms(x)·ffn_norm → a dense SwiGLU (leading dense layers), or
+                    router (archs/common.route_reference) → experts(h, ids, w) (+ shared expert)
+                x = x + ffn
     logits = output · (rms(x)·output_norm)
+
+No step asks for the architecture's name: a C fast path runs only when archs.common.fast_paths
+says the declarations fit it.
 
 Shapes in comments: T tokens in this call, S positions in the KV cache, D = n_embd, H heads,
 Hkv KV heads, d head size, E experts, k experts used.
@@ -16,13 +20,13 @@ Hkv KV heads, d head size, E experts, k experts used.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .archs.common import fast_paths, rope_theta_scale, route_reference
 from .compute import kernels
 from .gguf import names
 from .compute.experts import ExpertWeights, pack_ffn, swiglu_expert
@@ -40,9 +44,24 @@ class ExpertFn(Protocol):
 
 
 @dataclass
+class MLAWeights:
+    """DeepSeek's multi-head latent attention, in llama.cpp's absorbed form: the cache holds the
+    compressed KV (kv_lora_rank) and the rotated key part (n_rot) per position."""
+
+    wq: QLinear | None  # [H·(nope+rope), D] (q_lora_rank 0)
+    wq_a: QLinear | None  # [q_lora_rank, D]
+    q_a_norm: torch.Tensor | None  # [q_lora_rank]
+    wq_b: QLinear | None  # [H·(nope+rope), q_lora_rank]
+    wkv_a: QLinear  # [kv_lora_rank + rope, D]
+    kv_a_norm: torch.Tensor  # [kv_lora_rank]
+    k_b: torch.Tensor  # [H, kv_lora_rank, nope]
+    v_b: torch.Tensor  # [H, v, kv_lora_rank]
+
+
+@dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [D]
-    wqkv: list[QLinear]  # [H*d + Hkv*d + Hkv*dv, D] as one matrix when q, k, v share a quant type, else three
+    wqkv: list[QLinear]  # [H*d + Hkv*d + Hkv*dv, D] as one matrix when q, k, v share a quant type, else three (GQA; [] for MLA)
     wo: QLinear  # [D, H*dv]
     bq: torch.Tensor | None
     bk: torch.Tensor | None
@@ -51,13 +70,18 @@ class LayerWeights:
     q_norm: torch.Tensor | None  # [d] (per_head) or [H*d] (full)
     k_norm: torch.Tensor | None
     ffn_norm: torch.Tensor  # [D]
-    router: torch.Tensor  # [E, D]
+    router: torch.Tensor | None  # [E, D]; None in a layer without experts
     shared: ExpertWeights | None
-    shared_gate: torch.Tensor | None  # [D]
+    shared_gate: torch.Tensor | None  # [D] (a gated shared expert)
+    dense: ExpertWeights | None = None  # the FFN of a layer without experts
+    probs_bias: torch.Tensor | None = None  # [E]: added to the routing scores to select, not to weigh
+    mla: MLAWeights | None = None
 
 
 class KVCache:
-    """Per-layer keys and values for positions 0..n-1; grows by doubling up to n_ctx."""
+    """Per-layer keys and values for positions 0..n-1; grows by doubling up to n_ctx. MLA layers
+    keep one latent row per position (kv_lora_rank compressed KV + n_rot rotated key) in k, and
+    no v."""
 
     def __init__(self, spec: ModelSpec, n_ctx: int, device: torch.device):
         self.spec, self.n_ctx, self.device = spec, n_ctx, device
@@ -71,12 +95,18 @@ class KVCache:
             return
         cap = min(self.n_ctx, max(n_total, 2 * self._cap, 64))
         s = self.spec
+        mla = s.arch.attention == "mla"
         for i in range(s.n_layer):
-            k = torch.zeros(s.n_head_kv, cap, s.head_dim, device=self.device)
-            v = torch.zeros(s.n_head_kv, cap, s.head_dim_v, device=self.device)
+            if mla:
+                k = torch.zeros(1, cap, s.kv_lora_rank + s.n_rot, device=self.device)
+                v = torch.zeros(1, 0, 0, device=self.device)
+            else:
+                k = torch.zeros(s.n_head_kv, cap, s.head_dim, device=self.device)
+                v = torch.zeros(s.n_head_kv, cap, s.head_dim_v, device=self.device)
             if self._cap:
                 k[:, : self.n] = self.k[i][:, : self.n]
-                v[:, : self.n] = self.v[i][:, : self.n]
+                if v.numel():
+                    v[:, : self.n] = self.v[i][:, : self.n]
                 self.k[i], self.v[i] = k, v
             else:
                 self.k.append(k)
@@ -115,26 +145,59 @@ class MoEModel:
                 return [fuse_rows(mats, device)]
             return [repack(*m, device=device) for m in mats]
 
+        arch = spec.arch
+        self.fast = fast_paths(spec)  # the C fast paths this architecture's declarations allow
+
+        def dense_ffn(i: int, stems: tuple[str, str, str]) -> ExpertWeights:
+            return pack_ffn(*(raw(names.blk(i, p)) for p in stems), device=device)
+
+        def mla(i: int) -> MLAWeights:
+            blk = lambda stem: names.blk(i, stem)  # noqa: E731
+            if model.has(blk(names.ATTN_K_B)):
+                k_b = load(blk(names.ATTN_K_B))  # [H, r, nope]
+                v_b = load(blk(names.ATTN_V_B))  # [H, v, r]
+            else:  # older files: one kv_b [H·(nope+v), r], split as llama.cpp's converter splits it
+                kv_b = load(blk(names.ATTN_KV_B)).view(spec.n_head, -1, spec.kv_lora_rank)
+                nope = spec.head_dim - spec.n_rot
+                k_b, v_b = kv_b[:, :nope].transpose(1, 2).contiguous(), kv_b[:, nope:].contiguous()
+            lora = spec.q_lora_rank > 0
+            return MLAWeights(
+                wq=None if lora else linear(blk(names.ATTN_Q)),
+                wq_a=linear(blk(names.ATTN_Q_A)) if lora else None,
+                q_a_norm=load(blk(names.ATTN_Q_A_NORM)) if lora else None,
+                wq_b=linear(blk(names.ATTN_Q_B)) if lora else None,
+                wkv_a=linear(blk(names.ATTN_KV_A_MQA)),
+                kv_a_norm=load(blk(names.ATTN_KV_A_NORM)),
+                k_b=k_b,
+                v_b=v_b,
+            )
+
         self.layers: list[LayerWeights] = []
         for i in range(spec.n_layer):
+            moe_layer = spec.is_moe(i)
             shared = None
-            if spec.arch.shared_expert:
-                shared = pack_ffn(*(raw(names.blk(i, p)) for p in (names.FFN_GATE_SHEXP, names.FFN_UP_SHEXP, names.FFN_DOWN_SHEXP)), device=device)
+            if moe_layer and arch.shared_expert != "none":
+                shared = dense_ffn(i, (names.FFN_GATE_SHEXP, names.FFN_UP_SHEXP, names.FFN_DOWN_SHEXP))
+            gqa = arch.attention == "gqa"
+            bias = (lambda stem: maybe(names.blk(i, stem, "bias"))) if arch.qkv_bias else (lambda stem: None)
             self.layers.append(
                 LayerWeights(
                     attn_norm=load(names.blk(i, names.ATTN_NORM)),
-                    wqkv=qkv(i),
+                    wqkv=qkv(i) if gqa else [],
                     wo=linear(names.blk(i, names.ATTN_OUT)),
-                    bq=maybe(names.blk(i, names.ATTN_Q, "bias")),
-                    bk=maybe(names.blk(i, names.ATTN_K, "bias")),
-                    bv=maybe(names.blk(i, names.ATTN_V, "bias")),
-                    bo=maybe(names.blk(i, names.ATTN_OUT, "bias")),
-                    q_norm=maybe(names.blk(i, names.ATTN_Q_NORM)) if spec.arch.qk_norm != "none" else None,
-                    k_norm=maybe(names.blk(i, names.ATTN_K_NORM)) if spec.arch.qk_norm != "none" else None,
-                    ffn_norm=load(names.blk(i, names.FFN_NORM)),
-                    router=load(names.blk(i, names.FFN_GATE_INP)).reshape(spec.n_expert, spec.n_embd),
+                    bq=bias(names.ATTN_Q),
+                    bk=bias(names.ATTN_K),
+                    bv=bias(names.ATTN_V),
+                    bo=bias(names.ATTN_OUT),
+                    q_norm=maybe(names.blk(i, names.ATTN_Q_NORM)) if arch.qk_norm != "none" else None,
+                    k_norm=maybe(names.blk(i, names.ATTN_K_NORM)) if arch.qk_norm != "none" else None,
+                    ffn_norm=load(names.blk(i, arch.ffn_norm)),
+                    router=load(names.blk(i, names.FFN_GATE_INP)).reshape(spec.n_expert, spec.n_embd) if moe_layer else None,
                     shared=shared,
-                    shared_gate=load(names.blk(i, names.FFN_GATE_INP_SHEXP)).reshape(-1) if spec.arch.shared_expert else None,
+                    shared_gate=load(names.blk(i, names.FFN_GATE_INP_SHEXP)).reshape(-1) if moe_layer and arch.shared_expert == "gated" else None,
+                    dense=None if moe_layer else dense_ffn(i, (names.FFN_GATE, names.FFN_UP, names.FFN_DOWN)),
+                    probs_bias=maybe(names.blk(i, names.FFN_EXP_PROBS_B, "bias")) if moe_layer else None,
+                    mla=None if gqa else mla(i),
                 )
             )
         self.embd: TensorView = model.view(names.TOKEN_EMBD)
@@ -143,12 +206,12 @@ class MoEModel:
         # the embedding in the C kernel's row-block layout for one-call lookups (CPU): the output
         # head's when tied, else a repacked copy (about the table's size in the file)
         self.embd_packed: QLinear | None = None
-        if device.type == "cpu" and self.embd.qtype in BLOCK_TYPES and native_lib() is not None and kernels.ROW_BLOCKS:
+        if "embedding_gather" in self.fast and device.type == "cpu" and self.embd.qtype in BLOCK_TYPES and native_lib() is not None and kernels.ROW_BLOCKS:
             packed = self.output if not model.has(names.OUTPUT) else linear(names.TOKEN_EMBD)
             self.embd_packed = packed if packed.r16 else None
-        half = spec.n_rot // 2
-        # θ_i = base^(-2i/n_rot), i < n_rot/2 (float64 then rounded once, like ggml's float powers)
-        self.inv_freq = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.n_rot)
+        # θ_i(pos) = pos · theta_scale[i]: base^(-2i/n_rot) (float64 then rounded once, like ggml's
+        # float powers), YaRN-mixed when the file says so; cos/sin times rope_mscale
+        self.inv_freq, self.rope_mscale = rope_theta_scale(spec)
 
     # -- pieces -----------------------------------------------------------------------------------
     def dense_bytes(self) -> int:
@@ -157,8 +220,10 @@ class MoEModel:
         for lw in self.layers:
             n += sum(t.numel() * t.element_size() for t in vars(lw).values() if isinstance(t, torch.Tensor))
             n += sum(w.nbytes for w in lw.wqkv) + lw.wo.nbytes
-            if lw.shared is not None:
-                n += lw.shared.nbytes
+            n += sum(f.nbytes for f in (lw.shared, lw.dense) if f is not None)
+            if lw.mla is not None:
+                n += sum(t.nbytes for t in vars(lw.mla).values() if isinstance(t, QLinear))
+                n += sum(t.numel() * t.element_size() for t in vars(lw.mla).values() if isinstance(t, torch.Tensor))
         return n
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -179,8 +244,14 @@ class MoEModel:
         if cached is None or cached[0] != device or cached[1].shape[0] < pos0 + T:
             n = max(pos0 + T, 256, 2 * cached[1].shape[0] if cached is not None and cached[0] == device else 0)
             pos = torch.arange(n, dtype=torch.float64, device=device)
-            theta = (pos * self.spec.rope_freq_scale)[:, None] * self.inv_freq.to(device)[None, :]  # [n, n_rot/2]
-            cached = self._rope = (device, torch.cos(theta).float()[:, None, :], torch.sin(theta).float()[:, None, :])
+            if self.spec.rope_scaling == "yarn":  # the frequency scale is inside inv_freq
+                theta = pos[:, None] * self.inv_freq.to(device)[None, :]  # [n, n_rot/2]
+            else:
+                theta = (pos * self.spec.rope_freq_scale)[:, None] * self.inv_freq.to(device)[None, :]
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            if self.rope_mscale != 1.0:
+                cos, sin = cos * self.rope_mscale, sin * self.rope_mscale
+            cached = self._rope = (device, cos.float()[:, None, :], sin.float()[:, None, :])
         return cached[1][pos0 : pos0 + T], cached[2][pos0 : pos0 + T]
 
     def rope(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
@@ -200,7 +271,7 @@ class MoEModel:
         """Per-head q/k norm and RoPE in place on qkv with one C call (decode's per-op overhead is a
         large share of a token); False when this layer needs the general path."""
         s = self.spec
-        if qkv.device.type != "cpu" or lw.bq is not None or lw.bk is not None or lw.bv is not None or s.arch.qk_norm == "full":
+        if "fused_qk_norm_rope" not in self.fast or qkv.device.type != "cpu":
             return False
         per_head = s.arch.qk_norm == "per_head"
         T = qkv.shape[0]
@@ -210,6 +281,8 @@ class MoEModel:
 
     def attention(self, i: int, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
         """h [T, D] (normed) → attention output [T, D]; appends this call's K/V to the cache."""
+        if self.spec.arch.attention == "mla":
+            return self.attention_mla(i, h, cache, pos0)
         s, lw = self.spec, self.layers[i]
         T = h.shape[0]
         qkv = lw.wqkv[0](h) if len(lw.wqkv) == 1 else torch.cat([w(h) for w in lw.wqkv], dim=-1)  # [T, (H + 2 Hkv) d]
@@ -221,17 +294,47 @@ class MoEModel:
                 k = rms_norm(k, lw.k_norm, s.rms_eps)
             q = q.reshape(T, s.n_head, s.head_dim)
             k = k.reshape(T, s.n_head_kv, s.head_dim)
-            if s.arch.qk_norm == "per_head":  # Qwen3: RMS-norm over each head
+            if s.arch.qk_norm == "per_head" and lw.q_norm is not None:  # Qwen3 (and GLM files with the weights): RMS-norm over each head
                 q = rms_norm(q, lw.q_norm, s.rms_eps)
                 k = rms_norm(k, lw.k_norm, s.rms_eps)
             qkv = torch.cat([self.rope(torch.cat([q, k], dim=1), pos0).flatten(1), v], dim=-1)
-        scale = 1.0 / math.sqrt(s.head_dim)
+        scale = s.kq_scale
         # decode: cache append + attention in one C call; otherwise (or without the kernel) torch
-        out = attn_decode(qkv, cache.k[i], cache.v[i], pos0, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, scale) if T == 1 else None
+        out = None
+        if T == 1 and "c_decode_attention" in self.fast:
+            out = attn_decode(qkv, cache.k[i], cache.v[i], pos0, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, scale)
         if out is None:
             out = self._sdpa(i, qkv, cache, pos0, scale)
         out = lw.wo(out)
         return out + lw.bo if lw.bo is not None else out
+
+    def attention_mla(self, i: int, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
+        """DeepSeek's MLA as llama.cpp runs it (absorbed): h [T, D] → [T, D]. The cache row of a
+        position is [rms(kv_c)·kv_a_norm | RoPE(k_pe)] [r + rope]; a query head scores it with
+        [k_b·q_nope | RoPE(q_pe)], reads the compressed values back, and v_b decompresses them."""
+        s, lw = self.spec, self.layers[i]
+        m = lw.mla
+        T, H, r, rope = h.shape[0], s.n_head, s.kv_lora_rank, s.n_rot
+        nope = s.head_dim - rope
+        q = m.wq(h) if m.wq is not None else m.wq_b(rms_norm(m.wq_a(h), m.q_a_norm, s.rms_eps))  # [T, H·(nope+rope)]
+        q = q.view(T, H, nope + rope)
+        q_nope, q_pe = q[..., :nope], q[..., nope:]
+        kv = m.wkv_a(h)  # [T, r + rope]
+        kv_c = rms_norm(kv[:, :r].contiguous(), m.kv_a_norm, s.rms_eps)  # [T, r]
+        k_pe = self.rope(kv[:, None, r:], pos0)[:, 0]  # [T, rope]
+        q_pe = self.rope(q_pe, pos0)  # [T, H, rope]
+        q_abs = torch.einsum("thn,hrn->htr", q_nope, m.k_b)  # [H, T, r]
+        latent = cache.k[i][0]  # [cap, r + rope]
+        latent[pos0 : pos0 + T] = torch.cat([kv_c, k_pe], dim=-1)
+        S = pos0 + T
+        keys = latent[:S]
+        scores = (q_abs @ keys[:, :r].T + q_pe.transpose(0, 1) @ keys[:, r:].T) * s.kq_scale  # [H, T, S]
+        if T > 1:  # query t sees keys up to pos0 + t
+            pos = torch.arange(pos0, pos0 + T, device=h.device)
+            scores = scores.masked_fill(torch.arange(S, device=h.device)[None, :] > pos[:, None], float("-inf"))
+        o_lat = scores.softmax(-1) @ keys[:, :r]  # [H, T, r]
+        o = torch.einsum("htr,hvr->thv", o_lat, m.v_b)  # [T, H, v]
+        return lw.wo(o.reshape(T, H * s.head_dim_v))
 
     def _sdpa(self, i: int, qkv: torch.Tensor, cache: KVCache, pos0: int, scale: float) -> torch.Tensor:
         """torch's attention for qkv [T, ...] (q/k normed and rotated) at positions pos0..: appends
@@ -256,30 +359,29 @@ class MoEModel:
         return out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
 
     def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router of layer i: h [T, D] → (ids [T, k] int64, weights [T, k] float32)."""
-        s = self.spec
-        fast = route(h, self.layers[i].router, s.n_expert_used, s.norm_topk, s.expert_weights_scale)
-        if fast is not None:  # the same steps in one C call (decode's per-op overhead)
-            return fast
-        probs = (h @ self.layers[i].router.T).softmax(-1)  # [T, E]
-        weights, ids = probs.topk(s.n_expert_used, dim=-1)
-        if s.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
-        if s.expert_weights_scale not in (0.0, 1.0):
-            weights = weights * s.expert_weights_scale
-        return ids, weights
+        """Router of layer i (a layer with experts): h [T, D] → (ids [T, k] int64, weights [T, k] float32)."""
+        s, lw = self.spec, self.layers[i]
+        if "c_router" in self.fast and lw.probs_bias is None:  # the same steps in one C call (decode's per-op overhead)
+            fast = route(h, lw.router, s.n_expert_used, s.norm_topk, s.expert_weights_scale)
+            if fast is not None:
+                return fast
+        return route_reference(h @ lw.router.T, s, lw.probs_bias)
 
     def ffn_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """The normalised input of layer i's MoE block for residual stream x [T, D]."""
         return rms_norm(x, self.layers[i].ffn_norm, self.spec.rms_eps)
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """h [T, D] (normed) → MoE output [T, D]."""
+        """h [T, D] (normed) → FFN output [T, D]: the dense FFN of a layer without experts, else the
+        routed experts (+ the shared expert)."""
         lw = self.layers[i]
+        if lw.dense is not None:
+            return swiglu_expert(lw.dense, h)
         ids, weights = self.route(i, h)
         y = self.experts(i, h, ids, weights)
         if lw.shared is not None:
-            y = y + torch.sigmoid(h @ lw.shared_gate)[:, None] * swiglu_expert(lw.shared, h)
+            sh = swiglu_expert(lw.shared, h)
+            y = y + (sh if lw.shared_gate is None else torch.sigmoid(h @ lw.shared_gate)[:, None] * sh)
         return y
 
     # -- the whole pass ---------------------------------------------------------------------------

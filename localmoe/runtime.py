@@ -102,7 +102,7 @@ class Runtime:
         self.spec = self.gguf.spec
         self.n_ctx = min(int(n_ctx), self.spec.ctx_train)
         self.tokenizer = Tokenizer(self.path, self.gguf.meta(names.CHAT_TEMPLATE))
-        self._stats = StatsCollector(self.spec.n_layer, self.spec.n_expert)
+        self._stats = StatsCollector(self.spec.n_layer, self.spec.n_expert, moe_layers=self.spec.moe_layers)
         # The CPU's copy of the experts (repacked for the CPU kernels). On CUDA the GPU tier is a
         # DeviceTier holding experts in their GGUF bytes, and every run goes through the scheduler.
         self.store = ExpertStore(self.gguf, torch.device("cpu"), DEFAULT_HOST_CACHE)
@@ -128,7 +128,7 @@ class Runtime:
             need = sum(b for layer, b in enumerate(per_layer) if cpu_layers is None or layer not in cpu_layers)
             self._check_device_room(need, "every expert" if cpu_layers is None else "every GPU layer's experts")
             return need
-        smallest = min(self.gguf.expert_bytes(layer) for layer in range(self.spec.n_layer))
+        smallest = min(self.gguf.expert_bytes(layer) for layer in self.spec.moe_layers)
         if self.gpu_budget < dense + smallest:
             raise LocalMoEError(f"--gpu-mem {_fmt_bytes(self.gpu_budget)} does not hold the dense weights ({_fmt_bytes(dense)}) plus one expert; give at least {_fmt_bytes(dense + smallest)} (all experts: {_fmt_bytes(dense + sum(per_layer))})")
         self._check_device_room(self.gpu_budget - dense, f"--gpu-mem {_fmt_bytes(self.gpu_budget)}")

@@ -70,10 +70,11 @@ SUBSTITUTION_KINDS = ("buddy", "little", "drop")
 class StatsCollector:
     """Mutable counters, per layer; `snapshot()` freezes them."""
 
-    def __init__(self, n_layer: int, n_expert: int, clock: str = "measured"):
+    def __init__(self, n_layer: int, n_expert: int, clock: str = "measured", moe_layers: tuple[int, ...] | None = None):
         self._lock = threading.Lock()
         self.n_layer = n_layer
         self.n_expert = n_expert
+        self.moe_layers = frozenset(range(n_layer) if moe_layers is None else moe_layers)  # layers without experts have none resident
         self.clock = clock
         self._on_snapshot: list = []  # callables that bring counts still on the device in first
         self.reset()
@@ -193,7 +194,7 @@ class StatsCollector:
                     substitutions=dict(self.substitutions[i]),
                     bytes_to_gpu=self.bytes_to_gpu[i],
                     expert_uses=tuple(self.expert_uses[i].tolist()),
-                    resident=tuple(self.resident[i]) if self.resident is not None else tuple(range(self.n_expert)),
+                    resident=tuple(self.resident[i]) if self.resident is not None else tuple(range(self.n_expert)) if i in self.moe_layers else (),
                 )
                 for i in range(self.n_layer)
             )

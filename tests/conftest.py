@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from localmoe.bench.synth import SynthConfig, quantize_with_llama_cpp, write_model
 
-ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama")
+ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2", "glm4moe")
 # Written directly by GGUFWriter (gguf.quants), or made by llama.cpp's own quantizer from a file
 # written at higher precision (the K-quant mix of a real Q4_K_M file, and the legacy types).
 DIRECT_TYPES = ("F32", "Q8_0", "Q4_0")
@@ -27,6 +27,12 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
     kw = dict(arch=arch)
     if arch == "olmoe":  # llama.cpp's OLMoE sizes k_norm by n_embd: no GQA
         kw["n_head_kv"] = 4
+    if arch == "deepseek2":  # V2-Lite's structure in small: MLA without q_lora, one dense layer, 2 shared experts, YaRN
+        kw.update(n_layer=3, head_dim=48, n_dense_lead=1, n_ff_dense=256, n_expert_shared=2, n_ff_exp=128,
+                  yarn_factor=4.0, yarn_orig_ctx=32, yarn_log_mul=0.707, expert_weights_scale=1.0)
+    if arch == "glm4moe":  # GLM-4.5-Air's structure in small: partial rotary, biases, 1 dense layer, sigmoid + bias, one MTP block
+        kw.update(n_layer=3, head_dim=64, qk_rope=32, n_dense_lead=1, n_ff_dense=256, n_expert_shared=1, n_ff_exp=128,
+                  gating="sigmoid", expert_weights_norm=True, expert_weights_scale=1.5, n_nextn=1)
     kw.update(overrides)
     return SynthConfig(**kw)
 

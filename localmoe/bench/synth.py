@@ -45,6 +45,23 @@ class SynthConfig:
     seed: int = 0
     name: str = "localmoe-synthetic"
     chat_template: str = CHATML_TEMPLATE
+    # deepseek2 (MLA, dense leading layers, shared experts, V2/V3 routing, YaRN)
+    kv_lora_rank: int = 64
+    q_lora_rank: int = 0  # 0: q = wq·h (V2-Lite); else q = wq_b·rms(wq_a·h)
+    qk_rope: int = 16  # rotated dims of each head (rope.dimension_count)
+    v_head_dim: int = 32
+    n_dense_lead: int = 0  # leading dense blocks
+    n_ff_dense: int = 512
+    n_expert_shared: int = 1
+    gating: str = "softmax"  # softmax (V2) | sigmoid (V3: + exp_probs_b selection bias)
+    n_expert_groups: int = 0
+    n_group_used: int = 0
+    expert_weights_norm: bool | None = None  # None: the architecture's default (key not written)
+    expert_weights_scale: float = 0.0  # 0: key not written
+    yarn_factor: float = 0.0  # > 0: YaRN rope scaling with this factor
+    yarn_orig_ctx: int = 0
+    yarn_log_mul: float = 0.0  # mscale_all_dim (written as 0.1·value, as llama.cpp's converter does)
+    n_nextn: int = 0  # glm4moe: next-token-prediction blocks after the trunk (llama.cpp and localmoe skip them)
 
 
 # Presets with the expert shapes of real models (layers and quant type are chosen per use).
@@ -53,6 +70,22 @@ PRESETS: dict[str, SynthConfig] = {
     "qwen3-30b-a3b": SynthConfig("qwen3moe", 4, 2048, 32, 4, 128, 128, 8, 768, n_vocab=32768, n_ctx=4096, name="synthetic-qwen3-30b-a3b"),
     "mixtral-8x7b": SynthConfig("llama", 4, 4096, 32, 8, 128, 8, 2, 14336, n_vocab=32000, n_ctx=4096, name="synthetic-mixtral-8x7b"),
     "olmoe-1b-7b": SynthConfig("olmoe", 4, 2048, 16, 16, 128, 64, 8, 1024, n_vocab=50304, n_ctx=4096, name="synthetic-olmoe-1b-7b"),
+    # DeepSeek-V2-Lite's config.json: q_lora_rank null, kv_lora_rank 512, qk_rope 64 + qk_nope 128,
+    # v_head_dim 128, 64 routed experts (top-6, softmax, not renormalised) + 2 shared of 1408,
+    # first_k_dense_replace 1 (intermediate 10944), YaRN factor 40 over 4096, mscale_all_dim 0.707
+    "deepseek-v2-lite": SynthConfig(
+        "deepseek2", 4, 2048, 16, 16, 192, 64, 6, 1408, n_vocab=102400, n_ctx=163840, name="synthetic-deepseek-v2-lite",
+        kv_lora_rank=512, q_lora_rank=0, qk_rope=64, v_head_dim=128, n_dense_lead=1, n_ff_dense=10944, n_expert_shared=2,
+        gating="softmax", expert_weights_norm=False, expert_weights_scale=1.0, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_log_mul=0.707,
+    ),
+    # GLM-4.5-Air's config.json: 96 heads (8 KV) of 128, partial_rotary_factor 0.5, 128 routed
+    # experts (top-8, sigmoid + correction bias, renormalised, scale 1.0) of 1408 + 1 shared,
+    # first_k_dense_replace 1 (intermediate 10944), one MTP block; attention biases, no q/k norm
+    "glm-4.5-air": SynthConfig(
+        "glm4moe", 4, 4096, 96, 8, 128, 128, 8, 1408, n_vocab=151552, n_ctx=131072, name="synthetic-glm-4.5-air",
+        qk_rope=64, n_dense_lead=1, n_ff_dense=10944, n_expert_shared=1, gating="sigmoid", expert_weights_norm=True,
+        expert_weights_scale=1.0, n_nextn=1,
+    ),
 }
 
 # Attention and FFN outputs are kept small next to the embedding in the residual stream. llama.cpp
@@ -132,14 +165,19 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     w.add_name(cfg.name)
     w.add_context_length(cfg.n_ctx)
     w.add_embedding_length(D)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(F_exp)
+    w.add_block_count(cfg.n_layer + (cfg.n_nextn if arch == "glm4moe" else 0))
+    w.add_feed_forward_length(cfg.n_ff_dense if arch in ("deepseek2", "glm4moe") else F_exp)
     w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_head_kv)
+    w.add_head_count_kv(1 if arch == "deepseek2" else cfg.n_head_kv)  # MLA runs as MQA over the latent
     if arch == "qwen3moe":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    if arch == "deepseek2":
+        _deepseek2_keys(w, cfg, head_dim)
+    elif arch == "glm4moe":
+        _glm4moe_keys(w, cfg, head_dim)
+    else:
+        w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_expert_count(E)
@@ -180,6 +218,12 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
 
     put(names.TOKEN_EMBD, (cfg.n_vocab, D), lambda: mat(cfg.n_vocab, D, gain=float(np.sqrt(D))) * 0.5)
     for i in range(cfg.n_layer):
+        if arch == "deepseek2":
+            _deepseek2_layer(put, mat, norm, rng, cfg, i, head_dim)
+            continue
+        if arch == "glm4moe":
+            _glm4moe_layer(put, mat, norm, rng, cfg, i, head_dim)
+            continue
         qdim, kvdim = cfg.n_head * head_dim, cfg.n_head_kv * head_dim
         put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
         put(names.blk(i, names.ATTN_Q), (qdim, D), lambda qdim=qdim: mat(qdim, D))
@@ -206,6 +250,12 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
             put(names.blk(i, names.FFN_GATE_SHEXP), (Fs, D), lambda: mat(Fs, D))
             put(names.blk(i, names.FFN_UP_SHEXP), (Fs, D), lambda: mat(Fs, D))
             put(names.blk(i, names.FFN_DOWN_SHEXP), (D, Fs), lambda: mat(D, Fs, FFN_OUT_GAIN))
+    if arch == "glm4moe":  # the MTP block llama.cpp loads (and skips): a whole layer plus its projections
+        for i in range(cfg.n_layer, cfg.n_layer + cfg.n_nextn):
+            _glm4moe_layer(put, mat, norm, rng, cfg, i, head_dim)
+            put(names.blk(i, "nextn.eh_proj"), (D, 2 * D), lambda: mat(D, 2 * D))
+            put(names.blk(i, "nextn.enorm"), (D,), lambda: norm(D))
+            put(names.blk(i, "nextn.hnorm"), (D,), lambda: norm(D))
     put(names.OUTPUT_NORM, (D,), lambda: norm(D))
 
     def output_head() -> np.ndarray:
@@ -272,6 +322,118 @@ def _fast_maker(name: str, shape: tuple[int, ...], qt: GGMLQuantizationType, rng
 def _row_bytes(qt: GGMLQuantizationType, cols: int) -> int:
     per, size = GGML_QUANT_SIZES[qt]
     return cols // per * size
+
+
+def _deepseek2_keys(w: GGUFWriter, cfg: SynthConfig, head_dim: int) -> None:
+    """deepseek2's keys as llama.cpp's convert_hf_to_gguf.py writes them for a split k_b/v_b file."""
+    from gguf import ExpertGatingFuncType, RopeScalingType
+
+    r, rope = cfg.kv_lora_rank, cfg.qk_rope
+    w.add_rope_dimension_count(rope)
+    w.add_key_length(r + rope)  # the MQA view of the latent
+    w.add_value_length(r)
+    w.add_key_length_mla(head_dim)  # qk_nope + qk_rope
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_kv_lora_rank(r)
+    w.add_q_lora_rank(cfg.q_lora_rank)  # written even when 0: llama.cpp reads it unless the layer count says "lite"
+    w.add_leading_dense_block_count(cfg.n_dense_lead)
+    w.add_expert_shared_count(cfg.n_expert_shared)
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if cfg.gating == "sigmoid" else ExpertGatingFuncType.SOFTMAX)
+    if cfg.expert_weights_norm is not None:
+        w.add_expert_weights_norm(cfg.expert_weights_norm)
+    if cfg.expert_weights_scale:
+        w.add_expert_weights_scale(cfg.expert_weights_scale)
+    if cfg.n_expert_groups:
+        w.add_expert_group_count(cfg.n_expert_groups)
+        w.add_expert_group_used_count(cfg.n_group_used)
+    if cfg.yarn_factor:
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(cfg.yarn_factor)
+        w.add_rope_scaling_orig_ctx_len(cfg.yarn_orig_ctx)
+        w.add_rope_scaling_yarn_log_mul(0.1 * cfg.yarn_log_mul)
+
+
+def _deepseek2_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) -> None:
+    """One deepseek2 block: MLA attention, then a dense FFN (leading layers) or router + routed
+    experts + shared experts (+ the V3 selection bias)."""
+    D, H, r, rope, v = cfg.n_embd, cfg.n_head, cfg.kv_lora_rank, cfg.qk_rope, cfg.v_head_dim
+    nope, E, F_exp = head_dim - rope, cfg.n_expert, cfg.n_ff_exp
+    put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
+    if cfg.q_lora_rank:
+        ql = cfg.q_lora_rank
+        put(names.blk(i, names.ATTN_Q_A), (ql, D), lambda: mat(ql, D))
+        put(names.blk(i, names.ATTN_Q_A_NORM), (ql,), lambda: norm(ql))
+        put(names.blk(i, names.ATTN_Q_B), (H * head_dim, ql), lambda: mat(H * head_dim, ql))
+    else:
+        put(names.blk(i, names.ATTN_Q), (H * head_dim, D), lambda: mat(H * head_dim, D))
+    put(names.blk(i, names.ATTN_KV_A_MQA), (r + rope, D), lambda: mat(r + rope, D))
+    put(names.blk(i, names.ATTN_KV_A_NORM), (r,), lambda: norm(r))
+    put(names.blk(i, names.ATTN_K_B), (H, r, nope), lambda: (mat(r, nope) for _ in range(H)))
+    put(names.blk(i, names.ATTN_V_B), (H, v, r), lambda: (mat(v, r) for _ in range(H)))
+    put(names.blk(i, names.ATTN_OUT), (D, H * v), lambda: mat(D, H * v, gain=ATTN_OUT_GAIN))
+    put(names.blk(i, names.FFN_NORM), (D,), lambda: norm(D))
+    if i < cfg.n_dense_lead:
+        Fd = cfg.n_ff_dense
+        put(names.blk(i, names.FFN_GATE), (Fd, D), lambda: mat(Fd, D))
+        put(names.blk(i, names.FFN_UP), (Fd, D), lambda: mat(Fd, D))
+        put(names.blk(i, names.FFN_DOWN), (D, Fd), lambda: mat(D, Fd, FFN_OUT_GAIN))
+        return
+    put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
+    if cfg.gating == "sigmoid":
+        put(names.blk(i, names.FFN_EXP_PROBS_B, "bias"), (E,), lambda: (0.05 * rng.standard_normal(E)).astype(np.float32))
+    for stem, rows, cols, gain in ((names.FFN_GATE_EXPS, F_exp, D, 1.0), (names.FFN_UP_EXPS, F_exp, D, 1.0), (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN)):
+        put(names.blk(i, stem), (E, rows, cols), lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)))
+    Fs = F_exp * cfg.n_expert_shared
+    put(names.blk(i, names.FFN_GATE_SHEXP), (Fs, D), lambda: mat(Fs, D))
+    put(names.blk(i, names.FFN_UP_SHEXP), (Fs, D), lambda: mat(Fs, D))
+    put(names.blk(i, names.FFN_DOWN_SHEXP), (D, Fs), lambda: mat(D, Fs, FFN_OUT_GAIN))
+
+
+def _glm4moe_keys(w: GGUFWriter, cfg: SynthConfig, head_dim: int) -> None:
+    """glm4moe's keys as llama.cpp's converter writes them (partial rotary: rope.dimension_count)."""
+    from gguf import ExpertGatingFuncType
+
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(cfg.qk_rope)
+    w.add_leading_dense_block_count(cfg.n_dense_lead)
+    w.add_expert_shared_count(cfg.n_expert_shared)
+    w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX if cfg.gating == "softmax" else ExpertGatingFuncType.SIGMOID)
+    if cfg.expert_weights_norm is not None:
+        w.add_expert_weights_norm(cfg.expert_weights_norm)
+    if cfg.expert_weights_scale:
+        w.add_expert_weights_scale(cfg.expert_weights_scale)
+    if cfg.n_nextn:
+        w.add_nextn_predict_layers(cfg.n_nextn)
+
+
+def _glm4moe_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) -> None:
+    """One glm4moe block: GQA with q/k/v biases, post_attention_norm, then a dense FFN (leading
+    layers) or router + selection bias + routed experts + shared expert."""
+    D, E, F_exp = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp
+    qdim, kvdim = cfg.n_head * head_dim, cfg.n_head_kv * head_dim
+    put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
+    put(names.blk(i, names.ATTN_Q), (qdim, D), lambda: mat(qdim, D))
+    put(names.blk(i, names.ATTN_K), (kvdim, D), lambda: mat(kvdim, D))
+    put(names.blk(i, names.ATTN_V), (kvdim, D), lambda: mat(kvdim, D))
+    for stem, n in ((names.ATTN_Q, qdim), (names.ATTN_K, kvdim), (names.ATTN_V, kvdim)):
+        put(names.blk(i, stem, "bias"), (n,), lambda n=n: 0.1 * rng.standard_normal(n).astype(np.float32))
+    put(names.blk(i, names.ATTN_OUT), (D, qdim), lambda: mat(D, qdim, gain=ATTN_OUT_GAIN))
+    put(names.blk(i, "post_attention_norm"), (D,), lambda: norm(D))
+    if i < cfg.n_dense_lead:
+        Fd = cfg.n_ff_dense
+        put(names.blk(i, names.FFN_GATE), (Fd, D), lambda: mat(Fd, D))
+        put(names.blk(i, names.FFN_UP), (Fd, D), lambda: mat(Fd, D))
+        put(names.blk(i, names.FFN_DOWN), (D, Fd), lambda: mat(D, Fd, FFN_OUT_GAIN))
+        return
+    put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
+    put(names.blk(i, names.FFN_EXP_PROBS_B, "bias"), (E,), lambda: (0.05 * rng.standard_normal(E)).astype(np.float32))
+    for stem, rows, cols, gain in ((names.FFN_GATE_EXPS, F_exp, D, 1.0), (names.FFN_UP_EXPS, F_exp, D, 1.0), (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN)):
+        put(names.blk(i, stem), (E, rows, cols), lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)))
+    Fs = F_exp * cfg.n_expert_shared
+    put(names.blk(i, names.FFN_GATE_SHEXP), (Fs, D), lambda: mat(Fs, D))
+    put(names.blk(i, names.FFN_UP_SHEXP), (Fs, D), lambda: mat(Fs, D))
+    put(names.blk(i, names.FFN_DOWN_SHEXP), (D, Fs), lambda: mat(D, Fs, FFN_OUT_GAIN))
 
 
 def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -7,6 +7,8 @@ tensor is a contiguous byte range — `expert_raw` returns a numpy view of exact
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +17,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from . import names
-from ..arch import ARCHITECTURES, ArchSpec, supported_list
+from .. import archs
+from ..archs import common as arch_common
+from ..archs.common import ArchSpec
 from ..errors import LocalMoEError
 from .blocks import BLOCK_TYPES, FLOAT_TYPES
 
@@ -47,6 +51,35 @@ class ModelSpec:
     norm_topk: bool
     expert_weights_scale: float  # 0 or 1 → no scaling (llama.cpp's convention)
     ctx_train: int
+    # -- what differs between architectures (defaults: a plain GQA MoE of the first four) --------
+    routing: str = "softmax_topk"  # one of arch.routings, chosen by the file (archs/common.py)
+    n_expert_groups: int = 0  # > 1: experts in groups, only the n_group_used best groups compete
+    n_group_used: int = 0
+    n_dense_lead: int = 0  # the first n_dense_lead blocks have a dense FFN and no experts
+    n_ff_dense: int = 0  # hidden size of those dense FFNs
+    n_expert_shared: int = 0  # shared experts fused into one FFN of n_ff_shexp
+    kv_lora_rank: int = 0  # MLA: the compressed KV width (the cache holds kv_lora_rank + n_rot per token)
+    q_lora_rank: int = 0  # MLA: 0 → q = wq·h, else q = wq_b·rms(wq_a·h)
+    rope_scaling: str = "none"  # none | linear | yarn
+    rope_attn_factor: float = 1.0  # the attn_factor ggml's rope receives (YaRN: llama.cpp's cparams.yarn_attn_factor)
+    yarn_ext_factor: float = 0.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_orig_ctx: int = 0
+    yarn_log_mul: float = 0.0  # mscale_all_dim (llama.cpp's hparams.rope_yarn_log_mul)
+    attn_scale: float = 0.0  # softmax scale of q·k; 0 → 1/sqrt(head_dim)
+
+    def is_moe(self, layer: int) -> bool:
+        """False for a layer without experts (a leading dense layer)."""
+        return layer >= self.n_dense_lead
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.n_dense_lead, self.n_layer))
+
+    @property
+    def kq_scale(self) -> float:
+        return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -69,6 +102,8 @@ class GGUFModel:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[t.name] = TensorView(t.name, GGMLQuantizationType(int(t.tensor_type)), shape, t.data, int(t.n_bytes))
         self.spec = _read_spec(self)
+        # next-token-prediction (MTP) blocks past the trunk are skipped, as llama.cpp skips them
+        self.tensors = {n: t for n, t in self.tensors.items() if not (n.startswith("blk.") and int(n.split(".")[1]) >= self.spec.n_layer)}
         self._check_tensors()
 
     # -- metadata ---------------------------------------------------------------------------------
@@ -107,7 +142,10 @@ class GGUFModel:
         return t.data[expert], t.qtype, t.shape[1:]
 
     def expert_bytes(self, layer: int) -> int:
-        """Bytes of one routed expert of `layer` at rest (gate + up + down, quantized)."""
+        """Bytes of one routed expert of `layer` at rest (gate + up + down, quantized); 0 for a layer
+        without experts."""
+        if not self.spec.is_moe(layer):
+            return 0
         return sum(self.view(names.blk(layer, p)).n_bytes for p in names.EXPERT_PARTS) // self.spec.n_expert
 
     def dense_bytes(self) -> int:
@@ -122,23 +160,25 @@ class GGUFModel:
 
     def _check_tensors(self) -> None:
         spec = self.spec
+        required_of = getattr(archs.module_for(spec.arch.name), "required_tensors", arch_common.required_tensors)
         required = [names.TOKEN_EMBD, names.OUTPUT_NORM]
         for layer in range(spec.n_layer):
-            stems = [names.ATTN_NORM, names.ATTN_Q, names.ATTN_K, names.ATTN_V, names.ATTN_OUT, names.FFN_NORM, names.FFN_GATE_INP, *names.EXPERT_PARTS]
-            if spec.arch.qk_norm != "none":
-                stems += [names.ATTN_Q_NORM, names.ATTN_K_NORM]
-            if spec.arch.shared_expert:
-                stems += [names.FFN_GATE_INP_SHEXP, names.FFN_GATE_SHEXP, names.FFN_UP_SHEXP, names.FFN_DOWN_SHEXP]
-            required += [names.blk(layer, s) for s in stems]
+            required += [names.blk(layer, s) for s in required_of(spec, layer)]
         missing = [n for n in required if n not in self.tensors]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise LocalMoEError(f"{self.path}: required tensor '{missing[0]}' is missing{more}; the file is incomplete or was converted for another architecture")
+        if not spec.arch.qkv_bias:  # a bias the architecture does not declare would be silently dropped
+            for t in self.tensors:
+                if t.endswith(".bias") and any(f".{p}." in t for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V, names.ATTN_OUT)):
+                    raise LocalMoEError(f"{self.path}: tensor '{t}' is an attention bias, which localmoe's {spec.arch.name} does not implement")
         for t in self.tensors.values():
             if t.qtype not in SUPPORTED_QTYPES:
                 supported = ", ".join(q.name for q in sorted(SUPPORTED_QTYPES))
                 raise LocalMoEError(f"{self.path}: tensor '{t.name}' has quant type {t.qtype.name}, which localmoe does not support; re-quantize to one of {supported}")
-        gate = self.view(names.blk(0, names.FFN_GATE_EXPS))
+        if not spec.moe_layers:
+            raise LocalMoEError(f"{self.path}: every layer is dense (leading_dense_block_count {spec.n_dense_lead} of {spec.n_layer}); localmoe runs MoE models only")
+        gate = self.view(names.blk(spec.moe_layers[0], names.FFN_GATE_EXPS))
         if gate.shape != (spec.n_expert, spec.n_ff_exp, spec.n_embd):
             raise LocalMoEError(f"{self.path}: expert tensor shape {gate.shape} does not match metadata ({spec.n_expert}, {spec.n_ff_exp}, {spec.n_embd}); the file is inconsistent")
 
@@ -167,12 +207,13 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
     arch_name = m.spec_arch_name
     if not arch_name:
         raise LocalMoEError(f"{m.path}: no general.architecture key; the file is not a model GGUF")
-    arch = ARCHITECTURES.get(arch_name)
+    module = archs.module_for(arch_name)
     n_expert = int(m.meta(names.arch_key(arch_name, names.EXPERT_COUNT), 0) or 0)
-    if arch is None:
-        raise LocalMoEError(f"{m.path}: architecture '{arch_name}' is not supported; localmoe runs MoE models of these architectures: {supported_list()}")
+    if module is None:
+        raise LocalMoEError(f"{m.path}: architecture '{arch_name}' is not supported; localmoe runs MoE models of these architectures: {archs.supported_list()}")
+    arch: ArchSpec = module.ARCH
     if n_expert <= 0:
-        raise LocalMoEError(f"{m.path}: '{arch_name}' model has no experts (dense model); localmoe runs MoE models only ({supported_list()} with expert_count > 0) — use llama.cpp for dense models")
+        raise LocalMoEError(f"{m.path}: '{arch_name}' model has no experts (dense model); localmoe runs MoE models only ({archs.supported_list()} with expert_count > 0) — use llama.cpp for dense models")
 
     def need(suffix: str) -> Any:
         value = m.meta(names.arch_key(arch_name, suffix))
@@ -196,20 +237,15 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
     if n_ff_exp is None:  # llama.cpp's fallback: n_ff / n_expert_used
         n_ff_exp = int(need(names.FEED_FORWARD_LENGTH)) // int(need(names.EXPERT_USED_COUNT))
     scaling = str(opt(names.ROPE_SCALING_TYPE, "none"))
-    if scaling not in ("none", "linear"):
-        raise LocalMoEError(f"{m.path}: rope scaling '{scaling}' is not supported (none, linear)")
+    if scaling not in arch.rope_scalings:
+        raise LocalMoEError(f"{m.path}: rope scaling '{scaling}' is not supported for {arch_name} ({', '.join(arch.rope_scalings)})")
     factor = float(opt(names.ROPE_SCALING_FACTOR, 0.0) or 0.0)
-    n_ff_shexp = 0
-    if arch.shared_expert:
-        n_ff_shexp = int(opt(names.EXPERT_SHARED_FFN_LENGTH, 0) or 0)
-        if not n_ff_shexp and names.blk(0, names.FFN_GATE_SHEXP) in m.tensors:
-            n_ff_shexp = m.tensors[names.blk(0, names.FFN_GATE_SHEXP)].shape[0]
     embd = m.tensors.get(names.TOKEN_EMBD)
     n_vocab = embd.shape[0] if embd is not None else 0
-    return ModelSpec(
+    fields: dict[str, Any] = dict(
         arch=arch,
         name=str(m.meta(names.MODEL_NAME, os.path.basename(m.path))),
-        n_layer=int(need(names.BLOCK_COUNT)),
+        n_layer=int(need(names.BLOCK_COUNT)) - int(opt(names.NEXTN_PREDICT_LAYERS, 0) or 0),  # trunk only: MTP layers are skipped
         n_embd=n_embd,
         n_vocab=n_vocab,
         n_head=n_head,
@@ -218,13 +254,40 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
         head_dim_v=int(opt(names.VALUE_LENGTH, head_dim)),
         n_rot=int(opt(names.ROPE_DIMENSION_COUNT, head_dim)),
         rope_base=float(opt(names.ROPE_FREQ_BASE, 10000.0)),
-        rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
+        rope_freq_scale=1.0 / factor if scaling in ("linear", "yarn") and factor > 0 else 1.0,
+        rope_scaling=scaling,
         rms_eps=float(opt(names.RMS_EPS, 1e-6)),
         n_expert=n_expert,
         n_expert_used=int(need(names.EXPERT_USED_COUNT)),
         n_ff_exp=int(n_ff_exp),
-        n_ff_shexp=n_ff_shexp,
+        n_ff_shexp=0,
         norm_topk=bool(opt(names.EXPERT_WEIGHTS_NORM, arch.norm_topk)),
         expert_weights_scale=float(opt(names.EXPERT_WEIGHTS_SCALE, 0.0)),
         ctx_train=int(opt(names.CONTEXT_LENGTH, 4096)),
+        n_expert_groups=int(opt(names.EXPERT_GROUP_COUNT, 0) or 0),
+        n_group_used=int(opt(names.EXPERT_GROUP_USED_COUNT, 0) or 0),
     )
+    if scaling == "yarn":
+        fs = fields["rope_freq_scale"]
+        fields.update(
+            yarn_ext_factor=float(opt(names.ROPE_YARN_EXT_FACTOR, 1.0)) if fs != 1.0 else 0.0,
+            yarn_beta_fast=float(opt(names.ROPE_YARN_BETA_FAST, 32.0)),
+            yarn_beta_slow=float(opt(names.ROPE_YARN_BETA_SLOW, 1.0)),
+            yarn_orig_ctx=int(opt(names.ROPE_ORIG_CTX, 0) or fields["ctx_train"]),
+            yarn_log_mul=float(opt(names.ROPE_YARN_LOG_MUL, 0.0) or 0.0),
+        )
+    fields.update(module.read_args(opt, lambda name: m.tensors[name].shape if name in m.tensors else None))
+    if fields["rope_scaling"] == "yarn" and fields["yarn_ext_factor"] != 0.0 and "rope_attn_factor" not in fields:
+        fields["rope_attn_factor"] = arch_common.yarn_attn_factor(arch_name, fields["rope_freq_scale"], fields["yarn_log_mul"], float(opt(names.ROPE_ATTN_FACTOR, 1.0)))
+    else:
+        fields.setdefault("rope_attn_factor", float(opt(names.ROPE_ATTN_FACTOR, 1.0)))
+    spec = ModelSpec(**fields)
+    if hasattr(module, "attn_scale"):
+        spec = dataclasses.replace(spec, attn_scale=module.attn_scale(spec))
+    if spec.routing not in arch.routings:
+        raise LocalMoEError(f"{m.path}: routing '{spec.routing}' is not one {arch_name} implements ({', '.join(arch.routings)})")
+    if spec.n_expert_groups > 1 and (spec.n_expert % spec.n_expert_groups or not 0 < spec.n_group_used <= spec.n_expert_groups):
+        raise LocalMoEError(f"{m.path}: {spec.n_expert} experts do not split into {spec.n_expert_groups} groups with {spec.n_group_used} used")
+    if spec.n_dense_lead and not arch.dense_leading:
+        raise LocalMoEError(f"{m.path}: leading dense layers are not part of {arch_name}")
+    return spec

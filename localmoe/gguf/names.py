@@ -79,3 +79,34 @@ EXPERT_PARTS = (FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS)
 def is_expert_tensor(name: str) -> bool:
     """True for routed-expert tensors (the ones that live in the expert tiers, not dense weights)."""
     return any(f".{part}." in name for part in EXPERT_PARTS)
+
+# --- keys and tensors of the architectures beyond the plain GQA MoE (llama.cpp's gguf-py constants)
+EXPERT_SHARED_COUNT = "expert_shared_count"
+EXPERT_GATING_FUNC = "expert_gating_func"
+EXPERT_GROUP_COUNT = "expert_group_count"
+EXPERT_GROUP_USED_COUNT = "expert_group_used_count"
+LEADING_DENSE_BLOCK_COUNT = "leading_dense_block_count"
+NEXTN_PREDICT_LAYERS = "nextn_predict_layers"
+Q_LORA_RANK = "attention.q_lora_rank"
+KV_LORA_RANK = "attention.kv_lora_rank"
+KEY_LENGTH_MLA = "attention.key_length_mla"
+VALUE_LENGTH_MLA = "attention.value_length_mla"
+ROPE_ATTN_FACTOR = "rope.scaling.attn_factor"
+ROPE_ORIG_CTX = "rope.scaling.original_context_length"
+ROPE_YARN_LOG_MUL = "rope.scaling.yarn_log_multiplier"
+ROPE_YARN_EXT_FACTOR = "rope.scaling.yarn_ext_factor"
+ROPE_YARN_BETA_FAST = "rope.scaling.yarn_beta_fast"
+ROPE_YARN_BETA_SLOW = "rope.scaling.yarn_beta_slow"
+
+FFN_GATE = "ffn_gate"  # a dense layer's FFN, [n_ff, n_embd]
+FFN_UP = "ffn_up"
+FFN_DOWN = "ffn_down"
+FFN_EXP_PROBS_B = "exp_probs_b"  # the expert-selection bias (DeepSeek-V3's e_score_correction), blk(i, …, "bias")
+ATTN_Q_A = "attn_q_a"  # MLA: [q_lora_rank, n_embd]
+ATTN_Q_A_NORM = "attn_q_a_norm"
+ATTN_Q_B = "attn_q_b"  # [n_head · (nope + rope), q_lora_rank]
+ATTN_KV_A_MQA = "attn_kv_a_mqa"  # [kv_lora_rank + rope, n_embd]
+ATTN_KV_A_NORM = "attn_kv_a_norm"
+ATTN_KV_B = "attn_kv_b"  # older files: [n_head · (nope + v), kv_lora_rank]
+ATTN_K_B = "attn_k_b"  # [n_head, kv_lora_rank, nope]
+ATTN_V_B = "attn_v_b"  # [n_head, v, kv_lora_rank]

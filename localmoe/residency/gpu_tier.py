@@ -44,10 +44,10 @@ class DeviceTier:
         self.model = model
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.layouts = [self._layout(layer) for layer in range(model.spec.n_layer)]
+        self.layouts = [self._layout(layer) if model.spec.is_moe(layer) else None for layer in range(model.spec.n_layer)]  # None: a layer without experts
         # "triton" or "gguf" (kernels.py): the GPU kernels when every expert type has one; on the
         # CPU device "gguf" unless asked (the Triton kernels then run under the interpreter)
-        types = {part[2] for layout in self.layouts for part in layout.parts}
+        types = {part[2] for layout in self.layouts if layout is not None for part in layout.parts}
         self.kernel = kernel or ("triton" if self.cuda and all(gpu_kernel(t) == "triton" for t in types) else "gguf")
         # [2, layer, expert] int64: the gate_up and down addresses of each resident expert (0: not resident)
         self.addresses = torch.zeros((2, model.spec.n_layer, model.spec.n_expert), dtype=torch.int64, device=self.device)
@@ -58,7 +58,7 @@ class DeviceTier:
         # a ring of pinned staging buffers, each with the event of the last copy that read it; room for
         # two layers' worth of routed experts in flight before the host waits for a copy to finish
         n_staging = n_staging or max(4, 2 * model.spec.n_expert_used)
-        size = max(layout.nbytes for layout in self.layouts)
+        size = max(layout.nbytes for layout in self.layouts if layout is not None)
         self._staging = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(n_staging)]
         self._staging_done: list[torch.cuda.Event | None] = [None] * n_staging
         self._next = 0

@@ -104,7 +104,7 @@ class ExpertScheduler:
             self.tier.clear()
         if config.cpu_layers is not None or config.all_resident:  # static placement: every expert of the GPU layers, fixed
             cpu_layers = config.cpu_layers or frozenset()
-            self.preload([(layer, e) for layer in range(self.n_layer) if layer not in cpu_layers for e in range(self.n_expert)])
+            self.preload([(layer, e) for layer in self.spec.moe_layers if layer not in cpu_layers for e in range(self.n_expert)])
         self._arrival.clear()
         self._prefetched.clear()
         self._publish(reset=True)  # a new cache: every layer's resident set is new
@@ -182,7 +182,7 @@ class ExpertScheduler:
         """x [T, D]: the residual stream after layer `layer`'s attention. Predict the next layer's
         experts with its own router (decode only: in prefill nearly every expert is used)."""
         nxt = layer + 1
-        if not self.config.prefetch or self.config.cpu_layers is not None or self.config.all_resident or self.model is None or nxt >= self.n_layer or x.shape[0] != 1:
+        if not self.config.prefetch or self.config.cpu_layers is not None or self.config.all_resident or self.model is None or nxt >= self.n_layer or not self.spec.is_moe(nxt) or x.shape[0] != 1:
             return
         ids, _ = self.model.route(nxt, self.model.ffn_input(nxt, x))
         self._predicted_dev[nxt] = ids[0]  # read back with this layer's routing: no sync of its own

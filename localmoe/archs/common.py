@@ -1,0 +1,182 @@
+"""What every architecture shares: the declaration dataclass, the hyperparameters every file has,
+RoPE (plain, linear and YaRN, as ggml computes them), the routers, and the fast-path predicates.
+
+One module per architecture (qwen3moe.py, deepseek2.py, ...) declares what it has in an `ArchSpec`
+and reads its own GGUF keys in `read_args`; the forward pass (localmoe/model.py) reads only those
+declarations and the resolved `ModelSpec` — never the architecture's name — and each C fast path
+runs only when the declarations say it fits (`fast_paths`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+RopeStyle = Literal["neox", "norm"]  # neox: rotate halves (i, i+d/2); norm: adjacent pairs (2i, 2i+1)
+QKNorm = Literal["none", "per_head", "full"]  # RMS-norm of q and k: none, over each head, over all heads
+Routing = Literal["softmax_topk", "topk_softmax", "sigmoid_bias_groups"]
+Attention = Literal["gqa", "mla"]  # grouped-query attention, or DeepSeek's multi-head latent attention
+SharedExpert = Literal["none", "gated", "plain"]  # gated: sigmoid(h·g) · shexp(h) (Qwen2-MoE); plain: + shexp(h)
+RopeScaling = Literal["none", "linear", "yarn"]
+
+# llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values (key `{arch}.expert_gating_func`)
+GATING_SOFTMAX, GATING_SIGMOID = 1, 2
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What an architecture has. Fast paths and loaders read these declarations, nothing else."""
+
+    name: str
+    description: str
+    rope_style: RopeStyle
+    attention: Attention = "gqa"
+    qk_norm: QKNorm = "none"
+    qk_norm_optional: bool = False  # the q/k norm runs only in files that carry its weights
+    qkv_bias: bool = False  # q/k/v projections carry biases
+    routings: tuple[Routing, ...] = ("softmax_topk",)  # the routing kinds files of this arch may choose
+    norm_topk: bool = False  # default for renormalising the top-k weights (the file's key wins)
+    shared_expert: SharedExpert = "none"
+    dense_leading: bool = False  # the first `leading_dense_block_count` blocks have a dense FFN, no experts
+    rope_scalings: tuple[RopeScaling, ...] = ("none", "linear")
+    ffn_norm: str = "ffn_norm"  # the stem of the norm in front of the FFN (GLM: post_attention_norm)
+    sinks: bool = False  # per-head attention sinks (none of the supported ones yet)
+    sliding_window: bool = False  # sliding-window attention on some layers (none yet)
+    checked: str = ""  # how the implementation was checked against llama.cpp (docs/models.md)
+
+
+# -- fast paths: each needs what its C kernel assumes, read from the declarations ------------------
+FAST_PATHS = ("c_router", "c_decode_attention", "fused_qk_norm_rope", "embedding_gather")
+
+
+def fast_paths(spec: Any) -> frozenset[str]:
+    """The C fast paths `spec` (a ModelSpec) may take. The C router is softmax → top-k (→ renorm,
+    scale) over all experts; decode attention and the fused q/k-norm+RoPE assume GQA heads laid
+    out [q | k | v] with no biases, sinks or window; the embedding gather assumes a plain lookup."""
+    arch: ArchSpec = spec.arch
+    out = {"embedding_gather"}
+    if spec.routing == "softmax_topk" and spec.n_expert_groups <= 1:
+        out.add("c_router")
+    if arch.attention == "gqa" and not arch.sinks and not arch.sliding_window:
+        out.add("c_decode_attention")
+        if not arch.qkv_bias and arch.qk_norm != "full":
+            out.add("fused_qk_norm_rope")
+    return frozenset(out)
+
+
+# -- GGUF keys: the reader hands each module a getter -----------------------------------------------
+Getter = Callable[[str, Any], Any]  # get(suffix, default) → value of "{arch}.{suffix}" or default
+
+
+def read_args(get: Getter, tensor_shape: Callable[[str], tuple[int, ...] | None]) -> dict[str, Any]:
+    """Default: nothing beyond the fields every architecture reads (gguf/file.py)."""
+    return {}
+
+
+# -- RoPE ------------------------------------------------------------------------------------------
+def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float) -> tuple[float, float]:
+    """ggml_rope_yarn_corr_dims: the dims between which YaRN ramps from extrapolation to interpolation."""
+
+    def corr_dim(n_rot: float) -> float:
+        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    return max(0.0, math.floor(corr_dim(beta_fast))), min(n_dims - 1.0, math.ceil(corr_dim(beta_slow)))
+
+
+def rope_theta_scale(spec: Any) -> tuple[torch.Tensor, float]:
+    """Per rotated pair i < n_rot/2: (the factor θ_i(pos)/pos [n_rot/2] float64, the cos/sin
+    magnitude). Plain: base^(-2i/n_rot) · freq_scale; YaRN (ggml's rope_yarn): the interpolated and
+    the extrapolated angle mixed by a ramp over [corr_dims], magnitudes × attn_factor ·
+    (1 + 0.1·ln(1/freq_scale))."""
+    half = spec.n_rot // 2
+    inv_freq = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.n_rot)
+    fs = spec.rope_freq_scale
+    if spec.rope_scaling != "yarn" or spec.yarn_ext_factor == 0.0:
+        return inv_freq, spec.rope_attn_factor
+    low, high = yarn_corr_dims(spec.n_rot, spec.yarn_orig_ctx, spec.rope_base, spec.yarn_beta_fast, spec.yarn_beta_slow)
+    i = torch.arange(half, dtype=torch.float64)
+    ramp = 1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)
+    mix = ramp * spec.yarn_ext_factor
+    mscale = spec.rope_attn_factor * (1.0 + 0.1 * math.log(1.0 / fs))
+    return inv_freq * (fs * (1 - mix) + mix), mscale
+
+
+def yarn_attn_factor(arch_name: str, freq_scale: float, log_mul: float, file_attn_factor: float) -> float:
+    """cparams.yarn_attn_factor as llama.cpp's context sets it for a YaRN file (ext_factor ≠ 0):
+    get_mscale(factor, m) / get_mscale(factor, m_all) (DeepSeek-V2's special case m = m_all),
+    divided by the 1 + 0.1·ln(factor) that ggml's rope multiplies back in, times the file's factor."""
+
+    def get_mscale(scale: float, m: float) -> float:
+        return 1.0 if scale <= 1.0 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = 1.0 / freq_scale
+    if log_mul != 0.0:
+        m = log_mul if arch_name == "deepseek2" and log_mul != 1.0 else 1.0
+        f = get_mscale(factor, m) / get_mscale(factor, log_mul)
+    else:
+        f = get_mscale(factor, 1.0)
+    return f / (1.0 + 0.1 * math.log(factor)) * file_attn_factor
+
+
+# -- routers ---------------------------------------------------------------------------------------
+def route_reference(logits: torch.Tensor, spec: Any, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's build_moe_ffn routing on router logits [T, E] → (ids [T, k], weights [T, k]).
+
+    softmax_topk:        p = softmax(l); top-k of p (+ bias, within the best groups); w = p[ids]
+    sigmoid_bias_groups: p = sigmoid(l); the same selection; w = p[ids] (the bias only selects)
+    topk_softmax:        top-k of l; w = softmax(l[ids])
+    then (norm) w /= Σw, (scale) w *= expert_weights_scale."""
+    k = spec.n_expert_used
+    if spec.routing == "topk_softmax":
+        top, ids = logits.topk(k, dim=-1)
+        return ids, top.softmax(-1)
+    probs = logits.softmax(-1) if spec.routing == "softmax_topk" else torch.sigmoid(logits)  # [T, E]
+    select = probs if bias is None else probs + bias
+    if spec.n_expert_groups > 1:
+        T, E = select.shape
+        groups = select.view(T, spec.n_expert_groups, E // spec.n_expert_groups)  # [T, G, E/G]
+        group_score = groups.topk(2, dim=-1).values.sum(-1)  # [T, G]: the sum of each group's best two
+        keep = group_score.topk(spec.n_group_used, dim=-1).indices  # [T, n_group_used]
+        mask = torch.full_like(group_score, float("-inf")).scatter_(1, keep, 0.0)
+        select = (groups + mask[..., None]).view(T, E)
+    ids = select.topk(k, dim=-1).indices
+    weights = probs.gather(1, ids)
+    if spec.norm_topk:
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+    if spec.expert_weights_scale not in (0.0, 1.0):
+        weights = weights * spec.expert_weights_scale
+    return ids, weights
+
+
+# -- tensors a file must have ------------------------------------------------------------------------
+def required_tensors(spec: Any, layer: int) -> list[str]:
+    """Per-layer tensor stems (with blk()) a GQA file of `spec.arch` must hold."""
+    arch: ArchSpec = spec.arch
+    stems = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", arch.ffn_norm]
+    if arch.qk_norm != "none" and not arch.qk_norm_optional:
+        stems += ["attn_q_norm", "attn_k_norm"]
+    stems += ffn_tensors(spec, layer)
+    return stems
+
+
+def ffn_tensors(spec: Any, layer: int) -> list[str]:
+    """The FFN stems of `layer`: a dense SwiGLU in the leading dense layers, else router + experts
+    (+ the shared expert, + its gate when gated)."""
+    arch: ArchSpec = spec.arch
+    if not spec.is_moe(layer):
+        return ["ffn_gate", "ffn_up", "ffn_down"]
+    stems = ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+    if arch.shared_expert != "none":
+        stems += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
+    if arch.shared_expert == "gated":
+        stems += ["ffn_gate_inp_shexp"]
+    return stems
+
+
+def routing_probs(logits: torch.Tensor, spec: Any) -> torch.Tensor:
+    """The router's per-expert probabilities [T, E] (what its weights are read from)."""
+    return torch.sigmoid(logits) if spec.routing == "sigmoid_bias_groups" else logits.softmax(-1)

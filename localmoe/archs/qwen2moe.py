@@ -1,0 +1,19 @@
+"""Qwen1.5/Qwen2-MoE: GQA with q/k/v biases, NEOX RoPE, softmax → top-k routing (not
+renormalised), and a shared expert behind a sigmoid gate. llama.cpp: src/models/qwen2moe.cpp."""
+
+from typing import Any
+
+from .common import ArchSpec, Getter
+
+ARCH = ArchSpec(
+    "qwen2moe", "Qwen1.5/Qwen2-MoE, with shared expert", "neox", qkv_bias=True, shared_expert="gated",
+    checked="logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M (tests/test_oracle.py)",
+)
+
+
+def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
+    n_ff_shexp = int(get("expert_shared_feed_forward_length", 0) or 0)
+    if not n_ff_shexp:
+        shape = tensor_shape("blk.0.ffn_gate_shexp.weight")
+        n_ff_shexp = shape[0] if shape else 0
+    return {"n_ff_shexp": n_ff_shexp}

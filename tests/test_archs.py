@@ -1,0 +1,89 @@
+"""One module per architecture: the registry, the declarations, and the fast paths that read them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import localmoe
+import localmoe.model as model_mod
+from conftest import ARCHS
+from localmoe import archs
+from localmoe.archs.common import FAST_PATHS, fast_paths
+from localmoe.compute.experts import ExpertExecutor, ExpertStore
+from localmoe.gguf.file import GGUFModel
+from localmoe.model import KVCache, MoEModel
+from localmoe.stats import StatsCollector
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_registry_picks_the_module_from_general_architecture(make_model, arch):
+    m = GGUFModel(make_model(arch, "F32"))
+    assert archs.module_for(arch).ARCH is m.spec.arch
+    assert m.spec.arch.name == arch
+
+
+def test_declarations_decide_the_fast_paths(make_model):
+    got = {a: fast_paths(GGUFModel(make_model(a, "F32")).spec) for a in ARCHS}
+    assert got["qwen3moe"] == got["llama"] == frozenset(FAST_PATHS)
+    assert "fused_qk_norm_rope" not in got["qwen2moe"]  # q/k/v biases
+    assert "fused_qk_norm_rope" not in got["olmoe"]  # q/k norm over all heads
+    assert {"c_router", "c_decode_attention"} <= got["qwen2moe"] & got["olmoe"]
+    assert got["glm4moe"] == {"embedding_gather", "c_decode_attention"}  # biases; sigmoid routing: no C router
+    assert got["deepseek2"] == {"embedding_gather", "c_router"}  # MLA: not the GQA kernels; softmax routing (V2): the C router
+
+
+class _Spy:
+    def __init__(self, fn, allowed: bool):
+        self.fn, self.allowed, self.calls = fn, allowed, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if not self.allowed:
+            raise AssertionError(f"{self.fn.__name__} ran on an architecture that did not declare what it needs")
+        return self.fn(*args, **kwargs)
+
+
+def _run(gguf: GGUFModel, ids: list[int], monkeypatch, allowed: bool) -> tuple[np.ndarray, dict[str, int]]:
+    """Prefill 16 ids, then decode the rest one by one (decode attention's path) → logits [len-15, V]."""
+    spies = {name: _Spy(getattr(model_mod, name), allowed) for name in ("route", "attn_decode", "qk_norm_rope")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(model_mod, name, spy)
+    stats = StatsCollector(gguf.spec.n_layer, gguf.spec.n_expert)
+    m = MoEModel(gguf, ExpertExecutor(ExpertStore(gguf, torch.device("cpu"), 1 << 30), stats), torch.device("cpu"))
+    cache = KVCache(gguf.spec, 256, torch.device("cpu"))
+    steps = [m.forward(torch.tensor(ids[:16]), cache)[-1]]
+    for t in ids[16:]:
+        steps.append(m.forward(torch.tensor([t]), cache)[-1])
+    monkeypatch.undo()
+    return torch.stack(steps).numpy(), {k: s.calls for k, s in spies.items()}
+
+
+def test_undeclared_fast_paths_do_not_run_and_the_reference_path_is_right(make_model, monkeypatch):
+    """A qwen3moe file read as an architecture that declares q/k/v biases (none in this file), a
+    sliding window (of no length here) and expert groups (two of four experts each, both used):
+    nothing changes the numbers, but the fused q/k-norm+RoPE, the C decode attention and the C
+    router no longer fit the declarations — they must not run, and the logits must stay right."""
+    path = make_model("qwen3moe", "Q8_0")
+    ids = np.random.default_rng(3).integers(0, 300, 24).tolist()
+    base, calls = _run(GGUFModel(path), ids, monkeypatch, allowed=True)
+    if model_mod.native_lib() is not None:  # the spies see the fast paths when they are allowed
+        assert calls["route"] and calls["attn_decode"] and calls["qk_norm_rope"]
+    other = GGUFModel(path)
+    arch = dataclasses.replace(other.spec.arch, qkv_bias=True, sliding_window=True)
+    other.spec = dataclasses.replace(other.spec, arch=arch, n_expert_groups=2, n_group_used=2)
+    assert fast_paths(other.spec) == {"embedding_gather"}
+    ref, calls = _run(other, ids, monkeypatch, allowed=False)
+    assert calls == {"route": 0, "attn_decode": 0, "qk_norm_rope": 0}
+    np.testing.assert_allclose(ref, base, rtol=1e-4, atol=1e-4 * np.abs(base).max())
+    with localmoe.load(path, device="cpu") as rt:  # and both are the one-pass logits
+        full = rt.logits(ids)[15:]
+    np.testing.assert_allclose(ref, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+
+
+def test_layers_without_experts_have_no_resident_experts():
+    snap = StatsCollector(4, 8, moe_layers=(1, 2, 3)).snapshot()
+    assert [len(layer.resident) for layer in snap.layers] == [0, 8, 8, 8]
