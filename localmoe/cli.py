@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", metavar="PRESET", help="qwen3-30b-a3b, mixtral-8x7b or olmoe-1b-7b")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the GGUF file to write")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
-    p.add_argument("--quant", default="Q4_K_M", help="F32, F16, Q8_0, Q4_0 (written directly) or a llama.cpp type: Q4_K_M, Q4_K_S, Q5_K_M, Q6_K, Q4_1, Q5_0, Q5_1, BF16 (default Q4_K_M)")
+    p.add_argument("--quant", default="Q4_K_M", help="F32, F16, Q8_0, Q4_0 (written directly) or a llama.cpp type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_S, Q3_K_M, Q3_K_L, Q2_K, IQ4_XS, IQ4_NL, MXFP4_MOE, Q4_1, Q5_0, Q5_1, BF16 (default Q4_K_M)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     p = sub.add_parser("calibrate", help="expert statistics and the buddy table, saved beside the model", description="Run the model over calibration text and record, per layer, expert usage, co-activation, functional similarity of experts on real activations and router-score correlation; build the buddy table used by --on-miss buddy/cost and save it as MODEL.buddies.json with its provenance.")
     _add_model_arg(p, required=False)
@@ -305,6 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         if args.verbose:
             print_timings(rt.stats(), sys.stderr)
+            print_backends(rt, sys.stderr)
     return 0
 
 
@@ -331,6 +332,14 @@ def print_timings(st, out) -> None:  # st: Stats
             "substitutions: " + ", ".join(f"{k} {v}" for k, v in st.substitutions.items()),
         ]
     print("\n".join(lines), file=out)
+
+
+def print_backends(rt, out) -> None:
+    """Which CPU kernel each quant type of the model uses on this machine, and why."""
+    from .info import backend_lines, cpu_backends
+
+    qtypes = sorted({t.qtype.name for t in rt.gguf.tensors.values()})
+    print("\n".join(backend_lines(cpu_backends(qtypes))), file=out)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -17,10 +17,10 @@ from gguf import GGMLQuantizationType, GGUFReader
 from . import names
 from .arch import ARCHITECTURES, ArchSpec, supported_list
 from .errors import LocalMoEError
-from .gguf_blocks import BLOCK_TYPES, FLOAT_TYPES
+from .gguf_blocks import FLOAT_TYPES, QUANT_TYPES
 
 Q = GGMLQuantizationType
-SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = FLOAT_TYPES | BLOCK_TYPES  # what gguf_blocks decodes
+SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = FLOAT_TYPES | QUANT_TYPES  # what gguf_blocks reads
 
 
 @dataclass(frozen=True)
