@@ -36,6 +36,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device (default auto: cuda when available)")
     r = p.add_argument_group("expert residency")
     r.add_argument("--gpu-mem", metavar="SIZE", default=None, help="GPU-tier budget for dense weights + cached experts, e.g. 6GB (default: every expert resident)")
+    r.add_argument("--host-mem", metavar="SIZE", default=None, help="host RAM for experts repacked for the VNNI kernel, e.g. 8GB; beyond it experts are computed in place from the file by ggml (default: available RAM less the file size and 1 GiB)")
     r.add_argument("--policy", default="lfu", choices=ONLINE_POLICIES, help="cache eviction policy (default lfu; see docs/residency.md)")
     r.add_argument("--on-miss", default="cpu", choices=ON_MISS_POLICIES, help="what a missing expert does: fetch it, compute it on the CPU, drop it, run a resident buddy, run the little expert set, or choose by cost (default cpu; docs/fallback.md)")
     r.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's predicted experts")
@@ -50,6 +51,7 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         device=args.device, n_ctx=args.ctx_size, threads=args.threads, gpu_mem=args.gpu_mem, policy=args.policy, on_miss=args.on_miss,
         prefetch=not args.no_prefetch, profile=args.profile, n_cpu_moe=args.n_cpu_moe, cpu_moe=args.cpu_moe, trace=args.trace,
+        host_mem=args.host_mem,
     )
 
 

@@ -152,3 +152,37 @@ def test_mixed_fuse_rows_is_zero_copy_under_ggml(monkeypatch):
     gate, up = ggml_rows(Q.Q4_K, 16, 256, 4), ggml_rows(Q.Q4_K, 16, 256, 5)
     fused = fuse_rows([(gate, Q.Q4_K, (16, 256)), (up, Q.Q4_K, (16, 256))])
     assert fused.backend == "ggml" and fused.tensors["raw0"].data_ptr() == gate.ctypes.data and fused.tensors["raw1"].data_ptr() == up.ctypes.data
+
+
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI kernel: every expert is computed in place already")
+def test_experts_beyond_host_mem_run_in_place_and_are_never_repacked_twice(make_model, monkeypatch):
+    """Under a host-RAM budget of about two repacked experts, the rest are computed by ggml from the
+    memory map: nothing is repacked twice, the budget holds, and the logits are those of the
+    all-repacked run to the activation rounding of the two kernels."""
+    import localmoe
+    from localmoe import experts as experts_mod
+
+    path = make_model("qwen3moe", "Q4_0")
+    ids = list(range(10, 40))
+    with localmoe.load(path, device="cpu") as rt:
+        full = rt.logits(ids)
+        per_expert = rt.store.weights(0, 0).nbytes
+    packed: list[tuple[int, int]] = []
+    real_pack = experts_mod.pack_ffn
+
+    def counting_pack(*a, **kw):
+        packed.append(a[0][0].ctypes.data)
+        return real_pack(*a, **kw)
+
+    monkeypatch.setattr(experts_mod, "pack_ffn", counting_pack)
+    with localmoe.load(path, device="cpu", host_mem=int(2.5 * per_expert)) as rt:
+        small = rt.logits(ids)
+        small2 = rt.logits(ids)
+        store = rt.store
+        assert 1 <= len(store._cache) <= 2 and store._cached_bytes <= 2.5 * per_expert
+        assert len(store._mapped) >= rt.spec.n_layer * rt.spec.n_expert - 2
+        assert {w.gate_up.backend for w in store._mapped.values()} == {"ggml"}
+    assert len(packed) == len(set(packed)) <= 2  # the second pass repacked nothing
+    np.testing.assert_array_equal(small, small2)
+    assert np.linalg.norm(small - full) / np.linalg.norm(full) <= 1e-2
+    assert (small.argmax(-1) == full.argmax(-1)).mean() >= 0.9
