@@ -59,9 +59,11 @@ def _first_error(stderr: str, cc: str) -> str:
     return lines[-1] if lines else f"{cc} failed"
 
 
-def build(source: str, stem: str, flags: list[str]) -> str:
+def build(source: str, stem: str, flags: list[str], libs: list[str] | None = None, key_extra: str = "") -> str:
     """Compile localmoe/csrc/`source` into a shared library in the cache directory (once per source
-    version, flags and CPU) and return its path. Raises BuildError with the compiler's message."""
+    version, flags, CPU and `key_extra`, e.g. a hash of headers it includes) and return its path;
+    `libs` go after the source on the command line. Raises BuildError with the compiler's message."""
+    libs = libs or []
     path = source_path(source)
     try:
         with open(path, "rb") as f:
@@ -69,7 +71,7 @@ def build(source: str, stem: str, flags: list[str]) -> str:
     except OSError as exc:
         raise BuildError(f"the C source {path} is missing ({exc.strerror}); reinstall localmoe") from None
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(text + " ".join([cc, *flags, sys.platform, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join([cc, *flags, *libs, key_extra, sys.platform, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
     try:
         folder = cache_dir()
     except OSError as exc:
@@ -80,7 +82,7 @@ def build(source: str, stem: str, flags: list[str]) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so.tmp", dir=folder)  # same folder: the rename below never crosses filesystems
     os.close(fd)
     try:
-        cmd = [cc, *flags, "-shared", "-fPIC", path, "-o", tmp]
+        cmd = [cc, *flags, "-shared", "-fPIC", path, "-o", tmp, *libs]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except FileNotFoundError:
@@ -96,9 +98,9 @@ def build(source: str, stem: str, flags: list[str]) -> str:
     return so
 
 
-def load(source: str, stem: str, flags: list[str]) -> ctypes.CDLL:
+def load(source: str, stem: str, flags: list[str], libs: list[str] | None = None, key_extra: str = "") -> ctypes.CDLL:
     """build(), then load it with ctypes (calls release the GIL)."""
-    so = build(source, stem, flags)
+    so = build(source, stem, flags, libs, key_extra)
     try:
         return ctypes.CDLL(so)
     except OSError as exc:

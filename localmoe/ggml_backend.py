@@ -30,6 +30,7 @@ from . import cbuild
 
 Q = GGMLQuantizationType
 DRIVER_SOURCE = "ggml_driver.c"
+GRAPH_SOURCE = "ggml_graph.c"
 DRIVER_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])  # the second where -march=native is refused
 # The quantized types localmoe hands to ggml: every type llama.cpp's quantizer makes for MoE models.
 # (ggml's enum grows; only types gguf-py and this list both know are looked up, never past its end.)
@@ -116,6 +117,8 @@ class GGML:
         self.base.ggml_quantize_chunk.restype = ctypes.c_size_t
         self.types = self._read_traits()
         self.driver = _build_driver()
+        self.graph, self.graph_error = _build_graph(libdir)
+        self._graph_lock = threading.Lock()  # the graph library keeps one thread pool
         d = self.driver
         d.lg_matmul.restype = ctypes.c_int
         d.lg_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
@@ -198,6 +201,18 @@ class GGML:
             raise MemoryError("lg_matmul could not allocate its scratch buffers" if rc == -1 else "lg_matmul: too many segments or activation types")
         return y
 
+    def graph_matmul(self, raw: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, x: torch.Tensor, threads: int) -> torch.Tensor | None:
+        """x [T, K] @ W.T through ggml's own graph (ggml_mul_mat on the bytes in place): the
+        many-token path; None when the graph library is not available or the rows are not contiguous."""
+        if self.graph is None:
+            return None
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        stride = raw.stride(0) * raw.element_size() if raw.dim() == 2 and n > 1 else self.types[qtype].row_bytes(k)
+        with self._graph_lock:
+            rc = self.graph.lgg_matmul(int(qtype), raw.data_ptr(), n, k, stride, x.shape[0], x.data_ptr(), y.data_ptr(), threads)
+        return y if rc == 0 else None
+
     def moe_decode(self, gate: ctypes.Array, up: ctypes.Array, down: ctypes.Array, x: torch.Tensor, coef: torch.Tensor, d_out: int, threads: int) -> torch.Tensor:
         """Σ_e coef[e] · down_e(silu(gate_e x) · up_e x) for one row x [1, D] → [1, d_out]."""
         x = x.float().contiguous()
@@ -264,6 +279,32 @@ def _build_driver() -> ctypes.CDLL:
             err = err or exc
     assert err is not None
     raise err
+
+
+def _build_graph(libdir: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """csrc/ggml_graph.c, compiled against the ggml headers llama-cpp-python installed and linked to
+    its libraries: (library, None), or (None, why not) — the per-row driver then does prefill too."""
+    import hashlib
+
+    site = os.path.dirname(os.path.dirname(libdir))  # .../site-packages
+    inc = next((d for d in (os.path.join(site, "include"), os.path.join(os.path.dirname(libdir), "include")) if os.path.exists(os.path.join(d, "ggml-cpu.h"))), None)
+    if inc is None:
+        return None, "llama-cpp-python installed no ggml headers"
+    h = hashlib.sha256()
+    for name in ("ggml.h", "ggml-cpu.h", "ggml-backend.h"):
+        try:
+            with open(os.path.join(inc, name), "rb") as f:
+                h.update(f.read())
+        except OSError:
+            pass
+    libs = [f"-L{libdir}", "-lggml-cpu", "-lggml-base", f"-Wl,-rpath,{libdir}"]
+    try:
+        lib = cbuild.load(GRAPH_SOURCE, "ggml_graph", ["-O2", f"-I{inc}"], libs, key_extra=h.hexdigest())
+    except cbuild.BuildError as exc:
+        return None, f"kernel build failed: {exc}"
+    lib.lgg_matmul.restype = ctypes.c_int
+    lib.lgg_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return lib, None
 
 
 _lock = threading.Lock()

@@ -166,8 +166,23 @@ class QLinear:
         if self.backend == "gguf":
             return _gguf_matmul(self, x.float())
         if self.backend == "ggml":
-            return ggml().matmul(_ggml_segs(self), self.n, x, torch.get_num_threads())
+            return _ggml_matmul(self, x)
         return _vnni_matmul(self, x)
+
+
+# From this many tokens a "ggml" matmul goes through ggml's own graph (ggml_mul_mat: its tiled loops,
+# llamafile's kernels): at 2 threads on the Qwen3-30B-A3B expert shapes it is 1.1-1.4x the per-row
+# driver at 8 tokens and 1.4-4.6x at 128; at 1-4 tokens they are level (docs/speed.md).
+GGML_GRAPH_ROWS = int(os.environ.get("LOCALMOE_GGML_GRAPH_ROWS", "8"))
+
+
+def _ggml_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
+    g, threads = ggml(), torch.get_num_threads()
+    if x.shape[0] >= GGML_GRAPH_ROWS and g.graph is not None:
+        ys = [g.graph_matmul(w.tensors[f"raw{i}"], q, rows, w.k, x, threads) for i, (q, rows) in enumerate(w.parts)]
+        if all(y is not None for y in ys):
+            return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+    return g.matmul(_ggml_segs(w), w.n, x, threads)
 
 
 def _ggml_segs(w: QLinear) -> ctypes.Array:
@@ -366,7 +381,7 @@ def kernel_status() -> dict[str, str]:
     """Each C library's state on this machine, one line each: "built" or why it is not used."""
     g = ggml()
     out = {"vnni": "built" if native_lib() is not None else native_error() or "unavailable"}
-    out["ggml"] = f"loaded (llama-cpp-python {g.version})" if g is not None else ggml_error() or "unavailable"
+    out["ggml"] = (f"loaded (llama-cpp-python {g.version}; many-token matmuls " + ("through ggml's graph" if g.graph is not None else f"per row: graph {g.graph_error}") + ")") if g is not None else ggml_error() or "unavailable"
     return out
 
 

@@ -68,17 +68,20 @@ def test_every_moe_quant_type_is_computed_by_ggml():
 
 @pytest.mark.parametrize("qtype", GGML_COMPUTE_TYPES, ids=lambda q: q.name)
 def test_ggml_matmul_is_the_dequantized_matmul(qtype):
-    """W·x through the C driver (rows split across threads, odd row counts, several tokens) equals
-    the dequantized weights times the quantized activations to float rounding, and the exact
-    product to the activation quantization's error."""
+    """W·x through the C driver (rows split across threads, odd row counts, several tokens) and, from
+    GGML_GRAPH_ROWS tokens, through ggml's graph, equals the dequantized weights times the quantized
+    activations to float rounding, and the exact product to the activation quantization's error."""
     n, k = 37, 512  # 37: two work items of 16 rows and a tail
     raw = ggml_rows(qtype, n, k, seed=int(qtype))
     ref_w = dequantize(raw, qtype).reshape(n, k).astype(np.float64)
     assert np.abs(ref_w).max() > 0
-    x = torch.from_numpy(np.random.default_rng(1).standard_normal((5, k), dtype=np.float32))
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((9, k), dtype=np.float32))
     w = repack(raw, qtype, (n, k), backend="ggml")
     assert w.backend == "ggml" and w.tensors["raw0"].data_ptr() == raw.ctypes.data  # in place: no copy
-    for rows in (1, 5):
+    assert kernels.GGML_GRAPH_ROWS <= 9
+    if ggml().graph is not None:  # the two many-token paths agree
+        torch.testing.assert_close(ggml().graph_matmul(w.tensors["raw0"], qtype, n, k, x, 2), ggml().matmul(kernels._ggml_segs(w), n, x, 2), rtol=1e-5, atol=1e-5)
+    for rows in (1, 5, 9):
         y = w(x[:rows])
         assert y.shape == (rows, n)
         # Q4_1 / Q5_1 meet Q8_1 activations, whose block sums d·Σq are stored as float16: ≤ 2e-3
