@@ -5,8 +5,9 @@ Each library is compiled with the system C compiler (`$CC`, else `cc`) into
 platform and the CPU's flags (a `-march=native` build is for this CPU). The compiler writes a
 temporary file inside the cache directory, which is then renamed into place: the rename never
 crosses a filesystem (no EXDEV from a tmpfs build folder), and a concurrent builder never loads a
-half-written file. A failed build raises `BuildError` with the compiler's own message; callers
-keep it and report it (`localmoe info`, `run --verbose`).
+half-written file. A failed build raises `BuildError` with the compiler's first error line (the
+whole output is kept in the exception and in `<stem>-build.log` beside the libraries); callers keep
+it and report it (`localmoe info`, `run --verbose`).
 """
 
 from __future__ import annotations
@@ -90,7 +91,14 @@ def build(source: str, stem: str, flags: list[str], libs: list[str] | None = Non
         except subprocess.TimeoutExpired:
             raise BuildError(f"{cc} took more than 300 s to build {source}") from None
         if r.returncode != 0:
-            raise BuildError(f"{cc} failed on {source}: {_first_error(r.stderr, cc)}", r.stderr)
+            log = os.path.join(folder, f"{stem}-build.log")
+            try:  # the whole compiler output, for a bug report
+                with open(log, "w") as f:
+                    f.write(" ".join(cmd) + "\n" + r.stderr)
+                where = f" (full output in {log})"
+            except OSError:
+                where = ""
+            raise BuildError(f"{cc} failed on {source}: {_first_error(r.stderr, cc)}{where}", r.stderr)
         os.replace(tmp, so)  # atomic within one folder
     finally:
         if os.path.exists(tmp):

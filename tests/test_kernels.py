@@ -216,7 +216,9 @@ def test_failed_kernel_build_reports_the_compiler_message(tmp_path, monkeypatch)
         cbuild.build("broken.c", "broken", ["-O1"])
     assert "broken.c" in str(err.value) and "undeclared_name" in str(err.value) and "\n" not in str(err.value)
     assert "error" in err.value.stderr
-    assert os.listdir(tmp_path / "cache") == []  # the temporary output was removed
+    assert os.listdir(tmp_path / "cache") == ["broken-build.log"]  # the temporary output was removed, the compiler's output kept
+    assert "undeclared_name" in (tmp_path / "cache" / "broken-build.log").read_text()
+    os.unlink(tmp_path / "cache" / "broken-build.log")
     (bad / "ok.c").write_text("int f(void) { return 1; }\n")
     so = cbuild.build("ok.c", "ok", ["-O1"])
     assert os.path.dirname(so) == str(tmp_path / "cache") and os.listdir(tmp_path / "cache") == [os.path.basename(so)]

@@ -87,6 +87,8 @@ def test_perplexity_matches_llama_cpp(quantized, heldout_windows, ftype, kernel,
         backends |= {experts.gate_up.backend, experts.down.backend}
     if kernel == "ggml" or not qtypes & VNNI_TYPES or native_lib() is None:
         assert "vnni" not in backends
+    # `pytest tests/test_quant_types.py -s` prints the measured rows (docs/models.md)
+    print(f"\n| {ftype} | {kernel} ({', '.join(sorted(backends))}) | {ref:.3f} | {ours:.3f} | {ours / ref - 1:+.2%} | {', '.join(sorted(q.name for q in qtypes))} |")
     assert ours == pytest.approx(ref, rel=5e-3), f"{ftype} ({kernel}): localmoe {ours:.3f}, llama.cpp {ref:.3f}; types {sorted(q.name for q in qtypes)}"
     assert ref < 100  # the file is a working model, not noise (the Q8_0 demo model: ≈ 37 here)
 
@@ -113,3 +115,23 @@ def test_ggml_decode_steps_match_the_prompt_pass(quantized, heldout_windows):
     # ≈ 2e-3 relative; an expert computed wrong or weighted wrong gives ≳ 1e-1)
     assert np.linalg.norm(inc - full[7:]) / np.linalg.norm(full[7:]) <= 1e-2
     assert (inc.argmax(-1) == full[7:].argmax(-1)).mean() >= 0.95
+
+
+def test_gpu_tier_takes_ggml_only_types(quantized, heldout_windows):
+    """The GPU tier keeps experts in their GGUF bytes and dequantizes per matmul ("gguf" backend):
+    for a type with no torch decoding (IQ4_XS here, IQ4_NL down projections) the dequantization goes
+    through ggml's to_float. Under a modelled budget (resident experts on the tier, the rest on the
+    CPU) the prompt's logits are the all-CPU run's, to the activation rounding of ggml's kernels."""
+    path = quantized("IQ4_XS")
+    ids = heldout_windows[0][:48]
+    with localmoe.load(path, device="cpu") as rt:
+        ref = rt.logits(ids)
+        dense, per_expert = rt.gguf.dense_bytes(), rt.gguf.expert_bytes(0)
+        total = rt.spec.n_layer * rt.spec.n_expert
+    with localmoe.load(path, device="cpu", gpu_mem=dense + per_expert * total // 4, profile="laptop-8gb", on_miss="cpu") as rt:
+        rt.logits(ids)  # fills the tier
+        ours = rt.logits(ids)
+        st = rt.stats()
+    assert st.hits > 0 and st.misses > 0  # experts on the tier (gguf bytes) and off it
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 2e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
