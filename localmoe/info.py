@@ -11,7 +11,25 @@ from .gguf.file import GGUFModel
 FIT_TARGETS = {"8GB GPU": 8 << 30, "24GB GPU": 24 << 30}
 
 
-def describe(model: GGUFModel) -> dict[str, Any]:
+def cpu_backends(qtypes: list[str]) -> dict[str, Any]:
+    """The CPU backend each quant type runs with on this machine, and why; each kernel's state."""
+    from gguf import GGMLQuantizationType
+
+    from .compute.kernels import backend_table, kernel_status, kernel_warnings
+
+    rows = backend_table([GGMLQuantizationType[q] for q in qtypes])
+    return {"by_type": {r["qtype"]: {"backend": r["backend"], "reason": r["reason"]} for r in rows}, "kernels": kernel_status(), "warnings": kernel_warnings()}
+
+
+def backend_lines(b: dict[str, Any]) -> list[str]:
+    """The text `info` and `run --verbose` print for cpu_backends()."""
+    lines = ["cpu backend    " + "; ".join(f"{q}: {v['backend']} ({v['reason']})" for q, v in b["by_type"].items())]
+    lines.append("kernels        " + "; ".join(f"{k}: {v}" for k, v in b["kernels"].items()))
+    lines += [f"warning: {w} — the slower fallback runs" for w in b["warnings"]]
+    return lines
+
+
+def describe(model: GGUFModel, backends: bool = True) -> dict[str, Any]:
     s = model.spec
     by_type_bytes: Counter[str] = Counter()
     by_type_count: Counter[str] = Counter()
@@ -49,6 +67,7 @@ def describe(model: GGUFModel) -> dict[str, Any]:
         "file_bytes": expert_bytes + dense_bytes,
         "quant_mix": {k: {"tensors": by_type_count[k], "bytes": v} for k, v in sorted(by_type_bytes.items(), key=lambda kv: -kv[1])},
         "fit": fit,
+        **({"cpu": cpu_backends(sorted(by_type_bytes, key=lambda k: -by_type_bytes[k]))} if backends else {}),
     }
 
 
@@ -91,4 +110,6 @@ def format_text(d: dict[str, Any]) -> str:
     for label, f in d["fit"].items():
         share = f["experts_resident"] / f["experts_total"] if f["experts_total"] else 0.0
         lines.append(f"fit {label:<10} {f['experts_resident']:,} of {f['experts_total']:,} experts resident ({share:.0%}) after the dense weights")
+    if "cpu" in d:
+        lines += backend_lines(d["cpu"])
     return "\n".join(lines)

@@ -32,8 +32,16 @@ from .tokenizer import IncrementalDecoder, Tokenizer
 from .gguf import names
 
 ON_MISS_POLICIES = tuple(MISS_POLICIES)
-DEFAULT_HOST_CACHE = 4 << 30  # bytes of dequantized experts kept in host RAM
 MAX_TOKENS_LIMIT = 2**31 - 1  # max_tokens beyond this is a mistake, not a request
+
+
+def default_host_mem(model_bytes: int) -> int:
+    """Host RAM for repacked experts when the user gives no --host-mem: what is available now, less
+    the model file (its pages are mapped) and 1 GiB of headroom; 0 when that leaves nothing (the
+    experts are then computed in place from the memory map by ggml)."""
+    import psutil
+
+    return max(0, int(psutil.virtual_memory().available) - model_bytes - (1 << 30))
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class Runtime:
         cpu_moe: bool = False,
         trace: str | None = None,
         miss_options: dict[str, Any] | None = None,
+        host_mem: int | str | None = None,
     ):
         self.path = os.fspath(path) if path is not None else demo_model_path()
         self.device = resolve_device(device)
@@ -105,7 +114,11 @@ class Runtime:
         self._stats = StatsCollector(self.spec.n_layer, self.spec.n_expert, moe_layers=self.spec.moe_layers)
         # The CPU's copy of the experts (repacked for the CPU kernels). On CUDA the GPU tier is a
         # DeviceTier holding experts in their GGUF bytes, and every run goes through the scheduler.
-        self.store = ExpertStore(self.gguf, torch.device("cpu"), DEFAULT_HOST_CACHE)
+        # host_mem: repacked experts (VNNI layout) kept in RAM; beyond it ggml computes them in place
+        self.host_mem = parse_size(host_mem) if host_mem is not None else default_host_mem(os.path.getsize(self.path))
+        if self.host_mem < 0:
+            raise LocalMoEError(f"host_mem must be ≥ 0, got {host_mem}")
+        self.store = ExpertStore(self.gguf, torch.device("cpu"), self.host_mem)
         self.scheduler: ExpertScheduler | None = None
         self.model = MoEModel(self.gguf, ExpertExecutor(self.store, self._stats), self.device)
         cpu_layers = _static_cpu_layers(n_cpu_moe, cpu_moe, self.spec.n_layer)
@@ -407,6 +420,7 @@ def load(
     cpu_moe: bool = False,
     trace: str | None = None,
     miss_options: dict[str, Any] | None = None,
+    host_mem: int | str | None = None,
 ) -> Runtime:
     """Open a MoE GGUF model (None → the bundled demo model). Raises LocalMoEError on bad input.
 
@@ -418,8 +432,11 @@ def load(
     on the CPU).
     trace: write the routing of every token to this file (JSON lines). miss_options: parameters of
     the miss policy, e.g. {"share": 0.5} for little, {"min_score": 0.4, "fallback": "fetch"} for
-    buddy, {"quality_budget": 0.1} for cost (see docs/fallback.md)."""
-    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace, miss_options)
+    buddy, {"quality_budget": 0.1} for cost (see docs/fallback.md). host_mem: host RAM (bytes or
+    "8GB") for experts repacked into the VNNI kernel's layout; experts beyond it, and every expert of
+    a type ggml computes faster, run in place from the memory map (default: the RAM available at load
+    less the file's size and 1 GiB)."""
+    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace, miss_options, host_mem)
 
 
 def _check_policy_names(policy: str, on_miss: str) -> None:

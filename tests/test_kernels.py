@@ -7,6 +7,8 @@ own Python reference) followed by a float64 matmul.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from localmoe.compute import kernels
 from localmoe.gguf import blocks as gguf_blocks
 from localmoe.gguf.blocks import decode
 from localmoe.compute.kernels import fuse_rows, repack
+from localmoe.compute.ggml_backend import ggml
 
 BLOCKS = {Q[name]: layout for name, layout in bench.BLOCK_LAYOUTS.items()}  # the block types and their layouts
 FLOATS = (Q.F32, Q.F16, Q.BF16)
@@ -55,6 +58,8 @@ def backends_for(qtype: Q) -> list[str]:
         out.append("int4")
     if kernels.native_lib() is not None:
         out.append("vnni")
+    if ggml() is not None and ggml().computes(qtype):
+        out.append("ggml")
     return out
 
 
@@ -179,12 +184,21 @@ def test_fused_rows_equal_separate_matmuls():
     assert mixed.backend == "bf16" and mixed.n == 64
 
 
-def test_default_backend_per_type():
+def test_default_backend_per_type(monkeypatch):
     cpu = torch.device("cpu")
     assert kernels.choose_backend(Q.F32, cpu) == "f32"
     assert kernels.choose_backend(Q.F16, cpu) == "bf16"
-    fast = "vnni" if kernels.native_lib() is not None else "int4"
-    assert kernels.choose_backend(Q.Q4_K, cpu) == fast
+    has_ggml = ggml() is not None
+    fast = "vnni" if kernels.native_lib() is not None else "ggml" if has_ggml else "int4"
+    assert kernels.choose_backend(Q.Q4_K, cpu) == (fast if Q.Q4_K in kernels.VNNI_PREFERRED or fast != "vnni" else "ggml")
+    if has_ggml:  # types the VNNI kernel has no layout for, on any CPU
+        assert kernels.backend_reason(Q.IQ4_XS, cpu) == ("ggml", "no vnni kernel for this type")
+        monkeypatch.setenv("LOCALMOE_KERNEL", "ggml")  # forced: every quantized type
+        assert {kernels.choose_backend(q, cpu) for q in (Q.Q4_0, Q.Q4_K, Q.Q6_K, Q.Q8_0)} == {"ggml"}
+        monkeypatch.setenv("LOCALMOE_KERNEL", "torch")
+        assert kernels.backend_reason(Q.Q4_0, cpu) == ("int4", "LOCALMOE_KERNEL=torch")
+        assert kernels.choose_backend(Q.IQ4_XS, cpu) == "bf16"
+        monkeypatch.delenv("LOCALMOE_KERNEL")
     cuda = torch.device("cuda")
     for qtype in (Q.F32, Q.F16):  # off the CPU: float types as the file's bytes, through torch
         assert kernels.choose_backend(qtype, cuda) == "gguf"
@@ -196,6 +210,39 @@ def test_default_backend_per_type():
         gpu = "gguf"
     for qtype in (Q.Q4_K, Q.Q6_K):
         assert kernels.choose_backend(qtype, cuda) == gpu
+
+
+def test_failed_kernel_build_reports_the_compiler_message(tmp_path, monkeypatch):
+    """A compiler error is kept and reported in one line (not a silent fallback), and a build goes
+    through a temporary file in the cache directory itself (no cross-device rename)."""
+    from localmoe.compute import cbuild
+
+    monkeypatch.setenv("LOCALMOE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "csrc"
+    bad.mkdir()
+    (bad / "broken.c").write_text("int f(void) { return undeclared_name; }\n")
+    monkeypatch.setattr(cbuild, "CSRC", str(bad))
+    with pytest.raises(cbuild.BuildError) as err:
+        cbuild.build("broken.c", "broken", ["-O1"])
+    assert "broken.c" in str(err.value) and "undeclared_name" in str(err.value) and "\n" not in str(err.value)
+    assert "error" in err.value.stderr
+    assert os.listdir(tmp_path / "cache") == ["broken-build.log"]  # the temporary output was removed, the compiler's output kept
+    assert "undeclared_name" in (tmp_path / "cache" / "broken-build.log").read_text()
+    os.unlink(tmp_path / "cache" / "broken-build.log")
+    (bad / "ok.c").write_text("int f(void) { return 1; }\n")
+    so = cbuild.build("ok.c", "ok", ["-O1"])
+    assert os.path.dirname(so) == str(tmp_path / "cache") and os.listdir(tmp_path / "cache") == [os.path.basename(so)]
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(cbuild.BuildError, match="no C compiler"):
+        cbuild.build("broken.c", "broken2", ["-O1"])
+
+
+def test_kernel_build_failure_is_visible_in_info(monkeypatch):
+    """kernel_status / kernel_warnings (what `info` and `run --verbose` print) carry a build failure."""
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_lib_error", "kernel build failed: cc failed on vnni.c: error: unknown type name '__m512i'")
+    assert kernels.kernel_status()["vnni"].startswith("kernel build failed")
+    assert any("__m512i" in w for w in kernels.kernel_warnings())
 
 
 def test_model_runs_on_the_torch_fallback_kernels(make_model, tmp_path):
@@ -220,11 +267,19 @@ def test_model_runs_on_the_torch_fallback_kernels(make_model, tmp_path):
     assert (ours.argmax(-1) == fallback.argmax(-1)).mean() >= 0.9
 
 
-@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
-def test_fused_decode_ops_equal_their_torch_definitions():
+HELPERS = [h for h, ok in (("vnni", kernels.native_lib() is not None), ("portable", ggml() is not None)) if ok]
+
+
+@pytest.mark.skipif(not HELPERS, reason="neither the AVX-512 kernel nor the ggml driver is available")
+@pytest.mark.parametrize("helpers", HELPERS)
+def test_fused_decode_ops_equal_their_torch_definitions(helpers, monkeypatch):
     """The C helpers of the decode path (RMS norm, q/k norm + RoPE, router, attention over the KV
-    cache, SwiGLU block) compute what their torch definitions do."""
+    cache, SwiGLU block) compute what their torch definitions do: the AVX-512 ones (vnni.c) and the
+    portable ones of the ggml driver, which CPUs without AVX-512 run."""
     import torch.nn.functional as F
+
+    if helpers == "portable":
+        monkeypatch.setattr(kernels, "native_lib", lambda: None)
 
     from localmoe.compute.experts import pack_ffn, swiglu_expert
 

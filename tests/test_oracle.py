@@ -19,8 +19,25 @@ import localmoe
 from conftest import ARCHS
 from oracle import compare, llama_logits
 
-CASES = [(arch, q) for arch in ARCHS for q in ("F32", "Q8_0", "Q4_0", "Q4_K_M")]
-CASES += [("qwen3moe", q) for q in ("F16", "BF16", "Q4_1", "Q5_0", "Q5_1")]
+from localmoe.compute.ggml_backend import ggml
+from localmoe.compute.kernels import native_lib
+
+# Every quantized case runs on each CPU path this machine has: the default choice (the VNNI kernel
+# for the types it measures faster on, where it is built) and ggml's kernels alone
+# (LOCALMOE_KERNEL=ggml, what a CPU without AVX-512 runs).
+KERNELS = ["auto"] + (["ggml"] if ggml() is not None and native_lib() is not None else [])
+CASES = [(arch, q, "auto") for arch in ARCHS for q in ("F32", "Q8_0", "Q4_0", "Q4_K_M")]
+CASES += [("qwen3moe", q, "auto") for q in ("F16", "BF16", "Q4_1", "Q5_0", "Q5_1")]
+CASES += [(arch, q, k) for k in KERNELS[1:] for arch in ARCHS for q in ("Q8_0", "Q4_0", "Q4_K_M")]
+CASES += [("qwen3moe", q, k) for k in KERNELS[1:] for q in ("Q4_1", "Q5_0", "Q5_1")]
+_REFS: dict[str, tuple] = {}
+
+
+def _refs(path: str, prompts: list[list[int]]) -> tuple:
+    """llama.cpp's logits with an F32 and an F16 KV cache (the floor), once per file."""
+    if path not in _REFS:
+        _REFS[path] = (llama_logits(path, prompts), None)
+    return _REFS[path]
 
 
 def _prompts(n_vocab_real: int = 300) -> list[list[int]]:
@@ -28,20 +45,28 @@ def _prompts(n_vocab_real: int = 300) -> list[list[int]]:
     return [rng.integers(0, n_vocab_real, 64).tolist() for _ in range(4)]
 
 
-@pytest.mark.parametrize("arch,qtype", CASES, ids=[f"{a}-{q}" for a, q in CASES])
-def test_logits_match_llama_cpp(make_model, arch, qtype):
+@pytest.mark.parametrize("arch,qtype,kernel", CASES, ids=[f"{a}-{q}" + ("" if k == "auto" else f"-{k}") for a, q, k in CASES])
+def test_logits_match_llama_cpp(make_model, arch, qtype, kernel, monkeypatch):
     path = make_model(arch, qtype)
     prompts = _prompts()
-    ref = llama_logits(path, prompts)
+    ref = _refs(path, prompts)[0]
+    if kernel != "auto":
+        monkeypatch.setenv("LOCALMOE_KERNEL", kernel)
     with localmoe.load(path, device="cpu") as rt:
         ours = np.concatenate([rt.logits(p) for p in prompts])
+        if kernel == "ggml":
+            assert {w.backend for lw in rt.model.layers for w in lw.wqkv} <= {"ggml", "f32", "bf16"}
     assert ours.shape == ref.shape == (256, rt.spec.n_vocab)
     rel, agree = compare(ours, ref)
     if qtype == "F32":
         assert rel <= 1e-4, f"F32 must match llama.cpp to float rounding: rel {rel:.2e}"
         assert agree >= 0.99
         return
-    floor_rel, floor_agree = compare(llama_logits(path, prompts, f16_kv=True), ref)
+    floor = _refs(path, prompts)[1]
+    if floor is None:
+        floor = compare(llama_logits(path, prompts, f16_kv=True), ref)
+        _REFS[path] = (ref, floor)
+    floor_rel, floor_agree = floor
     rel_tol = max(1e-2, 2 * floor_rel)
     disagree_tol = max(0.01, 2 * (1 - floor_agree))
     assert rel <= rel_tol, f"rel {rel:.2e} > {rel_tol:.2e} (floor {floor_rel:.2e})"

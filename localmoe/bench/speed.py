@@ -422,7 +422,15 @@ RANDOM_LAYOUTS = {**BLOCK_LAYOUTS, "Q2_K": (256, 84, (80, 82)), "Q3_K": (256, 11
 
 def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator, scale: float = 0.01) -> np.ndarray:
     """A [n, k] matrix of a block type as random bytes with sane float16 scales (about `scale`):
-    every code pattern occurs."""
+    every code pattern occurs. Types outside RANDOM_LAYOUTS (the IQ1/IQ2/IQ3 grid types) are plain
+    random bytes: fine for timing."""
+    if qtype_name not in RANDOM_LAYOUTS:
+        from gguf import GGMLQuantizationType
+
+        from ..gguf.blocks import BLOCK_SIZES
+
+        per, size = BLOCK_SIZES[GGMLQuantizationType[qtype_name]]
+        return rng.integers(0, 256, (n, k // per * size), dtype=np.uint8)
     per, size, f16_at = RANDOM_LAYOUTS[qtype_name]
     b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
     for at in f16_at:
@@ -431,6 +439,9 @@ def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator, sca
         e = int(round(np.log2(scale))) + 128
         b[..., 0] = rng.integers(e - 3, e + 4, (n, k // per))
     return b.reshape(n, -1)
+
+
+KERNEL_TYPES = ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4", "IQ2_XXS", "IQ3_S")
 
 
 def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ...] = (1, 8, 128), copies_bytes: int = 256 << 20) -> list[dict[str, Any]]:
@@ -445,10 +456,14 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     out = []
-    for name in ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"):
+    from ..compute.ggml_backend import ggml
+    from ..gguf.blocks import BLOCK_TYPES
+
+    for name in KERNEL_TYPES:
         qtype = GGMLQuantizationType[name]
         raw = random_blocks(name, n, k, rng)
-        backends = (["vnni"] if kernels.native_lib() is not None else []) + (["int4"] if name in ("Q4_0", "Q4_K") else []) + ["bf16"]
+        backends = (["vnni"] if kernels.native_lib() is not None and qtype in BLOCK_TYPES else []) + (["ggml"] if ggml() is not None and ggml().computes(qtype) else [])
+        backends += (["int4"] if name in ("Q4_0", "Q4_K") else []) + (["bf16"] if qtype in BLOCK_TYPES else [])
         for backend in backends:
             w0 = kernels.repack(raw, qtype, (n, k), backend=backend)
             copies = [w0] + [dataclasses.replace(w0, tensors={key: t.clone() for key, t in w0.tensors.items()}) for _ in range(max(0, copies_bytes // w0.nbytes - 1))]

@@ -24,7 +24,9 @@ from ..tokenizer import CHATML_TEMPLATE
 Q = GGMLQuantizationType
 # What `weight_type` may be for the big matrices; norms and routers stay F32 as llama.cpp keeps them.
 WRITE_TYPES = {"F32": (Q.F32, LlamaFileType.ALL_F32), "F16": (Q.F16, LlamaFileType.MOSTLY_F16), "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0), "Q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0)}
-LLAMA_FTYPES = {"F16": 1, "BF16": 32, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18}
+LLAMA_FTYPES = {"F16": 1, "BF16": 32, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18,
+                # (llama.h's LLAMA_FTYPE_MOSTLY_*) the low-bit mixes; the IQ1/IQ2/IQ3 ones need an importance matrix
+                "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q5_K_S": 16, "IQ4_NL": 25, "IQ4_XS": 30, "MXFP4_MOE": 38}
 
 
 @dataclass(frozen=True)
@@ -488,7 +490,7 @@ def write_preset(name: str, path: str, n_layer: int = 4, quant: str = "Q4_K_M", 
     cfg = preset(name, n_layer=n_layer, seed=seed)
     if quant in WRITE_TYPES:
         return write_model(path, replace(cfg, weight_type=quant), progress)
-    source = "Q8_0" if quant.startswith(("Q4_K", "Q5_K", "Q6_K")) else "F32"  # as tests/conftest.py does
+    source = "Q8_0" if quant.startswith(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ", "MXFP4")) else "F32"  # as tests/conftest.py does
     tmp = f"{path}.{source}.tmp"
     try:
         write_model(tmp, replace(cfg, weight_type=source), progress)

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ..gguf import names
+from ..gguf.blocks import raw_bytes
 from ..gguf.file import GGUFModel
 from .counters import to_device
-from .kernels import QLinear, RawMatrix, fuse_rows, matvec_many, repack, swiglu_decode
+from .kernels import QLinear, RawMatrix, choose_backend, fuse_rows, ggml_weight, matvec_many, repack, swiglu_decode
 from ..stats import StatsCollector
 
 ExpertId = tuple[int, int]  # (layer, expert)
@@ -53,6 +54,14 @@ def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float
     y = swiglu_decode([w.gate_up for w in ws], [w.down for w in ws], x, weights)
     if y is not None:
         return y
+    kinds = {w.gate_up.backend for w in ws}
+    if len(kinds) > 1 and len(ws) > 1:  # e.g. repacked (vnni) experts beside ones computed in place (ggml): one call per kind
+        out = None
+        for kind in kinds:
+            sel = [i for i, w in enumerate(ws) if w.gate_up.backend == kind]
+            part = swiglu_experts([ws[i] for i in sel], x, [weights[i] for i in sel])
+            out = part if out is None else out.add_(part)
+        return out
     gu = matvec_many([w.gate_up for w in ws], x)  # [k, 2·n_ff]
     if gu is None:
         out = swiglu_expert(ws[0], x).mul_(weights[0])
@@ -120,11 +129,21 @@ def resident_decode(addresses: torch.Tensor, like: ExpertWeights, x: torch.Tenso
     return weights[0:1].float() @ y
 
 
+def mapped_ffn(gate: RawMatrix, up: RawMatrix, down: RawMatrix) -> ExpertWeights:
+    """One FFN computed by ggml in place: views of the memory-mapped file, nothing copied."""
+    gu = ggml_weight([(raw_bytes(d, shape[0]), q, shape[0]) for d, q, shape in (gate, up)], gate[2][1])
+    return ExpertWeights(gu, ggml_weight([(raw_bytes(down[0], down[2][0]), down[1], down[2][0])], down[2][1]))
+
+
 class ExpertStore:
-    """Expert weights at rest stay quantized in the memory-mapped file. Computing on them needs a
-    one-time repack into the kernel's layout (compute/kernels.py) — about the file's size, not float32.
-    Repacked experts are kept in an LRU in host RAM under `host_cache_bytes` so a hot expert is
-    repacked once, not every token."""
+    """Expert weights at rest stay quantized in the memory-mapped file.
+
+    Where ggml's kernels are the backend for the experts' types (kernels.choose_backend), an expert
+    is computed in place from the file: no repacking, no copy, no RAM beyond the page cache (its
+    ExpertWeights are views, kept in `_mapped`). Where the VNNI kernel is the backend, an expert is
+    repacked once on first use into its layout and kept in host RAM under `host_cache_bytes`; once
+    that budget is full, further experts are computed by ggml from the file rather than evicting
+    and repacking again (with no ggml at all, the repacked experts form an LRU as before)."""
 
     def __init__(self, model: GGUFModel, device: torch.device, host_cache_bytes: int):
         self.model = model
@@ -132,14 +151,39 @@ class ExpertStore:
         self.host_cache_bytes = host_cache_bytes
         self._cache: OrderedDict[ExpertId, ExpertWeights] = OrderedDict()
         self._cached_bytes = 0
+        self._mapped: dict[ExpertId, ExpertWeights] = {}
+        self._layer_backend: dict[int, tuple[str, bool]] = {}  # layer → (backend of its experts, ggml can take them)
+
+    def backend(self, layer: int) -> tuple[str, bool]:
+        """(the backend choose_backend picks for layer's expert types, whether ggml computes them all)."""
+        got = self._layer_backend.get(layer)
+        if got is None:
+            from .ggml_backend import ggml
+
+            qtypes = {self.model.view(names.blk(layer, p)).qtype for p in names.EXPERT_PARTS}
+            picks = {choose_backend(q, self.device) for q in qtypes}
+            g = ggml() if self.device.type == "cpu" else None
+            got = (picks.pop() if len(picks) == 1 else "mixed", g is not None and all(g.computes(q) for q in qtypes))
+            self._layer_backend[layer] = got
+        return got
 
     def weights(self, layer: int, expert: int) -> ExpertWeights:
         key = (layer, expert)
+        w = self._mapped.get(key)
+        if w is not None:
+            return w
         w = self._cache.get(key)
         if w is not None:
             self._cache.move_to_end(key)
             return w
-        w = pack_ffn(*(self.model.expert_raw(layer, expert, p) for p in names.EXPERT_PARTS), device=self.device)
+        raws = [self.model.expert_raw(layer, expert, p) for p in names.EXPERT_PARTS]
+        backend, ggml_ok = self.backend(layer)
+        # the repacked layout is ≈ the file's bytes (≤ 1.11×): an expert that would not fit the budget
+        # is computed in place instead of evicting one (no repacking twice)
+        if backend == "ggml" or (ggml_ok and self._cached_bytes + 1.11 * self.model.expert_bytes(layer) > self.host_cache_bytes):
+            w = self._mapped[key] = mapped_ffn(*raws)
+            return w
+        w = pack_ffn(*raws, device=self.device)
         if w.nbytes <= self.host_cache_bytes:
             self._cache[key] = w
             self._cached_bytes += w.nbytes

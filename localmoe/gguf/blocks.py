@@ -1,6 +1,6 @@
 """GGUF block formats decoded with torch ops, on any device: the one place that knows the bit layout.
 
-Every block type we support is, per group of G weights (G = 32, or 16 for Q6_K), an affine code
+Every block type of BLOCK_TYPES is, per group of G weights (G = 32, or 16 for Q6_K), an affine code
 w = scale · code + zero with an unsigned code of 4, 5, 6 or 8 bits. `decode` turns the raw bytes of
 a [N, K] matrix into that form exactly (no rounding anywhere: every product below is exact in
 float32), and `dequantize` turns raw bytes into float32 weights — on the CPU when repacking for the
@@ -16,16 +16,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 Q = GGMLQuantizationType
 FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
+# Block types with an exact affine decoding here (`decode`): what the repacked kernels take.
 BLOCK_TYPES = frozenset({Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K})
-# (weights per block, bytes per block)
-BLOCK_SIZES = {
-    Q.Q4_0: (32, 18), Q.Q4_1: (32, 20), Q.Q5_0: (32, 22), Q.Q5_1: (32, 24), Q.Q8_0: (32, 34),
-    Q.Q4_K: (256, 144), Q.Q5_K: (256, 176), Q.Q6_K: (256, 210),
-}
+# The other types llama.cpp's quantizer makes for MoE models (Q2_K; Q3_K of the Q3_K_S/M/L mixes;
+# the non-linear IQ4_NL / IQ4_XS, the grid-coded IQ1 / IQ2 / IQ3 types, gpt-oss's MXFP4): ggml's
+# kernels compute on them as stored (ggml_backend.py), and `dequantize` turns them into float32
+# with ggml's own dequantizer (else gguf-py's).
+GGML_ONLY_TYPES = frozenset({Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S})
+QUANT_TYPES = BLOCK_TYPES | GGML_ONLY_TYPES
+# (weights per block, bytes per block) of every quantized type we read, from gguf-py's table
+BLOCK_SIZES = {q: GGML_QUANT_SIZES[q] for q in QUANT_TYPES}
 _FLOAT_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 # Weights are read zero-copy from the read-only memory map and never written through: torch's
 # warning about tensors over read-only numpy memory says nothing useful here.
@@ -143,7 +147,26 @@ def dequantize(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, shap
     N, K = shape
     if qtype in FLOAT_TYPES:
         return raw_bytes(raw, N).view(_FLOAT_DTYPES[qtype]).reshape(N, K).float()
+    if qtype in GGML_ONLY_TYPES:
+        return _dequantize_other(raw_bytes(raw, N), qtype, shape)
     return decode(raw, qtype, shape).dequantize()
+
+
+def _dequantize_other(b: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
+    """A type without a torch decoding: ggml's dequantizer (to_float, C) on the CPU, else gguf-py's
+    numpy one; bytes on another device make a round trip through host memory (exact, not fast)."""
+    from ..compute.ggml_backend import ggml
+
+    N, K = shape
+    host = b if b.device.type == "cpu" else b.cpu()
+    g = ggml()
+    if g is not None and g.kernels(qtype) is not None and g.kernels(qtype).to_float:
+        out = g.to_float(host.contiguous(), qtype, N, K, torch.get_num_threads())
+    else:
+        from gguf.quants import dequantize as np_dequantize
+
+        out = torch.from_numpy(np.ascontiguousarray(np_dequantize(host.numpy(), qtype), dtype=np.float32).reshape(N, K))
+    return out if b.device.type == "cpu" else out.to(b.device)
 
 
 def to_torch(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

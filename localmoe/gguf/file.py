@@ -21,10 +21,10 @@ from .. import archs
 from ..archs import common as arch_common
 from ..archs.common import ArchSpec
 from ..errors import LocalMoEError
-from .blocks import BLOCK_TYPES, FLOAT_TYPES
+from .blocks import FLOAT_TYPES, QUANT_TYPES
 
 Q = GGMLQuantizationType
-SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = FLOAT_TYPES | BLOCK_TYPES  # what gguf_blocks decodes
+SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = FLOAT_TYPES | QUANT_TYPES  # what gguf_blocks reads
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,284 @@
+// Drives ggml's own CPU kernels (libggml-cpu, shipped with llama-cpp-python) over weight rows as
+// they are stored in the GGUF file: no repacking, no copy (the rows are read from the memory map).
+//
+// For a weight of ggml type T, ggml_get_type_traits_cpu(T) gives vec_dot (a row of T against an
+// activation row in vec_dot_type) and vec_dot_type; the from_float of vec_dot_type's traits
+// quantizes the activations (Q8_0 for the 32-weight types, Q8_K for the K- and IQ-types). Python
+// looks those function pointers up with ctypes and passes them here; this file only splits rows
+// across threads (OpenMP), so it is plain C with no ISA requirement: ggml picks the SIMD code for
+// this CPU at run time (AVX2, AVX-512, NEON, ...).
+//
+// Also here: portable versions of the small decode-path helpers (RMS norm, q/k norm + RoPE, the
+// router, one token's attention) for CPUs without the AVX-512 kernel (vnni.c has the same
+// signatures), written so that -O3 vectorises them for whatever the CPU has.
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*vec_dot_t)(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
+typedef void (*from_float_t)(const float *x, void *y, int64_t k);
+typedef void (*to_float_t)(const void *x, float *y, int64_t k);
+
+// One weight matrix (or a segment of rows of a fused one) as stored in the file.
+typedef struct {
+    const uint8_t *data;     // row 0
+    int64_t row_bytes;       // stride between rows
+    int64_t N, K;            // rows, weights per row
+    vec_dot_t vec_dot;
+    from_float_t from_float; // of vec_dot_type: quantizes an activation row
+    int64_t q_row_bytes;     // bytes of one activation row of K values in vec_dot_type
+} lg_w_t;
+
+#define ROWS_PER_ITEM 16  // rows per work item: small enough to balance 2-16 threads, large enough to amortise
+
+// Activations quantized once per distinct from_float among the segments (at most 4 kinds).
+typedef struct {
+    from_float_t fn[4];
+    int64_t bytes[4];
+    uint8_t *buf[4];
+    int n;
+} qx_t;
+
+static int qx_slot(qx_t *q, from_float_t fn, int64_t bytes) {
+    for (int i = 0; i < q->n; i++)
+        if (q->fn[i] == fn && q->bytes[i] == bytes) return i;
+    if (q->n == 4) return -1;
+    q->fn[q->n] = fn;
+    q->bytes[q->n] = bytes;
+    q->buf[q->n] = NULL;
+    return q->n++;
+}
+
+static void qx_free(qx_t *q) {
+    for (int i = 0; i < q->n; i++) free(q->buf[i]);
+}
+
+// y[t, :] = concat over segments s of W_s @ x[t] for T rows of x [T, K] (ldx floats apart); y [T, ldy].
+// Work items: blocks of ROWS_PER_ITEM rows of one segment, each against every token (the block's
+// bytes stay in cache across the tokens). Returns 0, or -1 when scratch memory is short.
+int lg_matmul(int nseg, const lg_w_t *w, int T, const float *x, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+    if (T <= 0 || nseg <= 0) return 0;
+    qx_t q = {0};
+    int slot[16];
+    if (nseg > 16) return -2;
+    for (int s = 0; s < nseg; s++) {
+        slot[s] = qx_slot(&q, w[s].from_float, w[s].q_row_bytes);
+        if (slot[s] < 0) return -2;
+    }
+    for (int i = 0; i < q.n; i++) {
+        q.buf[i] = malloc((size_t)T * q.bytes[i]);
+        if (!q.buf[i]) { qx_free(&q); return -1; }
+    }
+    int64_t items = 0, first[17], col[17];
+    for (int s = 0; s < nseg; s++) {
+        first[s] = items;
+        col[s] = s ? col[s - 1] + w[s - 1].N : 0;
+        items += (w[s].N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    }
+    first[nseg] = items;
+    const int64_t K = w[0].K;
+    #pragma omp parallel num_threads(nthreads) if (items > 1)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < (int64_t)q.n * T; r++) {
+            int i = (int)(r / T);
+            int64_t t = r % T;
+            q.fn[i](x + t * ldx, q.buf[i] + t * q.bytes[i], K);
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            int s = 0;
+            while (it >= first[s + 1]) s++;
+            const lg_w_t *ws = &w[s];
+            int64_t n0 = (it - first[s]) * ROWS_PER_ITEM, n1 = n0 + ROWS_PER_ITEM < ws->N ? n0 + ROWS_PER_ITEM : ws->N;
+            const uint8_t *xq = q.buf[slot[s]];
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t n = n0; n < n1; n++)
+                    ws->vec_dot((int)ws->K, y + t * ldy + col[s] + n, 0, ws->data + n * ws->row_bytes, 0, xq + t * q.bytes[slot[s]], 0, 1);
+        }
+    }
+    qx_free(&q);
+    return 0;
+}
+
+// The k routed experts of one decode token, in one call:
+//     y = sum_e c[e] * down_e(silu(gate_e x) * up_e x)
+// gate[e], up[e]: [F, D]; down[e]: [D, F]. One parallel region: x quantized once per activation
+// type, every expert's gate and up rows, the SwiGLU and each expert's activation quantized for its
+// down type, every down row, then the weighted sum. Returns 0, or -1 when scratch memory is short.
+int lg_moe_decode(int E, const lg_w_t *gate, const lg_w_t *up, const lg_w_t *down, const float *x, const float *c, float *y, int nthreads) {
+    if (E <= 0) return 0;
+    const int64_t F = gate[0].N, D = down[0].N;
+    qx_t q = {0};
+    int *gs = malloc(sizeof(int) * 2 * (size_t)E);
+    if (!gs) return -1;
+    int64_t aq_bytes = 0;
+    for (int e = 0; e < E; e++) {
+        gs[e] = qx_slot(&q, gate[e].from_float, gate[e].q_row_bytes);
+        gs[E + e] = qx_slot(&q, up[e].from_float, up[e].q_row_bytes);
+        if (gs[e] < 0 || gs[E + e] < 0 || gate[e].N != F || up[e].N != F || down[e].N != D || down[e].K != F) { free(gs); return -2; }
+        if (down[e].q_row_bytes > aq_bytes) aq_bytes = down[e].q_row_bytes;
+    }
+    float *h = malloc(sizeof(float) * (size_t)E * 2 * F), *out = malloc(sizeof(float) * (size_t)E * D);
+    uint8_t *aq = malloc((size_t)E * aq_bytes);
+    int ok = h && out && aq;
+    for (int i = 0; i < q.n && ok; i++) ok = (q.buf[i] = malloc(q.bytes[i])) != NULL;
+    if (!ok) { free(h); free(out); free(aq); free(gs); qx_free(&q); return -1; }
+    const int64_t gu_items = (F + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, dn_items = (D + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int i = 0; i < q.n; i++) q.fn[i](x, q.buf[i], gate[0].K);
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < (int64_t)E * 2 * gu_items; it++) {  // expert e, gate (m = 0) or up (m = 1), row block b
+            int e = (int)(it / (2 * gu_items)), m = (int)(it / gu_items % 2);
+            int64_t n0 = it % gu_items * ROWS_PER_ITEM, n1 = n0 + ROWS_PER_ITEM < F ? n0 + ROWS_PER_ITEM : F;
+            const lg_w_t *w = m ? &up[e] : &gate[e];
+            const uint8_t *xq = q.buf[gs[m * E + e]];
+            float *he = h + ((size_t)e * 2 + m) * F;
+            for (int64_t n = n0; n < n1; n++) w->vec_dot((int)w->K, he + n, 0, w->data + n * w->row_bytes, 0, xq, 0, 1);
+        }
+        #pragma omp for schedule(static)
+        for (int e = 0; e < E; e++) {
+            float *g = h + (size_t)e * 2 * F, *u = g + F;
+            for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];  // in place: g becomes the activation
+            down[e].from_float(g, aq + (size_t)e * aq_bytes, F);
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < (int64_t)E * dn_items; it++) {
+            int e = (int)(it / dn_items);
+            int64_t n0 = it % dn_items * ROWS_PER_ITEM, n1 = n0 + ROWS_PER_ITEM < D ? n0 + ROWS_PER_ITEM : D;
+            const lg_w_t *w = &down[e];
+            for (int64_t n = n0; n < n1; n++) w->vec_dot((int)w->K, out + (size_t)e * D + n, 0, w->data + n * w->row_bytes, 0, aq + (size_t)e * aq_bytes, 0, 1);
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < D; i++) {
+            float s = 0.f;
+            for (int e = 0; e < E; e++) s += c[e] * out[(size_t)e * D + i];
+            y[i] = s;
+        }
+    }
+    free(h); free(out); free(aq); free(gs); qx_free(&q);
+    return 0;
+}
+
+// Rows ids[0..T) of a matrix as float32 (an embedding lookup): out [T, K].
+void lg_rows(const uint8_t *data, int64_t row_bytes, to_float_t to_float, const int64_t *ids, int T, int64_t K, float *out) {
+    for (int t = 0; t < T; t++) to_float(data + ids[t] * row_bytes, out + (size_t)t * K, K);
+}
+
+// A whole [N, K] matrix as float32 (rows split across threads): out [N, K].
+void lg_to_float(const uint8_t *data, int64_t row_bytes, to_float_t to_float, int64_t N, int64_t K, float *out, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (N * K >= (1 << 16))
+    for (int64_t n = 0; n < N; n++) to_float(data + n * row_bytes, out + n * K, K);
+}
+
+// ---- Portable decode helpers (vnni.c has AVX-512 versions with the same signatures) -------------
+// Sums of products in 16 independent lanes, so -O3 vectorises them without reassociating floats.
+static inline float dot16(const float *a, const float *b, int n) {
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
+    float s = 0.f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void lg_route(const float *x, int T, int D, const float *W, int E, int k, int norm, float scale,
+              int64_t *ids, float *wts, float *scratch, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)E * D * T >= (1u << 16))
+    for (int r = 0; r < T * E; r++) scratch[r] = dot16(W + (size_t)(r % E) * D, x + (size_t)(r / E) * D, D);
+    for (int t = 0; t < T; t++) {
+        float *p = scratch + (size_t)t * E, mx = p[0], total = 0.f;
+        for (int e = 1; e < E; e++) mx = fmaxf(mx, p[e]);
+        for (int e = 0; e < E; e++) { p[e] = expf(p[e] - mx); total += p[e]; }
+        for (int e = 0; e < E; e++) p[e] /= total;
+        float picked = 0.f;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int q = 0; q < j; q++) taken |= ids[(size_t)t * k + q] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ids[(size_t)t * k + j] = best;
+            wts[(size_t)t * k + j] = p[best];
+            picked += p[best];
+        }
+        float div = norm ? fmaxf(picked, 6.103515625e-5f) : 1.f;
+        for (int j = 0; j < k; j++) {
+            float w = wts[(size_t)t * k + j] / div;
+            wts[(size_t)t * k + j] = (scale != 0.f && scale != 1.f) ? w * scale : w;
+        }
+    }
+}
+
+void lg_rms_norm(const float *x, float *y, int rows, int n, const float *w, float eps, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        float *yr = y + (size_t)r * n;
+        double ss = 0.0;
+        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        float inv = 1.f / sqrtf((float)(ss / n) + eps);
+        for (int i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
+    }
+}
+
+void lg_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, const float *qw, const float *kw,
+                     float eps, int n_rot, const float *cosv, const float *sinv, int neox, int nthreads) {
+    int half = n_rot / 2;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
+    for (int r = 0; r < rows; r++) {
+        const float *c = cosv + (size_t)r * half, *s = sinv + (size_t)r * half;
+        for (int h = 0; h < nh; h++) {
+            float *x = buf + (size_t)r * stride + (size_t)h * d;
+            const float *w = h < nq ? qw : kw;
+            if (w) {
+                double ss = 0.0;
+                for (int i = 0; i < d; i++) ss += (double)x[i] * x[i];
+                float inv = 1.f / sqrtf((float)(ss / d) + eps);
+                for (int i = 0; i < d; i++) x[i] = x[i] * inv * w[i];
+            }
+            for (int i = 0; i < half; i++) {
+                int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+                float x0 = x[a], x1 = x[b];
+                x[a] = x0 * c[i] - x1 * s[i];
+                x[b] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+}
+
+// One new token's attention against the KV cache (see lm_attn_decode in vnni.c): appends its key and
+// value at `pos`, then out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos] per query head (GQA).
+void lg_attn_decode(const float *qkv, float *kc, float *vc, int cap, int pos, int nq, int nkv, int d, int dv,
+                    float scale, float *out, float *scores, int nthreads) {
+    const float *q = qkv, *kn = qkv + (size_t)nq * d, *vn = kn + (size_t)nkv * d;
+    for (int h = 0; h < nkv; h++) {
+        memcpy(kc + ((size_t)h * cap + pos) * d, kn + (size_t)h * d, (size_t)d * sizeof(float));
+        memcpy(vc + ((size_t)h * cap + pos) * dv, vn + (size_t)h * dv, (size_t)dv * sizeof(float));
+    }
+    int S = pos + 1, group = nq / nkv;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
+    for (int h = 0; h < nq; h++) {
+        const float *qh = q + (size_t)h * d, *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
+        float *p = scores + (size_t)h * S, mx = -INFINITY, total = 0.f;
+        for (int s = 0; s < S; s++) {
+            p[s] = dot16(qh, kh + (size_t)s * d, d) * scale;
+            mx = fmaxf(mx, p[s]);
+        }
+        for (int s = 0; s < S; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
+        float *o = out + (size_t)h * dv, inv = 1.f / total;
+        for (int i = 0; i < dv; i++) o[i] = 0.f;
+        for (int s = 0; s < S; s++) {
+            const float *vr = vh + (size_t)s * dv;
+            float ps = p[s] * inv;
+            for (int i = 0; i < dv; i++) o[i] += ps * vr[i];
+        }
+    }
+}

@@ -1,0 +1,559 @@
+// y[t, n] = sum_i w[n, i] * x[t, i] for weights stored as w = scale * code + zero per group of G.
+// x is quantized per 32 values as llama.cpp quantizes activations (Q8_0): xq = round(x / dx),
+// dx = max|x| / 127. One VPDPBUSD per 64-weight chunk (u8 codes x s8 activations, 16 int32 lanes
+// of 4 products each), scaled in float by weight scale x dx per lane. The zero term,
+// sum_g zero[n, g] * sum_{i in g} xq[t, i] * dx, uses the sums of the quantized x.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int T, K, N, G, nibble, offset;  // K: padded to a multiple of 64; G: 16 or 32
+    const uint8_t *codes;             // [N, K / 2] (nibble: byte j of 128 weights = w[j] | w[j + 64] << 4) or [N, K]
+    const uint16_t *scale, *zero;     // float16 [N, K / G]; zero may be NULL (zero = -offset * scale)
+    const int8_t *xq;                 // [T, K] quantized activations
+    const float *dxg;                 // [T, K / G] activation scale dx of the 32-block holding each weight group
+    const float *xs;                  // [T, K / G] sum of the quantized x over each group
+    float *y;                         // [T, N]
+    const uint8_t *high;              // 5- and 6-bit codes: their bits above the nibble, [N, K / 64, 8 * hbits]
+    int hbits;                        // 0, 1 or 2
+    int r16;                          // 1: the row-interleaved layout below (codes, scale, zero)
+} job_t;
+
+// The high-bit plane of one 64-weight chunk → bits 4.. of each code byte. hbits = 2: byte j of the
+// plane holds weight j + 16 L in bits 2L..2L+1 (L = 0..3); hbits = 1: byte j holds weight j + 8 L in bit L.
+static inline __m512i high_bits(const job_t *j, const uint8_t *hrow, int c) {
+    __m512i v;
+    if (j->hbits == 2) {
+        v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(hrow + c * 16)));
+        v = _mm512_and_si512(_mm512_srlv_epi16(v, _mm512_set_epi64(0x0006000600060006LL, 0x0006000600060006LL, 0x0004000400040004LL, 0x0004000400040004LL,
+                                                                     0x0002000200020002LL, 0x0002000200020002LL, 0, 0)), _mm512_set1_epi8(3));
+    } else {
+        uint64_t q;
+        memcpy(&q, hrow + c * 8, 8);
+        v = _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((long long)q), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)), _mm512_set1_epi8(1));
+    }
+    return _mm512_slli_epi16(v, 4);
+}
+
+// The 64 codes of chunk c. Nibbles: 64 bytes hold 128 weights, chunk 2i in the low and 2i + 1 in the
+// high nibbles, so a pair of chunks costs one load and three logic ops (the compiler merges the loads).
+static inline __m512i load_codes(const job_t *j, const uint8_t *row, const uint8_t *hrow, int c) {
+    if (j->nibble) {
+        __m512i v = _mm512_loadu_si512((const void *)(row + (c >> 1) * 64));
+        if (c & 1) v = _mm512_srli_epi16(v, 4);
+        __m512i w = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+        return j->hbits ? _mm512_or_si512(w, high_bits(j, hrow, c)) : w;
+    }
+    return _mm512_loadu_si512((const void *)(row + c * 64));
+}
+
+// At the first chunk of every 16 weight groups (8 chunks for G = 32, 4 for G = 16): the per-lane
+// factors weight scale x activation scale of those groups (one float16 load, convert and multiply;
+// a chunk then takes its lanes' factors with one permute), and the zero term of the groups,
+// sum_g zero_g * xs_g, accumulated in `zacc` (symmetric types: sum_g scale_g * xs_g, times -offset
+// at the end). The tail (< 16 groups) loads under a mask.
+static inline void group_batch(const job_t *j, const uint16_t *srow, const uint16_t *zrow, const float *dxg, const float *xs,
+                               int g0, int ng, __m512 *f, __m512 *zacc) {
+    __mmask16 m = g0 + 16 <= ng ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g0)) - 1);
+    __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, srow + g0));
+    *f = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, dxg + g0));
+    __m512 z = zrow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, zrow + g0)) : s;
+    *zacc = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(m, xs + g0), *zacc);
+}
+
+// acc + the zero term, summed across lanes.
+static inline float finish(const job_t *j, __m512 acc, __m512 zacc) {
+    return _mm512_reduce_add_ps(_mm512_fmadd_ps(zacc, _mm512_set1_ps(j->zero ? 1.f : -(float)j->offset), acc));
+}
+
+// One weight row against tokens [t0, t0 + TT): each chunk's codes are unpacked once for TT tokens.
+// idx: lane -> group within the chunk (lanes hold 4 consecutive weights; G / 4 lanes per group).
+#define TILE(TT)                                                                                   \
+    static void tile##TT(const job_t *j, int n, int t0, __m512i idx) {                            \
+        int nc = j->K / 64, ng = j->K / j->G, gpc = 64 / j->G;                                     \
+        const uint8_t *row = j->codes + (size_t)n * (j->nibble ? j->K / 2 : j->K);                 \
+        const uint8_t *hrow = j->high + (size_t)n * (j->K / 64) * 8 * j->hbits;                    \
+        const uint16_t *srow = j->scale + (size_t)n * ng, *zrow = j->zero ? j->zero + (size_t)n * ng : 0; \
+        __m512 acc[TT], f[TT], zacc[TT];                                                           \
+        for (int u = 0; u < TT; u++) acc[u] = zacc[u] = _mm512_setzero_ps();                       \
+        for (int c = 0; c < nc; c++) {                                                             \
+            int g = c * gpc;                                                                       \
+            if (g % 16 == 0)                                                                       \
+                for (int u = 0; u < TT; u++)                                                       \
+                    group_batch(j, srow, zrow, j->dxg + (size_t)(t0 + u) * ng, j->xs + (size_t)(t0 + u) * ng, g, ng, &f[u], &zacc[u]); \
+            __m512i w = load_codes(j, row, hrow, c);                                               \
+            __m512i pi = _mm512_add_epi32(idx, _mm512_set1_epi32(g % 16));                        \
+            for (int u = 0; u < TT; u++) {                                                         \
+                __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)(j->xq + ((size_t)(t0 + u) * nc + c) * 64))); \
+                acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_permutexvar_ps(pi, f[u]), acc[u]); \
+            }                                                                                      \
+        }                                                                                          \
+        for (int u = 0; u < TT; u++) j->y[(size_t)(t0 + u) * j->N + n] = finish(j, acc[u], zacc[u]); \
+    }
+TILE(4)
+
+// One token (decode): four chunks per step into four accumulators (independent FMA chains).
+static void tile1(const job_t *j, int n, int t0, __m512i idx) {
+    int nc = j->K / 64, ng = j->K / j->G, gpc = 64 / j->G;
+    const uint8_t *row = j->codes + (size_t)n * (j->nibble ? j->K / 2 : j->K);
+    const uint8_t *hrow = j->high + (size_t)n * (j->K / 64) * 8 * j->hbits;
+    const uint16_t *srow = j->scale + (size_t)n * ng, *zrow = j->zero ? j->zero + (size_t)n * ng : 0;
+    const int8_t *xq = j->xq + (size_t)t0 * nc * 64;
+    const float *dxg = j->dxg + (size_t)t0 * ng, *xs = j->xs + (size_t)t0 * ng;
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 f = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 4 <= nc; c += 4) {  // 16 % (4 gpc) == 0: four chunks never straddle 16 groups
+        int g = c * gpc;
+        if (g % 16 == 0) group_batch(j, srow, zrow, dxg, xs, g, ng, &f, &zacc);
+        _mm_prefetch((const char *)row + (c + 16) * (j->nibble ? 32 : 64), _MM_HINT_T0);
+        __m512i p = _mm512_add_epi32(idx, _mm512_set1_epi32(g % 16));
+        for (int u = 0; u < 4; u++) {
+            __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_codes(j, row, hrow, c + u), _mm512_loadu_si512((const void *)(xq + (c + u) * 64)));
+            a[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_permutexvar_ps(_mm512_add_epi32(p, _mm512_set1_epi32(u * gpc)), f), a[u]);
+        }
+    }
+    for (; c < nc; c++) {
+        int g = c * gpc;
+        if (g % 16 == 0) group_batch(j, srow, zrow, dxg, xs, g, ng, &f, &zacc);
+        __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_codes(j, row, hrow, c), _mm512_loadu_si512((const void *)(xq + c * 64)));
+        a[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(g % 16)), f), a[0]);
+    }
+    j->y[(size_t)t0 * j->N + n] = finish(j, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])), zacc);
+}
+
+// ---- The row-interleaved layout ("r16") ---------------------------------------------------------
+// Rows in blocks of 16, a block's bytes in one run over K: per group of G weights, its 16 rows x G
+// codes as G / 4 steps of 4 weights (lane r of a step = 4 consecutive weights of row r: one VPDPBUSD
+// against 4 activations broadcast to every lane). 8-bit codes: one 64-byte vector per step. 4-6 bit
+// codes: one vector per pair of steps, step 2p in the low nibbles and 2p + 1 in the high ones, then
+// (5 and 6 bits) one vector of the bits above the nibble: for byte i of a step, bit s (5-bit, G = 32)
+// or bits 2s..2s+1 (6-bit, G = 16) of byte i belong to step s. Scales and zeros: [blocks, groups, 16]
+// float16. A group's products add up in int32 and meet the float factors once per group, not once
+// per 64 weights: about 3 vector ops per 64 weights instead of 7 (the per-row layout above is
+// compute-bound at 13-19 GB/s per core on the machine we measure on).
+static inline __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+
+// The high bits of step s moved to bits 4.. of each byte (HB bits per step).
+static inline __m512i r16_high(__m512i hb, int s, int HB) {
+    int k = 4 - HB * s;  // left shift that takes step s's bits to bit 4
+    __m512i v = k > 0 ? _mm512_slli_epi16(hb, k) : k < 0 ? _mm512_srli_epi16(hb, -k) : hb;
+    return _mm512_and_si512(v, _mm512_set1_epi8(HB == 1 ? 0x10 : 0x30));
+}
+
+#define R16_TILE(NAME, TT, G, HB)                                                                    \
+    static void NAME(const job_t *j, int b, int t0) {                                               \
+        int ng = j->K / G;                                                                           \
+        size_t gb = j->nibble ? G * 8 + (HB ? 64 : 0) : G * 16;  /* bytes per group of 16 rows */   \
+        const uint8_t *cb = j->codes + (size_t)b * ng * gb;                                          \
+        const uint16_t *sb = j->scale + (size_t)b * ng * 16, *zb = j->zero ? j->zero + (size_t)b * ng * 16 : 0; \
+        const __m512i m4 = _mm512_set1_epi8(0x0F);                                                   \
+        __m512 acc[TT];                                                                              \
+        for (int u = 0; u < TT; u++) acc[u] = _mm512_setzero_ps();                                   \
+        for (int g = 0; g < ng; g++) {                                                               \
+            const uint8_t *cg = cb + g * gb;                                                         \
+            __m512i ia[TT], ib[TT];                                                                  \
+            for (int u = 0; u < TT; u++) ia[u] = ib[u] = _mm512_setzero_si512();                     \
+            __m512i hb = HB ? _mm512_loadu_si512((const void *)(cg + G * 8)) : _mm512_setzero_si512(); \
+            for (int p = 0; p < G / 8; p++) {                                                        \
+                __m512i lo, hi;                                                                      \
+                if (j->nibble) {                                                                     \
+                    __m512i v = _mm512_loadu_si512((const void *)(cg + p * 64));                     \
+                    lo = _mm512_and_si512(v, m4);                                                    \
+                    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);                              \
+                    if (HB) {                                                                        \
+                        lo = _mm512_or_si512(lo, r16_high(hb, 2 * p, HB));                           \
+                        hi = _mm512_or_si512(hi, r16_high(hb, 2 * p + 1, HB));                       \
+                    }                                                                                \
+                } else {                                                                             \
+                    lo = _mm512_loadu_si512((const void *)(cg + 2 * p * 64));                        \
+                    hi = _mm512_loadu_si512((const void *)(cg + (2 * p + 1) * 64));                  \
+                }                                                                                    \
+                for (int u = 0; u < TT; u++) {                                                       \
+                    const int8_t *xr = j->xq + (size_t)(t0 + u) * j->K + g * G + p * 8;              \
+                    ia[u] = _mm512_dpbusd_epi32(ia[u], lo, bcast4(xr));                              \
+                    ib[u] = _mm512_dpbusd_epi32(ib[u], hi, bcast4(xr + 4));                          \
+                }                                                                                    \
+            }                                                                                        \
+            __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + g * 16)));          \
+            __m512 z = zb ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zb + g * 16)))      \
+                          : _mm512_mul_ps(s, _mm512_set1_ps(-(float)j->offset));                     \
+            for (int u = 0; u < TT; u++) {                                                           \
+                size_t q = (size_t)(t0 + u) * ng + g;                                                \
+                __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(ia[u], ib[u]));                    \
+                acc[u] = _mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(j->dxg[q])), acc[u]);  \
+                acc[u] = _mm512_fmadd_ps(z, _mm512_set1_ps(j->xs[q]), acc[u]);                       \
+            }                                                                                        \
+        }                                                                                            \
+        int rows = j->N - b * 16;                                                                    \
+        __mmask16 m = rows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);                \
+        for (int u = 0; u < TT; u++) _mm512_mask_storeu_ps(j->y + (size_t)(t0 + u) * j->N + b * 16, m, acc[u]); \
+    }
+R16_TILE(r16_tile1, 1, 32, 0)
+R16_TILE(r16_tile4, 4, 32, 0)
+R16_TILE(r16_tile1_h1, 1, 32, 1)
+R16_TILE(r16_tile4_h1, 4, 32, 1)
+R16_TILE(r16_tile1_h2, 1, 16, 2)
+R16_TILE(r16_tile4_h2, 4, 16, 2)
+
+// Row block b (r16) or row n (per-row layout) of a job against tokens [0, T).
+static inline void job_rows(const job_t *j, int r, __m512i idx) {
+    int t = 0;
+    if (j->r16) {
+        void (*one)(const job_t *, int, int) = j->hbits == 2 ? r16_tile1_h2 : j->hbits == 1 ? r16_tile1_h1 : r16_tile1;
+        void (*four)(const job_t *, int, int) = j->hbits == 2 ? r16_tile4_h2 : j->hbits == 1 ? r16_tile4_h1 : r16_tile4;
+        for (; t + 4 <= j->T; t += 4) four(j, r, t);
+        for (; t < j->T; t++) one(j, r, t);
+    } else {
+        for (; t + 4 <= j->T; t += 4) tile4(j, r, t, idx);
+        for (; t < j->T; t++) tile1(j, r, t, idx);
+    }
+}
+
+// Work items of a job: row blocks of 16 (r16) or rows.
+static inline int job_items(const job_t *j) { return j->r16 ? (j->N + 15) / 16 : j->N; }
+
+static inline __m512i group_index(int G) {
+    return G == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                   : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+}
+
+static void quantize_x(const float *x, int T, int K, int G, int8_t *xq, float *dxg, float *xs) {
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (size_t)t * K;
+        for (int b = 0; b < K / 32; b++) {
+            float amax = 0.f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xr[b * 32 + i]));
+            float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+            for (int i = 0; i < 32; i++) xq[(size_t)t * K + b * 32 + i] = (int8_t)nearbyintf(xr[b * 32 + i] * id);
+            // the zero term uses the sums of the *quantized* x, so the result is exactly W @ x_q and
+            // its error W @ (x_q - x) (with exact sums, uncentred codes would amplify the error)
+            for (int g = b * 32 / G; g < (b + 1) * 32 / G; g++) {
+                int s = 0;
+                for (int i = 0; i < G; i++) s += xq[(size_t)t * K + g * G + i];
+                xs[(size_t)t * (K / G) + g] = d * (float)s;
+                dxg[(size_t)t * (K / G) + g] = d;
+            }
+        }
+    }
+}
+
+int lm_qmatmul(const float *x, int T, int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale,
+               const uint16_t *zero, int offset, int G, float *y, int nthreads, const uint8_t *high, int hbits, int r16) {
+    int8_t *xq = aligned_alloc(64, (size_t)T * K + 64);
+    float *dxg = aligned_alloc(64, ((size_t)T * (K / 16) + 16) * 4);
+    float *xs = aligned_alloc(64, ((size_t)T * (K / 16) + 16) * 4);
+    if (!xq || !dxg || !xs) { free(xq); free(dxg); free(xs); return -1; }
+    quantize_x(x, T, K, G, xq, dxg, xs);
+    job_t j = {T, K, N, G, nibble, offset, codes, scale, zero, xq, dxg, xs, y, high, hbits, r16};
+    __m512i idx = group_index(G);
+    // Few weights: one thread (waking others costs more than it saves).
+    int nth = (size_t)N * K * T < (1u << 18) ? 1 : nthreads, items = job_items(&j);
+    #pragma omp parallel for schedule(static) num_threads(nth)
+    for (int r = 0; r < items; r++) job_rows(&j, r, idx);
+    free(xq); free(dxg); free(xs);
+    return 0;
+}
+
+// One row of activations against E weights at once (decode: the k routed experts of a layer), in
+// one parallel region over all their rows. x_stride 0: every weight reads the same x.
+typedef struct {
+    const uint8_t *codes, *high;
+    const uint16_t *scale, *zero;
+    int N, K, nibble, offset, G, hbits, r16;
+} wdesc_t;
+
+int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, float *y, int y_stride, int nthreads) {
+    job_t *jobs = calloc(E, sizeof(job_t));
+    int *start = malloc((E + 1) * sizeof(int));
+    int8_t **bufs = calloc(E, sizeof(int8_t *));
+    int ok = jobs && start && bufs;
+    for (int e = 0; ok && e < E; e++) {
+        int K = w[e].K;
+        size_t nq = (size_t)K + 64, nd = ((size_t)(K / 16) + 16) * 4, ns = ((size_t)(K / 16) + 16) * 4;
+        bufs[e] = aligned_alloc(64, (nq + nd + ns + 63) / 64 * 64);
+        if (!bufs[e]) { ok = 0; break; }
+        int8_t *xq = bufs[e];
+        job_t j = {1, K, w[e].N, w[e].G, w[e].nibble, w[e].offset, w[e].codes, w[e].scale, w[e].zero,
+                   xq, (float *)(xq + nq), (float *)(xq + nq + nd), y + (size_t)e * y_stride, w[e].high, w[e].hbits, w[e].r16};
+        jobs[e] = j;
+    }
+    if (ok) {
+        start[0] = 0;
+        for (int e = 0; e < E; e++) start[e + 1] = start[e] + job_items(&jobs[e]);
+        #pragma omp parallel num_threads(nthreads)
+        {
+            // a shared x (x_stride 0) is quantized once when every weight has its K and G
+            int shared = x_stride == 0;
+            for (int e = 1; e < E; e++) shared &= jobs[e].K == jobs[0].K && jobs[e].G == jobs[0].G;
+            #pragma omp for schedule(static)
+            for (int e = 0; e < E; e++)
+                if (!shared || e == 0)
+                    quantize_x(x + (size_t)e * x_stride, 1, jobs[e].K, jobs[e].G, (int8_t *)jobs[e].xq, (float *)jobs[e].dxg, (float *)jobs[e].xs);
+            #pragma omp single
+            if (shared)
+                for (int e = 1; e < E; e++) { jobs[e].xq = jobs[0].xq; jobs[e].dxg = jobs[0].dxg; jobs[e].xs = jobs[0].xs; }
+            #pragma omp for schedule(static)
+            for (int r = 0; r < start[E]; r++) {  // row blocks or rows of every weight
+                int e = 0;
+                while (r >= start[e + 1]) e++;
+                job_rows(&jobs[e], r - start[e], group_index(jobs[e].G));
+            }
+        }
+    }
+    for (int e = 0; bufs && e < E; e++) free(bufs[e]);
+    free(bufs); free(start); free(jobs);
+    return ok ? 0 : -1;
+}
+
+// The router of T tokens: logits = W x (W float32 [E, D]), softmax over the E experts, the k largest
+// probabilities (ties: the lower id first), renormalised to sum 1 when norm (with
+// llama.cpp's floor on the sum), times scale when scale is neither 0 nor 1.
+void lm_route(const float *x, int T, int D, const float *W, int E, int k, int norm, float scale,
+              int64_t *ids, float *wts, float *scratch, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)E * D * T >= (1u << 16))
+    for (int r = 0; r < T * E; r++) {
+        const float *xr = x + (size_t)(r / E) * D, *wr = W + (size_t)(r % E) * D;
+        __m512 acc = _mm512_setzero_ps();
+        int i = 0;
+        for (; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i), _mm512_loadu_ps(xr + i), acc);
+        float sum = _mm512_reduce_add_ps(acc);
+        for (; i < D; i++) sum += wr[i] * xr[i];
+        scratch[r] = sum;
+    }
+    for (int t = 0; t < T; t++) {
+        float *p = scratch + (size_t)t * E, mx = p[0], total = 0.f;
+        for (int e = 1; e < E; e++) mx = fmaxf(mx, p[e]);
+        for (int e = 0; e < E; e++) { p[e] = expf(p[e] - mx); total += p[e]; }
+        for (int e = 0; e < E; e++) p[e] /= total;
+        float picked = 0.f;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int q = 0; q < j; q++) taken |= ids[(size_t)t * k + q] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ids[(size_t)t * k + j] = best;
+            wts[(size_t)t * k + j] = p[best];
+            picked += p[best];
+        }
+        float div = norm ? fmaxf(picked, 6.103515625e-5f) : 1.f;
+        for (int j = 0; j < k; j++) {
+            float w = wts[(size_t)t * k + j] / div;
+            wts[(size_t)t * k + j] = (scale != 0.f && scale != 1.f) ? w * scale : w;
+        }
+    }
+}
+
+// Row-wise RMS norm: y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (w has n values).
+void lm_rms_norm(const float *x, float *y, int rows, int n, const float *w, float eps, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        float *yr = y + (size_t)r * n;
+        double ss = 0.0;  // double: a sequential float sum would round more than torch's blocked one
+        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        float inv = 1.f / sqrtf((float)(ss / n) + eps);
+        for (int i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
+    }
+}
+
+// In place on the q and k heads at the start of each of `rows` token rows (row stride `stride`
+// floats): nh heads of d floats, the first nq of them queries. Each head is RMS-normed with qw
+// (queries) or kw (keys) when those are given, then its first n_rot dims rotated with cos/sin
+// [rows, n_rot / 2]: neox pairs (i, i + n_rot / 2), otherwise adjacent pairs (2i, 2i + 1).
+void lm_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, const float *qw, const float *kw,
+                     float eps, int n_rot, const float *cosv, const float *sinv, int neox, int nthreads) {
+    int half = n_rot / 2;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
+    for (int r = 0; r < rows; r++) {
+        const float *c = cosv + (size_t)r * half, *s = sinv + (size_t)r * half;
+        for (int h = 0; h < nh; h++) {
+            float *x = buf + (size_t)r * stride + (size_t)h * d;
+            const float *w = h < nq ? qw : kw;
+            if (w) {
+                double ss = 0.0;
+                for (int i = 0; i < d; i++) ss += (double)x[i] * x[i];
+                float inv = 1.f / sqrtf((float)(ss / d) + eps);
+                for (int i = 0; i < d; i++) x[i] = x[i] * inv * w[i];
+            }
+            for (int i = 0; i < half; i++) {
+                int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+                float x0 = x[a], x1 = x[b];
+                x[a] = x0 * c[i] - x1 * s[i];
+                x[b] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+}
+
+// The routed experts of one decode token: y = sum_e c[e] * down_e(silu(gate_e x) * up_e x), with every
+// expert's gate+up rows in one parallel pass and every down row in another. h: scratch [E, 2 F].
+int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x, const float *c, float *h, float *y, int nthreads) {
+    int F = gu[0].N / 2, D = dn[0].N;
+    float *act = malloc((size_t)E * dn[0].K * sizeof(float)), *out = malloc((size_t)E * D * sizeof(float));
+    if (!act || !out) { free(act); free(out); return -1; }
+    int rc = lm_qmatvec_multi(E, gu, x, 0, h, 2 * F, nthreads);
+    if (rc == 0) {
+        for (int e = 0; e < E; e++) {
+            const float *g = h + (size_t)e * 2 * F, *u = g + F;
+            float *a = act + (size_t)e * dn[0].K;
+            for (int i = 0; i < F; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+            for (int i = F; i < dn[0].K; i++) a[i] = 0.f;  // padding columns of the down weights
+        }
+        rc = lm_qmatvec_multi(E, dn, act, dn[0].K, out, D, nthreads);
+    }
+    if (rc == 0)
+        for (int i = 0; i < D; i++) {
+            float s = 0.f;
+            for (int e = 0; e < E; e++) s += c[e] * out[(size_t)e * D + i];
+            y[i] = s;
+        }
+    free(act); free(out);
+    return rc;
+}
+
+// e^x for 16 floats (x <= 0 here): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor
+// polynomial (relative error < 2e-7), times 2^n. Scalar expf made a decode step's softmax cost more
+// than its dot products.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.f / 720.f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(y, n);
+}
+
+// Attention of one new token (decode) against the KV cache, after q/k norm and RoPE: appends its
+// key and value (from qkv = [q: nq heads x d | k: nkv x d | v: nkv x dv]) at position `pos` of the
+// per-layer cache k [nkv, cap, d], v [nkv, cap, dv], then for each query head h (KV head h / (nq /
+// nkv)): out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos]. out: [nq, dv].
+void lm_attn_decode(const float *qkv, float *kc, float *vc, int cap, int pos, int nq, int nkv, int d, int dv,
+                    float scale, float *out, float *scores, int nthreads) {
+    const float *q = qkv, *kn = qkv + (size_t)nq * d, *vn = kn + (size_t)nkv * d;
+    for (int h = 0; h < nkv; h++) {
+        memcpy(kc + ((size_t)h * cap + pos) * d, kn + (size_t)h * d, (size_t)d * sizeof(float));
+        memcpy(vc + ((size_t)h * cap + pos) * dv, vn + (size_t)h * dv, (size_t)dv * sizeof(float));
+    }
+    int S = pos + 1, group = nq / nkv;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
+    for (int h = 0; h < nq; h++) {
+        const float *qh = q + (size_t)h * d, *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
+        float *p = scores + (size_t)h * S, mx = -INFINITY, total = 0.f;
+        for (int s = 0; s < S; s++) {  // four accumulators: the FMA latency chain is d / 64 long, not d / 16
+            const float *kr = kh + (size_t)s * d;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int i = 0;
+            for (; i + 64 <= d; i += 64) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kr + i), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 16), _mm512_loadu_ps(kr + i + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 32), _mm512_loadu_ps(kr + i + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 48), _mm512_loadu_ps(kr + i + 48), a3);
+            }
+            for (; i + 16 <= d; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kr + i), a0);
+            float dot = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+            for (; i < d; i++) dot += qh[i] * kr[i];
+            p[s] = dot * scale;
+            mx = fmaxf(mx, p[s]);
+        }
+        __m512 vmx = _mm512_set1_ps(mx), vt = _mm512_setzero_ps();
+        int s = 0;
+        for (; s + 16 <= S; s += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + s), vmx));
+            _mm512_storeu_ps(p + s, e);
+            vt = _mm512_add_ps(vt, e);
+        }
+        total = _mm512_reduce_add_ps(vt);
+        for (; s < S; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
+        float inv = 1.f / total, *o = out + (size_t)h * dv;
+        int i = 0;
+        for (; i + 128 <= dv; i += 128) {  // 8 independent accumulators over positions
+            __m512 acc[8];
+            for (int c = 0; c < 8; c++) acc[c] = _mm512_setzero_ps();
+            for (int s = 0; s < S; s++) {
+                __m512 ps = _mm512_set1_ps(p[s]);
+                const float *vr = vh + (size_t)s * dv + i;
+                for (int c = 0; c < 8; c++) acc[c] = _mm512_fmadd_ps(ps, _mm512_loadu_ps(vr + 16 * c), acc[c]);
+            }
+            for (int c = 0; c < 8; c++) _mm512_storeu_ps(o + i + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        }
+        for (; i + 16 <= dv; i += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int s = 0; s < S; s++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), _mm512_loadu_ps(vh + (size_t)s * dv + i), acc);
+            _mm512_storeu_ps(o + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+        }
+        for (; i < dv; i++) {
+            float acc = 0.f;
+            for (int s = 0; s < S; s++) acc += p[s] * vh[(size_t)s * dv + i];
+            o[i] = acc * inv;
+        }
+    }
+}
+
+// Row n of an r16 weight as float32 (see the layout above): out [K].
+static void r16_row(const wdesc_t *w, int n, float *out) {
+    int G = w->G, ng = w->K / G, b = n / 16, lane = n % 16;
+    size_t gb = w->nibble ? G * 8 + (w->hbits ? 64 : 0) : G * 16;
+    for (int g = 0; g < ng; g++) {
+        size_t sg = ((size_t)b * ng + g) * 16 + lane;
+        float sc = _cvtsh_ss(w->scale[sg]), zc = w->zero ? _cvtsh_ss(w->zero[sg]) : -(float)w->offset * sc;
+        const uint8_t *cg = w->codes + ((size_t)b * ng + g) * gb;
+        for (int step = 0; step < G / 4; step++)
+            for (int q = 0; q < 4; q++) {
+                int i = lane * 4 + q, c;
+                if (w->nibble) {
+                    c = (cg[(step / 2) * 64 + i] >> (4 * (step % 2))) & 15;
+                    if (w->hbits) c |= ((cg[G * 8 + i] >> (w->hbits * step)) & ((1 << w->hbits) - 1)) << 4;
+                } else {
+                    c = cg[step * 64 + i];
+                }
+                out[g * G + step * 4 + q] = sc * (float)c + zc;
+            }
+    }
+}
+
+// Rows ids[0..T) of an r16 weight as float32 (an embedding lookup): out [T, K].
+void lm_r16_rows(const wdesc_t *w, const int64_t *ids, int T, float *out) {
+    for (int t = 0; t < T; t++) r16_row(w, (int)ids[t], out + (size_t)t * w->K);
+}
+
+// Dequantize rows to float32: out [N, K] for a dense GEMM when many tokens share the weights
+// (prefill), where MKL's SGEMM beats per-token integer dot products.
+void lm_dequant_f32(int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale, const uint16_t *zero,
+                    int offset, int G, float *out, int nthreads, const uint8_t *high, int hbits, int r16) {
+    job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, high, hbits, r16};
+    int nc = K / 64, ng = K / G;
+    if (r16) {
+        wdesc_t w = {codes, high, scale, zero, N, K, nibble, offset, G, hbits, r16};
+        #pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int n = 0; n < N; n++) r16_row(&w, n, out + (size_t)n * K);
+        return;
+    }
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = codes + (size_t)n * (nibble ? K / 2 : K);
+        const uint8_t *hrow = high + (size_t)n * (K / 64) * 8 * hbits;
+        const uint16_t *sr = scale + (size_t)n * ng, *zr = zero ? zero + (size_t)n * ng : 0;
+        for (int c = 0; c < nc; c++) {
+            __m512i w = load_codes(&j, row, hrow, c);
+            for (int q = 0; q < 4; q++) {  // 16 weights at a time
+                int g = (c * 64 + q * 16) / G;
+                float sc = _cvtsh_ss(sr[g]), zc = zr ? _cvtsh_ss(zr[g]) : -(float)offset * sc;
+                __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, q)));
+                f = _mm512_fmadd_ps(f, _mm512_set1_ps(sc), _mm512_set1_ps(zc));
+                _mm512_storeu_ps(out + (size_t)n * K + c * 64 + q * 16, f);
+            }
+        }
+    }
+}
