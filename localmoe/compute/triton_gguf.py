@@ -258,11 +258,8 @@ _luts: dict[tuple[str, int], torch.Tensor] = {}
 
 
 def supports(qtype_name: str) -> bool:
+    """Whether a GGML type (by name) has Triton kernels here."""
     return qtype_name in LAYOUTS
-
-
-def layout(qtype_name: str) -> tuple[int, int, int, int]:
-    return LAYOUTS[qtype_name]
 
 
 def _code_book(qtype_name: str, device: torch.device) -> torch.Tensor:
