@@ -182,6 +182,9 @@ class Runtime:
             if self.scheduler is None:
                 self._start_scheduler()
             old = self.scheduler
+            self._stats.remove_on_snapshot(old.absorb_device_uses)
+            if old.tier is not None:
+                old.tier.clear()  # its buffers go now, not when the old scheduler is collected
             sched = ExpertScheduler(self.store, self._stats, old.config, old.profile, tier)
             sched.buddy_table, sched.trace = old.buddy_table, old.trace
             sched.bind(self.model)

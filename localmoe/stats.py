@@ -127,6 +127,10 @@ class StatsCollector:
         """Call fn() before each snapshot (the scheduler's device-side counts; it never blocks)."""
         self._on_snapshot.append(fn)
 
+    def remove_on_snapshot(self, fn) -> None:
+        if fn in self._on_snapshot:
+            self._on_snapshot.remove(fn)
+
     def count_prediction(self, layer: int, predicted: list[int], routed: list[int]) -> None:
         """The prefetcher guessed `predicted` for this layer; the router then chose `routed`."""
         with self._lock:

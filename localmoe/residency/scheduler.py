@@ -91,6 +91,7 @@ class ExpertScheduler:
         self._uses_host: torch.Tensor | None = None  # its pinned host copy, valid once _uses_copied is done
         self._uses_copied = None  # the event of the last copy (or True on the CPU device)
         self._uses_seen = None  # the counts already given to the stats
+        self._ones: torch.Tensor | None = None  # [k] int64 ones on the device, the index_add source
         stats.on_snapshot(self.absorb_device_uses)
         self._configure(config)
 
