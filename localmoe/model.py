@@ -27,7 +27,8 @@ from . import kernels, names
 from .experts import ExpertWeights, pack_ffn, swiglu_expert
 from .gguf_file import GGUFModel, ModelSpec, TensorView
 from .kernels import QLinear, attn_decode, fuse_rows, gather_rows, native_lib, qk_norm_rope, repack, rms_norm, route
-from .gguf_blocks import BLOCK_TYPES, dequantize, to_torch
+from .ggml_backend import ggml
+from .gguf_blocks import BLOCK_TYPES, QUANT_TYPES, dequantize, raw_bytes, to_torch
 
 
 class ExpertFn(Protocol):
@@ -144,6 +145,9 @@ class MoEModel:
         if device.type == "cpu" and self.embd.qtype in BLOCK_TYPES and native_lib() is not None and kernels.ROW_BLOCKS:
             packed = self.output if not model.has(names.OUTPUT) else linear(names.TOKEN_EMBD)
             self.embd_packed = packed if packed.r16 else None
+        self.embd_mapped: QLinear | None = None  # else the table in place, its rows read by ggml (one C call)
+        if self.embd_packed is None and self.embd.qtype in QUANT_TYPES and ggml() is not None and ggml().computes(self.embd.qtype):
+            self.embd_mapped = kernels.ggml_weight([(raw_bytes(self.embd.data, self.embd.shape[0]), self.embd.qtype, self.embd.shape[0])], spec.n_embd)
         half = spec.n_rot // 2
         # θ_i = base^(-2i/n_rot), i < n_rot/2 (float64 then rounded once, like ggml's float powers)
         self.inv_freq = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.n_rot)
@@ -166,6 +170,8 @@ class MoEModel:
         only the rows needed dequantized exactly from the file."""
         if self.embd_packed is not None:
             return gather_rows(self.embd_packed, ids)
+        if self.embd_mapped is not None:  # ggml's dequantizer on the rows in the memory map
+            return gather_rows(self.embd_mapped, ids).to(self.device)
         rows = self.embd.data[ids.cpu().numpy()]
         return dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)).to(self.device)
 
