@@ -354,10 +354,13 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
     for name in KERNEL_TYPES:
         qtype = GGMLQuantizationType[name]
         raw = random_blocks(name, n, k, rng)
-        backends = (["vnni"] if kernels.native_lib() is not None and qtype in BLOCK_TYPES else []) + (["ggml"] if ggml() is not None and ggml().computes(qtype) else [])
+        # "ggml-rows": the ggml backend with every token count on the per-row driver (no graph)
+        backends = (["vnni"] if kernels.native_lib() is not None and qtype in BLOCK_TYPES else []) + (["ggml", "ggml-rows"] if ggml() is not None and ggml().computes(qtype) else [])
         backends += (["int4"] if name in ("Q4_0", "Q4_K") else []) + (["bf16"] if qtype in BLOCK_TYPES else [])
         for backend in backends:
-            w0 = kernels.repack(raw, qtype, (n, k), backend=backend)
+            w0 = kernels.repack(raw, qtype, (n, k), backend="ggml" if backend == "ggml-rows" else backend)
+            graph_rows = kernels.GGML_GRAPH_ROWS
+            kernels.GGML_GRAPH_ROWS = 1 << 30 if backend == "ggml-rows" else graph_rows
             copies = [w0] + [dataclasses.replace(w0, tensors={key: t.clone() for key, t in w0.tensors.items()}) for _ in range(max(0, copies_bytes // w0.nbytes - 1))]
             for m in rows:
                 x = torch.randn(m, k)
@@ -371,11 +374,13 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
                         w(x)
                 us = (time.perf_counter() - t0) / (reps * len(ws)) * 1e6
                 out.append({"qtype": name, "backend": backend, "rows": m, "us": us, "gbs": raw.nbytes / us / 1e3, "packed_bytes": w0.nbytes, "file_bytes": raw.nbytes})
+            kernels.GGML_GRAPH_ROWS = graph_rows
     return out
 
 
 def format_kernel_table(rows: list[dict[str, Any]], threads: int) -> str:
-    lines = [f"x [T, 2048] @ W.T, W [1536, 2048] (an expert's fused gate+up), {threads} threads; µs per call (GB/s of file bytes)", "",
+    lines = [f"x [T, 2048] @ W.T, W [1536, 2048] (an expert's fused gate+up), {threads} threads; µs per call (GB/s of file bytes); "
+             "ggml-rows: the ggml backend without its graph path (the per-row driver at every T)", "",
              "| type | backend | packed/file bytes | " + " | ".join(f"T={m}" for m in sorted({r['rows'] for r in rows})) + " |",
              "| --- | --- | ---: | " + " | ".join("---:" for _ in sorted({r['rows'] for r in rows})) + " |"]
     keys = list(dict.fromkeys((r["qtype"], r["backend"]) for r in rows))
