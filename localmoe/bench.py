@@ -15,6 +15,7 @@ error instead of killing the benchmark.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -269,26 +270,60 @@ def compare(rows: list[BenchRow], baseline: str | None = LLAMA_CPP) -> dict[str,
     }
 
 
-def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buffers: bool = False, **load_kwargs: Any) -> BenchResult:
+KERNEL_MODES = ("auto", "ggml", "vnni", "torch")
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str | None):
+    """LOCALMOE_KERNEL=mode while the block runs (None: leave it): backends are chosen at load and
+    on an expert's first use, and the decode helpers per call (kernels.kernel_mode)."""
+    if mode is None:
+        yield
+        return
+    old = os.environ.get("LOCALMOE_KERNEL")
+    os.environ["LOCALMOE_KERNEL"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LOCALMOE_KERNEL", None)
+        else:
+            os.environ["LOCALMOE_KERNEL"] = old
+
+
+def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buffers: bool = False, modes: list[str] | None = None, **load_kwargs: Any) -> BenchResult:
     """Both engines, `cfg.rounds` times in turn (llama.cpp, then localmoe): a machine whose load
-    drifts during the benchmark then weighs on both alike. Every run of every round is pooled."""
+    drifts during the benchmark then weighs on both alike. Every run of every round is pooled.
+    modes: one localmoe row per CPU kernel mode (LOCALMOE_KERNEL: auto, ggml, vnni, torch), all
+    in turn in each round; None: one row with the environment's mode."""
     model = GGUFModel(path)  # validate before spending minutes
     if vs not in (None, LLAMA_CPP):
         raise LocalMoEError(f"unknown engine to compare with '{vs}'; only llama.cpp is supported")
-    timer = LocalMoETimer(path, cfg, **load_kwargs)
+    for m in modes or []:
+        if m not in KERNEL_MODES:
+            raise LocalMoEError(f"unknown kernel mode '{m}'; choose from {', '.join(KERNEL_MODES)}")
+    engines: list[tuple[str, str | None, LocalMoETimer]] = []
     llama = LlamaCppRounds(path, cfg, plain_buffers)
-    ours: list[tuple[float, float]] = []
+    runs: dict[str, list[tuple[float, float]]] = {}
     try:
+        for mode in modes or [None]:
+            name = "localmoe" if mode is None else f"localmoe (LOCALMOE_KERNEL={mode})"
+            with kernel_mode(mode):
+                engines.append((name, mode, LocalMoETimer(path, cfg, **load_kwargs)))
+            runs[name] = []
         for _ in range(cfg.rounds):
             if vs == LLAMA_CPP:
                 llama.round()
-            ours += timer.runs()
-        clock = timer.clock
+            for name, mode, timer in engines:
+                with kernel_mode(mode):
+                    runs[name] += timer.runs()
+        clocks = {name: timer.clock for name, _, timer in engines}
     finally:
-        timer.close()
+        for _, _, timer in engines:
+            timer.close()
     nbytes = bytes_per_token(model)
     rows = [make_row(LLAMA_CPP, llama.runs, cfg, nbytes, notes=llama.notes())] if vs == LLAMA_CPP else []
-    rows.append(make_row("localmoe", ours, cfg, nbytes, clock))
+    rows += [make_row(name, r, cfg, nbytes, clocks[name]) for name, r in runs.items()]
     return BenchResult(path, cfg, rows, vs, compare(rows, vs))
 
 
