@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up; medians are reported (default 3)")
     g.add_argument("--rounds", type=int, default=1, help="run the engines in turn this many times, pooling the runs (default 1; use 3+ on a busy machine)")
     g.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="localmoe's device (default cpu)")
+    g.add_argument("--kernel-modes", metavar="MODES", default=None, help="one localmoe row per CPU kernel mode, in turn each round: auto, ggml (ggml's kernels only: what a CPU without AVX-512 runs), vnni, torch; comma-separated, e.g. auto,ggml (default: LOCALMOE_KERNEL's)")
     g.add_argument("--kernels", action="store_true", help="instead: micro-benchmark the quantized matmul kernels per quant type (no model needed)")
     g.add_argument("--llama-plain-buffers", action="store_true", help="load llama.cpp with use_extra_bufts=False from the start (no AMX/repacked weights: slower; bench switches to it by itself when the default buffers crash)")
 
@@ -270,7 +271,8 @@ def cmd_speed_bench(args: argparse.Namespace) -> int:
     if min(args.prompt_tokens, args.decode_tokens, args.reps, args.rounds) < 1:
         raise LocalMoEError("--prompt-tokens, --decode-tokens, --reps and --rounds must be at least 1")
     cfg = BenchConfig(args.prompt_tokens, args.decode_tokens, args.reps, threads=args.threads or 2, rounds=args.rounds)
-    res = run_bench(args.model or demo_model_path(), cfg, args.vs, args.llama_plain_buffers, device=args.device)
+    modes = [m.strip() for m in args.kernel_modes.split(",") if m.strip()] if args.kernel_modes else None
+    res = run_bench(args.model or demo_model_path(), cfg, args.vs, args.llama_plain_buffers, modes, device=args.device)
     print(json.dumps(res.as_dict(), indent=2) if args.json else format_table(res))
     return 0
 

@@ -33,7 +33,8 @@ from .compute.experts import ExpertWeights, pack_ffn, swiglu_expert
 from .gguf.file import GGUFModel, ModelSpec, TensorView
 from .compute.counters import to_device
 from .compute.kernels import QLinear, attn_decode, fuse_rows, gather_rows, native_lib, qk_norm_rope, repack, rms_norm, route
-from .gguf.blocks import BLOCK_TYPES, dequantize, to_torch
+from .compute.ggml_backend import ggml
+from .gguf.blocks import BLOCK_TYPES, QUANT_TYPES, dequantize, raw_bytes, to_torch
 
 
 class ExpertFn(Protocol):
@@ -209,6 +210,9 @@ class MoEModel:
         if "embedding_gather" in self.fast and device.type == "cpu" and self.embd.qtype in BLOCK_TYPES and native_lib() is not None and kernels.ROW_BLOCKS:
             packed = self.output if not model.has(names.OUTPUT) else linear(names.TOKEN_EMBD)
             self.embd_packed = packed if packed.r16 else None
+        self.embd_mapped: QLinear | None = None  # else the table in place, its rows read by ggml (one C call)
+        if self.embd_packed is None and self.embd.qtype in QUANT_TYPES and ggml() is not None and ggml().computes(self.embd.qtype):
+            self.embd_mapped = kernels.ggml_weight([(raw_bytes(self.embd.data, self.embd.shape[0]), self.embd.qtype, self.embd.shape[0])], spec.n_embd)
         # θ_i(pos) = pos · theta_scale[i]: base^(-2i/n_rot) (float64 then rounded once, like ggml's
         # float powers), YaRN-mixed when the file says so; cos/sin times rope_mscale
         self.inv_freq, self.rope_mscale = rope_theta_scale(spec)
@@ -233,6 +237,8 @@ class MoEModel:
         only the rows needed dequantized exactly from the file."""
         if self.embd_packed is not None:
             return gather_rows(self.embd_packed, ids)
+        if self.embd_mapped is not None:  # ggml's dequantizer on the rows in the memory map
+            return to_device(gather_rows(self.embd_mapped, ids), self.device)
         rows = self.embd.data[ids.cpu().numpy()]
         return to_device(dequantize(rows, self.embd.qtype, (len(ids), self.spec.n_embd)), self.device)
 

@@ -343,3 +343,26 @@ def test_fused_decode_ops_equal_their_torch_definitions(helpers, monkeypatch):
     assert fused is not None
     loop = sum(c * swiglu_expert(e, x1) for c, e in zip(coef, experts))
     torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_fallback_runs_a_model_whose_head_rows_are_not_a_multiple_of_16(tmp_path):
+    """LOCALMOE_KERNEL=torch on a Q4_0 file with a 307-row output head (it crashed in torch's int4
+    packing: 'expect N to be dividable by 16'): loads and gives the default path's logits."""
+    import subprocess
+    import sys
+
+    import localmoe
+    from localmoe.bench.synth import SynthConfig, write_model
+
+    path = str(tmp_path / "odd-head.gguf")
+    write_model(path, SynthConfig(weight_type="Q4_0", n_vocab=307))
+    ids = list(range(10, 30))
+    out = tmp_path / "logits.npy"
+    code = f"import numpy, localmoe; rt = localmoe.load({path!r}, device='cpu'); assert rt.model.output.backend == 'int4'; numpy.save({str(out)!r}, rt.logits({ids!r}))"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOCALMOE_KERNEL": "torch"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with localmoe.load(path, device="cpu") as rt:
+        ours = rt.logits(ids)
+    fallback = np.load(out)
+    assert fallback.shape == (20, 307)
+    assert np.linalg.norm(ours - fallback) / np.linalg.norm(ours) <= 2e-2

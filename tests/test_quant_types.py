@@ -68,6 +68,7 @@ def perplexity(logits: list[np.ndarray], windows: list[list[int]]) -> float:
     return math.exp(float(np.concatenate(nll).mean()))
 
 
+_LLAMA_PPL: dict[str, float] = {}
 CASES = [(f, "auto") for f in FTYPES] + [(f, "ggml") for f in ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")]
 
 
@@ -79,7 +80,9 @@ def test_perplexity_matches_llama_cpp(quantized, heldout_windows, ftype, kernel,
     qtypes = {t.qtype for t in GGUFModel(path).tensors.values()}
     if kernel == "ggml":
         monkeypatch.setenv("LOCALMOE_KERNEL", "ggml")
-    ref = perplexity(np.split(llama_logits(path, heldout_windows), N_WINDOWS), heldout_windows)
+    if path not in _LLAMA_PPL:  # once per file (the two CPU paths share it)
+        _LLAMA_PPL[path] = perplexity(np.split(llama_logits(path, heldout_windows), N_WINDOWS), heldout_windows)
+    ref = _LLAMA_PPL[path]
     with localmoe.load(path, device="cpu", n_ctx=N_TOKENS) as rt:
         ours = perplexity([rt.logits(w) for w in heldout_windows], heldout_windows)
         backends = {w.backend for lw in rt.model.layers for w in lw.wqkv} | {rt.model.output.backend}

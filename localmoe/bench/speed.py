@@ -19,6 +19,7 @@ before any warm-up; the warm rows (warm-up, then `reps` timed runs) follow in th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -362,28 +363,58 @@ def compare(rows: list[BenchRow], baseline: str | None = LLAMA_CPP) -> dict[str,
     }
 
 
-def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buffers: bool = False, **load_kwargs: Any) -> BenchResult:
+KERNEL_MODES = ("auto", "ggml", "vnni", "torch")
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str | None):
+    """LOCALMOE_KERNEL=mode while the block runs (None: leave it): backends are chosen at load and
+    on an expert's first use, and the decode helpers per call (kernels.kernel_mode)."""
+    if mode is None:
+        yield
+        return
+    old = os.environ.get("LOCALMOE_KERNEL")
+    os.environ["LOCALMOE_KERNEL"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LOCALMOE_KERNEL", None)
+        else:
+            os.environ["LOCALMOE_KERNEL"] = old
+
+
+def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buffers: bool = False, modes: list[str] | None = None, **load_kwargs: Any) -> BenchResult:
     """Both engines, `cfg.rounds` times in turn (llama.cpp, then localmoe): a machine whose load
-    drifts during the benchmark then weighs on both alike. Every run of every round is pooled."""
+    drifts during the benchmark then weighs on both alike. Every run of every round is pooled.
+    modes: one localmoe row per CPU kernel mode (LOCALMOE_KERNEL: auto, ggml, vnni, torch), all
+    in turn in each round; None: one row with the environment's mode."""
     model = GGUFModel(path)  # validate before spending minutes
     if vs not in (None, LLAMA_CPP):
         raise LocalMoEError(f"unknown engine to compare with '{vs}'; only llama.cpp is supported")
+    for m in modes or []:
+        if m not in KERNEL_MODES:
+            raise LocalMoEError(f"unknown kernel mode '{m}'; choose from {', '.join(KERNEL_MODES)}")
+    names = {mode: "localmoe" if mode is None else f"localmoe (LOCALMOE_KERNEL={mode})" for mode in modes or [None]}
     llama = LlamaCppRounds(path, cfg, plain_buffers)
-    ours: list[tuple[float, float]] = []
-    colds, per_token, clock = [], [], "measured"
-    for _ in range(cfg.rounds):  # one process per engine per round, one after the other
+    ours = {name: {"runs": [], "colds": [], "per_token": [], "clock": "measured"} for name in names.values()}
+    for _ in range(cfg.rounds):  # one process per engine (and kernel mode) per round, one after the other
         if vs == LLAMA_CPP:
             llama.round()
-        out = localmoe_runs(path, cfg, load_kwargs)
-        ours += [tuple(x) for x in out["runs"]]
-        colds.append(out["cold"])
-        clock = out["clock"]
-        if out.get("per_token"):
-            per_token.append(out["per_token"])
+        for mode, name in names.items():
+            with kernel_mode(mode):  # the worker inherits LOCALMOE_KERNEL
+                out = localmoe_runs(path, cfg, load_kwargs)
+            o = ours[name]
+            o["runs"] += [tuple(x) for x in out["runs"]]
+            o["colds"].append(out["cold"])
+            o["clock"] = out["clock"]
+            if out.get("per_token"):
+                o["per_token"].append(out["per_token"])
     nbytes = bytes_per_token(model)
     rows = [make_row(LLAMA_CPP, llama.runs, cfg, nbytes, notes=llama.notes(), colds=llama.colds)] if vs == LLAMA_CPP else []
-    mean_per_token = tuple(float(np.mean([p[i] for p in per_token])) for i in range(2)) if per_token else None
-    rows.append(make_row("localmoe", ours, cfg, nbytes, clock, per_token=mean_per_token, colds=colds))
+    for name, o in ours.items():
+        per_token = tuple(float(np.mean([p[i] for p in o["per_token"]])) for i in range(2)) if o["per_token"] else None
+        rows.append(make_row(name, o["runs"], cfg, nbytes, o["clock"], per_token=per_token, colds=o["colds"]))
     return BenchResult(path, cfg, rows, vs, compare(rows, vs))
 
 
@@ -462,10 +493,13 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
     for name in KERNEL_TYPES:
         qtype = GGMLQuantizationType[name]
         raw = random_blocks(name, n, k, rng)
-        backends = (["vnni"] if kernels.native_lib() is not None and qtype in BLOCK_TYPES else []) + (["ggml"] if ggml() is not None and ggml().computes(qtype) else [])
+        # "ggml-rows": the ggml backend with every token count on the per-row driver (no graph)
+        backends = (["vnni"] if kernels.native_lib() is not None and qtype in BLOCK_TYPES else []) + (["ggml", "ggml-rows"] if ggml() is not None and ggml().computes(qtype) else [])
         backends += (["int4"] if name in ("Q4_0", "Q4_K") else []) + (["bf16"] if qtype in BLOCK_TYPES else [])
         for backend in backends:
-            w0 = kernels.repack(raw, qtype, (n, k), backend=backend)
+            w0 = kernels.repack(raw, qtype, (n, k), backend="ggml" if backend == "ggml-rows" else backend)
+            graph_rows = kernels.GGML_GRAPH_ROWS
+            kernels.GGML_GRAPH_ROWS = 1 << 30 if backend == "ggml-rows" else graph_rows
             copies = [w0] + [dataclasses.replace(w0, tensors={key: t.clone() for key, t in w0.tensors.items()}) for _ in range(max(0, copies_bytes // w0.nbytes - 1))]
             for m in rows:
                 x = torch.randn(m, k)
@@ -479,11 +513,13 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
                         w(x)
                 us = (time.perf_counter() - t0) / (reps * len(ws)) * 1e6
                 out.append({"qtype": name, "backend": backend, "rows": m, "us": us, "gbs": raw.nbytes / us / 1e3, "packed_bytes": w0.nbytes, "file_bytes": raw.nbytes})
+            kernels.GGML_GRAPH_ROWS = graph_rows
     return out
 
 
 def format_kernel_table(rows: list[dict[str, Any]], threads: int) -> str:
-    lines = [f"x [T, 2048] @ W.T, W [1536, 2048] (an expert's fused gate+up), {threads} threads; µs per call (GB/s of file bytes)", "",
+    lines = [f"x [T, 2048] @ W.T, W [1536, 2048] (an expert's fused gate+up), {threads} threads; µs per call (GB/s of file bytes); "
+             "ggml-rows: the ggml backend without its graph path (the per-row driver at every T)", "",
              "| type | backend | packed/file bytes | " + " | ".join(f"T={m}" for m in sorted({r['rows'] for r in rows})) + " |",
              "| --- | --- | ---: | " + " | ".join("---:" for _ in sorted({r['rows'] for r in rows})) + " |"]
     keys = list(dict.fromkeys((r["qtype"], r["backend"]) for r in rows))

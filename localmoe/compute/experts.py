@@ -159,10 +159,11 @@ class ExpertStore:
         got = self._layer_backend.get(layer)
         if got is None:
             from .ggml_backend import ggml
+            from .kernels import kernel_mode
 
             qtypes = {self.model.view(names.blk(layer, p)).qtype for p in names.EXPERT_PARTS}
             picks = {choose_backend(q, self.device) for q in qtypes}
-            g = ggml() if self.device.type == "cpu" else None
+            g = ggml() if self.device.type == "cpu" and kernel_mode() not in ("torch", "vnni") else None
             got = (picks.pop() if len(picks) == 1 else "mixed", g is not None and all(g.computes(q) for q in qtypes))
             self._layer_backend[layer] = got
         return got
@@ -179,8 +180,10 @@ class ExpertStore:
         raws = [self.model.expert_raw(layer, expert, p) for p in names.EXPERT_PARTS]
         backend, ggml_ok = self.backend(layer)
         # the repacked layout is ≈ the file's bytes (≤ 1.11×): an expert that would not fit the budget
-        # is computed in place instead of evicting one (no repacking twice)
-        if backend == "ggml" or (ggml_ok and self._cached_bytes + 1.11 * self.model.expert_bytes(layer) > self.host_cache_bytes):
+        # is computed in place instead of evicting one (no repacking twice). Experts whose matrices
+        # would get different backends (a ggml-only gate/up type beside a vnni down type) run all
+        # on ggml: one decode call, no copy.
+        if backend == "ggml" or (ggml_ok and (backend != "vnni" or self._cached_bytes + 1.11 * self.model.expert_bytes(layer) > self.host_cache_bytes)):
             w = self._mapped[key] = mapped_ffn(*raws)
             return w
         w = pack_ffn(*raws, device=self.device)

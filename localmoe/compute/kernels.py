@@ -562,7 +562,10 @@ INT4_ROWS = 16  # torch's CPU int4 packing needs rows in multiples of 16
 def _helper(name: str):
     """The C helper `name` of the decode path: the AVX-512 one in the VNNI kernel (lm_NAME) when it
     is built, else the portable one in the ggml driver (lg_NAME, any CPU), else None (torch ops)."""
-    lib = native_lib()
+    mode = kernel_mode()
+    if mode == "torch":
+        return None
+    lib = native_lib() if mode != "ggml" else None  # ggml mode: the portable ones, as a CPU without AVX-512 runs
     if lib is not None:
         return getattr(lib, f"lm_{name}")
     g = ggml()
