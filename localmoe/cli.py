@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--llama-plain-buffers", action="store_true", help="load llama.cpp with use_extra_bufts=False from the start (no AMX/repacked weights: slower; bench switches to it by itself when the default buffers crash)")
 
     p = sub.add_parser("synth", help="write a random-weight MoE GGUF with a real model's shapes (for benchmarks)", description="Write a random-weight MoE GGUF file shaped like a real model, for benchmarking without downloads. K-quants (Q4_K_M, ...) are made by llama.cpp's quantizer from a Q8_0 file.")
-    p.add_argument("preset", metavar="PRESET", help="qwen3-30b-a3b, mixtral-8x7b, olmoe-1b-7b, deepseek-v2-lite or glm-4.5-air")
+    p.add_argument("preset", metavar="PRESET", help="qwen3-30b-a3b, mixtral-8x7b, olmoe-1b-7b, deepseek-v2-lite, glm-4.5-air or tiny-moe (a 256-wide toy)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the GGUF file to write")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
     p.add_argument("--quant", default="Q4_K_M", help="F32, F16, Q8_0, Q4_0 (written directly) or a llama.cpp type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_S, Q3_K_M, Q3_K_L, Q2_K, IQ4_XS, IQ4_NL, MXFP4_MOE, Q4_1, Q5_0, Q5_1, BF16 (default Q4_K_M)")
