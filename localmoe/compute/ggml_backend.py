@@ -31,6 +31,9 @@ from . import cbuild
 Q = GGMLQuantizationType
 DRIVER_SOURCE = "ggml_driver.c"
 GRAPH_SOURCE = "ggml_graph.c"
+# How the driver shares rows among threads: (omp_sched_t, chunk); 1 = static (contiguous runs of rows
+# per thread), 2 = dynamic. LOCALMOE_GGML_SCHEDULE=static|dynamic.
+DRIVER_SCHEDULE = (2, 1) if os.environ.get("LOCALMOE_GGML_SCHEDULE", "static") == "dynamic" else (1, 0)
 DRIVER_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])  # the second where -march=native is refused
 # The quantized types localmoe hands to ggml: every type llama.cpp's quantizer makes for MoE models.
 # (ggml's enum grows; only types gguf-py and this list both know are looked up, never past its end.)
@@ -124,6 +127,9 @@ class GGML:
         d.lg_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         d.lg_moe_decode.restype = ctypes.c_int
         d.lg_moe_decode.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
+        d.lg_set_schedule.restype = None
+        d.lg_set_schedule.argtypes = [ctypes.c_int, ctypes.c_int]
+        d.lg_set_schedule(*DRIVER_SCHEDULE)
         d.lg_rows.restype = None
         d.lg_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]
         d.lg_to_float.restype = None

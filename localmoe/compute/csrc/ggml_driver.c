@@ -32,6 +32,26 @@ typedef struct {
 } lg_w_t;
 
 #define ROWS_PER_ITEM 16  // rows per work item: small enough to balance 2-16 threads, large enough to amortise
+#define PREFETCH_ROWS 2   // rows ahead whose bytes are prefetched while a row is multiplied
+
+// Rows [n0, n1) of w against one quantized activation row: out[n - n0]. ggml's vec_dot kernels have no
+// software prefetch; reading rows from RAM, the row PREFETCH_ROWS ahead is requested while this one is
+// multiplied.
+static inline void dot_rows(const lg_w_t *w, int64_t n0, int64_t n1, const void *xq, float *out) {
+    const int64_t lines = (w->row_bytes + 63) / 64;
+    for (int64_t n = n0; n < n1; n++) {
+        if (n + PREFETCH_ROWS < w->N) {
+            const char *p = (const char *)(w->data + (n + PREFETCH_ROWS) * w->row_bytes);
+            for (int64_t l = 0; l < lines; l++) __builtin_prefetch(p + l * 64, 0, 0);
+        }
+        w->vec_dot((int)w->K, out + (n - n0), 0, w->data + n * w->row_bytes, 0, xq, 0, 1);
+    }
+}
+
+// Work sharing of the row loops: schedule(runtime), static by default (each thread reads one
+// contiguous run of rows: the hardware prefetchers' best case); lg_set_schedule changes it.
+#include <omp.h>
+void lg_set_schedule(int kind, int chunk) { omp_set_schedule((omp_sched_t)kind, chunk); }
 
 // Activations quantized once per distinct from_float among the segments (at most 4 kinds).
 typedef struct {
@@ -87,7 +107,7 @@ int lg_matmul(int nseg, const lg_w_t *w, int T, const float *x, int64_t ldx, flo
             int64_t t = r % T;
             q.fn[i](x + t * ldx, q.buf[i] + t * q.bytes[i], K);
         }
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(runtime)
         for (int64_t it = 0; it < items; it++) {
             int s = 0;
             while (it >= first[s + 1]) s++;
@@ -95,8 +115,7 @@ int lg_matmul(int nseg, const lg_w_t *w, int T, const float *x, int64_t ldx, flo
             int64_t n0 = (it - first[s]) * ROWS_PER_ITEM, n1 = n0 + ROWS_PER_ITEM < ws->N ? n0 + ROWS_PER_ITEM : ws->N;
             const uint8_t *xq = q.buf[slot[s]];
             for (int64_t t = 0; t < T; t++)
-                for (int64_t n = n0; n < n1; n++)
-                    ws->vec_dot((int)ws->K, y + t * ldy + col[s] + n, 0, ws->data + n * ws->row_bytes, 0, xq + t * q.bytes[slot[s]], 0, 1);
+                dot_rows(ws, n0, n1, xq + t * q.bytes[slot[s]], y + t * ldy + col[s] + n0);
         }
     }
     qx_free(&q);
@@ -131,14 +150,12 @@ int lg_moe_decode(int E, const lg_w_t *gate, const lg_w_t *up, const lg_w_t *dow
     {
         #pragma omp for schedule(static)
         for (int i = 0; i < q.n; i++) q.fn[i](x, q.buf[i], gate[0].K);
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(runtime)
         for (int64_t it = 0; it < (int64_t)E * 2 * gu_items; it++) {  // expert e, gate (m = 0) or up (m = 1), row block b
             int e = (int)(it / (2 * gu_items)), m = (int)(it / gu_items % 2);
             int64_t n0 = it % gu_items * ROWS_PER_ITEM, n1 = n0 + ROWS_PER_ITEM < F ? n0 + ROWS_PER_ITEM : F;
             const lg_w_t *w = m ? &up[e] : &gate[e];
-            const uint8_t *xq = q.buf[gs[m * E + e]];
-            float *he = h + ((size_t)e * 2 + m) * F;
-            for (int64_t n = n0; n < n1; n++) w->vec_dot((int)w->K, he + n, 0, w->data + n * w->row_bytes, 0, xq, 0, 1);
+            dot_rows(w, n0, n1, q.buf[gs[m * E + e]], h + ((size_t)e * 2 + m) * F + n0);
         }
         #pragma omp for schedule(static)
         for (int e = 0; e < E; e++) {
@@ -146,12 +163,11 @@ int lg_moe_decode(int E, const lg_w_t *gate, const lg_w_t *up, const lg_w_t *dow
             for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];  // in place: g becomes the activation
             down[e].from_float(g, aq + (size_t)e * aq_bytes, F);
         }
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(runtime)
         for (int64_t it = 0; it < (int64_t)E * dn_items; it++) {
             int e = (int)(it / dn_items);
             int64_t n0 = it % dn_items * ROWS_PER_ITEM, n1 = n0 + ROWS_PER_ITEM < D ? n0 + ROWS_PER_ITEM : D;
-            const lg_w_t *w = &down[e];
-            for (int64_t n = n0; n < n1; n++) w->vec_dot((int)w->K, out + (size_t)e * D + n, 0, w->data + n * w->row_bytes, 0, aq + (size_t)e * aq_bytes, 0, 1);
+            dot_rows(&down[e], n0, n1, aq + (size_t)e * aq_bytes, out + (size_t)e * D + n0);
         }
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < D; i++) {
