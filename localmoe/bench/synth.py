@@ -338,13 +338,7 @@ def _deepseek2_keys(w: GGUFWriter, cfg: SynthConfig, head_dim: int) -> None:
     w.add_value_length_mla(cfg.v_head_dim)
     w.add_kv_lora_rank(r)
     w.add_q_lora_rank(cfg.q_lora_rank)  # written even when 0: llama.cpp reads it unless the layer count says "lite"
-    w.add_leading_dense_block_count(cfg.n_dense_lead)
-    w.add_expert_shared_count(cfg.n_expert_shared)
-    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if cfg.gating == "sigmoid" else ExpertGatingFuncType.SOFTMAX)
-    if cfg.expert_weights_norm is not None:
-        w.add_expert_weights_norm(cfg.expert_weights_norm)
-    if cfg.expert_weights_scale:
-        w.add_expert_weights_scale(cfg.expert_weights_scale)
+    _moe_keys(w, cfg, ExpertGatingFuncType.SIGMOID if cfg.gating == "sigmoid" else ExpertGatingFuncType.SOFTMAX)
     if cfg.n_expert_groups:
         w.add_expert_group_count(cfg.n_expert_groups)
         w.add_expert_group_used_count(cfg.n_group_used)
@@ -359,7 +353,7 @@ def _deepseek2_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: in
     """One deepseek2 block: MLA attention, then a dense FFN (leading layers) or router + routed
     experts + shared experts (+ the V3 selection bias)."""
     D, H, r, rope, v = cfg.n_embd, cfg.n_head, cfg.kv_lora_rank, cfg.qk_rope, cfg.v_head_dim
-    nope, E, F_exp = head_dim - rope, cfg.n_expert, cfg.n_ff_exp
+    nope = head_dim - rope
     put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
     if cfg.q_lora_rank:
         ql = cfg.q_lora_rank
@@ -374,6 +368,25 @@ def _deepseek2_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: in
     put(names.blk(i, names.ATTN_V_B), (H, v, r), lambda: (mat(v, r) for _ in range(H)))
     put(names.blk(i, names.ATTN_OUT), (D, H * v), lambda: mat(D, H * v, gain=ATTN_OUT_GAIN))
     put(names.blk(i, names.FFN_NORM), (D,), lambda: norm(D))
+    _ffn_block(put, mat, rng, cfg, i, selection_bias=cfg.gating == "sigmoid")
+
+
+def _moe_keys(w: GGUFWriter, cfg: SynthConfig, gating) -> None:
+    """The routing keys deepseek2 and glm4moe share: dense leading layers, shared experts, the
+    gating function, the weights' norm and scale."""
+    w.add_leading_dense_block_count(cfg.n_dense_lead)
+    w.add_expert_shared_count(cfg.n_expert_shared)
+    w.add_expert_gating_func(gating)
+    if cfg.expert_weights_norm is not None:
+        w.add_expert_weights_norm(cfg.expert_weights_norm)
+    if cfg.expert_weights_scale:
+        w.add_expert_weights_scale(cfg.expert_weights_scale)
+
+
+def _ffn_block(put, mat, rng, cfg: SynthConfig, i: int, selection_bias: bool) -> None:
+    """Block i's FFN after its attention and norm (deepseek2, glm4moe): a dense FFN in the leading
+    layers, else the router (+ its selection bias), the routed experts and the shared experts."""
+    D, E, F_exp = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp
     if i < cfg.n_dense_lead:
         Fd = cfg.n_ff_dense
         put(names.blk(i, names.FFN_GATE), (Fd, D), lambda: mat(Fd, D))
@@ -381,7 +394,7 @@ def _deepseek2_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: in
         put(names.blk(i, names.FFN_DOWN), (D, Fd), lambda: mat(D, Fd, FFN_OUT_GAIN))
         return
     put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
-    if cfg.gating == "sigmoid":
+    if selection_bias:
         put(names.blk(i, names.FFN_EXP_PROBS_B, "bias"), (E,), lambda: (0.05 * rng.standard_normal(E)).astype(np.float32))
     for stem, rows, cols, gain in ((names.FFN_GATE_EXPS, F_exp, D, 1.0), (names.FFN_UP_EXPS, F_exp, D, 1.0), (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN)):
         put(names.blk(i, stem), (E, rows, cols), lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)))
@@ -398,13 +411,7 @@ def _glm4moe_keys(w: GGUFWriter, cfg: SynthConfig, head_dim: int) -> None:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(cfg.qk_rope)
-    w.add_leading_dense_block_count(cfg.n_dense_lead)
-    w.add_expert_shared_count(cfg.n_expert_shared)
-    w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX if cfg.gating == "softmax" else ExpertGatingFuncType.SIGMOID)
-    if cfg.expert_weights_norm is not None:
-        w.add_expert_weights_norm(cfg.expert_weights_norm)
-    if cfg.expert_weights_scale:
-        w.add_expert_weights_scale(cfg.expert_weights_scale)
+    _moe_keys(w, cfg, ExpertGatingFuncType.SOFTMAX if cfg.gating == "softmax" else ExpertGatingFuncType.SIGMOID)
     if cfg.n_nextn:
         w.add_nextn_predict_layers(cfg.n_nextn)
 
@@ -412,7 +419,7 @@ def _glm4moe_keys(w: GGUFWriter, cfg: SynthConfig, head_dim: int) -> None:
 def _glm4moe_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) -> None:
     """One glm4moe block: GQA with q/k/v biases, post_attention_norm, then a dense FFN (leading
     layers) or router + selection bias + routed experts + shared expert."""
-    D, E, F_exp = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp
+    D = cfg.n_embd
     qdim, kvdim = cfg.n_head * head_dim, cfg.n_head_kv * head_dim
     put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
     put(names.blk(i, names.ATTN_Q), (qdim, D), lambda: mat(qdim, D))
@@ -422,20 +429,7 @@ def _glm4moe_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int)
         put(names.blk(i, stem, "bias"), (n,), lambda n=n: 0.1 * rng.standard_normal(n).astype(np.float32))
     put(names.blk(i, names.ATTN_OUT), (D, qdim), lambda: mat(D, qdim, gain=ATTN_OUT_GAIN))
     put(names.blk(i, "post_attention_norm"), (D,), lambda: norm(D))
-    if i < cfg.n_dense_lead:
-        Fd = cfg.n_ff_dense
-        put(names.blk(i, names.FFN_GATE), (Fd, D), lambda: mat(Fd, D))
-        put(names.blk(i, names.FFN_UP), (Fd, D), lambda: mat(Fd, D))
-        put(names.blk(i, names.FFN_DOWN), (D, Fd), lambda: mat(D, Fd, FFN_OUT_GAIN))
-        return
-    put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
-    put(names.blk(i, names.FFN_EXP_PROBS_B, "bias"), (E,), lambda: (0.05 * rng.standard_normal(E)).astype(np.float32))
-    for stem, rows, cols, gain in ((names.FFN_GATE_EXPS, F_exp, D, 1.0), (names.FFN_UP_EXPS, F_exp, D, 1.0), (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN)):
-        put(names.blk(i, stem), (E, rows, cols), lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)))
-    Fs = F_exp * cfg.n_expert_shared
-    put(names.blk(i, names.FFN_GATE_SHEXP), (Fs, D), lambda: mat(Fs, D))
-    put(names.blk(i, names.FFN_UP_SHEXP), (Fs, D), lambda: mat(Fs, D))
-    put(names.blk(i, names.FFN_DOWN_SHEXP), (D, Fs), lambda: mat(D, Fs, FFN_OUT_GAIN))
+    _ffn_block(put, mat, rng, cfg, i, selection_bias=True)
 
 
 def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
