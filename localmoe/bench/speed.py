@@ -14,7 +14,8 @@ llama-worker|localmoe-worker ...`): a crash in llama.cpp's native code — e.g. 
 each engine's peak RSS is its own, and a 16 GB file fits a 24 GB machine. A fresh process also
 gives the cold start a user sees: load time, time to first token (the prompt's prefill, which
 makes the first token's logits) and the decode speed of the first `decode_tokens` tokens after load,
-before any warm-up; the warm rows (warm-up, then `reps` timed runs) follow in the same process.
+before any warm-up; the warm rows (warm-up, then `reps` timed runs) follow in the same process,
+the cold start's pass standing in for the first warm-up run.
 """
 
 from __future__ import annotations
@@ -130,13 +131,19 @@ def cold_start(load: Callable[[], tuple[list[int], list[int]]], prefill: Callabl
     the prompt (its prefill yields the first token), the first tokens."""
     t0 = time.perf_counter()
     prompt, gen = load()
-    t1 = time.perf_counter()
+    load_s = time.perf_counter() - t0
+    prefill_s, decode_s = timed_pass(prefill, decode_one, prompt, gen)
+    return {"load_s": load_s, "ttft_s": prefill_s, "cold_decode_tps": len(gen) / decode_s}
+
+
+def timed_pass(prefill: Callable[[list[int]], None], decode_one: Callable[[int], None], prompt: list[int], gen: list[int]) -> tuple[float, float]:
+    """(seconds to prefill `prompt`, seconds to decode `gen` one token per call)."""
+    t0 = time.perf_counter()
     prefill(prompt)
-    t2 = time.perf_counter()
+    t1 = time.perf_counter()
     for tok in gen:
         decode_one(tok)
-    t3 = time.perf_counter()
-    return {"load_s": t1 - t0, "ttft_s": t2 - t1, "cold_decode_tps": len(gen) / (t3 - t2)}
+    return t1 - t0, time.perf_counter() - t1
 
 
 def peak_rss() -> int:
@@ -151,15 +158,15 @@ def time_engine(prefill: Callable[[list[int]], None], decode_one: Callable[[int]
     runs = []
     for rep in range(cfg.warmup + cfg.reps):
         reset()
-        t0 = time.perf_counter()
-        prefill(prompt)
-        t1 = time.perf_counter()
-        for tok in gen:
-            decode_one(tok)
-        t2 = time.perf_counter()
+        timed = timed_pass(prefill, decode_one, prompt, gen)
         if rep >= cfg.warmup:
-            runs.append((t1 - t0, t2 - t1))
+            runs.append(timed)
     return runs
+
+
+def after_cold_start(cfg: BenchConfig) -> BenchConfig:
+    """The cold start is a full prefill + decode pass: it stands in for one warm-up run."""
+    return dataclasses.replace(cfg, warmup=max(0, cfg.warmup - 1))
 
 
 # -- the engines -----------------------------------------------------------------------------------
@@ -173,6 +180,7 @@ class LocalMoETimer:
         self._state: dict[str, Any] = {}
         # the cold start: load, the prompt, the first decode_tokens tokens (not counted as runs)
         self.cold = cold_start(lambda: self._load(path, load_kwargs), self._prefill, self._decode_one)
+        self._first_round = True  # its warm-up is the cold start's pass
         self.counted = [0, 0, 0]
 
     def _load(self, path: str, load_kwargs: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -204,7 +212,8 @@ class LocalMoETimer:
         self.counted[2] += 1
 
     def runs(self) -> list[tuple[float, float]]:
-        return time_engine(self._prefill, self._decode_one, self._reset, self.prompt, self.gen, self.cfg)
+        cfg, self._first_round = (after_cold_start(self.cfg) if self._first_round else self.cfg), False
+        return time_engine(self._prefill, self._decode_one, self._reset, self.prompt, self.gen, cfg)
 
     @property
     def per_token(self) -> tuple[float, float] | None:
@@ -335,7 +344,7 @@ def _llama_worker(job: dict[str, Any]) -> None:
     llm = held["llm"]
     prompt, gen = token_ids(llm.n_vocab(), cfg)
     llm.reset()
-    runs = time_engine(llm.eval, lambda tok: llm.eval([tok]), llm.reset, prompt, gen, cfg)
+    runs = time_engine(llm.eval, lambda tok: llm.eval([tok]), llm.reset, prompt, gen, after_cold_start(cfg))
     llm.close()
     print(json.dumps({"runs": runs, "cold": {**cold, "peak_rss": peak_rss()}}))
 
