@@ -36,7 +36,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device (default auto: cuda when available)")
     r = p.add_argument_group("expert residency")
     r.add_argument("--gpu-mem", metavar="SIZE", default=None, help="GPU-tier budget for dense weights + cached experts, e.g. 6GB (default: every expert resident)")
-    r.add_argument("--host-mem", metavar="SIZE", default=None, help="host RAM for experts repacked for the VNNI kernel, e.g. 8GB; beyond it experts are computed in place from the file by ggml (default: available RAM less the file size and 1 GiB)")
+    r.add_argument("--host-mem", metavar="SIZE", default=None, help="host RAM for experts repacked (at load, once) for the VNNI kernel, e.g. 8GB; beyond it experts are computed in place from the file by ggml (default: available RAM less the dense weights and 1.5 GiB)")
     r.add_argument("--policy", default="lfu", choices=ONLINE_POLICIES, help="cache eviction policy (default lfu; see docs/residency.md)")
     r.add_argument("--on-miss", default="cpu", choices=ON_MISS_POLICIES, help="what a missing expert does: fetch it, compute it on the CPU, drop it, run a resident buddy, run the little expert set, or choose by cost (default cpu; docs/fallback.md)")
     r.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's predicted experts")
@@ -51,8 +51,22 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         device=args.device, n_ctx=args.ctx_size, threads=args.threads, gpu_mem=args.gpu_mem, policy=args.policy, on_miss=args.on_miss,
         prefetch=not args.no_prefetch, profile=args.profile, n_cpu_moe=args.n_cpu_moe, cpu_moe=args.cpu_moe, trace=args.trace,
-        host_mem=args.host_mem,
+        host_mem=args.host_mem, progress=load_progress(),
     )
+
+
+def load_progress():
+    """load()'s progress callback for the CLI: a bar on stderr for a long step (≥ 1,024 experts to
+    repack, seconds on a big model), nothing for small models."""
+    from .progress import Progress
+
+    bars: dict[str, Progress] = {}
+
+    def report(what: str, done: int, total: int) -> None:
+        if total >= 1024:
+            bars.setdefault(what, Progress(what, total)).update(done)
+
+    return report
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -127,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
     p.add_argument("--quant", default="Q4_K_M", help="F32, F16, Q8_0, Q4_0 (written directly) or a llama.cpp type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_S, Q3_K_M, Q3_K_L, Q2_K, IQ4_XS, IQ4_NL, MXFP4_MOE, Q4_1, Q5_0, Q5_1, BF16 (default Q4_K_M)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
-    p.add_argument("--fast", action="store_true", help="write random block bytes instead of quantizing random floats: seconds instead of minutes for a full-depth file (--quant Q4_K_M, Q4_0, Q8_0 or Q6_K; Q4_K_M = Q4_K with Q6_K expert down, attn_v and head). For speed and memory runs only: the numbers it computes are noise")
+    p.add_argument("--fast", action="store_true", help="write random block bytes instead of quantizing random floats: seconds instead of minutes for a full-depth file (--quant Q4_K_M, Q4_0, Q8_0, Q6_K or MXFP4_MOE; Q4_K_M = Q4_K with Q6_K expert down, attn_v and head; MXFP4_MOE = MXFP4 experts, Q8_0 elsewhere; rows that are not whole 256-blocks get llama.cpp's fallback types). For speed and memory runs only: the numbers it computes are noise")
     p = sub.add_parser("calibrate", help="expert statistics and the buddy table, saved beside the model", description="Run the model over calibration text and record, per layer, expert usage, co-activation, functional similarity of experts on real activations and router-score correlation; build the buddy table used by --on-miss buddy/cost and save it as MODEL.buddies.json with its provenance.")
     _add_model_arg(p, required=False)
     p.add_argument("--text", metavar="FILE", help="calibration text (default: the built-in multi-domain sample)")

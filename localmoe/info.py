@@ -55,8 +55,9 @@ def describe(model: GGUFModel, backends: bool = True) -> dict[str, Any]:
         "kv_heads": s.n_head_kv,
         "head_dim": s.head_dim,
         "context_length": s.ctx_train,
-        "experts": {"count": s.n_expert, "used": s.n_expert_used, "ffn_length": s.n_ff_exp, "shared_ffn_length": s.n_ff_shexp, "shared_count": s.n_expert_shared or int(s.n_ff_shexp > 0), "normalised_top_k": s.norm_topk},
-        "routing": {"kind": s.routing, "groups": {"count": s.n_expert_groups, "used": s.n_group_used} if s.n_expert_groups > 1 else None, "weights_scale": s.expert_weights_scale},
+        "experts": {"count": s.n_expert, "used": s.n_expert_used, "ffn_length": s.n_ff_exp, "shared_ffn_length": s.n_ff_shexp, "shared_count": s.n_expert_shared or int(s.n_ff_shexp > 0), "normalised_top_k": s.norm_topk,
+                    "activation": s.arch.expert_act, "biases": s.arch.expert_bias},
+        "routing": {"kind": s.routing, "router_bias": s.arch.router_bias, "groups": {"count": s.n_expert_groups, "used": s.n_group_used} if s.n_expert_groups > 1 else None, "weights_scale": s.expert_weights_scale},
         "attention": _attention(s),
         "dense_layers": [layer for layer in range(s.n_layer) if not s.is_moe(layer)],
         "rope": {"style": s.arch.rope_style, "dims": s.n_rot, "scaling": s.rope_scaling, "freq_scale": s.rope_freq_scale} | ({"original_context": s.yarn_orig_ctx} if s.rope_scaling == "yarn" else {}),
@@ -74,14 +75,29 @@ def describe(model: GGUFModel, backends: bool = True) -> dict[str, Any]:
 def _attention(s) -> dict[str, Any]:
     if s.arch.attention == "mla":
         return {"kind": "mla", "kv_lora_rank": s.kv_lora_rank, "q_lora_rank": s.q_lora_rank, "qk_rope_dim": s.n_rot, "qk_nope_dim": s.head_dim - s.n_rot, "v_head_dim": s.head_dim_v}
-    return {"kind": "gqa", "sinks": s.arch.sinks, "sliding_window": s.arch.sliding_window}
+    swa = [layer for layer in range(s.n_layer) if s.is_swa(layer)]
+    return {"kind": "gqa", "sinks": s.arch.sinks, "sliding_window": s.n_swa if swa else 0, "windowed_layers": swa, "biases": s.arch.qkv_bias}
 
 
 def _attention_line(a: dict[str, Any]) -> str:
     if a["kind"] == "mla":
         q = f"q_lora {a['q_lora_rank']}" if a["q_lora_rank"] else "no q_lora"
         return f"attention      MLA: kv_lora {a['kv_lora_rank']}, {q}, qk {a['qk_nope_dim']} + rope {a['qk_rope_dim']}, v {a['v_head_dim']}"
-    return "attention      GQA" + (", sinks" if a["sinks"] else "") + (", sliding window" if a["sliding_window"] else "")
+    line = "attention      GQA" + (", q/k/v biases" if a["biases"] else "") + (", a sink per head" if a["sinks"] else "")
+    if a["sliding_window"]:
+        n = len(a["windowed_layers"])
+        line += f", sliding window {a['sliding_window']} on {n} layer{'s' if n > 1 else ''} ({_layer_list(a['windowed_layers'])})"
+    return line
+
+
+def _layer_list(layers: list[int]) -> str:
+    """[0, 2, 4, ..., 22] → "0, 2, ..., 22 (every 2nd)"; short lists in full."""
+    if len(layers) <= 6:
+        return ", ".join(map(str, layers))
+    step = layers[1] - layers[0]
+    if all(b - a == step for a, b in zip(layers, layers[1:])):
+        return f"{layers[0]}, {layers[1]}, ..., {layers[-1]}"
+    return ", ".join(map(str, layers[:5])) + f", ... ({len(layers)} in all)"
 
 
 def _mib(n: int) -> str:
@@ -95,8 +111,9 @@ def format_text(d: dict[str, Any]) -> str:
         f"architecture   {d['architecture']}",
         f"layers         {d['layers']}   hidden {d['embedding_length']}   heads {d['heads']} (kv {d['kv_heads']}, dim {d['head_dim']})   vocab {d['vocab_size']}   context {d['context_length']}",
         f"experts        {e['count']} per layer, top-{e['used']} used, ffn {e['ffn_length']}"
+        + (", biases" if e["biases"] else "") + (", clamped SwiGLU (gpt-oss)" if e["activation"] == "swiglu_oai" else "")
         + (f", {e['shared_count']} shared expert{'s' if e['shared_count'] > 1 else ''} (ffn {e['shared_ffn_length']})" if e["shared_ffn_length"] else ""),
-        f"routing        {d['routing']['kind']}" + (f", {d['routing']['groups']['used']} of {d['routing']['groups']['count']} expert groups" if d["routing"]["groups"] else "")
+        f"routing        {d['routing']['kind']}" + (" (+ router bias)" if d["routing"]["router_bias"] else "") + (f", {d['routing']['groups']['used']} of {d['routing']['groups']['count']} expert groups" if d["routing"]["groups"] else "")
         + (f", weights × {d['routing']['weights_scale']:g}" if d["routing"]["weights_scale"] not in (0.0, 1.0) else ""),
         _attention_line(d["attention"]),
         f"rope           {d['rope']['style']}, {d['rope']['dims']} dims" + (f", {d['rope']['scaling']} × {1 / d['rope']['freq_scale']:g}" if d["rope"]["scaling"] != "none" else "")

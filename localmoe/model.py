@@ -1,10 +1,11 @@
 """The forward pass, read from the architecture's declarations (localmoe/archs/) and the ModelSpec.
 
-Mirrors llama.cpp's graphs (src/models/{qwen3moe,qwen2moe,olmoe,llama,deepseek2}.cpp) step for step:
+Mirrors llama.cpp's graphs (src/models/{qwen3moe,qwen2moe,olmoe,llama,deepseek2,glm4-moe,openai-moe}.cpp) step for step:
 
     x = embd[ids]
     per layer:  h = rms(x)·attn_norm → attention: GQA (q,k,v (+bias) → qk-norm → RoPE → causal
-                    attention → wo) or MLA (archs declare which)
+                    attention, windowed on SWA layers, with per-head sinks → wo (+bias)) or MLA
+                    (archs declare which)
                 x = x + attn
                 h = rms(x)·ffn_norm → a dense SwiGLU (leading dense layers), or
                     router (archs/common.route_reference) → experts(h, ids, w) (+ shared expert)
@@ -34,7 +35,7 @@ from .gguf.file import GGUFModel, ModelSpec, TensorView
 from .compute.counters import to_device
 from .compute.kernels import QLinear, attn_decode, fuse_rows, gather_rows, native_lib, qk_norm_rope, repack, rms_norm, route
 from .compute.ggml_backend import ggml
-from .gguf.blocks import BLOCK_TYPES, QUANT_TYPES, dequantize, raw_bytes, to_torch
+from .gguf.blocks import QUANT_TYPES, dequantize, raw_bytes, to_torch
 
 
 class ExpertFn(Protocol):
@@ -76,6 +77,8 @@ class LayerWeights:
     shared_gate: torch.Tensor | None  # [D] (a gated shared expert)
     dense: ExpertWeights | None = None  # the FFN of a layer without experts
     probs_bias: torch.Tensor | None = None  # [E]: added to the routing scores to select, not to weigh
+    router_bias: torch.Tensor | None = None  # [E]: added to the router's logits (gpt-oss)
+    sinks: torch.Tensor | None = None  # [H]: one extra logit per head in the attention softmax (gpt-oss)
     mla: MLAWeights | None = None
 
 
@@ -137,14 +140,22 @@ class MoEModel:
             v = model.view(name)
             return v.data, v.qtype, v.shape
 
+        def copied(w: QLinear, mats: list[tuple]) -> QLinear:
+            """w, made from `mats`; their pages of the file are released when w is a copy (a
+            repacked or dequantized layout, not ggml's or the GPU's view of the file's bytes)."""
+            if w.backend in ("vnni", "int4", "bf16") and device.type == "cpu":  # ("f32" may be a view of the file)
+                model.release([m[0] for m in mats])
+            return w
+
         def linear(name: str) -> QLinear:  # a weight matrix, repacked for the fast kernels
-            return repack(*raw(name), device=device)
+            m = raw(name)
+            return copied(repack(*m, device=device), [m])
 
         def qkv(i: int) -> list[QLinear]:
             mats = [raw(names.blk(i, p)) for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V)]
             if len({m[1] for m in mats}) == 1:
-                return [fuse_rows(mats, device)]
-            return [repack(*m, device=device) for m in mats]
+                return [copied(fuse_rows(mats, device), mats)]
+            return [copied(repack(*m, device=device), [m]) for m in mats]
 
         arch = spec.arch
         self.fast = fast_paths(spec)  # the C fast paths this architecture's declarations allow
@@ -198,18 +209,21 @@ class MoEModel:
                     shared_gate=load(names.blk(i, names.FFN_GATE_INP_SHEXP)).reshape(-1) if moe_layer and arch.shared_expert == "gated" else None,
                     dense=None if moe_layer else dense_ffn(i, (names.FFN_GATE, names.FFN_UP, names.FFN_DOWN)),
                     probs_bias=maybe(names.blk(i, names.FFN_EXP_PROBS_B, "bias")) if moe_layer else None,
+                    router_bias=maybe(names.blk(i, names.FFN_GATE_INP, "bias")) if moe_layer and arch.router_bias else None,
+                    sinks=maybe(names.blk(i, names.ATTN_SINKS)) if arch.sinks else None,
                     mla=None if gqa else mla(i),
                 )
             )
         self.embd: TensorView = model.view(names.TOKEN_EMBD)
         self.output_norm = load(names.OUTPUT_NORM)
         self.output = linear(names.OUTPUT) if model.has(names.OUTPUT) else linear(names.TOKEN_EMBD)  # [V, D]; tied when absent
-        # the embedding in the C kernel's row-block layout for one-call lookups (CPU): the output
-        # head's when tied, else a repacked copy (about the table's size in the file)
+        # the embedding in the C kernel's row-block layout for one-call lookups (CPU) when the output
+        # head is tied to it (that layout exists anyway). An untied table is not repacked just for
+        # lookups: a 201k × 2880 one (gpt-oss) would cost ~5 s of load and its size again in RAM,
+        # where ggml reads the few rows a call needs from the file (embd_mapped, also one C call).
         self.embd_packed: QLinear | None = None
-        if "embedding_gather" in self.fast and device.type == "cpu" and self.embd.qtype in BLOCK_TYPES and native_lib() is not None and kernels.ROW_BLOCKS:
-            packed = self.output if not model.has(names.OUTPUT) else linear(names.TOKEN_EMBD)
-            self.embd_packed = packed if packed.r16 else None
+        if "embedding_gather" in self.fast and device.type == "cpu" and not model.has(names.OUTPUT) and self.output.r16:
+            self.embd_packed = self.output
         self.embd_mapped: QLinear | None = None  # else the table in place, its rows read by ggml (one C call)
         if self.embd_packed is None and self.embd.qtype in QUANT_TYPES and ggml() is not None and ggml().computes(self.embd.qtype):
             self.embd_mapped = kernels.ggml_weight([(raw_bytes(self.embd.data, self.embd.shape[0]), self.embd.qtype, self.embd.shape[0])], spec.n_embd)
@@ -228,6 +242,8 @@ class MoEModel:
             if lw.mla is not None:
                 n += sum(t.nbytes for t in vars(lw.mla).values() if isinstance(t, QLinear))
                 n += sum(t.numel() * t.element_size() for t in vars(lw.mla).values() if isinstance(t, torch.Tensor))
+        # routed-expert biases (gpt-oss): float32 beside the experts' bytes, on the compute device
+        n += sum(t.n_bytes for name, t in self.gguf.tensors.items() if name.endswith(".bias") and any(f".{p}." in name for p in names.EXPERT_BIAS_PARTS))
         return n
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -357,12 +373,39 @@ class MoEModel:
         vals = cache.v[i][:, :S]  # [Hkv, S, dv]
         group = s.n_head // s.n_head_kv  # query head h reads KV head h // group
         qh = q.transpose(0, 1).reshape(s.n_head_kv, group * T, s.head_dim)  # [Hkv, group*T, d]: row g*T + t
+        lw = self.layers[i]
+        if lw.sinks is not None or s.is_swa(i):
+            out = self._attend_explicit(qh, keys, vals, pos0, T, scale, lw.sinks, s.n_swa if s.is_swa(i) else 0)  # [Hkv, group*T, dv]
+            return out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
         mask = None
         if T > 1:  # query t sees keys up to pos0 + t (a single new token sees every key)
             pos = torch.arange(pos0, pos0 + T, device=qkv.device)
             mask = (torch.arange(S, device=qkv.device)[None, :] <= pos[:, None]).repeat(group, 1)  # [group*T, S]
         out = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], attn_mask=mask, scale=scale)  # [1, Hkv, group*T, dv]
         return out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
+
+    def _attend_explicit(self, qh: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, pos0: int, T: int, scale: float,
+                         sinks: torch.Tensor | None, n_swa: int) -> torch.Tensor:
+        """Attention with what SDPA has no argument for, as llama.cpp's soft_max_ext computes it.
+        qh [Hkv, group·T, d] (row g·T + t is query head kvh·group + g at position pos0 + t), keys
+        [Hkv, S, d], vals [Hkv, S, dv] → [Hkv, group·T, dv]. Query p sees key p0 when p0 ≤ p and,
+        with a window (n_swa > 0), p − p0 < n_swa. A sink is one more logit per head, unscaled, in
+        the softmax's denominator only: it takes probability mass and gives back no value."""
+        Hkv, GT, _ = qh.shape
+        S = keys.shape[1]
+        group = GT // T
+        scores = (qh @ keys.transpose(1, 2)) * scale  # [Hkv, group·T, S]
+        q_pos = torch.arange(pos0, pos0 + T, device=qh.device).repeat(group)  # [group·T]
+        k_pos = torch.arange(S, device=qh.device)
+        hidden = k_pos[None, :] > q_pos[:, None]
+        if n_swa > 0:
+            hidden |= q_pos[:, None] - k_pos[None, :] >= n_swa
+        scores = scores.masked_fill(hidden, float("-inf"))
+        if sinks is not None:
+            sink = sinks.view(Hkv, group, 1).expand(Hkv, group, T).reshape(Hkv, GT, 1).to(scores.dtype)
+            scores = torch.cat([scores, sink], dim=-1)
+        probs = scores.softmax(-1)[..., :S]
+        return probs @ vals
 
     def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router of layer i (a layer with experts): h [T, D] → (ids [T, k] int64, weights [T, k] float32)."""
@@ -371,7 +414,13 @@ class MoEModel:
             fast = route(h, lw.router, s.n_expert_used, s.norm_topk, s.expert_weights_scale)
             if fast is not None:
                 return fast
-        return route_reference(h @ lw.router.T, s, lw.probs_bias)
+        return route_reference(self.router_logits(i, h), s, lw.probs_bias)
+
+    def router_logits(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer i's router on h [T, D] → logits [T, E] (+ the router's bias, where it has one)."""
+        lw = self.layers[i]
+        logits = h @ lw.router.T
+        return logits if lw.router_bias is None else logits + lw.router_bias
 
     def ffn_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """The normalised input of layer i's MoE block for residual stream x [T, D]."""

@@ -7,7 +7,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +35,18 @@ ON_MISS_POLICIES = tuple(MISS_POLICIES)
 MAX_TOKENS_LIMIT = 2**31 - 1  # max_tokens beyond this is a mistake, not a request
 
 
-def default_host_mem(model_bytes: int) -> int:
-    """Host RAM for repacked experts when the user gives no --host-mem: what is available now, less
-    the model file (its pages are mapped) and 1 GiB of headroom; 0 when that leaves nothing (the
-    experts are then computed in place from the memory map by ggml)."""
+HOST_HEADROOM = 3 << 29  # 1.5 GiB left to the KV cache, activations, Python and the rest of the system
+
+
+def default_host_mem(dense_bytes: int) -> int:
+    """Host RAM for repacked experts when the user gives no --host-mem: what is available now
+    (free memory plus reclaimable page cache), less the dense weights and HOST_HEADROOM; 0 when
+    that leaves nothing. A repacked expert's bytes in the file are not read again (their pages are
+    released: GGUFModel.release), so the file's pages need room only for the experts beyond the
+    budget, which ggml computes in place from the memory map."""
     import psutil
 
-    return max(0, int(psutil.virtual_memory().available) - model_bytes - (1 << 30))
+    return max(0, int(psutil.virtual_memory().available) - dense_bytes - HOST_HEADROOM)
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class Runtime:
         trace: str | None = None,
         miss_options: dict[str, Any] | None = None,
         host_mem: int | str | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
     ):
         self.path = os.fspath(path) if path is not None else demo_model_path()
         self.device = resolve_device(device)
@@ -115,10 +121,13 @@ class Runtime:
         # The CPU's copy of the experts (repacked for the CPU kernels). On CUDA the GPU tier is a
         # DeviceTier holding experts in their GGUF bytes, and every run goes through the scheduler.
         # host_mem: repacked experts (VNNI layout) kept in RAM; beyond it ggml computes them in place
-        self.host_mem = parse_size(host_mem) if host_mem is not None else default_host_mem(os.path.getsize(self.path))
+        self.host_mem = parse_size(host_mem) if host_mem is not None else default_host_mem(self.gguf.dense_bytes())
         if self.host_mem < 0:
             raise LocalMoEError(f"host_mem must be ≥ 0, got {host_mem}")
         self.store = ExpertStore(self.gguf, torch.device("cpu"), self.host_mem)
+        # every expert the VNNI kernel computes and host_mem holds is repacked now, once (C, all
+        # threads), so that no token waits for a repack: the cold start's decode is the warm one's
+        self.store.preload((lambda done, total: progress("repacking experts", done, total)) if progress is not None else None)
         self.scheduler: ExpertScheduler | None = None
         self.model = MoEModel(self.gguf, ExpertExecutor(self.store, self._stats), self.device)
         cpu_layers = _static_cpu_layers(n_cpu_moe, cpu_moe, self.spec.n_layer)
@@ -424,6 +433,7 @@ def load(
     trace: str | None = None,
     miss_options: dict[str, Any] | None = None,
     host_mem: int | str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Runtime:
     """Open a MoE GGUF model (None → the bundled demo model). Raises LocalMoEError on bad input.
 
@@ -438,8 +448,9 @@ def load(
     buddy, {"quality_budget": 0.1} for cost (see docs/fallback.md). host_mem: host RAM (bytes or
     "8GB") for experts repacked into the VNNI kernel's layout; experts beyond it, and every expert of
     a type ggml computes faster, run in place from the memory map (default: the RAM available at load
-    less the file's size and 1 GiB)."""
-    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace, miss_options, host_mem)
+    less the dense weights and 1.5 GiB); they are repacked at load. progress(what, done, total) is
+    called during long steps of the load (the repacking, in experts)."""
+    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace, miss_options, host_mem, progress)
 
 
 def _check_policy_names(policy: str, on_miss: str) -> None:

@@ -16,11 +16,11 @@ if not torch.cuda.is_available():
 
 from localmoe.bench.synth import SynthConfig, quantize_with_llama_cpp, write_model
 
-ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2", "glm4moe")
+ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2", "glm4moe", "gpt-oss")
 # Written directly by GGUFWriter (gguf.quants), or made by llama.cpp's own quantizer from a file
 # written at higher precision (the K-quant mix of a real Q4_K_M file, and the legacy types).
 DIRECT_TYPES = ("F32", "Q8_0", "Q4_0")
-LLAMA_QUANTIZED = {"Q4_K_M": "Q8_0", "F16": "F32", "BF16": "F32", "Q4_1": "F32", "Q5_0": "F32", "Q5_1": "F32"}
+LLAMA_QUANTIZED = {"Q4_K_M": "Q8_0", "MXFP4_MOE": "Q8_0", "F16": "F32", "BF16": "F32", "Q4_1": "F32", "Q5_0": "F32", "Q5_1": "F32"}
 
 
 def arch_config(arch: str, **overrides) -> SynthConfig:
@@ -33,6 +33,8 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
     if arch == "glm4moe":  # GLM-4.5-Air's structure in small: partial rotary, biases, 1 dense layer, sigmoid + bias, one MTP block
         kw.update(n_layer=3, head_dim=64, qk_rope=32, n_dense_lead=1, n_ff_dense=256, n_expert_shared=1, n_ff_exp=128,
                   gating="sigmoid", expert_weights_norm=True, expert_weights_scale=1.5, n_nextn=1)
+    if arch == "gpt-oss":  # gpt-oss-20b's structure in small: 64-wide heads, a window of 8 on layers 0 and 2, sinks, biases, YaRN
+        kw.update(n_layer=3, head_dim=64, n_swa=8, rope_base=150000.0, rms_eps=1e-5, yarn_factor=4.0, yarn_orig_ctx=32)
     kw.update(overrides)
     return SynthConfig(**kw)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import localmoe
+import localmoe.compute.experts as experts_mod
 import localmoe.model as model_mod
 from conftest import ARCHS
 from localmoe import archs
@@ -32,8 +33,9 @@ def test_declarations_decide_the_fast_paths(make_model):
     assert "fused_qk_norm_rope" not in got["qwen2moe"]  # q/k/v biases
     assert "fused_qk_norm_rope" not in got["olmoe"]  # q/k norm over all heads
     assert {"c_router", "c_decode_attention"} <= got["qwen2moe"] & got["olmoe"]
-    assert got["glm4moe"] == {"embedding_gather", "c_decode_attention"}  # biases; sigmoid routing: no C router
-    assert got["deepseek2"] == {"embedding_gather", "c_router"}  # MLA: not the GQA kernels; softmax routing (V2): the C router
+    assert got["glm4moe"] == {"embedding_gather", "c_decode_attention", "fused_experts"}  # biases; sigmoid routing: no C router
+    assert got["deepseek2"] == {"embedding_gather", "c_router", "fused_experts"}  # MLA: not the GQA kernels; softmax routing (V2): the C router
+    assert got["gpt-oss"] == {"embedding_gather"}  # sinks, windows, biases, top-k then softmax, clamped SwiGLU
 
 
 class _Spy:
@@ -52,6 +54,8 @@ def _run(gguf: GGUFModel, ids: list[int], monkeypatch, allowed: bool) -> tuple[n
     spies = {name: _Spy(getattr(model_mod, name), allowed) for name in ("route", "attn_decode", "qk_norm_rope")}
     for name, spy in spies.items():
         monkeypatch.setattr(model_mod, name, spy)
+    spies["swiglu_decode"] = _Spy(experts_mod.swiglu_decode, allowed)
+    monkeypatch.setattr(experts_mod, "swiglu_decode", spies["swiglu_decode"])
     stats = StatsCollector(gguf.spec.n_layer, gguf.spec.n_expert)
     m = MoEModel(gguf, ExpertExecutor(ExpertStore(gguf, torch.device("cpu"), 1 << 30), stats), torch.device("cpu"))
     cache = KVCache(gguf.spec, 256, torch.device("cpu"))
@@ -64,20 +68,21 @@ def _run(gguf: GGUFModel, ids: list[int], monkeypatch, allowed: bool) -> tuple[n
 
 def test_undeclared_fast_paths_do_not_run_and_the_reference_path_is_right(make_model, monkeypatch):
     """A qwen3moe file read as an architecture that declares q/k/v biases (none in this file), a
-    sliding window (of no length here) and expert groups (two of four experts each, both used):
-    nothing changes the numbers, but the fused q/k-norm+RoPE, the C decode attention and the C
-    router no longer fit the declarations — they must not run, and the logits must stay right."""
+    sliding window (of no length here), expert biases (none here) and expert groups (two of four
+    experts each, both used): nothing changes the numbers, but the fused q/k-norm+RoPE, the C
+    decode attention, the C router and the fused expert kernel no longer fit the declarations —
+    they must not run, and the logits must stay right."""
     path = make_model("qwen3moe", "Q8_0")
     ids = np.random.default_rng(3).integers(0, 300, 24).tolist()
     base, calls = _run(GGUFModel(path), ids, monkeypatch, allowed=True)
     if model_mod.native_lib() is not None:  # the spies see the fast paths when they are allowed
-        assert calls["route"] and calls["attn_decode"] and calls["qk_norm_rope"]
+        assert calls["route"] and calls["attn_decode"] and calls["qk_norm_rope"] and calls["swiglu_decode"]
     other = GGUFModel(path)
-    arch = dataclasses.replace(other.spec.arch, qkv_bias=True, sliding_window=True)
+    arch = dataclasses.replace(other.spec.arch, qkv_bias=True, sliding_window=True, expert_bias=True)
     other.spec = dataclasses.replace(other.spec, arch=arch, n_expert_groups=2, n_group_used=2)
     assert fast_paths(other.spec) == {"embedding_gather"}
     ref, calls = _run(other, ids, monkeypatch, allowed=False)
-    assert calls == {"route": 0, "attn_decode": 0, "qk_norm_rope": 0}
+    assert calls == {"route": 0, "attn_decode": 0, "qk_norm_rope": 0, "swiglu_decode": 0}
     np.testing.assert_allclose(ref, base, rtol=1e-4, atol=1e-4 * np.abs(base).max())
     with localmoe.load(path, device="cpu") as rt:  # and both are the one-pass logits
         full = rt.logits(ids)[15:]

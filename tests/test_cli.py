@@ -20,7 +20,7 @@ def test_info_text_and_json_on_q4_k_m(make_model):
     r = _cli("info", path, "--json")
     d = json.loads(r.stdout)
     assert d["architecture"] == "qwen3moe" and d["layers"] == 2
-    assert d["experts"] == {"count": 8, "used": 2, "ffn_length": 256, "shared_ffn_length": 0, "shared_count": 0, "normalised_top_k": True}
+    assert d["experts"] == {"count": 8, "used": 2, "ffn_length": 256, "shared_ffn_length": 0, "shared_count": 0, "normalised_top_k": True, "activation": "swiglu", "biases": False}
     assert d["attention"]["kind"] == "gqa" and d["dense_layers"] == [] and d["routing"]["kind"] == "softmax_topk"
     assert {"Q4_K", "Q6_K", "F32"} <= set(d["quant_mix"])
     # the per-expert bytes, layer by layer, add up to the expert tensors' bytes (Q4_K_M mixes types by layer)

@@ -173,6 +173,23 @@ def test_row_blocks_take_any_row_count(qtype):
     assert rel_err(many, np.stack([q8_activations(x[e : e + 1])[0] @ ref.T for e in range(2)])) <= tol
 
 
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
+@pytest.mark.parametrize("qtype", sorted(kernels.R16_TYPES, key=int), ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [37, 64])
+def test_c_repack_writes_the_python_layout_byte_for_byte(qtype, rows):
+    """lm_repack_r16 (C, from the file's blocks) and decode + _pack_r16 (torch, numpy) make the
+    same bytes: codes, float16 scales and zeros, padding rows; random blocks hit every bit pattern."""
+    raw = random_blocks(qtype, rows, 512, np.random.default_rng(int(qtype) + rows))
+    ours = kernels._repack_r16_native(raw, qtype, rows, 512)
+    ref = kernels._pack_vnni(decode(raw, qtype, (rows, 512)), rows, 512)
+    assert ours is not None and ref.r16
+    assert (ours.offset, ours.group, ours.nibble, ours.bits, ours.r16) == (ref.offset, ref.group, ref.nibble, ref.bits, ref.r16)
+    assert set(ours.tensors) == set(ref.tensors)
+    for name, t in ref.tensors.items():
+        assert ours.tensors[name].dtype == t.dtype and ours.tensors[name].shape == t.shape, name
+        assert torch.equal(ours.tensors[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
 def test_fused_rows_equal_separate_matmuls():
     rng = np.random.default_rng(5)
     gate, up = random_blocks(Q.Q4_K, 32, 256, rng), random_blocks(Q.Q4_K, 32, 256, rng)

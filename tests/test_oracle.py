@@ -28,6 +28,7 @@ from localmoe.compute.kernels import native_lib
 KERNELS = ["auto"] + (["ggml"] if ggml() is not None and native_lib() is not None else [])
 CASES = [(arch, q, "auto") for arch in ARCHS for q in ("F32", "Q8_0", "Q4_0", "Q4_K_M")]
 CASES += [("qwen3moe", q, "auto") for q in ("F16", "BF16", "Q4_1", "Q5_0", "Q5_1")]
+CASES += [("gpt-oss", "MXFP4_MOE", "auto")]  # how gpt-oss ships: MXFP4 experts (ggml's kernels), Q8_0 elsewhere
 CASES += [(arch, q, k) for k in KERNELS[1:] for arch in ARCHS for q in ("Q8_0", "Q4_0", "Q4_K_M")]
 CASES += [("qwen3moe", q, k) for k in KERNELS[1:] for q in ("Q4_1", "Q5_0", "Q5_1")]
 _REFS: dict[str, tuple] = {}

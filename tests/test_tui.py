@@ -379,7 +379,7 @@ def test_layout_fits_80x24():
 
 # -- loading ------------------------------------------------------------------------------------
 def test_load_failure_shows_why_and_exits_with_code_2():
-    def loader():
+    def loader(progress=None):
         raise LocalMoEError("bad.gguf is not a GGUF file")
 
     async def go():
@@ -400,7 +400,8 @@ def test_loading_state_then_chat():
     release = threading.Event()
     rt = FakeRuntime(replies=("loaded fine",))
 
-    def loader():
+    def loader(progress=None):
+        progress("repacking experts", 512, 2048)  # what load() reports on a big model
         assert release.wait(10)
         return rt
 
@@ -409,6 +410,7 @@ def test_loading_state_then_chat():
         async with app.run_test() as pilot:
             await pilot.pause()
             assert "loading fake.gguf" in str(app.query_one("#loading-text").render())
+            await wait_until(pilot, lambda: "repacking experts 25% (512 of 2,048)" in str(app.query_one("#loading-text").render()))
             assert app.query_one("#prompt", Input).disabled
             release.set()
             await wait_until(pilot, lambda: app.rt is rt)
@@ -440,7 +442,7 @@ def real_model() -> str:
 
 def test_real_model_streams_a_reply_with_stats_and_expert_map(real_model):
     async def go():
-        app = ChatApp(loader=lambda: localmoe.load(real_model, device="cpu", seed=0), sampling=Sampling(max_tokens=12, temperature=0.0), refresh_interval=0.05)
+        app = ChatApp(loader=lambda progress=None: localmoe.load(real_model, device="cpu", seed=0, progress=progress), sampling=Sampling(max_tokens=12, temperature=0.0), refresh_interval=0.05)
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_until(pilot, lambda: app.rt is not None or app.load_error is not None, timeout=60)
             assert app.load_error is None

@@ -177,7 +177,7 @@ class ChatApp(App[None]):
         self,
         runtime: Any = None,
         *,
-        loader: Callable[[], Any] | None = None,
+        loader: Callable[..., Any] | None = None,
         model_label: str = "",
         system: str | None = None,
         sampling: Sampling | None = None,
@@ -197,6 +197,7 @@ class ChatApp(App[None]):
         self.error_linger = error_linger
         self.history: Messages = []
         self.load_error: str | None = None
+        self.load_step: tuple[str, int, int] | None = None  # the loader's progress: (what, done, total)
         self.pending: PendingReply | None = None
         self._seq = 0
         self._reply_worker: Worker | None = None
@@ -245,19 +246,25 @@ class ChatApp(App[None]):
     def _show_loading(self) -> None:
         if self.load_error is None:
             secs = time.monotonic() - self._load_started
-            self.query_one("#loading-text", Static).update(Text(f"loading {self.model_label or 'the model'} … {secs:.0f} s", style="bold"))
+            step = self.load_step
+            doing = f" — {step[0]} {step[1] / max(1, step[2]):.0%} ({step[1]:,} of {step[2]:,})" if step is not None else ""
+            self.query_one("#loading-text", Static).update(Text(f"loading {self.model_label or 'the model'} … {secs:.0f} s{doing}", style="bold"))
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def _load(self) -> None:
         start = time.monotonic()
         try:
-            rt = self._loader()
+            rt = self._loader(progress=self._record_load_step)
         except LocalMoEError as exc:
             self.post_message(ModelFailed(str(exc)))
         except Exception as exc:  # a bug or an environment problem: still no traceback on screen
             self.post_message(ModelFailed(f"{type(exc).__name__}: {exc}"))
         else:
             self.post_message(ModelLoaded(rt, time.monotonic() - start))
+
+    def _record_load_step(self, what: str, done: int, total: int) -> None:
+        """load()'s progress, from the loading thread; the loading timer shows it."""
+        self.load_step = (what, done, total)
 
     def on_model_loaded(self, msg: ModelLoaded) -> None:
         self._loading_timer.stop()

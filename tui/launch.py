@@ -22,8 +22,8 @@ def run_chat(args: argparse.Namespace, load_kwargs: dict[str, Any]) -> int:
         raise LocalMoEError("--max-tokens must be ≥ 1")
     sampling = Sampling(args.max_tokens, args.temp, args.top_p, args.top_k, args.seed)
 
-    def loader():
-        return load(args.model, **load_kwargs)
+    def loader(progress=None):  # the app passes its own progress (the CLI's bar would draw over the screen)
+        return load(args.model, **(load_kwargs | {"progress": progress}))
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         loader().close()  # a bad model is reported like every other command's

@@ -22,6 +22,7 @@ Routing = Literal["softmax_topk", "topk_softmax", "sigmoid_bias_groups"]
 Attention = Literal["gqa", "mla"]  # grouped-query attention, or DeepSeek's multi-head latent attention
 SharedExpert = Literal["none", "gated", "plain"]  # gated: sigmoid(h·g) · shexp(h) (Qwen2-MoE); plain: + shexp(h)
 RopeScaling = Literal["none", "linear", "yarn"]
+ExpertAct = Literal["swiglu", "swiglu_oai"]  # silu(g)·u, or gpt-oss's clamped variant (compute/experts.py)
 
 # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values (key `{arch}.expert_gating_func`)
 GATING_SOFTMAX, GATING_SIGMOID = 1, 2
@@ -44,27 +45,34 @@ class ArchSpec:
     dense_leading: bool = False  # the first `leading_dense_block_count` blocks have a dense FFN, no experts
     rope_scalings: tuple[RopeScaling, ...] = ("none", "linear")
     ffn_norm: str = "ffn_norm"  # the stem of the norm in front of the FFN (GLM: post_attention_norm)
-    sinks: bool = False  # per-head attention sinks (none of the supported ones yet)
-    sliding_window: bool = False  # sliding-window attention on some layers (none yet)
+    sinks: bool = False  # per-head attention sinks: one extra logit per head in the softmax's denominator
+    sliding_window: bool = False  # sliding-window attention on the layers the file marks (ModelSpec.swa_layers)
+    router_bias: bool = False  # the router's logits carry a bias (ffn_gate_inp.bias) before selection
+    expert_bias: bool = False  # routed experts carry biases on gate, up and down
+    expert_act: ExpertAct = "swiglu"
     checked: str = ""  # how the implementation was checked against llama.cpp (docs/models.md)
 
 
 # -- fast paths: each needs what its C kernel assumes, read from the declarations ------------------
-FAST_PATHS = ("c_router", "c_decode_attention", "fused_qk_norm_rope", "embedding_gather")
+FAST_PATHS = ("c_router", "c_decode_attention", "fused_qk_norm_rope", "embedding_gather", "fused_experts")
 
 
 def fast_paths(spec: Any) -> frozenset[str]:
     """The C fast paths `spec` (a ModelSpec) may take. The C router is softmax → top-k (→ renorm,
-    scale) over all experts; decode attention and the fused q/k-norm+RoPE assume GQA heads laid
-    out [q | k | v] with no biases, sinks or window; the embedding gather assumes a plain lookup."""
+    scale) over unbiased logits of all experts; decode attention and the fused q/k-norm+RoPE assume
+    GQA heads laid out [q | k | v] with no biases, sinks or window; the fused expert kernels (one C
+    call per decode layer, the GPU's device-routed decode) compute silu(g)·u without biases; the
+    embedding gather assumes a plain lookup."""
     arch: ArchSpec = spec.arch
     out = {"embedding_gather"}
-    if spec.routing == "softmax_topk" and spec.n_expert_groups <= 1:
+    if spec.routing == "softmax_topk" and spec.n_expert_groups <= 1 and not arch.router_bias:
         out.add("c_router")
     if arch.attention == "gqa" and not arch.sinks and not arch.sliding_window:
         out.add("c_decode_attention")
         if not arch.qkv_bias and arch.qk_norm != "full":
             out.add("fused_qk_norm_rope")
+    if arch.expert_act == "swiglu" and not arch.expert_bias:
+        out.add("fused_experts")
     return frozenset(out)
 
 

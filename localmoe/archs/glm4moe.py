@@ -13,7 +13,7 @@ from .common import GATING_SOFTMAX, ArchSpec, Getter, ffn_tensors
 
 ARCH = ArchSpec(
     "glm4moe", "GLM-4.5, GLM-4.5-Air", "neox", qk_norm="per_head", qk_norm_optional=True, qkv_bias=True,
-    routings=("sigmoid_bias_groups", "softmax_topk"), shared_expert="plain", dense_leading=True, ffn_norm="post_attention_norm",
+    routings=("sigmoid_bias_groups", "softmax_topk"), shared_expert="plain", dense_leading=True, ffn_norm=names.ATTN_POST_NORM,
     checked="logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M; decode = one pass (tests/test_oracle.py)",
 )
 

@@ -64,6 +64,10 @@ class SynthConfig:
     yarn_orig_ctx: int = 0
     yarn_log_mul: float = 0.0  # mscale_all_dim (written as 0.1·value, as llama.cpp's converter does)
     n_nextn: int = 0  # glm4moe: next-token-prediction blocks after the trunk (llama.cpp and localmoe skip them)
+    # gpt-oss (attention sinks, sliding window on alternate layers, biases everywhere, clamped SwiGLU)
+    n_swa: int = 128  # the window of the sliding-window layers (the even ones: llama.cpp's default pattern 2)
+    rope_base: float = 10000.0
+    rms_eps: float = 1e-6
 
 
 # Presets with the expert shapes of real models (layers and quant type are chosen per use).
@@ -79,6 +83,13 @@ PRESETS: dict[str, SynthConfig] = {
         "deepseek2", 4, 2048, 16, 16, 192, 64, 6, 1408, n_vocab=102400, n_ctx=163840, name="synthetic-deepseek-v2-lite",
         kv_lora_rank=512, q_lora_rank=0, qk_rope=64, v_head_dim=128, n_dense_lead=1, n_ff_dense=10944, n_expert_shared=2,
         gating="softmax", expert_weights_norm=False, expert_weights_scale=1.0, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_log_mul=0.707,
+    ),
+    # gpt-oss-20b's config.json: 24 layers of 2880, 64 heads (8 KV) of 64, 32 experts (top-4) of
+    # 2880, sliding_window 128 on every other layer, rope_theta 150000 with YaRN factor 32 over
+    # 4096, rms_norm_eps 1e-5, vocabulary 201088 (o200k_harmony)
+    "gpt-oss-20b": SynthConfig(
+        "gpt-oss", 4, 2880, 64, 8, 64, 32, 4, 2880, n_vocab=201088, n_ctx=131072, name="synthetic-gpt-oss-20b",
+        n_swa=128, rope_base=150000.0, rms_eps=1e-5, yarn_factor=32.0, yarn_orig_ctx=4096,
     ),
     # GLM-4.5-Air's config.json: 96 heads (8 KV) of 128, partial_rotary_factor 0.5, 128 routed
     # experts (top-8, sigmoid + correction bias, renormalised, scale 1.0) of 1408 + 1 shared,
@@ -99,11 +110,29 @@ ATTN_OUT_GAIN = 0.15
 FFN_OUT_GAIN = 0.15
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# gpt-oss's harmony format: its control tokens, and a template in its shape (gpt-oss's own is a
+# long tool-calling template; this one renders system, user and assistant turns the same way)
+HARMONY_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>", "<|constrain|>", "<|call|>")
+HARMONY_TEMPLATE = (
+    "{%- set sys = messages[0].content if messages and messages[0].role in ('system', 'developer') else '' -%}"
+    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+    "Knowledge cutoff: 2024-06\nCurrent date: {{ strftime_now('%Y-%m-%d') }}\n\nReasoning: medium\n\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
+    "{%- if sys %}<|start|>developer<|message|># Instructions\n\n{{ sys }}<|end|>{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role in ('system', 'developer') and loop.first -%}"
+    "{%- elif m.role == 'user' -%}<|start|>user<|message|>{{ m.content }}<|end|>"
+    "{%- elif m.role == 'assistant' -%}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>"
+    "{%- else -%}{{ raise_exception('harmony: unexpected role ' ~ m.role) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
+)
 # A few merges so that tokenization is real BPE, not bytes only.
 _MERGE_WORDS = ("the", "and", "of", "to", "in", "is", "ing", "er", "on", "at", "ex", "pert", "model")
 
 
-def byte_level_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str], dict[str, int]]:
+def byte_level_vocab(n_vocab: int, specials: tuple[str, ...] = SPECIAL_TOKENS) -> tuple[list[str], list[int], list[str], dict[str, int]]:
     """GPT-2 style byte-level vocab: 256 byte tokens, some merges, the chat specials, padding.
     Returns tokens, token types, merges ("a b" strings) and the ids of the special tokens."""
     byte_chars = _bytes_to_unicode()
@@ -119,7 +148,7 @@ def byte_level_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str], dic
                 cur += ch
     types = [TokenType.NORMAL] * len(tokens)
     special = {}
-    for s in SPECIAL_TOKENS:
+    for s in specials:
         special[s] = len(tokens)
         tokens.append(s)
         types.append(TokenType.CONTROL)
@@ -171,17 +200,19 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     w.add_feed_forward_length(cfg.n_ff_dense if arch in ("deepseek2", "glm4moe") else F_exp)
     w.add_head_count(cfg.n_head)
     w.add_head_count_kv(1 if arch == "deepseek2" else cfg.n_head_kv)  # MLA runs as MQA over the latent
-    if arch == "qwen3moe":
+    if arch in ("qwen3moe", "gpt-oss"):  # heads not n_embd / n_head wide (gpt-oss: 64 × 64 ≠ 2880)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if arch == "gpt-oss":
+        _gpt_oss_keys(w, cfg)
     if arch == "deepseek2":
         _deepseek2_keys(w, cfg, head_dim)
     elif arch == "glm4moe":
         _glm4moe_keys(w, cfg, head_dim)
     else:
         w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(cfg.rope_base)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_expert_count(E)
     w.add_expert_used_count(cfg.n_expert_used)
     w.add_expert_feed_forward_length(F_exp)
@@ -189,16 +220,17 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
         w.add_expert_shared_feed_forward_length(cfg.n_ff_shexp)
     w.add_file_type(ftype)
 
-    tokens, types, merges, special = byte_level_vocab(cfg.n_vocab)
+    harmony = arch == "gpt-oss"
+    tokens, types, merges, special = byte_level_vocab(cfg.n_vocab, HARMONY_TOKENS if harmony else SPECIAL_TOKENS)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(special["<|endoftext|>"])
-    w.add_eos_token_id(special["<|im_end|>"])
+    w.add_bos_token_id(special["<|startoftext|>" if harmony else "<|endoftext|>"])
+    w.add_eos_token_id(special["<|return|>" if harmony else "<|im_end|>"])
     w.add_add_bos_token(False)
-    w.add_chat_template(cfg.chat_template)
+    w.add_chat_template(HARMONY_TEMPLATE if harmony and cfg.chat_template == CHATML_TEMPLATE else cfg.chat_template)
 
     def mat(rows: int, cols: int, gain: float = 1.0) -> np.ndarray:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * (gain / np.sqrt(cols))).astype(np.float32)
@@ -214,7 +246,7 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     def put(name: str, shape: tuple[int, ...], make: Callable[[], Any], keep_f32: bool = False) -> None:
         qt = Q.F32 if keep_f32 or len(shape) == 1 else qtype
         if fast and qt != Q.F32:  # random blocks of the mix's type for this tensor, about make()'s spread
-            qt = Q[FAST_TYPES[cfg.weight_type][1]] if name.endswith(FAST_HIGH_TENSORS) else qtype
+            qt = _fast_type(cfg.weight_type, name, shape[-1])
             make = _fast_maker(name, shape, qt, rng)
         plan.append((name, shape, qt, make))
 
@@ -225,6 +257,9 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
             continue
         if arch == "glm4moe":
             _glm4moe_layer(put, mat, norm, rng, cfg, i, head_dim)
+            continue
+        if arch == "gpt-oss":
+            _gpt_oss_layer(put, mat, norm, rng, cfg, i, head_dim)
             continue
         qdim, kvdim = cfg.n_head * head_dim, cfg.n_head_kv * head_dim
         put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
@@ -296,9 +331,25 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
 
 # --fast: weight type → (type of most matrices, type of FAST_HIGH_TENSORS, file type). "Q4_K_M" is
 # llama.cpp's mix in spirit: Q4_K, with Q6_K for the expert down projections, attn_v and the head.
+# "MXFP4_MOE" is gpt-oss's as shipped: MXFP4 experts, Q8_0 for the rest.
 FAST_TYPES = {"Q4_K_M": ("Q4_K", "Q6_K", LlamaFileType.MOSTLY_Q4_K_M), "Q4_0": ("Q4_0", "Q4_0", LlamaFileType.MOSTLY_Q4_0),
-              "Q8_0": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_Q8_0), "Q6_K": ("Q6_K", "Q6_K", LlamaFileType.MOSTLY_Q6_K)}
+              "Q8_0": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_Q8_0), "Q6_K": ("Q6_K", "Q6_K", LlamaFileType.MOSTLY_Q6_K),
+              "MXFP4_MOE": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_MXFP4_MOE)}
 FAST_HIGH_TENSORS = (names.FFN_DOWN_EXPS + ".weight", names.ATTN_V + ".weight", names.OUTPUT)
+# llama.cpp's quantizer (tensor_type_fallback) for rows that are not a whole number of 256-blocks
+# (gpt-oss's 2880, DeepSeek-V2-Lite's 1408): the 32-block type it stores instead
+FAST_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0"}
+
+
+def _fast_type(weight_type: str, name: str, cols: int) -> GGMLQuantizationType:
+    """The stored type of a big matrix in a --fast file of `weight_type`."""
+    low, high, _ = FAST_TYPES[weight_type]
+    if weight_type == "MXFP4_MOE" and names.is_expert_tensor(name):
+        return Q.MXFP4
+    t = high if name.endswith(FAST_HIGH_TENSORS) else low
+    if cols % GGML_QUANT_SIZES[Q[t]][0]:
+        t = FAST_FALLBACK[t]
+    return Q[t]
 FAST_DISTINCT_EXPERTS = 8  # --fast: expert k holds the bytes of expert k mod 8 (the file's and RAM's sizes are real)
 _UNIT_SPREAD: dict[str, float] = {}  # block type → std of its random blocks' weights at scale 1
 
@@ -428,8 +479,48 @@ def _glm4moe_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int)
     for stem, n in ((names.ATTN_Q, qdim), (names.ATTN_K, kvdim), (names.ATTN_V, kvdim)):
         put(names.blk(i, stem, "bias"), (n,), lambda n=n: 0.1 * rng.standard_normal(n).astype(np.float32))
     put(names.blk(i, names.ATTN_OUT), (D, qdim), lambda: mat(D, qdim, gain=ATTN_OUT_GAIN))
-    put(names.blk(i, "post_attention_norm"), (D,), lambda: norm(D))
+    put(names.blk(i, names.ATTN_POST_NORM), (D,), lambda: norm(D))
     _ffn_block(put, mat, rng, cfg, i, selection_bias=True)
+
+
+def _gpt_oss_keys(w: GGUFWriter, cfg: SynthConfig) -> None:
+    """gpt-oss's keys as llama.cpp's converter writes them (the window pattern is llama.cpp's default)."""
+    from gguf import RopeScalingType
+
+    w.add_sliding_window(cfg.n_swa)
+    if cfg.yarn_factor:
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(cfg.yarn_factor)
+        w.add_rope_scaling_orig_ctx_len(cfg.yarn_orig_ctx)
+
+
+GPT_OSS_GATE_UP_GAIN = 2.5  # the experts' gate and up spread (std of their outputs): the clamped SwiGLU's ±7 is reached
+GPT_OSS_DOWN_POWER = 3.0  # the down projection scaled by 1/gain³: experts move the logits (14% relative) without dominating the residual stream
+
+
+def _gpt_oss_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) -> None:
+    """One gpt-oss block: GQA with biases on q/k/v/o and a sink per head, post_attention_norm,
+    a router with a bias, experts with biases. The experts' gate and up spread wide enough that
+    the clamped SwiGLU's ±7 limits are reached."""
+    D, E, F_exp, H = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp, cfg.n_head
+    qdim, kvdim = H * head_dim, cfg.n_head_kv * head_dim
+    small = lambda *shape, s=0.1: lambda: (s * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
+    for stem, n in ((names.ATTN_Q, qdim), (names.ATTN_K, kvdim), (names.ATTN_V, kvdim)):
+        put(names.blk(i, stem), (n, D), lambda n=n: mat(n, D))
+        put(names.blk(i, stem, "bias"), (n,), small(n))
+    put(names.blk(i, names.ATTN_OUT), (D, qdim), lambda: mat(D, qdim, gain=ATTN_OUT_GAIN))
+    put(names.blk(i, names.ATTN_OUT, "bias"), (D,), small(D, s=0.02))
+    put(names.blk(i, names.ATTN_SINKS), (H,), small(H, s=1.5))
+    put(names.blk(i, names.ATTN_POST_NORM), (D,), lambda: norm(D))
+    put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
+    put(names.blk(i, names.FFN_GATE_INP, "bias"), (E,), small(E, s=0.5))
+    for stem, rows, cols, gain in ((names.FFN_GATE_EXPS, F_exp, D, GPT_OSS_GATE_UP_GAIN), (names.FFN_UP_EXPS, F_exp, D, GPT_OSS_GATE_UP_GAIN),
+                                   (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN / GPT_OSS_GATE_UP_GAIN ** GPT_OSS_DOWN_POWER)):
+        put(names.blk(i, stem), (E, rows, cols), lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)))
+    put(names.blk(i, names.FFN_GATE_EXPS, "bias"), (E, F_exp), small(E, F_exp), keep_f32=True)
+    put(names.blk(i, names.FFN_UP_EXPS, "bias"), (E, F_exp), small(E, F_exp), keep_f32=True)
+    put(names.blk(i, names.FFN_DOWN_EXPS, "bias"), (E, D), small(E, D, s=0.02), keep_f32=True)
 
 
 def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

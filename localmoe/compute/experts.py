@@ -7,7 +7,9 @@ substitution policies plug in; the forward pass knows nothing about them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +27,68 @@ ExpertId = tuple[int, int]  # (layer, expert)
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """One SwiGLU FFN (a routed expert, or a shared one) in a layout with a fast kernel."""
+    """One SwiGLU FFN (a routed expert, or a shared one) in a layout with a fast kernel, with what
+    its architecture adds around the two matmuls (ExpertEpilogue.attach)."""
 
     gate_up: QLinear  # [2·n_ff, n_embd]: the gate rows, then the up rows (one matmul for both)
     down: QLinear  # [n_embd, n_ff]
+    act: str = "swiglu"  # archs.common.ExpertAct: silu(g)·u, or gpt-oss's clamped "swiglu_oai" (swiglu_act)
+    gate_up_bias: torch.Tensor | None = None  # [2·n_ff] float32, added to gate_up's output
+    down_bias: torch.Tensor | None = None  # [n_embd] float32, added to down's output
+    fused_ok: bool = True  # the architecture declares "fused_experts" (archs.common.fast_paths)
 
     @property
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
+
+    @property
+    def plain(self) -> bool:
+        """Exactly what the fused kernels compute (swiglu_decode, the GPU's grouped and
+        device-routed decode): silu(g)·u, no biases, and declared so."""
+        return self.fused_ok and self.act == "swiglu" and self.gate_up_bias is None and self.down_bias is None
+
+
+# gpt-oss's clamped SwiGLU (llama.cpp's ggml_swiglu_oai with the model's constants)
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
+
+
+def swiglu_act(act: str, gu: torch.Tensor) -> torch.Tensor:
+    """gu [n, 2·n_ff] (gate | up) → [n, n_ff]. swiglu: silu(g)·u. swiglu_oai: g' = min(g, 7),
+    u' = clamp(u, −7, 7), g'·sigmoid(1.702·g')·(u' + 1)."""
+    gate, up = gu.chunk(2, dim=-1)
+    if act == "swiglu":
+        return F.silu(gate).mul_(up)
+    g = gate.clamp(max=OAI_LIMIT)
+    return (g * torch.sigmoid(OAI_ALPHA * g)).mul_(up.clamp(-OAI_LIMIT, OAI_LIMIT).add_(1.0))
+
+
+class ExpertEpilogue:
+    """What a layer's routed experts carry beyond their matrices — biases (gate|up [E, 2·n_ff],
+    down [E, D], float32, read from the file once per layer and device) and the activation — and
+    the fast-path declaration that decides whether the fused kernels may run them."""
+
+    def __init__(self, model: GGUFModel):
+        from ..archs.common import fast_paths
+
+        self.model = model
+        arch = model.spec.arch
+        self.act = arch.expert_act
+        self.with_biases = arch.expert_bias
+        self.fused_ok = "fused_experts" in fast_paths(model.spec)
+        self._biases: dict[tuple[int, str], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def attach(self, w: ExpertWeights, layer: int, expert: int, device: torch.device) -> ExpertWeights:
+        if self.fused_ok and self.act == "swiglu" and not self.with_biases:
+            return w
+        gu_b = d_b = None
+        if self.with_biases:
+            key = (layer, str(device))
+            if key not in self._biases:
+                self._biases[key] = tuple(None if b is None else torch.from_numpy(b).to(device) for b in self.model.expert_biases(layer))
+            gu_all, d_all = self._biases[key]
+            gu_b = None if gu_all is None else gu_all[expert]
+            d_b = None if d_all is None else d_all[expert]
+        return dataclasses.replace(w, act=self.act, gate_up_bias=gu_b, down_bias=d_b, fused_ok=self.fused_ok)
 
 
 def pack_ffn(gate: RawMatrix, up: RawMatrix, down: RawMatrix, device: torch.device) -> ExpertWeights:
@@ -43,17 +99,28 @@ def pack_ffn(gate: RawMatrix, up: RawMatrix, down: RawMatrix, device: torch.devi
 def swiglu_expert(w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     """One expert on the rows routed to it: x [n, n_embd] → [n, n_embd]."""
     gu = w.gate_up(x)  # [n, 2·n_ff]
-    gate, up = gu.chunk(2, dim=-1)
-    return w.down(F.silu(gate).mul_(up))
+    if w.gate_up_bias is not None:
+        gu = gu + w.gate_up_bias
+    y = w.down(swiglu_act(w.act, gu))
+    return y if w.down_bias is None else y + w.down_bias
+
+
+def _plus_biases(y: torch.Tensor, biases: list[torch.Tensor | None]) -> torch.Tensor:
+    """y [k, n] + each row's bias (rows without one: + 0)."""
+    if all(b is None for b in biases):
+        return y
+    return y + torch.stack([torch.zeros(y.shape[1], dtype=y.dtype, device=y.device) if b is None else b.to(y.dtype) for b in biases])
 
 
 def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """Σ_e weights[e] · expert_e(x) for one row x [1, n_embd] → [1, n_embd] (decode). C-kernel
-    experts of one shape run in one call (every gate+up, the SwiGLU, every down, the weighted sum);
-    otherwise two calls — every gate+up, then every down — instead of 2·k."""
-    y = swiglu_decode([w.gate_up for w in ws], [w.down for w in ws], x, weights)
-    if y is not None:
-        return y
+    """Σ_e weights[e] · expert_e(x) for one row x [1, n_embd] → [1, n_embd] (decode). Plain
+    C-kernel experts of one shape run in one call (every gate+up, the SwiGLU, every down, the
+    weighted sum); otherwise two calls — every gate+up, then every down — instead of 2·k, with the
+    biases and the activation in torch between them."""
+    if all(w.plain for w in ws):
+        y = swiglu_decode([w.gate_up for w in ws], [w.down for w in ws], x, weights)
+        if y is not None:
+            return y
     kinds = {w.gate_up.backend for w in ws}
     if len(kinds) > 1 and len(ws) > 1:  # e.g. repacked (vnni) experts beside ones computed in place (ggml): one call per kind
         out = None
@@ -68,17 +135,19 @@ def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float
         for w, c in zip(ws[1:], weights[1:]):
             out.add_(swiglu_expert(w, x).mul_(c))
         return out
-    gate, up = gu.chunk(2, dim=-1)
-    y = matvec_many([w.down for w in ws], F.silu(gate).mul_(up))  # [k, n_embd]
+    h = swiglu_act(ws[0].act, _plus_biases(gu, [w.gate_up_bias for w in ws]))  # one layer's experts: one activation
+    y = matvec_many([w.down for w in ws], h)  # [k, n_embd]
     if y is None:
-        y = torch.cat([w.down(h[None]) for w, h in zip(ws, F.silu(gate).mul_(up))])
+        y = torch.cat([w.down(r[None]) for w, r in zip(ws, h)])
+    y = _plus_biases(y, [w.down_bias for w in ws])
     return torch.tensor(weights, dtype=y.dtype)[None] @ y
 
 
 # -- grouped execution on the GPU tier (Triton) --------------------------------------------------
 def grouped_ready(ws: list[ExpertWeights]) -> bool:
-    """The experts can run as one group: Triton-backed, one quant type and shape per matrix."""
-    if not ws or any(w.gate_up.backend != "triton" or w.down.backend != "triton" for w in ws):
+    """The experts can run as one group: plain (the grouped kernels fuse silu(g)·u and add no
+    biases), Triton-backed, one quant type and shape per matrix."""
+    if not ws or not all(w.plain for w in ws) or any(w.gate_up.backend != "triton" or w.down.backend != "triton" for w in ws):
         return False
     g, d = ws[0].gate_up, ws[0].down
     return all((w.gate_up.qtype, w.gate_up.n, w.gate_up.k, w.down.qtype, w.down.n, w.down.k) == (g.qtype, g.n, g.k, d.qtype, d.n, d.k) for w in ws)
@@ -153,6 +222,7 @@ class ExpertStore:
         self._cached_bytes = 0
         self._mapped: dict[ExpertId, ExpertWeights] = {}
         self._layer_backend: dict[int, tuple[str, bool]] = {}  # layer → (backend of its experts, ggml can take them)
+        self.epilogue = ExpertEpilogue(model)  # biases and activation, attached to every expert handed out
 
     def backend(self, layer: int) -> tuple[str, bool]:
         """(the backend choose_backend picks for layer's expert types, whether ggml computes them all)."""
@@ -184,16 +254,36 @@ class ExpertStore:
         # would get different backends (a ggml-only gate/up type beside a vnni down type) run all
         # on ggml: one decode call, no copy.
         if backend == "ggml" or (ggml_ok and (backend != "vnni" or self._cached_bytes + 1.11 * self.model.expert_bytes(layer) > self.host_cache_bytes)):
-            w = self._mapped[key] = mapped_ffn(*raws)
+            w = self._mapped[key] = self.epilogue.attach(mapped_ffn(*raws), layer, expert, self.device)
             return w
-        w = pack_ffn(*raws, device=self.device)
+        w = self.epilogue.attach(pack_ffn(*raws, device=self.device), layer, expert, self.device)
         if w.nbytes <= self.host_cache_bytes:
             self._cache[key] = w
             self._cached_bytes += w.nbytes
+            evicted = False
             while self._cached_bytes > self.host_cache_bytes:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= old.nbytes
+                evicted = True
+            if not evicted and backend == "vnni" and self.device.type == "cpu":  # kept for good, a copy: its bytes in the file are not read again
+                self.model.release([r[0] for r in raws])
         return w
+
+    def preload(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Repack, once and up front, every expert that the VNNI kernel computes and `host_cache_bytes`
+        holds (in C on all threads: kernels.lm_repack_r16), so no decode step ever repacks; the
+        rest are computed in place from the memory map by ggml. progress(done, total) in experts.
+        Returns the number of experts repacked."""
+        layers = [layer for layer in self.model.spec.moe_layers if self.backend(layer)[0] == "vnni"]
+        total = len(layers) * self.model.spec.n_expert
+        done = 0
+        for layer in layers:
+            for expert in range(self.model.spec.n_expert):
+                self.weights(layer, expert)
+                done += 1
+                if progress is not None and (done % 64 == 0 or done == total):
+                    progress(done, total)
+        return len(self._cache)
 
 
 class ExpertExecutor:

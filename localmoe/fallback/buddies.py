@@ -166,7 +166,7 @@ class _Recorder:
         onehot = torch.zeros(ids.shape[0], E).scatter_(1, ids, 1.0).numpy()  # [T, E]
         self.usage[layer] += onehot.sum(0)
         self.coact[layer] += onehot.T @ onehot
-        probs = routing_probs(x @ self.model.layers[layer].router.T, self.model.spec).double().numpy()  # [T, E]
+        probs = routing_probs(self.model.router_logits(layer, x), self.model.spec).double().numpy()  # [T, E]
         self.p_sum[layer] += probs.sum(0)
         self.pp_sum[layer] += probs.T @ probs
         self.n_tokens[layer] += ids.shape[0]

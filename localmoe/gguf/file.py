@@ -7,9 +7,12 @@ tensor is a contiguous byte range — `expert_raw` returns a numpy view of exact
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import mmap
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +71,12 @@ class ModelSpec:
     yarn_orig_ctx: int = 0
     yarn_log_mul: float = 0.0  # mscale_all_dim (llama.cpp's hparams.rope_yarn_log_mul)
     attn_scale: float = 0.0  # softmax scale of q·k; 0 → 1/sqrt(head_dim)
+    n_swa: int = 0  # sliding window: a query in an SWA layer sees the n_swa latest positions (itself included)
+    swa_layers: tuple[bool, ...] = ()  # per layer: sliding-window attention (empty: none)
+
+    def is_swa(self, layer: int) -> bool:
+        """True for a layer whose attention sees only the last n_swa positions."""
+        return self.n_swa > 0 and layer < len(self.swa_layers) and self.swa_layers[layer]
 
     def is_moe(self, layer: int) -> bool:
         """False for a layer without experts (a leading dense layer)."""
@@ -141,6 +150,39 @@ class GGUFModel:
         t = self.view(names.blk(layer, part))
         return t.data[expert], t.qtype, t.shape[1:]
 
+    def release(self, arrays: list[np.ndarray]) -> None:
+        """Drop the pages of these views of the mapped file from this process (madvise
+        MADV_DONTNEED): bytes that have been repacked into RAM are not read again, so they need not
+        count in the resident set. The file is mapped read-only: a later read maps them back from
+        the page cache or the disk; nothing is lost. No-op where madvise is unavailable."""
+        libc = _libc()
+        if libc is None:
+            return
+        page = mmap.PAGESIZE
+        for a in arrays:
+            start, end = a.ctypes.data, a.ctypes.data + a.nbytes
+            lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the range only
+            if hi > lo:
+                libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+    def expert_biases(self, layer: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Routed-expert biases of `layer` as float32 (None where the file has none): gate and up
+        joined [n_expert, 2·n_ff_exp] (the gate_up matmul's order), and down [n_expert, n_embd]."""
+        parts = []
+        for stem in names.EXPERT_BIAS_PARTS:
+            name = names.blk(layer, stem, "bias")
+            parts.append(None if name not in self.tensors else self._float(self.tensors[name]).reshape(self.spec.n_expert, -1))
+        gate, up, down = parts
+        if (gate is None) != (up is None):
+            raise LocalMoEError(f"{self.path}: layer {layer} has a bias on only one of the experts' gate and up matrices; the file is inconsistent")
+        return (None if gate is None else np.concatenate([gate, up], axis=1)), down
+
+    @staticmethod
+    def _float(t: TensorView) -> np.ndarray:
+        from .blocks import to_torch
+
+        return to_torch(t.data, t.qtype, t.shape).numpy()
+
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one routed expert of `layer` at rest (gate + up + down, quantized); 0 for a layer
         without experts."""
@@ -163,15 +205,22 @@ class GGUFModel:
         required_of = getattr(archs.module_for(spec.arch.name), "required_tensors", arch_common.required_tensors)
         required = [names.TOKEN_EMBD, names.OUTPUT_NORM]
         for layer in range(spec.n_layer):
-            required += [names.blk(layer, s) for s in required_of(spec, layer)]
+            # a stem ("attn_q": its weight) or (stem, kind) for another kind, e.g. ("attn_output", "bias")
+            required += [names.blk(layer, *s) if isinstance(s, tuple) else names.blk(layer, s) for s in required_of(spec, layer)]
         missing = [n for n in required if n not in self.tensors]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise LocalMoEError(f"{self.path}: required tensor '{missing[0]}' is missing{more}; the file is incomplete or was converted for another architecture")
-        if not spec.arch.qkv_bias:  # a bias the architecture does not declare would be silently dropped
-            for t in self.tensors:
-                if t.endswith(".bias") and any(f".{p}." in t for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V, names.ATTN_OUT)):
-                    raise LocalMoEError(f"{self.path}: tensor '{t}' is an attention bias, which localmoe's {spec.arch.name} does not implement")
+        # a bias or sink the architecture does not declare would be silently dropped
+        undeclared = [] if spec.arch.qkv_bias else [(names.ATTN_Q, "an attention bias"), (names.ATTN_K, "an attention bias"), (names.ATTN_V, "an attention bias"), (names.ATTN_OUT, "an attention bias")]
+        undeclared += [] if spec.arch.router_bias else [(names.FFN_GATE_INP, "a router bias")]
+        undeclared += [] if spec.arch.expert_bias else [(p, "an expert bias") for p in names.EXPERT_BIAS_PARTS]
+        for t in self.tensors:
+            for stem, what in undeclared:
+                if t.endswith(f".{stem}.bias"):
+                    raise LocalMoEError(f"{self.path}: tensor '{t}' is {what}, which localmoe's {spec.arch.name} does not implement")
+            if not spec.arch.sinks and t.endswith(f".{names.ATTN_SINKS}.weight"):
+                raise LocalMoEError(f"{self.path}: tensor '{t}' holds attention sinks, which localmoe's {spec.arch.name} does not implement")
         for t in self.tensors.values():
             if t.qtype not in SUPPORTED_QTYPES:
                 supported = ", ".join(q.name for q in sorted(SUPPORTED_QTYPES))
@@ -181,6 +230,52 @@ class GGUFModel:
         gate = self.view(names.blk(spec.moe_layers[0], names.FFN_GATE_EXPS))
         if gate.shape != (spec.n_expert, spec.n_ff_exp, spec.n_embd):
             raise LocalMoEError(f"{self.path}: expert tensor shape {gate.shape} does not match metadata ({spec.n_expert}, {spec.n_ff_exp}, {spec.n_embd}); the file is inconsistent")
+
+
+_LIBC: list = []
+
+
+def _libc():
+    """libc through ctypes (for madvise), or None off Linux/glibc-like systems."""
+    if not _LIBC:
+        try:
+            lib = ctypes.CDLL(None, use_errno=True)
+            lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            lib.madvise.restype = ctypes.c_int
+            _LIBC.append(lib if hasattr(mmap, "MADV_DONTNEED") else None)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+class _Reader(GGUFReader):
+    """gguf-py's reader, minus the per-element parse of big metadata arrays. GGUFReader walks an
+    array one element at a time through numpy memmap slices (≈ 25 µs each): the 201,088 tokens and
+    ~446k merges of an o200k or Qwen vocabulary cost 5–10 s of every load. localmoe reads scalars
+    and strings only (the tokenizer is llama.cpp's, which reads the vocabulary itself), so arrays
+    longer than LAZY_ARRAY are only measured, and read as [] through `meta`."""
+
+    LAZY_ARRAY = 4096
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        from gguf import GGUFValueType
+
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        n, itype = int(alen[0]), GGUFValueType(int(raw_itype[0]))
+        if n <= self.LAZY_ARRAY or itype == GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        offs = orig_offs + 12
+        if itype == GGUFValueType.STRING:  # each element: u64 length, then its bytes
+            buf = memoryview(self.data)
+            order = sys.byteorder if self.byte_order == "I" else ("big" if sys.byteorder == "little" else "little")
+            for _ in range(n):
+                offs += 8 + int.from_bytes(buf[offs : offs + 8], order)
+        else:
+            offs += n * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
+        return offs - orig_offs, [raw_itype, alen], [], [GGUFValueType.ARRAY, itype]
 
 
 def _open_reader(path: str) -> GGUFReader:
@@ -194,7 +289,7 @@ def _open_reader(path: str) -> GGUFReader:
     if magic != b"GGUF":
         raise LocalMoEError(f"{path} is not a GGUF file (no GGUF magic); convert the model with llama.cpp's convert_hf_to_gguf.py")
     try:
-        reader = GGUFReader(path, "r")
+        reader = _Reader(path, "r")
     except Exception as exc:  # the reader raises many types on damaged files
         raise LocalMoEError(f"{path} is damaged or truncated ({type(exc).__name__}: {exc}); re-download or re-convert it") from None
     for t in reader.tensors:

@@ -77,8 +77,9 @@ EXPERT_PARTS = (FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS)
 
 
 def is_expert_tensor(name: str) -> bool:
-    """True for routed-expert tensors (the ones that live in the expert tiers, not dense weights)."""
-    return any(f".{part}." in name for part in EXPERT_PARTS)
+    """True for routed-expert weight tensors (the ones that live in the expert tiers; their biases,
+    a few KiB per expert, are dense weights)."""
+    return any(f".{part}.weight" in name for part in EXPERT_PARTS)
 
 # --- keys and tensors of the architectures beyond the plain GQA MoE (llama.cpp's gguf-py constants)
 EXPERT_SHARED_COUNT = "expert_shared_count"
@@ -110,3 +111,12 @@ ATTN_KV_A_NORM = "attn_kv_a_norm"
 ATTN_KV_B = "attn_kv_b"  # older files: [n_head · (nope + v), kv_lora_rank]
 ATTN_K_B = "attn_k_b"  # [n_head, kv_lora_rank, nope]
 ATTN_V_B = "attn_v_b"  # [n_head, v, kv_lora_rank]
+
+# gpt-oss: attention sinks, sliding-window attention, the FFN's input norm, routed-expert biases
+SLIDING_WINDOW = "attention.sliding_window"  # keys a query sees in a sliding-window layer (itself included)
+SLIDING_WINDOW_PATTERN = "attention.sliding_window_pattern"  # n (every layer but each n-th is SWA) or a per-layer bool array
+ROPE_FREQ_BASE_SWA = "rope.freq_base_swa"
+ATTN_SINKS = "attn_sinks"  # [n_head]: one extra softmax logit per head, blk(i, ATTN_SINKS)
+ATTN_POST_NORM = "post_attention_norm"  # the norm in front of the FFN (GLM, gpt-oss)
+# routed-expert biases, blk(i, stem, "bias"): [n_expert, n_ff_exp] for gate and up, [n_expert, n_embd] for down
+EXPERT_BIAS_PARTS = EXPERT_PARTS

@@ -24,7 +24,7 @@ import torch
 
 from ..gguf import names
 from ..errors import LocalMoEError
-from ..compute.experts import ExpertWeights
+from ..compute.experts import ExpertEpilogue, ExpertWeights
 from ..gguf.file import GGUFModel
 from ..compute.kernels import QLinear, gpu_kernel
 
@@ -64,6 +64,7 @@ class DeviceTier:
         self._next = 0
         self.copies = 0
         self.copied_bytes = 0
+        self.epilogue = ExpertEpilogue(model)  # biases and activation beside the experts' bytes (dense weights)
 
     def _layout(self, layer: int) -> ExpertLayout:
         parts, at = [], 0
@@ -112,14 +113,14 @@ class DeviceTier:
         (on the GPU) for the expert's copy."""
         buf = self.buffers[key]
         self._wait(self.ready.pop(key, None), buf)
-        return self._views(key[0], buf)
+        return self._views(key, buf)
 
     def streamed(self, key: Key) -> ExpertWeights:
         """An expert that is not admitted (a fetch beyond the budget, or llama.cpp's batch copy of a
         CPU-layer expert): copied into a scratch buffer that lives only as long as its use."""
         buf, event = self._copy_in(key)
         self._wait(event, buf)
-        return self._views(key[0], buf)
+        return self._views(key, buf)
 
     def _wait(self, event: "torch.cuda.Event | None", buf: torch.Tensor) -> None:
         """Make the current stream wait for the copy into `buf`, and tell the allocator that stream
@@ -158,11 +159,12 @@ class DeviceTier:
         self._staging_done[slot] = event
         return buf, event
 
-    def _views(self, layer: int, buf: torch.Tensor) -> ExpertWeights:
+    def _views(self, key: Key, buf: torch.Tensor) -> ExpertWeights:
+        layer = key[0]
         (g0, _, qtype, (n_ff, d)), (_, u1, _, _), (d0, d1, dq, (dn, dk)) = self.layouts[layer].parts
         gate_up = QLinear(self.kernel, 2 * n_ff, d, {"raw": buf[g0:u1].view(2 * n_ff, -1)}, qtype=qtype)
         down = QLinear(self.kernel, dn, dk, {"raw": buf[d0:d1].view(dn, -1)}, qtype=dq)
-        return ExpertWeights(gate_up, down)
+        return self.epilogue.attach(ExpertWeights(gate_up, down), layer, key[1], self.device)
 
     def check(self, resident: set[Key]) -> None:
         """The buffers are exactly the accounting's resident set, and their bytes its bytes (tests)."""

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..archs.common import fast_paths
 from .cache_policies import Key, Tick, make_policy
 from ..errors import LocalMoEError
 from .expert_cache import ExpertCache
@@ -299,7 +300,8 @@ class ExpertScheduler:
         """Every expert resident on a Triton tier and nothing to record per layer on the host: the
         layer runs from device-side routing."""
         c = self.config
-        return self.tier is not None and self.tier.kernel == "triton" and c.all_resident and c.cpu_layers is None and self.trace is None
+        return (self.tier is not None and self.tier.kernel == "triton" and c.all_resident and c.cpu_layers is None and self.trace is None
+                and "fused_experts" in fast_paths(self.spec))
 
     def _resident_decode(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One decode token, every expert resident: 3 launches from the device-side ids, no sync.

@@ -1,0 +1,122 @@
+"""gpt-oss beyond the shared oracle cases (tests/test_oracle.py, which include MXFP4_MOE): what the
+file declares is what runs (windowed layers, sinks, biases, the clamped SwiGLU, the harmony
+template), each piece changes the numbers it should, and the residency engine runs it exactly as
+the all-resident run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import localmoe
+from localmoe.archs.common import fast_paths
+from localmoe.compute.experts import OAI_LIMIT, swiglu_act
+from localmoe.errors import LocalMoEError
+
+
+def test_spec_reads_window_sinks_and_routing(make_model):
+    with localmoe.load(make_model("gpt-oss", "F32"), device="cpu") as rt:
+        s = rt.spec
+        assert s.n_swa == 8 and s.swa_layers == (True, False, True)  # llama.cpp's default pattern: every other layer, the first windowed
+        assert [s.is_swa(i) for i in range(3)] == [True, False, True]
+        assert s.routing == "topk_softmax" and not s.norm_topk
+        assert s.kq_scale == pytest.approx(1 / math.sqrt(s.n_rot)) and s.rope_scaling == "yarn"
+        assert fast_paths(s) == {"embedding_gather"}
+        assert all(lw.sinks is not None and lw.sinks.shape == (s.n_head,) and lw.router_bias is not None and lw.bo is not None for lw in rt.model.layers)
+        w = rt.store.weights(0, 1)
+        assert w.act == "swiglu_oai" and not w.plain
+        assert w.gate_up_bias.shape == (2 * s.n_ff_exp,) and w.down_bias.shape == (s.n_embd,)
+
+
+def test_window_and_sinks_each_change_the_logits(make_model):
+    """The oracle test passing with llama.cpp means nothing if the window and sinks did nothing:
+    removing either moves the logits of a 48-token prompt (6 windows of 8) far beyond rounding."""
+    ids = np.random.default_rng(5).integers(0, 300, 48).tolist()
+    with localmoe.load(make_model("gpt-oss", "F32"), device="cpu") as rt:
+        ref = rt.logits(ids)
+        spec = rt.model.spec
+        rt.model.spec = dataclasses.replace(spec, swa_layers=(False,) * spec.n_layer)
+        no_window = rt.logits(ids)
+        rt.model.spec = spec
+        sinks = [lw.sinks for lw in rt.model.layers]
+        for lw in rt.model.layers:
+            lw.sinks = None
+        no_sinks = rt.logits(ids)
+        for lw, sk in zip(rt.model.layers, sinks):
+            lw.sinks = sk
+        np.testing.assert_array_equal(rt.logits(ids), ref)
+    # positions 0..7 see at most 8 keys: the window cuts nothing there, and only there
+    np.testing.assert_allclose(no_window[:8], ref[:8], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    for other in (no_window[8:], no_sinks):
+        assert np.linalg.norm(other - ref[-len(other):]) / np.linalg.norm(ref[-len(other):]) > 1e-2
+
+
+def test_explicit_attention_without_sinks_or_window_is_sdpa(make_model):
+    with localmoe.load(make_model("gpt-oss", "F32"), device="cpu") as rt:
+        g = torch.Generator().manual_seed(0)
+        Hkv, group, T, S, d = 2, 2, 5, 9, 16
+        qh, keys, vals = (torch.randn(*shape, generator=g) for shape in ((Hkv, group * T, d), (Hkv, S, d), (Hkv, S, d)))
+        pos0 = S - T
+        got = rt.model._attend_explicit(qh, keys, vals, pos0, T, 0.25, None, 0)
+        mask = (torch.arange(S)[None, :] <= torch.arange(pos0, pos0 + T)[:, None]).repeat(group, 1)
+        want = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], attn_mask=mask, scale=0.25)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # a sink of −inf takes nothing; a finite one takes mass, shrinking every output row
+        no_mass = rt.model._attend_explicit(qh, keys, vals, pos0, T, 0.25, torch.full((Hkv * group,), float("-inf")), 0)
+        torch.testing.assert_close(no_mass, want, rtol=1e-5, atol=1e-6)
+        # a window of 1: each query sees only itself
+        only_self = rt.model._attend_explicit(qh, keys, vals, pos0, T, 0.25, None, 1)
+        torch.testing.assert_close(only_self, vals[:, pos0:].repeat(1, group, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_clamped_swiglu_matches_its_definition():
+    gate = torch.tensor([[-20.0, -1.0, 0.5, 6.9, 7.0, 30.0]])
+    up = torch.tensor([[-20.0, 8.0, -0.5, 0.0, 7.5, -9.0]])
+    got = swiglu_act("swiglu_oai", torch.cat([gate, up], dim=-1))
+    g = torch.minimum(gate, torch.tensor(OAI_LIMIT))
+    want = g / (1 + torch.exp(-1.702 * g)) * (up.clamp(-OAI_LIMIT, OAI_LIMIT) + 1)
+    torch.testing.assert_close(got, want)
+    assert got[0, 5] == pytest.approx(7.0 / (1 + math.exp(-1.702 * 7.0)) * (1 - 7.0))  # both clamps bite
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "MXFP4_MOE"])
+def test_budgeted_run_equals_all_resident(make_model, qtype):
+    path = make_model("gpt-oss", qtype)
+    ids = np.random.default_rng(3).integers(0, 300, 40).tolist()
+    with localmoe.load(path, device="cpu") as rt:
+        ref = rt.logits(ids)
+        budget = rt.gguf.dense_bytes() + int(rt.gguf.all_expert_bytes() * 0.3)
+    for on_miss in ("fetch", "cpu"):
+        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss) as rt:
+            np.testing.assert_array_equal(rt.logits(ids), ref)
+            assert rt.stats().misses > 0
+            rt.scheduler.check()
+
+
+def test_harmony_template_renders_in_the_sandbox(make_model):
+    with localmoe.load(make_model("gpt-oss", "F32"), device="cpu") as rt:
+        tok = rt.tokenizer
+        text = tok.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+        assert text.startswith("<|start|>system<|message|>") and "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>" in text
+        assert text.endswith("<|start|>user<|message|>hi<|end|><|start|>assistant")
+        ids = tok.tokenize_chat([{"role": "user", "content": "hi"}])
+        start = tok.tokenize("<|start|>")
+        assert len(start) == 1 and ids.count(start[0]) == 3  # control tokens are single ids: system, user, assistant
+        assert tok.is_eog(tok.eos_id) and tok.token_text(tok.eos_id) == "<|return|>"
+        with pytest.raises(LocalMoEError, match="unexpected role"):
+            tok.render_chat([{"role": "tool", "content": "x"}])
+
+
+def test_info_names_sinks_window_and_biases(make_model):
+    from localmoe.gguf.file import GGUFModel
+    from localmoe.info import describe, format_text
+
+    d = describe(GGUFModel(make_model("gpt-oss", "F32")), backends=False)
+    assert d["attention"] == {"kind": "gqa", "sinks": True, "sliding_window": 8, "windowed_layers": [0, 2], "biases": True}
+    assert d["experts"]["activation"] == "swiglu_oai" and d["experts"]["biases"] and d["routing"]["router_bias"]
+    assert "a sink per head, sliding window 8 on 2 layers (0, 2)" in format_text(d)
