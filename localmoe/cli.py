@@ -32,7 +32,7 @@ def _add_model_arg(p: argparse.ArgumentParser, required: bool) -> None:
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens, capped at the model's training context (default 4096)")
-    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: the physical cores less those other processes keep busy at load, at least 1)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device (default auto: cuda when available)")
     r = p.add_argument_group("expert residency")
     r.add_argument("--gpu-mem", metavar="SIZE", default=None, help="GPU-tier budget for dense weights + cached experts, e.g. 6GB (default: every expert resident)")
@@ -132,11 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=1, help="run the engines in turn this many times, pooling the runs (default 1; use 3+ on a busy machine)")
     g.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="localmoe's device (default cpu)")
     g.add_argument("--kernel-modes", metavar="MODES", default=None, help="one localmoe row per CPU kernel mode, in turn each round: auto, ggml (ggml's kernels only: what a CPU without AVX-512 runs), vnni, torch; comma-separated, e.g. auto,ggml (default: LOCALMOE_KERNEL's)")
+    g.add_argument("--host-mem", metavar="SIZES", default=None, help="one localmoe row per host-RAM budget for repacked experts, in turn each round: default, a size (8GB) or a share of the expert bytes (25%%); comma-separated, e.g. default,25%%,0 (default: the user-facing default only); without --vs, the localmoe rows alone")
     g.add_argument("--kernels", action="store_true", help="instead: micro-benchmark the quantized matmul kernels per quant type (no model needed)")
     g.add_argument("--llama-plain-buffers", action="store_true", help="load llama.cpp with use_extra_bufts=False from the start (no AMX/repacked weights: slower; bench switches to it by itself when the default buffers crash)")
 
     p = sub.add_parser("synth", help="write a random-weight MoE GGUF with a real model's shapes (for benchmarks)", description="Write a random-weight MoE GGUF file shaped like a real model, for benchmarking without downloads. K-quants (Q4_K_M, ...) are made by llama.cpp's quantizer from a Q8_0 file.")
-    p.add_argument("preset", metavar="PRESET", help="qwen3-30b-a3b, mixtral-8x7b, olmoe-1b-7b, deepseek-v2-lite, glm-4.5-air or tiny-moe (a 256-wide toy)")
+    from .bench.synth import PRESETS
+
+    p.add_argument("preset", metavar="PRESET", help=", ".join(PRESETS) + " (tiny-moe: a 256-wide toy)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the GGUF file to write")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
     p.add_argument("--quant", default="Q4_K_M", help="F32, F16, Q8_0, Q4_0 (written directly) or a llama.cpp type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_S, Q3_K_M, Q3_K_L, Q2_K, IQ4_XS, IQ4_NL, MXFP4_MOE, Q4_1, Q5_0, Q5_1, BF16 (default Q4_K_M)")
@@ -247,7 +250,7 @@ def _read_text(path: str) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import residency as rb
 
-    if args.vs or args.kernels:
+    if args.vs or args.kernels or args.host_mem:
         return cmd_speed_bench(args)
     if args.trace:
         from .residency.trace import load_trace
@@ -286,7 +289,8 @@ def cmd_speed_bench(args: argparse.Namespace) -> int:
         raise LocalMoEError("--prompt-tokens, --decode-tokens, --reps and --rounds must be at least 1")
     cfg = BenchConfig(args.prompt_tokens, args.decode_tokens, args.reps, threads=args.threads or 2, rounds=args.rounds)
     modes = [m.strip() for m in args.kernel_modes.split(",") if m.strip()] if args.kernel_modes else None
-    res = run_bench(args.model or demo_model_path(), cfg, args.vs, args.llama_plain_buffers, modes, device=args.device)
+    host_mems = [m.strip() for m in args.host_mem.split(",") if m.strip()] if args.host_mem else None
+    res = run_bench(args.model or demo_model_path(), cfg, args.vs, args.llama_plain_buffers, modes, host_mems, device=args.device)
     print(json.dumps(res.as_dict(), indent=2) if args.json else format_table(res))
     return 0
 
@@ -398,6 +402,10 @@ def print_backends(rt, out) -> None:
 
     qtypes = sorted({t.qtype.name for t in rt.gguf.tensors.values()})
     print("\n".join(backend_lines(cpu_backends(qtypes))), file=out)
+    print(f"threads        {rt.threads}" + ("" if rt.threads_given else " (the cores not busy with other processes at load)"), file=out)
+    st = rt.store.summary()
+    print(f"host memory    {st['repacked']:,} experts repacked at load ({st['repacked_bytes'] / 2**30:.2f} GiB; --host-mem {rt.host_mem / 2**30:.2f} GiB"
+          f"{' by default' if rt.host_mem_default else ''}), {st['in_place']:,} computed in place from the file (ggml)", file=out)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

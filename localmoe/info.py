@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from .gguf import names
 from .gguf.file import GGUFModel
 
 # VRAM of the hardware profiles the fit estimate reports (bytes).
@@ -68,8 +69,41 @@ def describe(model: GGUFModel, backends: bool = True) -> dict[str, Any]:
         "file_bytes": expert_bytes + dense_bytes,
         "quant_mix": {k: {"tensors": by_type_count[k], "bytes": v} for k, v in sorted(by_type_bytes.items(), key=lambda kv: -kv[1])},
         "fit": fit,
-        **({"cpu": cpu_backends(sorted(by_type_bytes, key=lambda k: -by_type_bytes[k]))} if backends else {}),
+        **({"cpu": cpu_backends(sorted(by_type_bytes, key=lambda k: -by_type_bytes[k])), "host_memory": host_memory(model)} if backends else {}),
     }
+
+
+def host_memory(model: GGUFModel) -> dict[str, Any]:
+    """What the default --host-mem is on this machine now, and what it holds of this model's experts
+    (those of a type the VNNI kernel computes; the rest always run in place from the file)."""
+    import psutil
+    import torch
+
+    from .compute.kernels import choose_backend
+    from .runtime import HOST_HEADROOM, default_host_mem
+
+    s = model.spec
+    repackable = sum(model.expert_bytes(layer) * s.n_expert for layer in s.moe_layers
+                     if {choose_backend(model.view(names.blk(layer, p)).qtype, torch.device("cpu")) for p in names.EXPERT_PARTS} == {"vnni"})
+    default = default_host_mem(model.dense_bytes())
+    return {"available_bytes": int(psutil.virtual_memory().available), "dense_bytes": model.dense_bytes(), "headroom_bytes": HOST_HEADROOM,
+            "default_host_mem_bytes": default, "repackable_expert_bytes": repackable,
+            "repacked_share": min(1.0, default / repackable) if repackable else 0.0}
+
+
+def host_memory_line(h: dict[str, Any]) -> str:
+    """The `info` line for host_memory()."""
+    head = (f"host memory    --host-mem default {_gib(h['default_host_mem_bytes'])} (RAM available {_gib(h['available_bytes'])}"
+            f" − dense {_gib(h['dense_bytes'])} − {_gib(h['headroom_bytes'])} headroom): ")
+    if not h["repackable_expert_bytes"]:
+        return head + "no expert is of a type the VNNI kernel computes; all run in place from the file (ggml)"
+    if h["repacked_share"] >= 1.0:
+        return head + f"all {_gib(h['repackable_expert_bytes'])} of experts repacked at load"
+    return head + f"about {h['repacked_share']:.0%} of {_gib(h['repackable_expert_bytes'])} of experts repacked at load, the rest run in place (ggml)"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _attention(s) -> dict[str, Any]:
@@ -129,4 +163,6 @@ def format_text(d: dict[str, Any]) -> str:
         lines.append(f"fit {label:<10} {f['experts_resident']:,} of {f['experts_total']:,} experts resident ({share:.0%}) after the dense weights")
     if "cpu" in d:
         lines += backend_lines(d["cpu"])
+    if "host_memory" in d:
+        lines.append(host_memory_line(d["host_memory"]))
     return "\n".join(lines)

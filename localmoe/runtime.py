@@ -49,6 +49,26 @@ def default_host_mem(dense_bytes: int) -> int:
     return max(0, int(psutil.virtual_memory().available) - dense_bytes - HOST_HEADROOM)
 
 
+TORCH_THREADS = torch.get_num_threads()  # PyTorch's own default (physical cores), read before any load sets another
+
+
+def default_threads(sample_s: float = 0.1) -> int:
+    """CPU threads when the user asks for none: the cores PyTorch would use (physical cores this
+    process may run on), less the cores other processes keep busy now (sampled over `sample_s`;
+    this process's own use is not counted), at least 1. Measured at full depth (docs/speed.md): with
+    two busy processes on 2 cores, 1 thread decodes 3.1× faster than 2 (8.07 against 2.57 tok/s),
+    because each of the kernels' parallel regions waits for its slowest, descheduled thread."""
+    import psutil
+
+    cores = min(TORCH_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    me = psutil.Process()
+    psutil.cpu_percent(None)
+    me.cpu_percent(None)
+    time.sleep(sample_s)
+    others = (psutil.cpu_percent(None) * psutil.cpu_count() - me.cpu_percent(None)) / 100  # cores busy with other processes
+    return max(1, min(cores, round(cores - others)))
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One step of `Runtime.stream`: the text a token added, and at the end why it stopped."""
@@ -108,8 +128,11 @@ class Runtime:
         self.miss_options = dict(miss_options or {})
         if profile is not None:
             get_profile(profile)
-        if threads:
-            torch.set_num_threads(int(threads))
+        if threads is not None and int(threads) < 1:
+            raise LocalMoEError(f"threads must be ≥ 1, got {threads}")
+        self.threads = int(threads) if threads else default_threads()
+        self.threads_given = bool(threads)
+        torch.set_num_threads(self.threads)
         if n_ctx < 1:
             raise LocalMoEError(f"n_ctx must be positive, got {n_ctx}")
 
@@ -122,6 +145,7 @@ class Runtime:
         # DeviceTier holding experts in their GGUF bytes, and every run goes through the scheduler.
         # host_mem: repacked experts (VNNI layout) kept in RAM; beyond it ggml computes them in place
         self.host_mem = parse_size(host_mem) if host_mem is not None else default_host_mem(self.gguf.dense_bytes())
+        self.host_mem_default = host_mem is None  # the default from the RAM available at load (run --verbose says so)
         if self.host_mem < 0:
             raise LocalMoEError(f"host_mem must be ≥ 0, got {host_mem}")
         self.store = ExpertStore(self.gguf, torch.device("cpu"), self.host_mem)

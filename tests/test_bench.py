@@ -118,3 +118,22 @@ def test_synth_user_errors(tmp_path):
     assert r.returncode == 2 and "unknown preset" in r.stderr
     r = _cli("synth", "qwen3-30b-a3b", "--quant", "Q3_K", "-o", str(tmp_path / "x.gguf"))
     assert r.returncode == 2 and "unknown quantization" in r.stderr
+
+
+def test_bench_host_mem_rows_load_with_their_budgets(make_model, monkeypatch):
+    """--host-mem default,25%,0: one localmoe row per budget, each worker loaded with its budget
+    (the share is of the model's expert bytes; "default" passes none, so load's default applies)."""
+    path = make_model("qwen3moe", "Q4_0")
+    experts = GGUFModel(path).all_expert_bytes()
+    assert bench.host_mem_bytes("25%", GGUFModel(path)) == int(0.25 * experts)
+    assert bench.host_mem_bytes("default", GGUFModel(path)) is None and bench.host_mem_bytes("2GB", GGUFModel(path)) == 2 << 30
+    with pytest.raises(LocalMoEError, match="between 0% and 100%"):
+        bench.host_mem_bytes("150%", GGUFModel(path))
+    seen = []
+    real = bench.localmoe_runs
+    monkeypatch.setattr(bench, "localmoe_runs", lambda p, cfg, kw: seen.append(kw.get("host_mem", "default")) or real(p, cfg, kw))
+    res = bench.run_bench(path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1), vs=None, host_mems=["default", "25%", "0"])
+    assert seen == ["default", int(0.25 * experts), 0]
+    assert [r.engine for r in res.rows] == ["localmoe (host-mem default)", f"localmoe (host-mem 25% = {0.25 * experts / 2**30:.1f} GiB)", "localmoe (host-mem 0)"]
+    r = _cli("bench", path, "--host-mem", "lots")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "lots" in r.stderr

@@ -27,13 +27,19 @@ def test_info_text_and_json_on_q4_k_m(make_model):
     assert sum(d["bytes_per_expert_by_layer"]) * 8 == d["expert_bytes"]
     assert len(set(d["bytes_per_expert_by_layer"])) == 2
     assert d["dense_bytes"] + d["expert_bytes"] == d["file_bytes"]
+    # the default --host-mem on this machine, from the RAM available now, and what it holds
+    h = d["host_memory"]
+    expected = max(0, h["available_bytes"] - h["dense_bytes"] - h["headroom_bytes"])
+    assert abs(h["default_host_mem_bytes"] - expected) < 256 << 20  # two readings of the RAM available, moments apart
+    assert h["dense_bytes"] == d["dense_bytes"] and 0 <= h["repacked_share"] <= 1
+    assert "host memory    --host-mem default" in _cli("info", path).stdout
 
 
 def test_run_streams_text_and_verbose_timings(qwen3_f32):
     r = _cli("run", qwen3_f32, "-p", "the expert", "-n", "5", "--temp", "0", "--verbose")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
-    for words in ("prompt eval:", "decode:", "tok/s", "peak memory:", "hit rate"):
+    for words in ("prompt eval:", "decode:", "tok/s", "peak memory:", "hit rate", "--host-mem", "by default"):
         assert words in r.stderr
     again = _cli("run", qwen3_f32, "-p", "the expert", "-n", "5", "--temp", "0")
     assert again.stdout == r.stdout  # greedy is deterministic

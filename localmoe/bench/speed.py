@@ -393,26 +393,51 @@ def kernel_mode(mode: str | None):
             os.environ["LOCALMOE_KERNEL"] = old
 
 
-def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buffers: bool = False, modes: list[str] | None = None, **load_kwargs: Any) -> BenchResult:
+def host_mem_bytes(value: str, model: GGUFModel) -> int | None:
+    """A bench --host-mem value: "default" → None (load's default), "25%" → that share of the
+    model's expert bytes, else a size ("8GB", "0")."""
+    from ..runtime import parse_size
+
+    if value == "default":
+        return None
+    if value.endswith("%"):
+        try:
+            share = float(value[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 <= share <= 1:
+            raise LocalMoEError(f"--host-mem share '{value}' must be between 0% and 100%")
+        return int(share * model.all_expert_bytes())
+    return parse_size(value)
+
+
+def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buffers: bool = False, modes: list[str] | None = None,
+              host_mems: list[str] | None = None, **load_kwargs: Any) -> BenchResult:
     """Both engines, `cfg.rounds` times in turn (llama.cpp, then localmoe): a machine whose load
     drifts during the benchmark then weighs on both alike. Every run of every round is pooled.
     modes: one localmoe row per CPU kernel mode (LOCALMOE_KERNEL: auto, ggml, vnni, torch), all
-    in turn in each round; None: one row with the environment's mode."""
+    in turn in each round; None: one row with the environment's mode. host_mems: one row per
+    host-RAM budget (host_mem_bytes' forms), crossed with the modes; None: load's default."""
     model = GGUFModel(path)  # validate before spending minutes
+    budgets = {hm: host_mem_bytes(hm, model) for hm in host_mems or ["default"]}
     if vs not in (None, LLAMA_CPP):
         raise LocalMoEError(f"unknown engine to compare with '{vs}'; only llama.cpp is supported")
     for m in modes or []:
         if m not in KERNEL_MODES:
             raise LocalMoEError(f"unknown kernel mode '{m}'; choose from {', '.join(KERNEL_MODES)}")
-    names = {mode: "localmoe" if mode is None else f"localmoe (LOCALMOE_KERNEL={mode})" for mode in modes or [None]}
+    names = {}
+    for mode in modes or [None]:
+        for hm, nbytes in budgets.items():
+            extra = ([] if mode is None else [f"LOCALMOE_KERNEL={mode}"]) + ([] if host_mems is None else [f"host-mem {hm}" + (f" = {nbytes / 2**30:.1f} GiB" if hm.endswith("%") else "")])
+            names[(mode, hm)] = "localmoe" + (f" ({', '.join(extra)})" if extra else "")
     llama = LlamaCppRounds(path, cfg, plain_buffers)
     ours = {name: {"runs": [], "colds": [], "per_token": [], "clock": "measured"} for name in names.values()}
     for _ in range(cfg.rounds):  # one process per engine (and kernel mode) per round, one after the other
         if vs == LLAMA_CPP:
             llama.round()
-        for mode, name in names.items():
+        for (mode, hm), name in names.items():
             with kernel_mode(mode):  # the worker inherits LOCALMOE_KERNEL
-                out = localmoe_runs(path, cfg, load_kwargs)
+                out = localmoe_runs(path, cfg, load_kwargs | ({} if budgets[hm] is None else {"host_mem": budgets[hm]}))
             o = ours[name]
             o["runs"] += [tuple(x) for x in out["runs"]]
             o["colds"].append(out["cold"])

@@ -91,6 +91,20 @@ PRESETS: dict[str, SynthConfig] = {
         "gpt-oss", 4, 2880, 64, 8, 64, 32, 4, 2880, n_vocab=201088, n_ctx=131072, name="synthetic-gpt-oss-20b",
         n_swa=128, rope_base=150000.0, rms_eps=1e-5, yarn_factor=32.0, yarn_orig_ctx=4096,
     ),
+    # gpt-oss-120b's config.json: gpt-oss-20b's layer shape, 36 layers, 128 experts (top-4)
+    "gpt-oss-120b": SynthConfig(
+        "gpt-oss", 4, 2880, 64, 8, 64, 128, 4, 2880, n_vocab=201088, n_ctx=131072, name="synthetic-gpt-oss-120b",
+        n_swa=128, rope_base=150000.0, rms_eps=1e-5, yarn_factor=32.0, yarn_orig_ctx=4096,
+    ),
+    # GLM-4.7-Flash's config.json (llama.cpp converts it as deepseek2): 47 layers of 2048, MLA with
+    # 20 heads, q_lora_rank 768, kv_lora_rank 512, qk_nope 192 + qk_rope 64, v_head_dim 256; 64
+    # routed experts (top-4, sigmoid + correction bias, renormalised, × 1.8) of 1536 + 1 shared,
+    # first_k_dense_replace 1 (intermediate 10240), rope_theta 1e6, vocabulary 154880
+    "glm-4.7-flash": SynthConfig(
+        "deepseek2", 4, 2048, 20, 20, 256, 64, 4, 1536, n_vocab=154880, n_ctx=202752, name="synthetic-glm-4.7-flash",
+        kv_lora_rank=512, q_lora_rank=768, qk_rope=64, v_head_dim=256, n_dense_lead=1, n_ff_dense=10240, n_expert_shared=1,
+        gating="sigmoid", expert_weights_norm=True, expert_weights_scale=1.8, rope_base=1000000.0, rms_eps=1e-5,
+    ),
     # GLM-4.5-Air's config.json: 96 heads (8 KV) of 128, partial_rotary_factor 0.5, 128 routed
     # experts (top-8, sigmoid + correction bias, renormalised, scale 1.0) of 1408 + 1 shared,
     # first_k_dense_replace 1 (intermediate 10944), one MTP block; attention biases, no q/k norm

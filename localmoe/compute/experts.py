@@ -269,6 +269,10 @@ class ExpertStore:
                 self.model.release([r[0] for r in raws])
         return w
 
+    def summary(self) -> dict[str, int]:
+        """Where the experts handed out so far live: repacked in RAM (count, bytes) or in place."""
+        return {"repacked": len(self._cache), "repacked_bytes": self._cached_bytes, "in_place": len(self._mapped)}
+
     def preload(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Repack, once and up front, every expert that the VNNI kernel computes and `host_cache_bytes`
         holds (in C on all threads: kernels.lm_repack_r16), so no decode step ever repacks; the
