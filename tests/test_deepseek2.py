@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import localmoe
+import localmoe.layers.attention as attention_mod
+import localmoe.layers.routers as routers_mod
 import localmoe.model as model_mod
 from conftest import arch_config
 from localmoe.bench.synth import write_model
@@ -76,8 +78,8 @@ def test_groups_bias_and_yarn_each_change_the_logits(make_model, v3_files):
 
 def test_no_gqa_fast_path_runs_on_mla(v3_files, monkeypatch):
     calls = []
-    for name in ("route", "attn_decode", "qk_norm_rope"):
-        monkeypatch.setattr(model_mod, name, lambda *a, _n=name, **k: calls.append(_n))
+    for mod, name in ((routers_mod, "route"), (attention_mod, "attn_decode"), (attention_mod, "qk_norm_rope")):
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, **k: calls.append(_n))
     ids = _prompts()[0][:20]
     with localmoe.load(v3_files["F32"], device="cpu") as rt:
         full = rt.logits(ids)

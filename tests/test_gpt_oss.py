@@ -17,6 +17,7 @@ import localmoe
 from localmoe.archs.common import fast_paths
 from localmoe.compute.experts import OAI_LIMIT, swiglu_act
 from localmoe.errors import LocalMoEError
+from localmoe.layers.attention import attend_explicit
 
 
 def test_spec_reads_window_sinks_and_routing(make_model):
@@ -62,15 +63,15 @@ def test_explicit_attention_without_sinks_or_window_is_sdpa(make_model):
         Hkv, group, T, S, d = 2, 2, 5, 9, 16
         qh, keys, vals = (torch.randn(*shape, generator=g) for shape in ((Hkv, group * T, d), (Hkv, S, d), (Hkv, S, d)))
         pos0 = S - T
-        got = rt.model._attend_explicit(qh, keys, vals, pos0, T, 0.25, None, 0)
+        got = attend_explicit(qh, keys, vals, pos0, T, 0.25, None, 0)
         mask = (torch.arange(S)[None, :] <= torch.arange(pos0, pos0 + T)[:, None]).repeat(group, 1)
         want = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], attn_mask=mask, scale=0.25)[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         # a sink of −inf takes nothing; a finite one takes mass, shrinking every output row
-        no_mass = rt.model._attend_explicit(qh, keys, vals, pos0, T, 0.25, torch.full((Hkv * group,), float("-inf")), 0)
+        no_mass = attend_explicit(qh, keys, vals, pos0, T, 0.25, torch.full((Hkv * group,), float("-inf")), 0)
         torch.testing.assert_close(no_mass, want, rtol=1e-5, atol=1e-6)
         # a window of 1: each query sees only itself
-        only_self = rt.model._attend_explicit(qh, keys, vals, pos0, T, 0.25, None, 1)
+        only_self = attend_explicit(qh, keys, vals, pos0, T, 0.25, None, 1)
         torch.testing.assert_close(only_self, vals[:, pos0:].repeat(1, group, 1), rtol=1e-5, atol=1e-6)
 
 

@@ -1,8 +1,9 @@
 """One module per architecture; the registry picks one from the file's `general.architecture`.
 
-Adding an architecture: one module here (an `ARCH = ArchSpec(...)` declaring what it has and a
-`read_args` for its own GGUF keys), its entry in MODULES, a `localmoe synth` preset and an oracle
-test. See docs/models.md, "Adding an architecture".
+Adding an architecture: one module here (an `ARCH = ArchSpec(...)` declaring what it has, a
+`read_args` for its own GGUF keys and a `build_block` assembling its decoder block from the pieces
+in localmoe/layers/), its entry in MODULES, a `localmoe synth` preset and an oracle test. See
+docs/models.md, "Adding an architecture".
 """
 
 from __future__ import annotations

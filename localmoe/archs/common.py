@@ -1,10 +1,10 @@
 """What every architecture shares: the declaration dataclass, the hyperparameters every file has,
-RoPE (plain, linear and YaRN, as ggml computes them), the routers, and the fast-path predicates.
+YaRN's attention factor, the tensors a file must have, and the fast-path predicates.
 
-One module per architecture (qwen3moe.py, deepseek2.py, ...) declares what it has in an `ArchSpec`
-and reads its own GGUF keys in `read_args`; the forward pass (localmoe/model.py) reads only those
-declarations and the resolved `ModelSpec` — never the architecture's name — and each C fast path
-runs only when the declarations say it fits (`fast_paths`).
+One module per architecture (qwen3moe.py, deepseek2.py, ...) declares what it has in an `ArchSpec`,
+reads its own GGUF keys in `read_args` and builds its decoder block in `build_block` from the shared
+pieces in localmoe/layers/; the forward driver (localmoe/model.py) only runs the blocks, and each C
+fast path runs only when the declarations say it fits (`fast_paths`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import torch
 
 RopeStyle = Literal["neox", "norm"]  # neox: rotate halves (i, i+d/2); norm: adjacent pairs (2i, 2i+1)
 QKNorm = Literal["none", "per_head", "full"]  # RMS-norm of q and k: none, over each head, over all heads
@@ -85,34 +83,7 @@ def read_args(get: Getter, tensor_shape: Callable[[str], tuple[int, ...] | None]
     return {}
 
 
-# -- RoPE ------------------------------------------------------------------------------------------
-def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float) -> tuple[float, float]:
-    """ggml_rope_yarn_corr_dims: the dims between which YaRN ramps from extrapolation to interpolation."""
-
-    def corr_dim(n_rot: float) -> float:
-        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
-
-    return max(0.0, math.floor(corr_dim(beta_fast))), min(n_dims - 1.0, math.ceil(corr_dim(beta_slow)))
-
-
-def rope_theta_scale(spec: Any) -> tuple[torch.Tensor, float]:
-    """Per rotated pair i < n_rot/2: (the factor θ_i(pos)/pos [n_rot/2] float64, the cos/sin
-    magnitude). Plain: base^(-2i/n_rot) · freq_scale; YaRN (ggml's rope_yarn): the interpolated and
-    the extrapolated angle mixed by a ramp over [corr_dims], magnitudes × attn_factor ·
-    (1 + 0.1·ln(1/freq_scale))."""
-    half = spec.n_rot // 2
-    inv_freq = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.n_rot)
-    fs = spec.rope_freq_scale
-    if spec.rope_scaling != "yarn" or spec.yarn_ext_factor == 0.0:
-        return inv_freq, spec.rope_attn_factor
-    low, high = yarn_corr_dims(spec.n_rot, spec.yarn_orig_ctx, spec.rope_base, spec.yarn_beta_fast, spec.yarn_beta_slow)
-    i = torch.arange(half, dtype=torch.float64)
-    ramp = 1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)
-    mix = ramp * spec.yarn_ext_factor
-    mscale = spec.rope_attn_factor * (1.0 + 0.1 * math.log(1.0 / fs))
-    return inv_freq * (fs * (1 - mix) + mix), mscale
-
-
+# -- RoPE (the rotation itself: localmoe/layers/rope.py) ---------------------------------------------
 def yarn_attn_factor(arch_name: str, freq_scale: float, log_mul: float, file_attn_factor: float) -> float:
     """cparams.yarn_attn_factor as llama.cpp's context sets it for a YaRN file (ext_factor ≠ 0):
     get_mscale(factor, m) / get_mscale(factor, m_all) (DeepSeek-V2's special case m = m_all),
@@ -128,36 +99,6 @@ def yarn_attn_factor(arch_name: str, freq_scale: float, log_mul: float, file_att
     else:
         f = get_mscale(factor, 1.0)
     return f / (1.0 + 0.1 * math.log(factor)) * file_attn_factor
-
-
-# -- routers ---------------------------------------------------------------------------------------
-def route_reference(logits: torch.Tensor, spec: Any, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's build_moe_ffn routing on router logits [T, E] → (ids [T, k], weights [T, k]).
-
-    softmax_topk:        p = softmax(l); top-k of p (+ bias, within the best groups); w = p[ids]
-    sigmoid_bias_groups: p = sigmoid(l); the same selection; w = p[ids] (the bias only selects)
-    topk_softmax:        top-k of l; w = softmax(l[ids])
-    then (norm) w /= Σw, (scale) w *= expert_weights_scale."""
-    k = spec.n_expert_used
-    if spec.routing == "topk_softmax":
-        top, ids = logits.topk(k, dim=-1)
-        return ids, top.softmax(-1)
-    probs = logits.softmax(-1) if spec.routing == "softmax_topk" else torch.sigmoid(logits)  # [T, E]
-    select = probs if bias is None else probs + bias
-    if spec.n_expert_groups > 1:
-        T, E = select.shape
-        groups = select.view(T, spec.n_expert_groups, E // spec.n_expert_groups)  # [T, G, E/G]
-        group_score = groups.topk(2, dim=-1).values.sum(-1)  # [T, G]: the sum of each group's best two
-        keep = group_score.topk(spec.n_group_used, dim=-1).indices  # [T, n_group_used]
-        mask = torch.full_like(group_score, float("-inf")).scatter_(1, keep, 0.0)
-        select = (groups + mask[..., None]).view(T, E)
-    ids = select.topk(k, dim=-1).indices
-    weights = probs.gather(1, ids)
-    if spec.norm_topk:
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
-    if spec.expert_weights_scale not in (0.0, 1.0):
-        weights = weights * spec.expert_weights_scale
-    return ids, weights
 
 
 # -- tensors a file must have ------------------------------------------------------------------------
@@ -183,8 +124,3 @@ def ffn_tensors(spec: Any, layer: int) -> list[str]:
     if arch.shared_expert == "gated":
         stems += ["ffn_gate_inp_shexp"]
     return stems
-
-
-def routing_probs(logits: torch.Tensor, spec: Any) -> torch.Tensor:
-    """The router's per-expert probabilities [T, E] (what its weights are read from)."""
-    return torch.sigmoid(logits) if spec.routing == "sigmoid_bias_groups" else logits.softmax(-1)

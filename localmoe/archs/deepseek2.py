@@ -13,7 +13,10 @@ import math
 from typing import Any
 
 from ..gguf import names
+from ..layers.block import Block, Weights
+from ..layers.mla import MLA
 from .common import GATING_SIGMOID, ArchSpec, Getter, ffn_tensors
+from .qwen3moe import feed_forward
 
 ARCH = ArchSpec(
     "deepseek2", "DeepSeek-V2, V2-Lite (V3-style sigmoid/group routing when the file says so)", "norm",
@@ -62,3 +65,11 @@ def attn_scale(spec: Any) -> float:
 def required_tensors(spec: Any, layer: int) -> list[str]:
     q = [names.ATTN_Q_A, names.ATTN_Q_A_NORM, names.ATTN_Q_B] if spec.q_lora_rank else [names.ATTN_Q]
     return [names.ATTN_NORM, *q, names.ATTN_KV_A_MQA, names.ATTN_KV_A_NORM, names.ATTN_OUT, names.FFN_NORM, *ffn_tensors(spec, layer)]
+
+
+def build_block(w: Weights, spec: Any, i: int) -> Block:
+    """Layer i: MLA (layers/mla.py), then a dense FFN (the leading layers) or the MoE block with the
+    plain shared experts and the router the file chose (softmax, or sigmoid + selection bias + groups)."""
+    ffn, moe = feed_forward(w, spec, i)
+    attn_norm, ffn_norm = w.load(names.blk(i, names.ATTN_NORM)), w.load(names.blk(i, spec.arch.ffn_norm))
+    return Block(attn_norm, MLA.load(w, i), ffn_norm, ffn=ffn, moe=moe)

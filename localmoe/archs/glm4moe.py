@@ -10,6 +10,7 @@ from typing import Any
 
 from ..gguf import names
 from .common import GATING_SOFTMAX, ArchSpec, Getter, ffn_tensors
+from .qwen3moe import build_block  # noqa: F401  (GQA + MoE, from the declarations)
 
 ARCH = ArchSpec(
     "glm4moe", "GLM-4.5, GLM-4.5-Air", "neox", qk_norm="per_head", qk_norm_optional=True, qkv_bias=True,

@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import LocalMoEError
 from ..gguf import names
 from .common import ArchSpec, Getter
+from .qwen3moe import build_block  # noqa: F401  (GQA with sinks and windows + MoE, from the declarations)
 
 ARCH = ArchSpec(
     "gpt-oss", "gpt-oss-20b, gpt-oss-120b", "neox", qkv_bias=True, routings=("topk_softmax",),

@@ -2,6 +2,7 @@
 renormalised routing. llama.cpp: src/models/llama.cpp."""
 
 from .common import ArchSpec, read_args  # noqa: F401
+from .qwen3moe import build_block  # noqa: F401  (GQA + MoE, from the declarations)
 
 ARCH = ArchSpec(
     "llama", "Mixtral-style llama files with expert_count > 0", "norm", norm_topk=True,

@@ -2,6 +2,7 @@
 routing (not renormalised). llama.cpp: src/models/olmoe.cpp."""
 
 from .common import ArchSpec, read_args  # noqa: F401
+from .qwen3moe import build_block  # noqa: F401  (GQA + MoE, from the declarations)
 
 ARCH = ArchSpec(
     "olmoe", "OLMoE", "neox", qk_norm="full",

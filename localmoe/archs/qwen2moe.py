@@ -4,6 +4,7 @@ renormalised), and a shared expert behind a sigmoid gate. llama.cpp: src/models/
 from typing import Any
 
 from .common import ArchSpec, Getter
+from .qwen3moe import build_block  # noqa: F401  (GQA + MoE, from the declarations)
 
 ARCH = ArchSpec(
     "qwen2moe", "Qwen1.5/Qwen2-MoE, with shared expert", "neox", qkv_bias=True, shared_expert="gated",

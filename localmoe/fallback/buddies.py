@@ -27,7 +27,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from ..archs.common import routing_probs
+from ..layers.routers import routing_probs
 from ..errors import LocalMoEError
 from ..compute.experts import swiglu_expert
 

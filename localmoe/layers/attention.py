@@ -1,0 +1,155 @@
+"""Grouped-query attention with what the GQA architectures add, each optional: biases on q, k, v
+and the output, an RMS norm of q and k (over each head, or over all heads at once), learned
+per-head sinks, and a sliding window on the layers the file marks (ModelSpec.is_swa).
+
+    qkv = [q | k | v] = h·Wqkv (+ biases) → q/k norm → RoPE
+    out = causal (windowed) softmax(q·kᵀ·scale (+ sink))·v → ·Wo (+ bias)
+
+Shapes: T tokens in this call, S positions in the KV cache, D = n_embd, H heads, Hkv KV heads,
+d head size, dv value head size; query head h reads KV head h // (H / Hkv).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..compute.kernels import QLinear, attn_decode, qk_norm_rope, rms_norm
+from ..gguf import names
+from .block import Weights
+
+
+@dataclass
+class GQA:
+    wqkv: list[QLinear]  # [H·d + Hkv·d + Hkv·dv, D]: one matrix when q, k, v share a quant type, else three
+    wo: QLinear  # [D, H·dv]
+    qk_norm: str = "none"  # archs.common.QKNorm: "none", "per_head" (weights [d]) or "full" (weights [H·d])
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    bq: torch.Tensor | None = None  # [H·d]
+    bk: torch.Tensor | None = None  # [Hkv·d]
+    bv: torch.Tensor | None = None  # [Hkv·dv]
+    bo: torch.Tensor | None = None  # [D]
+    sinks: torch.Tensor | None = None  # [H]: one extra logit per head in the softmax's denominator
+    fused_qk_norm_rope: bool = False  # the C q/k-norm + RoPE may run (archs.common.fast_paths)
+    c_decode: bool = False  # the C decode attention may run
+
+    @classmethod
+    def load(cls, w: Weights, i: int, *, qk_norm: str = "none", biases: bool = False, sinks: bool = False,
+             fast: frozenset[str] = frozenset()) -> GQA:
+        """Layer i's attention. A per-head q/k norm runs only where the file has its weights (GLM)."""
+        blk = lambda stem, kind="weight": names.blk(i, stem, kind)  # noqa: E731
+        bias = (lambda stem: w.maybe(blk(stem, "bias"))) if biases else (lambda stem: None)
+        return cls(
+            wqkv=w.qkv(i),
+            wo=w.linear(blk(names.ATTN_OUT)),
+            qk_norm=qk_norm,
+            q_norm=w.maybe(blk(names.ATTN_Q_NORM)) if qk_norm != "none" else None,
+            k_norm=w.maybe(blk(names.ATTN_K_NORM)) if qk_norm != "none" else None,
+            bq=bias(names.ATTN_Q),
+            bk=bias(names.ATTN_K),
+            bv=bias(names.ATTN_V),
+            bo=bias(names.ATTN_OUT),
+            sinks=w.maybe(blk(names.ATTN_SINKS)) if sinks else None,
+            fused_qk_norm_rope="fused_qk_norm_rope" in fast,
+            c_decode="c_decode_attention" in fast,
+        )
+
+    @staticmethod
+    def _widths(s: Any) -> list[int]:
+        return [s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim_v]  # q, k, v in qkv
+
+    def cache_rows(self, s: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (s.n_head_kv, s.head_dim), (s.n_head_kv, s.head_dim_v)
+
+    def _fused_qk_norm_rope(self, s: Any, qkv: torch.Tensor, pos0: int, rope: Any) -> bool:
+        """Per-head q/k norm and RoPE in place on qkv with one C call (decode's per-op overhead is a
+        large share of a token); False when this layer needs the general path."""
+        if not self.fused_qk_norm_rope or qkv.device.type != "cpu":
+            return False
+        per_head = self.qk_norm == "per_head"
+        T = qkv.shape[0]
+        cos, sin = rope.tables(pos0, T, qkv.device)
+        q_norm, k_norm = (self.q_norm, self.k_norm) if per_head else (None, None)
+        return qk_norm_rope(qkv, s.n_head + s.n_head_kv, s.n_head, s.head_dim, q_norm, k_norm, s.rms_eps, s.n_rot,
+                            cos.reshape(T, -1), sin.reshape(T, -1), rope.neox)
+
+    def __call__(self, s: Any, i: int, h: torch.Tensor, cache: Any, pos0: int, rope: Any) -> torch.Tensor:
+        """h [T, D] (normed) → attention output [T, D]; appends this call's K/V to layer i's cache."""
+        T = h.shape[0]
+        qkv = self.wqkv[0](h) if len(self.wqkv) == 1 else torch.cat([w(h) for w in self.wqkv], dim=-1)  # [T, (H+2Hkv)d]
+        if not self._fused_qk_norm_rope(s, qkv, pos0, rope):  # the general path: biases, a norm over all heads, no C
+            q, k, v = qkv.split(self._widths(s), dim=-1)
+            q, k, v = (t if b is None else t + b for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+            if self.qk_norm == "full":  # RMS-norm over all heads at once (OLMoE)
+                q = rms_norm(q, self.q_norm, s.rms_eps)
+                k = rms_norm(k, self.k_norm, s.rms_eps)
+            q = q.reshape(T, s.n_head, s.head_dim)
+            k = k.reshape(T, s.n_head_kv, s.head_dim)
+            if self.qk_norm == "per_head" and self.q_norm is not None:  # over each head (Qwen3; GLM files with weights)
+                q = rms_norm(q, self.q_norm, s.rms_eps)
+                k = rms_norm(k, self.k_norm, s.rms_eps)
+            qkv = torch.cat([rope(torch.cat([q, k], dim=1), pos0).flatten(1), v], dim=-1)
+        scale = s.kq_scale
+        # decode: cache append + attention in one C call; otherwise (or without the kernel) torch
+        out = None
+        if T == 1 and self.c_decode:
+            out = attn_decode(qkv, cache.k[i], cache.v[i], pos0, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, scale)
+        if out is None:
+            out = self._sdpa(s, i, qkv, cache, pos0, scale)
+        out = self.wo(out)
+        return out + self.bo if self.bo is not None else out
+
+    def _sdpa(self, s: Any, i: int, qkv: torch.Tensor, cache: Any, pos0: int, scale: float) -> torch.Tensor:
+        """torch's attention for qkv [T, ...] (q/k normed and rotated) at positions pos0..: appends
+        K/V to layer i's cache, returns [T, H·dv]."""
+        T = qkv.shape[0]
+        q, k, v = qkv.split(self._widths(s), dim=-1)
+        q = q.view(T, s.n_head, s.head_dim)
+        k = k.view(T, s.n_head_kv, s.head_dim)
+        v = v.view(T, s.n_head_kv, s.head_dim_v)
+        cache.k[i][:, pos0 : pos0 + T] = k.transpose(0, 1)
+        cache.v[i][:, pos0 : pos0 + T] = v.transpose(0, 1)
+        S = pos0 + T
+        keys = cache.k[i][:, :S]  # [Hkv, S, d]
+        vals = cache.v[i][:, :S]  # [Hkv, S, dv]
+        group = s.n_head // s.n_head_kv  # query head h reads KV head h // group
+        qh = q.transpose(0, 1).reshape(s.n_head_kv, group * T, s.head_dim)  # [Hkv, group·T, d]: row g·T + t
+        if self.sinks is not None or s.is_swa(i):
+            n_swa = s.n_swa if s.is_swa(i) else 0
+            out = attend_explicit(qh, keys, vals, pos0, T, scale, self.sinks, n_swa)  # [Hkv, group·T, dv]
+            return out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
+        mask = None
+        if T > 1:  # query t sees keys up to pos0 + t (a single new token sees every key)
+            pos = torch.arange(pos0, pos0 + T, device=qkv.device)
+            mask = (torch.arange(S, device=qkv.device)[None, :] <= pos[:, None]).repeat(group, 1)  # [group·T, S]
+        out = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], attn_mask=mask, scale=scale)
+        # out [1, Hkv, group·T, dv]
+        return out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
+
+
+def attend_explicit(qh: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, pos0: int, T: int, scale: float,
+                    sinks: torch.Tensor | None, n_swa: int) -> torch.Tensor:
+    """Attention with what SDPA has no argument for, as llama.cpp's soft_max_ext computes it.
+    qh [Hkv, group·T, d] (row g·T + t is query head kvh·group + g at position pos0 + t), keys
+    [Hkv, S, d], vals [Hkv, S, dv] → [Hkv, group·T, dv]. Query p sees key p0 when p0 ≤ p and,
+    with a window (n_swa > 0), p − p0 < n_swa. A sink is one more logit per head, unscaled, in
+    the softmax's denominator only: it takes probability mass and gives back no value."""
+    Hkv, GT, _ = qh.shape
+    S = keys.shape[1]
+    group = GT // T
+    scores = (qh @ keys.transpose(1, 2)) * scale  # [Hkv, group·T, S]
+    q_pos = torch.arange(pos0, pos0 + T, device=qh.device).repeat(group)  # [group·T]
+    k_pos = torch.arange(S, device=qh.device)
+    hidden = k_pos[None, :] > q_pos[:, None]
+    if n_swa > 0:
+        hidden |= q_pos[:, None] - k_pos[None, :] >= n_swa
+    scores = scores.masked_fill(hidden, float("-inf"))
+    if sinks is not None:
+        sink = sinks.view(Hkv, group, 1).expand(Hkv, group, T).reshape(Hkv, GT, 1).to(scores.dtype)
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = scores.softmax(-1)[..., :S]
+    return probs @ vals

@@ -1,0 +1,86 @@
+"""RoPE as ggml computes it: θ_i(pos) = pos · theta_scale[i] for each rotated pair i < n_rot/2,
+plain (base^(-2i/n_rot)), linear (× freq_scale) or YaRN-mixed; cos/sin × the magnitude mscale.
+
+Shapes: T positions, n_rot rotated dims of a head (the rest pass through).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
+                   beta_slow: float) -> tuple[float, float]:
+    """ggml_rope_yarn_corr_dims: the dims between which YaRN ramps from extrapolation to interpolation."""
+
+    def corr_dim(n_rot: float) -> float:
+        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    return max(0.0, math.floor(corr_dim(beta_fast))), min(n_dims - 1.0, math.ceil(corr_dim(beta_slow)))
+
+
+def rope_theta_scale(spec: Any) -> tuple[torch.Tensor, float]:
+    """Per rotated pair i < n_rot/2: (the factor θ_i(pos)/pos [n_rot/2] float64, the cos/sin
+    magnitude). Plain: base^(-2i/n_rot) · freq_scale; YaRN (ggml's rope_yarn): the interpolated and
+    the extrapolated angle mixed by a ramp over [corr_dims], magnitudes × attn_factor ·
+    (1 + 0.1·ln(1/freq_scale))."""
+    half = spec.n_rot // 2
+    inv_freq = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.n_rot)
+    fs = spec.rope_freq_scale
+    if spec.rope_scaling != "yarn" or spec.yarn_ext_factor == 0.0:
+        return inv_freq, spec.rope_attn_factor
+    low, high = yarn_corr_dims(spec.n_rot, spec.yarn_orig_ctx, spec.rope_base, spec.yarn_beta_fast,
+                               spec.yarn_beta_slow)
+    i = torch.arange(half, dtype=torch.float64)
+    ramp = 1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)
+    mix = ramp * spec.yarn_ext_factor
+    mscale = spec.rope_attn_factor * (1.0 + 0.1 * math.log(1.0 / fs))
+    return inv_freq * (fs * (1 - mix) + mix), mscale
+
+
+class Rope:
+    """One model's rotation: `tables(pos0, T, device)` → (cos, sin) [T, 1, n_rot/2], and
+    `rope(x, pos0)` rotates x [T, heads, d]. neox rotates halves (i, i + n_rot/2), else adjacent
+    pairs (2i, 2i+1)."""
+
+    def __init__(self, spec: Any):
+        self.n_rot = spec.n_rot
+        self.neox = spec.arch.rope_style == "neox"
+        self.yarn = spec.rope_scaling == "yarn"  # the frequency scale is inside inv_freq
+        self.freq_scale = spec.rope_freq_scale
+        self.inv_freq, self.mscale = rope_theta_scale(spec)  # [n_rot/2] float64, float
+        self._cached: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def tables(self, pos0: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions pos0 .. pos0+T-1 → (cos, sin) [T, 1, n_rot/2] float32 on `device`: slices of
+        tables computed once for every position so far (doubling), so a decode step runs no
+        trigonometry. Keyed on host integers: no device readback."""
+        cached = self._cached
+        if cached is None or cached[0] != device or cached[1].shape[0] < pos0 + T:
+            n = max(pos0 + T, 256, 2 * cached[1].shape[0] if cached is not None and cached[0] == device else 0)
+            pos = torch.arange(n, dtype=torch.float64, device=device)
+            if self.yarn:
+                theta = pos[:, None] * self.inv_freq.to(device)[None, :]  # [n, n_rot/2]
+            else:
+                theta = (pos * self.freq_scale)[:, None] * self.inv_freq.to(device)[None, :]
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            if self.mscale != 1.0:
+                cos, sin = cos * self.mscale, sin * self.mscale
+            cached = self._cached = (device, cos.float()[:, None, :], sin.float()[:, None, :])
+        return cached[1][pos0 : pos0 + T], cached[2][pos0 : pos0 + T]
+
+    def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
+        """x [T, heads, d] at positions pos0.. → x with its first n_rot dims of every head rotated."""
+        n_rot = self.n_rot
+        cos, sin = (t.to(x.dtype) for t in self.tables(pos0, x.shape[0], x.device))
+        rot, rest = x[..., :n_rot], x[..., n_rot:]
+        if self.neox:
+            x0, x1 = rot[..., : n_rot // 2], rot[..., n_rot // 2 :]
+            out = torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+        else:
+            x0, x1 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+        return torch.cat([out, rest], dim=-1) if rest.numel() else out
