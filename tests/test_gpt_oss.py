@@ -121,3 +121,59 @@ def test_info_names_sinks_window_and_biases(make_model):
     assert d["attention"] == {"kind": "gqa", "sinks": True, "sliding_window": 8, "windowed_layers": [0, 2], "biases": True}
     assert d["experts"]["activation"] == "swiglu_oai" and d["experts"]["biases"] and d["routing"]["router_bias"]
     assert "a sink per head, sliding window 8 on 2 layers (0, 2)" in format_text(d)
+
+
+def test_every_miss_policy_trace_calibrate_and_serve_run_on_gpt_oss(make_model, tmp_path):
+    """What the runtime does around the forward pass works on gpt-oss as on the others: calibrate's
+    buddy table, each miss policy under a 30% budget (misses happen, substitutes are counted, the
+    logits stay finite), the routing trace, and a served chat completion through the harmony template."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import httpx
+
+    from localmoe.residency.trace import load_trace
+    from localmoe.serve import ServeConfig, create_app, start_in_thread
+
+    path = str(tmp_path / "gpt-oss.gguf")
+    shutil.copy(make_model("gpt-oss", "Q8_0"), path)  # its own buddy sidecar beside it
+    r = subprocess.run([sys.executable, "-m", "localmoe", "calibrate", path, "--tokens", "256", "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] == 256
+    ids = np.random.default_rng(9).integers(0, 300, 24).tolist()
+    with localmoe.load(path, device="cpu") as rt:
+        budget = rt.gguf.dense_bytes() + int(rt.gguf.all_expert_bytes() * 0.3)
+    substituted = {}
+    for on_miss in ("fetch", "cpu", "drop", "buddy", "little", "cost"):
+        trace = str(tmp_path / f"{on_miss}.jsonl")
+        # threshold 0: every token counts as unimportant (its misses go to the little set); any resident buddy accepted
+        options = {"little": {"threshold": 0.0}, "buddy": {"min_score": 0.0}}.get(on_miss)
+        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options, trace=trace) as rt:
+            logits = rt.logits(ids)
+            assert np.isfinite(logits).all()
+            assert rt.generate("the model", max_tokens=6, temperature=0)  # decode steps: one token a layer
+            s = rt.stats()
+            assert s.misses > 0 and s.gpu_bytes_peak <= s.gpu_budget
+            substituted[on_miss] = sum(s.substitutions.values())
+            rt.scheduler.check()
+        assert {tick.layer for tick, _, _ in load_trace(trace).steps} == {0, 1, 2}
+    # (whether a buddy qualifies depends on the calibration's entropy threshold: tests/test_fallback.py checks its rules)
+    assert substituted["fetch"] == substituted["cpu"] == 0 and substituted["drop"] > 0 and substituted["little"] > 0
+    server, thread, port = start_in_thread(create_app(lambda: localmoe.load(path, device="cpu"), ServeConfig(model_id="gpt-oss")))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            if httpx.get(url + "/health").status_code == 200:
+                break
+            import time
+
+            time.sleep(0.1)
+        reply = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        server.should_exit = True
+        thread.join()
