@@ -315,14 +315,24 @@ def test_oversize_body_without_content_length_is_413(demo):
 def test_health_is_503_while_loading(moe16):
     release = threading.Event()
 
-    def slow_loader():
+    reported = threading.Event()
+
+    def slow_loader(progress=None):
+        assert reported.wait(30)
+        progress("repacking experts", 3, 10)  # what load() reports on a big model
         release.wait(30)
-        return localmoe.load(moe16, device="cpu")
+        return localmoe.load(moe16, device="cpu", progress=progress)
 
     srv = InProcess(slow_loader, ServeConfig("moe16"))
     try:
         r = httpx.get(srv.url + "/health")
         assert r.status_code == 503 and r.json() == {"status": "loading"}
+        reported.set()
+        deadline = time.monotonic() + 30
+        while (r := httpx.get(srv.url + "/health")).json() == {"status": "loading"}:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert r.status_code == 503 and r.json() == {"status": "loading", "step": "repacking experts", "done": 3, "total": 10}
         r = httpx.post(srv.url + CHAT, json={"messages": HI})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
         release.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ class ServerState:
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.load_seconds: float | None = None
+        self.load_step: tuple[str, int, int] | None = None  # the loader's progress: (what, done, total)
         self.created = int(time.time())
         self.queue = ModelQueue(config.queue)
         self.metrics = ServerMetrics(lambda: self.runtime.stats() if self.runtime is not None else None, self.queue.depth, self.queue.running, config.queue)
@@ -68,13 +70,17 @@ def model_id_for(path: str) -> str:
 
 def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error: Callable[[str], None] | None = None) -> FastAPI:
     """The app; `loader` opens the model on a background thread once the server starts (until it
-    returns, /health answers 503). `on_load_error(message)` hears a load that failed."""
+    returns, /health answers 503, with the load's current step where the loader takes a
+    `progress(what, done, total)` argument). `on_load_error(message)` hears a load that failed."""
     state = ServerState(config)
+
+    def record_step(what: str, done: int, total: int) -> None:
+        state.load_step = (what, done, total)
 
     def load() -> None:
         start = time.monotonic()
         try:
-            state.runtime = loader()
+            state.runtime = loader(progress=record_step) if "progress" in inspect.signature(loader).parameters else loader()
             state.load_seconds = time.monotonic() - start
             log.info("model %s loaded in %.1f s", config.model_id, state.load_seconds)
         except LocalMoEError as exc:
@@ -187,7 +193,9 @@ def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error
             return JSONResponse({"status": "ok"})
         if state.load_error is not None:
             return JSONResponse({"status": "error", "message": state.load_error}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        step = state.load_step
+        body = {"status": "loading"} | ({"step": step[0], "done": step[1], "total": step[2]} if step is not None else {})
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

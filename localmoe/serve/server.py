@@ -49,8 +49,15 @@ def serve(model: str | None, runtime_kwargs: dict[str, Any], config: ServeConfig
         if server is not None:
             server.should_exit = True
 
-    def loader():
-        rt = load(path, **runtime_kwargs)
+    def loader(progress=None):  # progress: /health's; the CLI's stderr bar (runtime_kwargs) keeps running
+        bar = runtime_kwargs.get("progress")
+
+        def both(what: str, done: int, total: int) -> None:
+            for report in (bar, progress):
+                if report is not None:
+                    report(what, done, total)
+
+        rt = load(path, **(runtime_kwargs | {"progress": both}))
         print(f"localmoe serve: {config.model_id} loaded; ready", file=sys.stderr, flush=True)
         return rt
 
