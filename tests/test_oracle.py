@@ -24,13 +24,15 @@ from localmoe.compute.kernels import native_lib
 
 # Every quantized case runs on each CPU path this machine has: the default choice (the VNNI kernel
 # for the types it measures faster on, where it is built) and ggml's kernels alone
-# (LOCALMOE_KERNEL=ggml, what a CPU without AVX-512 runs).
+# (LOCALMOE_KERNEL=ggml, what a CPU without AVX-512 runs); and one type per architecture on the torch
+# fallbacks alone (LOCALMOE_KERNEL=torch).
 KERNELS = ["auto"] + (["ggml"] if ggml() is not None and native_lib() is not None else [])
 CASES = [(arch, q, "auto") for arch in ARCHS for q in ("F32", "Q8_0", "Q4_0", "Q4_K_M")]
 CASES += [("qwen3moe", q, "auto") for q in ("F16", "BF16", "Q4_1", "Q5_0", "Q5_1")]
 CASES += [("gpt-oss", "MXFP4_MOE", "auto")]  # how gpt-oss ships: MXFP4 experts (ggml's kernels), Q8_0 elsewhere
 CASES += [(arch, q, k) for k in KERNELS[1:] for arch in ARCHS for q in ("Q8_0", "Q4_0", "Q4_K_M")]
 CASES += [("qwen3moe", q, k) for k in KERNELS[1:] for q in ("Q4_1", "Q5_0", "Q5_1")]
+CASES += [(arch, "Q4_0", "torch") for arch in ARCHS]  # the torch fallbacks (no C kernel at all) on every architecture
 _REFS: dict[str, tuple] = {}
 
 
@@ -57,6 +59,9 @@ def test_logits_match_llama_cpp(make_model, arch, qtype, kernel, monkeypatch):
         ours = np.concatenate([rt.logits(p) for p in prompts])
         if kernel == "ggml":
             assert {w.backend for lw in rt.model.layers for w in lw.wqkv} <= {"ggml", "f32", "bf16"}
+        if kernel == "torch":  # torch's int4 matmul on the dense weights and the experts: no C kernel
+            assert {w.backend for lw in rt.model.layers for w in lw.wqkv} <= {"int4", "f32", "bf16"}
+            assert rt.store.weights(rt.spec.moe_layers[0], 0).gate_up.backend in ("int4", "bf16")
     assert ours.shape == ref.shape == (256, rt.spec.n_vocab)
     rel, agree = compare(ours, ref)
     if qtype == "F32":
