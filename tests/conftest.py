@@ -39,6 +39,33 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
     return SynthConfig(**kw)
 
 
+def expert_budget(rt, share: float) -> int:
+    """A GPU budget of the dense weights plus `share` of the expert bytes of loaded runtime `rt`."""
+    return rt.gguf.dense_bytes() + int(rt.gguf.all_expert_bytes() * share)
+
+
+def check_budgeted_equals_all_resident(path: str, ids: list[int], share: float = 0.3, on_misses: tuple[str, ...] = ("fetch", "cpu")) -> list:
+    """Under a budget of `share` of the expert bytes, each miss policy in `on_misses` gives the
+    all-resident logits bit for bit, with misses, and the scheduler's books balance. Returns the
+    budgeted runs' Stats, in order, for the caller's own checks."""
+    import numpy as np
+
+    import localmoe
+
+    with localmoe.load(path, device="cpu") as rt:
+        ref = rt.logits(ids)
+        budget = expert_budget(rt, share)
+    stats = []
+    for on_miss in on_misses:
+        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss) as rt:
+            np.testing.assert_array_equal(rt.logits(ids), ref)
+            s = rt.stats()
+            assert s.misses > 0
+            rt.scheduler.check()
+            stats.append(s)
+    return stats
+
+
 class ModelFactory:
     def __init__(self, root: Path):
         self.root = root

@@ -17,7 +17,7 @@ import localmoe
 import localmoe.layers.attention as attention_mod
 import localmoe.layers.routers as routers_mod
 import localmoe.model as model_mod
-from conftest import arch_config
+from conftest import arch_config, expert_budget
 from localmoe.bench.synth import write_model
 from localmoe.fallback.buddies import builtin_calibration_text, calibrate
 from localmoe.residency.trace import load_trace
@@ -98,7 +98,7 @@ def test_budgeted_run_equals_all_resident_with_a_dense_layer(v3_files, tmp_path)
         assert rt.spec.moe_layers == (1, 2) and rt.gguf.expert_bytes(0) == 0
         ref = rt.logits(ids)
         ref_text = rt.generate("the model of", max_tokens=8, temperature=0)
-        budget = rt.gguf.dense_bytes() + int(rt.gguf.all_expert_bytes() * 0.3)
+        budget = expert_budget(rt, 0.3)
     for on_miss in ("fetch", "cpu"):
         trace = str(tmp_path / f"{on_miss}.jsonl")
         with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss, trace=trace) as rt:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import localmoe
+from conftest import check_budgeted_equals_all_resident
 from localmoe.gguf import names
 
 
@@ -17,14 +18,5 @@ def test_mtp_block_is_skipped(make_model):
 
 
 def test_budgeted_run_equals_all_resident(make_model):
-    path = make_model("glm4moe", "Q8_0")
-    ids = np.random.default_rng(3).integers(0, 300, 40).tolist()
-    with localmoe.load(path, device="cpu") as rt:
-        ref = rt.logits(ids)
-        budget = rt.gguf.dense_bytes() + int(rt.gguf.all_expert_bytes() * 0.3)
-    for on_miss in ("fetch", "cpu"):
-        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss) as rt:
-            np.testing.assert_array_equal(rt.logits(ids), ref)
-            s = rt.stats()
-            assert s.misses > 0 and s.layers[0].resident == ()
-            rt.scheduler.check()
+    for s in check_budgeted_equals_all_resident(make_model("glm4moe", "Q8_0"), np.random.default_rng(3).integers(0, 300, 40).tolist()):
+        assert s.layers[0].resident == ()  # the leading dense layer holds no experts

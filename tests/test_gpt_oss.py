@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import localmoe
+from conftest import check_budgeted_equals_all_resident, expert_budget
 from localmoe.archs.common import fast_paths
 from localmoe.compute.experts import OAI_LIMIT, swiglu_act
 from localmoe.errors import LocalMoEError
@@ -87,16 +88,7 @@ def test_clamped_swiglu_matches_its_definition():
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "MXFP4_MOE"])
 def test_budgeted_run_equals_all_resident(make_model, qtype):
-    path = make_model("gpt-oss", qtype)
-    ids = np.random.default_rng(3).integers(0, 300, 40).tolist()
-    with localmoe.load(path, device="cpu") as rt:
-        ref = rt.logits(ids)
-        budget = rt.gguf.dense_bytes() + int(rt.gguf.all_expert_bytes() * 0.3)
-    for on_miss in ("fetch", "cpu"):
-        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss) as rt:
-            np.testing.assert_array_equal(rt.logits(ids), ref)
-            assert rt.stats().misses > 0
-            rt.scheduler.check()
+    check_budgeted_equals_all_resident(make_model("gpt-oss", qtype), np.random.default_rng(3).integers(0, 300, 40).tolist())
 
 
 def test_harmony_template_renders_in_the_sandbox(make_model):
@@ -144,7 +136,7 @@ def test_every_miss_policy_trace_calibrate_and_serve_run_on_gpt_oss(make_model, 
     assert json.loads(r.stdout)["tokens"] == 256
     ids = np.random.default_rng(9).integers(0, 300, 24).tolist()
     with localmoe.load(path, device="cpu") as rt:
-        budget = rt.gguf.dense_bytes() + int(rt.gguf.all_expert_bytes() * 0.3)
+        budget = expert_budget(rt, 0.3)
     substituted = {}
     for on_miss in ("fetch", "cpu", "drop", "buddy", "little", "cost"):
         trace = str(tmp_path / f"{on_miss}.jsonl")
