@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .gguf import names
 from .gguf.file import GGUFModel
 
 # VRAM of the hardware profiles the fit estimate reports (bytes).
@@ -79,14 +78,14 @@ def host_memory(model: GGUFModel) -> dict[str, Any]:
     import psutil
     import torch
 
-    from .compute.kernels import choose_backend
+    from .compute.experts import ExpertStore
     from .runtime import HOST_HEADROOM, default_host_mem
 
-    s = model.spec
-    repackable = sum(model.expert_bytes(layer) * s.n_expert for layer in s.moe_layers
-                     if {choose_backend(model.view(names.blk(layer, p)).qtype, torch.device("cpu")) for p in names.EXPERT_PARTS} == {"vnni"})
-    default = default_host_mem(model.dense_bytes())
-    return {"available_bytes": int(psutil.virtual_memory().available), "dense_bytes": model.dense_bytes(), "headroom_bytes": HOST_HEADROOM,
+    store = ExpertStore(model, torch.device("cpu"), 0)  # asked which layers it would repack; it holds nothing
+    repackable = sum(model.expert_bytes(layer) * model.spec.n_expert for layer in store.repacked_layers())
+    available, dense = int(psutil.virtual_memory().available), model.dense_bytes()
+    default = default_host_mem(dense, available)
+    return {"available_bytes": available, "dense_bytes": dense, "headroom_bytes": HOST_HEADROOM,
             "default_host_mem_bytes": default, "repackable_expert_bytes": repackable,
             "repacked_share": min(1.0, default / repackable) if repackable else 0.0}
 
@@ -125,7 +124,7 @@ def _attention_line(a: dict[str, Any]) -> str:
 
 
 def _layer_list(layers: list[int]) -> str:
-    """[0, 2, 4, ..., 22] → "0, 2, ..., 22 (every 2nd)"; short lists in full."""
+    """[0, 2, 4, ..., 22] → "0, 2, ..., 22"; short lists in full; other long ones cut after five."""
     if len(layers) <= 6:
         return ", ".join(map(str, layers))
     step = layers[1] - layers[0]

@@ -38,15 +38,17 @@ MAX_TOKENS_LIMIT = 2**31 - 1  # max_tokens beyond this is a mistake, not a reque
 HOST_HEADROOM = 3 << 29  # 1.5 GiB left to the KV cache, activations, Python and the rest of the system
 
 
-def default_host_mem(dense_bytes: int) -> int:
-    """Host RAM for repacked experts when the user gives no --host-mem: what is available now
-    (free memory plus reclaimable page cache), less the dense weights and HOST_HEADROOM; 0 when
-    that leaves nothing. A repacked expert's bytes in the file are not read again (their pages are
-    released: GGUFModel.release), so the file's pages need room only for the experts beyond the
-    budget, which ggml computes in place from the memory map."""
-    import psutil
+def default_host_mem(dense_bytes: int, available: int | None = None) -> int:
+    """Host RAM for repacked experts when the user gives no --host-mem: what is available
+    (`available`, else now: free memory plus reclaimable page cache), less the dense weights and
+    HOST_HEADROOM; 0 when that leaves nothing. A repacked expert's bytes in the file are not read
+    again (their pages are released: GGUFModel.release), so the file's pages need room only for the
+    experts beyond the budget, which ggml computes in place from the memory map."""
+    if available is None:
+        import psutil
 
-    return max(0, int(psutil.virtual_memory().available) - dense_bytes - HOST_HEADROOM)
+        available = int(psutil.virtual_memory().available)
+    return max(0, available - dense_bytes - HOST_HEADROOM)
 
 
 TORCH_THREADS = torch.get_num_threads()  # PyTorch's own default (physical cores), read before any load sets another

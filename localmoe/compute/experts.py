@@ -269,6 +269,11 @@ class ExpertStore:
                 self.model.release([r[0] for r in raws])
         return w
 
+    def repacked_layers(self) -> list[int]:
+        """The layers whose experts the VNNI kernel computes: the ones repacked into RAM, as far
+        as `host_cache_bytes` holds them (the rest run in place on ggml)."""
+        return [layer for layer in self.model.spec.moe_layers if self.backend(layer)[0] == "vnni"]
+
     def summary(self) -> dict[str, int]:
         """Where the experts handed out so far live: repacked in RAM (count, bytes) or in place."""
         return {"repacked": len(self._cache), "repacked_bytes": self._cached_bytes, "in_place": len(self._mapped)}
@@ -278,7 +283,7 @@ class ExpertStore:
         holds (in C on all threads: kernels.lm_repack_r16), so no decode step ever repacks; the
         rest are computed in place from the memory map by ggml. progress(done, total) in experts.
         Returns the number of experts repacked."""
-        layers = [layer for layer in self.model.spec.moe_layers if self.backend(layer)[0] == "vnni"]
+        layers = self.repacked_layers()
         total = len(layers) * self.model.spec.n_expert
         done = 0
         for layer in layers:
