@@ -78,7 +78,7 @@ class ExpertEpilogue:
         self._biases: dict[tuple[int, str], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def attach(self, w: ExpertWeights, layer: int, expert: int, device: torch.device) -> ExpertWeights:
-        if self.fused_ok and self.act == "swiglu" and not self.with_biases:
+        if self.fused_ok:  # fast_paths declares fused_experts exactly for plain SwiGLU without biases
             return w
         gu_b = d_b = None
         if self.with_biases:
