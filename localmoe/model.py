@@ -45,9 +45,17 @@ class ExpertFn(Protocol):
 
 
 class KVCache:
-    """Per-layer key and value rows for positions 0..n-1; grows by doubling up to n_ctx. Each layer's
-    attention says what its rows are (layers.block.Attention.cache_rows): heads × width of a key
-    row and of a value row (a width of 0: no values)."""
+    """A context's memory: per-layer key and value rows for positions 0..n-1, growing by doubling up
+    to n_ctx (each layer's attention says what its rows are, layers.block.Attention.cache_rows:
+    heads × width of a key row and of a value row; a width of 0: no values), and, for layers with
+    a recurrent state instead (Gated DeltaNet), that state after position n-1.
+
+    KV rows can be cut back to any position; a recurrent state cannot. So the state is copied at the
+    end of every prompt (`snapshot`, the last MAX_SNAPSHOTS kept), and `rewind` goes back to the
+    latest copy at or before the position asked for: a new chat turn or request that shares a
+    prefix resumes there and recomputes the rest."""
+
+    MAX_SNAPSHOTS = 2
 
     def __init__(self, spec: ModelSpec, n_ctx: int, device: torch.device):
         self.spec, self.n_ctx, self.device = spec, n_ctx, device
@@ -55,6 +63,39 @@ class KVCache:
         self._cap = 0
         self.k: list[torch.Tensor] = []  # per layer [heads, cap, width]
         self.v: list[torch.Tensor] = []  # per layer [heads, cap, width]
+        self.states: dict[int, list[torch.Tensor]] = {}  # recurrent layer → its state tensors (the layer's layout)
+        self._snapshots: list[tuple[int, dict[int, list[torch.Tensor]]]] = []  # (position, states), oldest first
+
+    def recurrent(self, layer: int, make: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Layer `layer`'s recurrent state, made by make() before its first token; updated in place."""
+        state = self.states.get(layer)
+        if state is None:
+            state = self.states[layer] = make()
+        return state
+
+    def snapshot(self) -> None:
+        """Keep a copy of the recurrent states at the current position (no-op without them)."""
+        if not self.states:
+            return
+        self._snapshots = [p for p in self._snapshots if p[0] < self.n][-(self.MAX_SNAPSHOTS - 1):]
+        self._snapshots.append((self.n, {i: [t.clone() for t in st] for i, st in self.states.items()}))
+
+    def rewind(self, n: int) -> int:
+        """Go back to position n (≤ self.n) or, where recurrent states cannot be cut there, to the
+        latest snapshot before it (0 at worst: a fresh context). Returns the position reached; the
+        caller recomputes from there."""
+        n = max(0, min(n, self.n))
+        if n == self.n or not self.states:
+            self.n = n
+            return n
+        self._snapshots = [p for p in self._snapshots if p[0] <= n]
+        if self._snapshots:
+            pos, states = self._snapshots[-1]
+            self.states = {i: [t.clone() for t in st] for i, st in states.items()}
+        else:
+            pos, self.states = 0, {}
+        self.n = pos
+        return pos
 
     def reserve(self, n_total: int, rows: list[tuple[tuple[int, int], tuple[int, int]]]) -> None:
         """Room for n_total positions; rows: per layer ((heads, width) of a key row, (heads, width)
@@ -77,6 +118,7 @@ class KVCache:
 
     def clear(self) -> None:
         self.n = 0
+        self.states, self._snapshots = {}, []
 
 
 class FileWeights:
@@ -101,8 +143,11 @@ class FileWeights:
         v = self.model.view(name)
         return v.data, v.qtype, v.shape
 
+    def _is_copy(self, w: QLinear) -> bool:
+        return w.backend in ("vnni", "int4", "bf16") and self.device.type == "cpu"  # ("f32" may be a view of the file)
+
     def _copied(self, w: QLinear, mats: list[tuple]) -> QLinear:
-        if w.backend in ("vnni", "int4", "bf16") and self.device.type == "cpu":  # ("f32" may be a view of the file)
+        if self._is_copy(w):
             self.model.release([m[0] for m in mats])
         return w
 
@@ -111,10 +156,23 @@ class FileWeights:
         return self._copied(repack(*m, device=self.device), [m])
 
     def qkv(self, layer: int) -> list[QLinear]:
-        mats = [self.raw(names.blk(layer, p)) for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V)]
+        return self.fuse([self.raw(names.blk(layer, p)) for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V)])
+
+    def fuse(self, mats: list[tuple], sources: list[tuple] | None = None) -> list[QLinear]:
+        """Matrices with the same columns as one QLinear (their outputs concatenated) when they share
+        a quant type, else one each (the caller concatenates). `sources`: the file's matrices that
+        `mats` were cut from (rows reordered), whose pages go once the copy is made; default mats."""
         if len({m[1] for m in mats}) == 1:
-            return [self._copied(fuse_rows(mats, self.device), mats)]
-        return [self._copied(repack(*m, device=self.device), [m]) for m in mats]
+            ws = [fuse_rows(mats, self.device)]
+        else:
+            ws = [repack(*m, device=self.device) for m in mats]
+        if sources is None:  # each matrix's pages go where its layout is a copy
+            pairs = [(ws[0], mats)] if len(ws) == 1 else [(w, [m]) for w, m in zip(ws, mats)]
+        else:  # cut from `sources`: theirs go only when every layout is a copy
+            pairs = [(ws[0], sources)] if all(self._is_copy(w) for w in ws) else []
+        for w, ms in pairs:
+            self._copied(w, ms)
+        return ws
 
     def ffn(self, layer: int, stems: tuple[str, str, str]) -> Callable[[torch.Tensor], torch.Tensor]:
         return FFN(pack_ffn(*(self.raw(names.blk(layer, p)) for p in stems), device=self.device))
@@ -204,6 +262,8 @@ class MoEModel:
             self.experts.after_attention(i, x)
             x = x + self.moe(i, self.ffn_input(i, x))
         cache.n = pos0 + T
+        if T > 1:  # the end of a prompt: where a later turn or request may resume
+            cache.snapshot()
         if not all_logits:
             x = x[-1:]
         return self.output(rms_norm(x, self.output_norm, s.rms_eps))

@@ -352,7 +352,7 @@ class Runtime:
             if a != b:
                 break
             keep += 1
-        self._cache.n = keep
+        keep = self._cache.rewind(keep)  # (a recurrent state goes back to its latest snapshot ≤ keep)
         self._cache_tokens = ids[:keep]
         start, wall = self._clock(), time.perf_counter()
         logits = self._advance(ids[keep:])

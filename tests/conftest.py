@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from localmoe.bench.synth import SynthConfig, quantize_with_llama_cpp, write_model
 
-ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2", "glm4moe", "gpt-oss")
+ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2", "glm4moe", "gpt-oss", "qwen35moe")
 # Written directly by GGUFWriter (gguf.quants), or made by llama.cpp's own quantizer from a file
 # written at higher precision (the K-quant mix of a real Q4_K_M file, and the legacy types).
 DIRECT_TYPES = ("F32", "Q8_0", "Q4_0")
@@ -35,6 +35,9 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
                   gating="sigmoid", expert_weights_norm=True, expert_weights_scale=1.5, n_nextn=1)
     if arch == "gpt-oss":  # gpt-oss-20b's structure in small: 64-wide heads, a window of 8 on layers 0 and 2, sinks, biases, YaRN
         kw.update(n_layer=3, head_dim=64, n_swa=8, rope_base=150000.0, rms_eps=1e-5, yarn_factor=4.0, yarn_orig_ctx=32)
+    if arch == "qwen35moe":  # Qwen3.6-35B-A3B's structure in small: 3 DeltaNet layers (2 key heads tiled over 4 value heads) then gated
+        # attention with partial rotary; M-RoPE sections (1, 1, 1, 1) leave every 4th pair to the text's zero fourth axis
+        kw.update(n_layer=4, head_dim=64, qk_rope=16, rope_sections=(1, 1, 1, 1), n_ff_exp=128, n_ff_shexp=192)
     kw.update(overrides)
     return SynthConfig(**kw)
 

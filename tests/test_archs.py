@@ -24,6 +24,7 @@ from localmoe.compute.experts import ExpertExecutor, ExpertStore
 from localmoe.compute.kernels import native_lib
 from localmoe.gguf.file import GGUFModel
 from localmoe.layers.attention import GQA
+from localmoe.layers.deltanet import GatedDeltaNet
 from localmoe.layers.mla import MLA
 from localmoe.layers.routers import ROUTERS
 from localmoe.model import KVCache, MoEModel
@@ -158,7 +159,9 @@ def test_each_module_builds_the_blocks_the_driver_runs(make_model, arch, monkeyp
     m = MoEModel(gguf, lambda *a: None, torch.device("cpu"))
     s = gguf.spec
     assert len(built) == len(m.layers) == s.n_layer and all(a is b for a, b in zip(m.layers, built))
-    assert all(isinstance(b.attn, MLA if arch == "deepseek2" else GQA) for b in m.layers)
+    mixer = lambda i: MLA if arch == "deepseek2" else GatedDeltaNet if s.is_recurrent(i) else GQA  # noqa: E731
+    assert all(isinstance(b.attn, mixer(i)) for i, b in enumerate(m.layers))
+    assert any(s.is_recurrent(i) for i in range(s.n_layer)) == (arch == "qwen35moe")
     for i, b in enumerate(m.layers):
         assert (b.moe is None) == (b.ffn is not None) == (not s.is_moe(i))
         if b.moe is not None:

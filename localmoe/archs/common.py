@@ -51,6 +51,36 @@ class ArchSpec:
     checked: str = ""  # how the implementation was checked against llama.cpp (docs/models.md)
 
 
+@dataclass(frozen=True)
+class DeltaNetShape:
+    """The sizes of a Gated DeltaNet layer (qwen35moe), from the file's ssm.* keys: Hk key heads and
+    Hv value heads (Hv a multiple of Hk), each key head dk wide and each value head dv wide, and a
+    causal conv1d of d_conv taps over the q, k, v channels."""
+
+    d_conv: int
+    n_k_heads: int  # ssm.group_count
+    n_v_heads: int  # ssm.time_step_rank
+    d_k: int  # ssm.state_size
+    d_v: int  # ssm.inner_size / n_v_heads
+
+    @property
+    def key_dim(self) -> int:
+        return self.n_k_heads * self.d_k
+
+    @property
+    def value_dim(self) -> int:
+        return self.n_v_heads * self.d_v
+
+    @property
+    def conv_dim(self) -> int:  # channels of the conv: q, k and v
+        return 2 * self.key_dim + self.value_dim
+
+    def state_bytes(self) -> int:
+        """float32 bytes of one layer's recurrent state: the conv's last d_conv − 1 inputs and the
+        delta rule's [Hv, dk, dv] matrix."""
+        return 4 * (self.conv_dim * (self.d_conv - 1) + self.n_v_heads * self.d_k * self.d_v)
+
+
 # -- fast paths: each needs what its C kernel assumes, read from the declarations ------------------
 FAST_PATHS = ("c_router", "c_decode_attention", "fused_qk_norm_rope", "embedding_gather", "fused_experts")
 

@@ -66,6 +66,14 @@ class SynthConfig:
     n_nextn: int = 0  # glm4moe: next-token-prediction blocks after the trunk (llama.cpp and localmoe skip them)
     # gpt-oss (attention sinks, sliding window on alternate layers, biases everywhere, clamped SwiGLU)
     n_swa: int = 128  # the window of the sliding-window layers (the even ones: llama.cpp's default pattern 2)
+    # qwen35moe (Gated DeltaNet layers + gated full attention, qk_rope rotated dims with M-RoPE sections)
+    ssm_k_heads: int = 2  # DeltaNet key heads (ssm.group_count)
+    ssm_v_heads: int = 4  # DeltaNet value heads (ssm.time_step_rank)
+    ssm_head_dim: int = 32  # DeltaNet key and value head size (ssm.state_size)
+    ssm_conv: int = 4  # conv taps (ssm.conv_kernel)
+    full_attn_interval: int = 4  # every n-th layer is full attention
+    rope_sections: tuple[int, ...] = (11, 11, 10, 0)
+    gate_up_fused: bool = False  # experts' gate and up in one ffn_gate_up_exps tensor
     rope_base: float = 10000.0
     rms_eps: float = 1e-6
 
@@ -95,6 +103,21 @@ PRESETS: dict[str, SynthConfig] = {
     "gpt-oss-120b": SynthConfig(
         "gpt-oss", 4, 2880, 64, 8, 64, 128, 4, 2880, n_vocab=201088, n_ctx=131072, name="synthetic-gpt-oss-120b",
         n_swa=128, rope_base=150000.0, rms_eps=1e-5, yarn_factor=32.0, yarn_orig_ctx=4096,
+    ),
+    # Qwen3.6-35B-A3B's config.json: 40 layers of 2048 (every 4th full attention: 16 heads, 2 KV, of
+    # 256 with an output gate, partial_rotary_factor 0.25, mrope_section [11, 11, 10], rope_theta
+    # 1e7; the others Gated DeltaNet: 16 key heads and 32 value heads of 128, conv kernel 4), 256
+    # experts (top-8) of 512 + a gated shared expert of 512, vocabulary 248320
+    "qwen3.6-35b-a3b": SynthConfig(
+        "qwen35moe", 4, 2048, 16, 2, 256, 256, 8, 512, n_ff_shexp=512, n_vocab=248320, n_ctx=262144, name="synthetic-qwen3.6-35b-a3b",
+        qk_rope=64, rope_base=10000000.0, ssm_k_heads=16, ssm_v_heads=32, ssm_head_dim=128,
+    ),
+    # Qwen3.5-122B-A10B's config.json: 48 layers of 3072 (32 heads, 2 KV, of 256 in the full-attention
+    # layers; DeltaNet 16 key heads and 64 value heads of 128), 256 experts (top-8) of 1024 + a
+    # gated shared expert of 1024
+    "qwen3.5-122b-a10b": SynthConfig(
+        "qwen35moe", 4, 3072, 32, 2, 256, 256, 8, 1024, n_ff_shexp=1024, n_vocab=248320, n_ctx=262144, name="synthetic-qwen3.5-122b-a10b",
+        qk_rope=64, rope_base=10000000.0, ssm_k_heads=16, ssm_v_heads=64, ssm_head_dim=128,
     ),
     # GLM-4.7-Flash's config.json (llama.cpp converts it as deepseek2): 47 layers of 2048, MLA with
     # 20 heads, q_lora_rank 768, kv_lora_rank 512, qk_nope 192 + qk_rope 64, v_head_dim 256; 64
@@ -214,7 +237,7 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     w.add_feed_forward_length(cfg.n_ff_dense if arch in ("deepseek2", "glm4moe") else F_exp)
     w.add_head_count(cfg.n_head)
     w.add_head_count_kv(1 if arch == "deepseek2" else cfg.n_head_kv)  # MLA runs as MQA over the latent
-    if arch in ("qwen3moe", "gpt-oss"):  # heads not n_embd / n_head wide (gpt-oss: 64 × 64 ≠ 2880)
+    if arch in ("qwen3moe", "gpt-oss", "qwen35moe"):  # heads not n_embd / n_head wide (gpt-oss: 64 × 64 ≠ 2880)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if arch == "gpt-oss":
@@ -223,6 +246,8 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
         _deepseek2_keys(w, cfg, head_dim)
     elif arch == "glm4moe":
         _glm4moe_keys(w, cfg, head_dim)
+    elif arch == "qwen35moe":
+        _qwen35moe_keys(w, cfg)
     else:
         w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(cfg.rope_base)
@@ -230,7 +255,7 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     w.add_expert_count(E)
     w.add_expert_used_count(cfg.n_expert_used)
     w.add_expert_feed_forward_length(F_exp)
-    if arch == "qwen2moe":
+    if arch in ("qwen2moe", "qwen35moe"):
         w.add_expert_shared_feed_forward_length(cfg.n_ff_shexp)
     w.add_file_type(ftype)
 
@@ -274,6 +299,9 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
             continue
         if arch == "gpt-oss":
             _gpt_oss_layer(put, mat, norm, rng, cfg, i, head_dim)
+            continue
+        if arch == "qwen35moe":
+            _qwen35moe_layer(put, mat, norm, rng, cfg, i, head_dim)
             continue
         qdim, kvdim = cfg.n_head * head_dim, cfg.n_head_kv * head_dim
         put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
@@ -535,6 +563,69 @@ def _gpt_oss_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int)
     put(names.blk(i, names.FFN_GATE_EXPS, "bias"), (E, F_exp), small(E, F_exp), keep_f32=True)
     put(names.blk(i, names.FFN_UP_EXPS, "bias"), (E, F_exp), small(E, F_exp), keep_f32=True)
     put(names.blk(i, names.FFN_DOWN_EXPS, "bias"), (E, D), small(E, D, s=0.02), keep_f32=True)
+
+
+def _qwen35moe_keys(w: GGUFWriter, cfg: SynthConfig) -> None:
+    """qwen35moe's keys as llama.cpp's converter writes them: partial rotary with M-RoPE sections,
+    the DeltaNet sizes, the full-attention interval."""
+    w.add_rope_dimension_count(cfg.qk_rope)
+    w.add_rope_dimension_sections(list(cfg.rope_sections))
+    w.add_ssm_conv_kernel(cfg.ssm_conv)
+    w.add_ssm_inner_size(cfg.ssm_v_heads * cfg.ssm_head_dim)
+    w.add_ssm_state_size(cfg.ssm_head_dim)
+    w.add_ssm_time_step_rank(cfg.ssm_v_heads)
+    w.add_ssm_group_count(cfg.ssm_k_heads)
+    w.add_full_attention_interval(cfg.full_attn_interval)
+
+
+# The mixers' output projections of the qwen35moe file: smaller than ATTN_OUT_GAIN. Three DeltaNet
+# layers in four carry llama.cpp's 8-bit activation rounding through a state and an RMS norm of
+# their output; at ATTN_OUT_GAIN they moved the logits of the Q8_0 file 1.0e-2 (relative) away from
+# llama.cpp on a path that rounds activations differently (localmoe's VNNI or torch kernels), twice
+# what the same rounding does to the Qwen3-MoE file (5.6e-3). At 0.08: 7.9e-3.
+QWEN35_MIXER_GAIN = 0.08
+
+
+def _qwen35moe_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) -> None:
+    """One qwen35moe block: a Gated DeltaNet (all layers but each full_attn_interval-th) or a full
+    attention whose attn_q holds per head its query rows then its gate rows; post_attention_norm;
+    router, experts (gate and up apart or fused) and the sigmoid-gated shared expert. The decays
+    exp(softplus(α + dt_bias)·A) sit mostly in 0.8–0.99, so the state reaches back many tokens."""
+    D, E, F_exp, Fs = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_shexp
+    put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
+    if (i + 1) % cfg.full_attn_interval:
+        Hk, Hv, d = cfg.ssm_k_heads, cfg.ssm_v_heads, cfg.ssm_head_dim
+        C = 2 * Hk * d + Hv * d
+        put(names.blk(i, names.ATTN_QKV), (C, D), lambda: mat(C, D))
+        put(names.blk(i, names.ATTN_GATE), (Hv * d, D), lambda: mat(Hv * d, D))
+        put(names.blk(i, names.SSM_CONV1D), (C, cfg.ssm_conv), lambda: mat(C, cfg.ssm_conv, gain=1.5), keep_f32=True)
+        put(names.blk(i, names.SSM_DT, "bias"), (Hv,), lambda: (0.5 * rng.standard_normal(Hv)).astype(np.float32))
+        put(names.blk_bare(i, names.SSM_A), (Hv,), lambda: (-np.exp(rng.uniform(-4.0, -1.0, Hv))).astype(np.float32))
+        put(names.blk(i, names.SSM_BETA), (Hv, D), lambda: mat(Hv, D))
+        put(names.blk(i, names.SSM_ALPHA), (Hv, D), lambda: mat(Hv, D))
+        put(names.blk(i, names.SSM_NORM), (d,), lambda: norm(d))
+        put(names.blk(i, names.SSM_OUT), (D, Hv * d), lambda: mat(D, Hv * d, gain=QWEN35_MIXER_GAIN))
+    else:
+        qdim, kvdim = cfg.n_head * head_dim, cfg.n_head_kv * head_dim
+        put(names.blk(i, names.ATTN_Q), (2 * qdim, D), lambda: mat(2 * qdim, D))
+        put(names.blk(i, names.ATTN_K), (kvdim, D), lambda: mat(kvdim, D))
+        put(names.blk(i, names.ATTN_V), (kvdim, D), lambda: mat(kvdim, D))
+        put(names.blk(i, names.ATTN_OUT), (D, qdim), lambda: mat(D, qdim, gain=QWEN35_MIXER_GAIN))
+        put(names.blk(i, names.ATTN_Q_NORM), (head_dim,), lambda: norm(head_dim))
+        put(names.blk(i, names.ATTN_K_NORM), (head_dim,), lambda: norm(head_dim))
+    put(names.blk(i, names.ATTN_POST_NORM), (D,), lambda: norm(D))
+    put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
+    experts = lambda rows, cols, gain=1.0: lambda: (mat(rows, cols, gain) for _ in range(E))  # noqa: E731
+    if cfg.gate_up_fused:
+        put(names.blk(i, names.FFN_GATE_UP_EXPS), (E, 2 * F_exp, D), experts(2 * F_exp, D))
+    else:
+        put(names.blk(i, names.FFN_GATE_EXPS), (E, F_exp, D), experts(F_exp, D))
+        put(names.blk(i, names.FFN_UP_EXPS), (E, F_exp, D), experts(F_exp, D))
+    put(names.blk(i, names.FFN_DOWN_EXPS), (E, D, F_exp), experts(D, F_exp, FFN_OUT_GAIN))
+    put(names.blk(i, names.FFN_GATE_INP_SHEXP), (D,), lambda: mat(1, D).reshape(D))
+    put(names.blk(i, names.FFN_GATE_SHEXP), (Fs, D), lambda: mat(Fs, D))
+    put(names.blk(i, names.FFN_UP_SHEXP), (Fs, D), lambda: mat(Fs, D))
+    put(names.blk(i, names.FFN_DOWN_SHEXP), (D, Fs), lambda: mat(D, Fs, FFN_OUT_GAIN))
 
 
 def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -22,11 +22,13 @@ from gguf import GGMLQuantizationType, GGUFReader
 from . import names
 from .. import archs
 from ..archs import common as arch_common
-from ..archs.common import ArchSpec
+from ..archs.common import ArchSpec, DeltaNetShape
 from ..errors import LocalMoEError
 from .blocks import FLOAT_TYPES, QUANT_TYPES
 
 Q = GGMLQuantizationType
+
+
 SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = FLOAT_TYPES | QUANT_TYPES  # what gguf_blocks reads
 
 
@@ -73,10 +75,17 @@ class ModelSpec:
     attn_scale: float = 0.0  # softmax scale of q·k; 0 → 1/sqrt(head_dim)
     n_swa: int = 0  # sliding window: a query in an SWA layer sees the n_swa latest positions (itself included)
     swa_layers: tuple[bool, ...] = ()  # per layer: sliding-window attention (empty: none)
+    rope_sections: tuple[int, ...] = ()  # M-RoPE (qwen35moe): rotated pairs per position axis t, h, w, e (empty: plain RoPE)
+    recurrent_layers: tuple[bool, ...] = ()  # per layer: a Gated DeltaNet layer instead of attention (empty: none)
+    deltanet: DeltaNetShape | None = None  # the DeltaNet layers' sizes
 
     def is_swa(self, layer: int) -> bool:
         """True for a layer whose attention sees only the last n_swa positions."""
         return self.n_swa > 0 and layer < len(self.swa_layers) and self.swa_layers[layer]
+
+    def is_recurrent(self, layer: int) -> bool:
+        """True for a layer whose token mixer is a Gated DeltaNet (a fixed-size state, no KV rows)."""
+        return layer < len(self.recurrent_layers) and self.recurrent_layers[layer]
 
     def is_moe(self, layer: int) -> bool:
         """False for a layer without experts (a leading dense layer)."""
@@ -110,10 +119,27 @@ class GGUFModel:
         for t in self.reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[t.name] = TensorView(t.name, GGMLQuantizationType(int(t.tensor_type)), shape, t.data, int(t.n_bytes))
+        self._split_gate_up()
         self.spec = _read_spec(self)
         # next-token-prediction (MTP) blocks past the trunk are skipped, as llama.cpp skips them
         self.tensors = {n: t for n, t in self.tensors.items() if not (n.startswith("blk.") and int(n.split(".")[1]) >= self.spec.n_layer)}
         self._check_tensors()
+
+    def _split_gate_up(self) -> None:
+        """A file that stores every expert's gate and up in one tensor (ffn_gate_up_exps [E, 2·F, D],
+        the gate rows first, as llama.cpp's build_moe_ffn splits it) gets the two halves as views
+        named ffn_gate_exps and ffn_up_exps: each expert's half is a contiguous run of rows of the
+        file, so everything downstream reads experts the one way. No bytes are copied."""
+        for name in [n for n in self.tensors if f".{names.FFN_GATE_UP_EXPS}." in n]:
+            t = self.tensors.pop(name)
+            E, rows = t.shape[0], t.shape[1]
+            if rows % 2:
+                raise LocalMoEError(f"{self.path}: tensor '{name}' has an odd number of rows ({rows}); gate and up cannot be split")
+            half = rows // 2
+            for i, stem in enumerate((names.FFN_GATE_EXPS, names.FFN_UP_EXPS)):
+                new = name.replace(names.FFN_GATE_UP_EXPS, stem)
+                data = t.data[:, i * half : (i + 1) * half]
+                self.tensors[new] = TensorView(new, t.qtype, (E, half) + t.shape[2:], data, t.n_bytes // 2)
 
     # -- metadata ---------------------------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:

@@ -120,3 +120,27 @@ ATTN_SINKS = "attn_sinks"  # [n_head]: one extra softmax logit per head, blk(i, 
 ATTN_POST_NORM = "post_attention_norm"  # the norm in front of the FFN (GLM, gpt-oss)
 # routed-expert biases, blk(i, stem, "bias"): [n_expert, n_ff_exp] for gate and up, [n_expert, n_embd] for down
 EXPERT_BIAS_PARTS = EXPERT_PARTS
+
+# qwen35moe (Qwen3.5 / Qwen3.6 MoE): Gated DeltaNet layers, gated attention, M-RoPE sections
+SSM_CONV_KERNEL = "ssm.conv_kernel"  # taps of the causal conv1d over q, k, v
+SSM_INNER_SIZE = "ssm.inner_size"  # value width of a DeltaNet layer: value heads × value head size
+SSM_STATE_SIZE = "ssm.state_size"  # key (and value) head size of a DeltaNet layer
+SSM_TIME_STEP_RANK = "ssm.time_step_rank"  # value heads of a DeltaNet layer
+SSM_GROUP_COUNT = "ssm.group_count"  # key heads of a DeltaNet layer
+FULL_ATTENTION_INTERVAL = "full_attention_interval"  # every n-th layer is full attention, the others DeltaNet
+ROPE_DIMENSION_SECTIONS = "rope.dimension_sections"  # M-RoPE: rotated pairs per position axis (t, h, w, e)
+ATTN_QKV = "attn_qkv"  # DeltaNet: q, k, v fused [2·Hk·dk + Hv·dv, D] (the conv's channels)
+ATTN_GATE = "attn_gate"  # DeltaNet: the output gate z [Hv·dv, D]
+SSM_CONV1D = "ssm_conv1d"  # [conv channels, taps]
+SSM_DT = "ssm_dt"  # blk(i, SSM_DT, "bias"): the decay's bias [Hv]
+SSM_A = "ssm_a"  # −exp(A_log) [Hv]; stored without a ".weight" suffix: blk_bare(i, SSM_A)
+SSM_BETA = "ssm_beta"  # [Hv, D]
+SSM_ALPHA = "ssm_alpha"  # [Hv, D]
+SSM_NORM = "ssm_norm"  # the gated RMS norm's weight [dv]
+SSM_OUT = "ssm_out"  # [D, Hv·dv]
+FFN_GATE_UP_EXPS = "ffn_gate_up_exps"  # gate and up of every expert in one tensor [n_expert, 2·n_ff_exp, n_embd]: gate rows first
+
+
+def blk_bare(layer: int, name: str) -> str:
+    """A per-layer tensor stored without a kind suffix: blk_bare(0, "ssm_a") -> "blk.0.ssm_a"."""
+    return f"blk.{layer}.{name}"

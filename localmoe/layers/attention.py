@@ -1,9 +1,10 @@
 """Grouped-query attention with what the GQA architectures add, each optional: biases on q, k, v
 and the output, an RMS norm of q and k (over each head, or over all heads at once), learned
-per-head sinks, and a sliding window on the layers the file marks (ModelSpec.is_swa).
+per-head sinks, a sliding window on the layers the file marks (ModelSpec.is_swa), and an output
+gate computed beside the queries (Qwen3.5: the attention's output × sigmoid(gate) before Wo).
 
-    qkv = [q | k | v] = h·Wqkv (+ biases) → q/k norm → RoPE
-    out = causal (windowed) softmax(q·kᵀ·scale (+ sink))·v → ·Wo (+ bias)
+    qkv = [q | k | v (| gate)] = h·Wqkv (+ biases) → q/k norm → RoPE
+    out = causal (windowed) softmax(q·kᵀ·scale (+ sink))·v (× sigmoid(gate)) → ·Wo (+ bias)
 
 Shapes: T tokens in this call, S positions in the KV cache, D = n_embd, H heads, Hkv KV heads,
 d head size, dv value head size; query head h reads KV head h // (H / Hkv).
@@ -24,7 +25,7 @@ from .block import Weights
 
 @dataclass
 class GQA:
-    wqkv: list[QLinear]  # [H·d + Hkv·d + Hkv·dv, D]: one matrix when q, k, v share a quant type, else three
+    wqkv: list[QLinear]  # [H·d + Hkv·d + Hkv·dv (+ H·dv), D]: one matrix when q, k, v (, gate) share a quant type
     wo: QLinear  # [D, H·dv]
     qk_norm: str = "none"  # archs.common.QKNorm: "none", "per_head" (weights [d]) or "full" (weights [H·d])
     q_norm: torch.Tensor | None = None
@@ -36,6 +37,7 @@ class GQA:
     sinks: torch.Tensor | None = None  # [H]: one extra logit per head in the softmax's denominator
     fused_qk_norm_rope: bool = False  # the C q/k-norm + RoPE may run (archs.common.fast_paths)
     c_decode: bool = False  # the C decode attention may run
+    out_gate: bool = False  # wqkv's last H·dv outputs gate the attention's output (× sigmoid) before Wo
 
     @classmethod
     def load(cls, w: Weights, i: int, *, qk_norm: str = "none", biases: bool = False, sinks: bool = False,
@@ -80,9 +82,13 @@ class GQA:
     def __call__(self, s: Any, i: int, h: torch.Tensor, cache: Any, pos0: int, rope: Any) -> torch.Tensor:
         """h [T, D] (normed) → attention output [T, D]; appends this call's K/V to layer i's cache."""
         T = h.shape[0]
-        qkv = self.wqkv[0](h) if len(self.wqkv) == 1 else torch.cat([w(h) for w in self.wqkv], dim=-1)  # [T, (H+2Hkv)d]
+        qkv = self.wqkv[0](h) if len(self.wqkv) == 1 else torch.cat([w(h) for w in self.wqkv], dim=-1)  # [T, (H+2Hkv)d (+H·dv)]
+        gate = None
+        if self.out_gate:  # the gate columns stay where they are; q, k, v are the leading ones
+            width = sum(self._widths(s))
+            gate = qkv[:, width:]
         if not self._fused_qk_norm_rope(s, qkv, pos0, rope):  # the general path: biases, a norm over all heads, no C
-            q, k, v = qkv.split(self._widths(s), dim=-1)
+            q, k, v = qkv[:, : sum(self._widths(s))].split(self._widths(s), dim=-1)
             q, k, v = (t if b is None else t + b for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
             if self.qk_norm == "full":  # RMS-norm over all heads at once (OLMoE)
                 q = rms_norm(q, self.q_norm, s.rms_eps)
@@ -93,6 +99,8 @@ class GQA:
                 q = rms_norm(q, self.q_norm, s.rms_eps)
                 k = rms_norm(k, self.k_norm, s.rms_eps)
             qkv = torch.cat([rope(torch.cat([q, k], dim=1), pos0).flatten(1), v], dim=-1)
+        elif gate is not None:
+            qkv = qkv[:, : sum(self._widths(s))]  # (one row: still contiguous, as the C decode needs)
         scale = s.kq_scale
         # decode: cache append + attention in one C call; otherwise (or without the kernel) torch
         out = None
@@ -100,6 +108,8 @@ class GQA:
             out = attn_decode(qkv, cache.k[i], cache.v[i], pos0, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, scale)
         if out is None:
             out = self._sdpa(s, i, qkv, cache, pos0, scale)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         out = self.wo(out)
         return out + self.bo if self.bo is not None else out
 

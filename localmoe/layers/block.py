@@ -37,6 +37,13 @@ class Weights(Protocol):
     def linear(self, name: str) -> QLinear:
         """A weight matrix in a fast kernel's layout."""
 
+    def raw(self, name: str) -> tuple:
+        """A weight matrix as the file stores it: (data, quant type, [rows, cols])."""
+
+    def fuse(self, mats: list[tuple], sources: list[tuple] | None = None) -> list[QLinear]:
+        """Raw matrices with the same columns as one matrix (outputs concatenated) when they share a
+        type, else one each; `sources`: the file's matrices they were cut from, if rows were reordered."""
+
     def qkv(self, layer: int) -> list[QLinear]:
         """q, k and v of `layer` as one matrix [H·d + 2·Hkv·d, D] when they share a type, else three."""
 

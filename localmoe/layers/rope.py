@@ -41,6 +41,21 @@ def rope_theta_scale(spec: Any) -> tuple[torch.Tensor, float]:
     return inv_freq * (fs * (1 - mix) + mix), mscale
 
 
+def text_mrope_mask(sections: tuple[int, ...], half: int) -> torch.Tensor:
+    """Interleaved M-RoPE (ggml's IMROPE, Qwen3-VL and Qwen3.5) for text tokens, whose positions
+    llama.cpp sets to (p, p, p, 0) on the axes (t, h, w, e): pair i belongs to sector s = i mod
+    Σsections, which turns by axis s mod 3 while s < 3·sections[s mod 3], else by the fourth axis.
+    Returns per pair 1.0 (turned by p) or 0.0 (by 0: left as it is) [half] float64."""
+    t, h, w = (list(sections) + [0, 0, 0])[:3]
+    total = sum(sections)
+    out = torch.zeros(half, dtype=torch.float64)
+    for i in range(half):
+        s = i % total if total else i
+        axis_n = (t, h, w)[s % 3]
+        out[i] = 1.0 if s < 3 * axis_n else 0.0
+    return out
+
+
 class Rope:
     """One model's rotation: `tables(pos0, T, device)` → (cos, sin) [T, 1, n_rot/2], and
     `rope(x, pos0)` rotates x [T, heads, d]. neox rotates halves (i, i + n_rot/2), else adjacent
@@ -52,6 +67,8 @@ class Rope:
         self.yarn = spec.rope_scaling == "yarn"  # the frequency scale is inside inv_freq
         self.freq_scale = spec.rope_freq_scale
         self.inv_freq, self.mscale = rope_theta_scale(spec)  # [n_rot/2] float64, float
+        if spec.rope_sections:  # M-RoPE on text: the pairs of the fourth axis turn by its position, 0
+            self.inv_freq = self.inv_freq * text_mrope_mask(spec.rope_sections, spec.n_rot // 2)
         self._cached: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def tables(self, pos0: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
