@@ -60,7 +60,8 @@ def describe(model: GGUFModel, backends: bool = True) -> dict[str, Any]:
         "routing": {"kind": s.routing, "router_bias": s.arch.router_bias, "groups": {"count": s.n_expert_groups, "used": s.n_group_used} if s.n_expert_groups > 1 else None, "weights_scale": s.expert_weights_scale},
         "attention": _attention(s),
         "dense_layers": [layer for layer in range(s.n_layer) if not s.is_moe(layer)],
-        "rope": {"style": s.arch.rope_style, "dims": s.n_rot, "scaling": s.rope_scaling, "freq_scale": s.rope_freq_scale} | ({"original_context": s.yarn_orig_ctx} if s.rope_scaling == "yarn" else {}),
+        "rope": {"style": s.arch.rope_style, "dims": s.n_rot, "scaling": s.rope_scaling, "freq_scale": s.rope_freq_scale} | ({"original_context": s.yarn_orig_ctx} if s.rope_scaling == "yarn" else {})
+        | ({"mrope_sections": list(s.rope_sections)} if s.rope_sections else {}),
         "bytes_per_expert": per_expert,  # mean over layers
         "bytes_per_expert_by_layer": by_layer,
         "expert_bytes": expert_bytes,
@@ -109,7 +110,14 @@ def _attention(s) -> dict[str, Any]:
     if s.arch.attention == "mla":
         return {"kind": "mla", "kv_lora_rank": s.kv_lora_rank, "q_lora_rank": s.q_lora_rank, "qk_rope_dim": s.n_rot, "qk_nope_dim": s.head_dim - s.n_rot, "v_head_dim": s.head_dim_v}
     swa = [layer for layer in range(s.n_layer) if s.is_swa(layer)]
-    return {"kind": "gqa", "sinks": s.arch.sinks, "sliding_window": s.n_swa if swa else 0, "windowed_layers": swa, "biases": s.arch.qkv_bias}
+    out = {"kind": "gqa", "sinks": s.arch.sinks, "sliding_window": s.n_swa if swa else 0, "windowed_layers": swa, "biases": s.arch.qkv_bias}
+    recurrent = [layer for layer in range(s.n_layer) if s.is_recurrent(layer)]
+    if recurrent:  # a hybrid: Gated DeltaNet layers with a fixed-size state, attention on the others
+        d = s.deltanet
+        out |= {"deltanet_layers": recurrent, "attention_layers": [i for i in range(s.n_layer) if not s.is_recurrent(i)],
+                "deltanet": {"key_heads": d.n_k_heads, "value_heads": d.n_v_heads, "head_dim": d.d_k, "conv_kernel": d.d_conv,
+                             "state_bytes_per_layer": d.state_bytes()}}
+    return out
 
 
 def _attention_line(a: dict[str, Any]) -> str:
@@ -120,7 +128,17 @@ def _attention_line(a: dict[str, Any]) -> str:
     if a["sliding_window"]:
         n = len(a["windowed_layers"])
         line += f", sliding window {a['sliding_window']} on {n} layer{'s' if n > 1 else ''} ({_layer_list(a['windowed_layers'])})"
+    if "deltanet_layers" in a:
+        d, n = a["deltanet"], len(a["deltanet_layers"])
+        line = line.replace("attention      GQA", f"attention      GQA with an output gate on {_n_layers(a['attention_layers'])}")
+        line += (f"\ndeltanet       Gated DeltaNet on {_n_layers(a['deltanet_layers'])}: {d['key_heads']} key heads, {d['value_heads']} value heads"
+                 f" of {d['head_dim']}, conv {d['conv_kernel']}; state {_mib(d['state_bytes_per_layer'])} a layer, {_mib(n * d['state_bytes_per_layer'])} in all (fixed, whatever the context)")
     return line
+
+
+def _n_layers(layers: list[int]) -> str:
+    """[3, 7] → "2 layers (3, 7)"."""
+    return f"{len(layers)} layer{'s' if len(layers) != 1 else ''} ({_layer_list(layers)})"
 
 
 def _layer_list(layers: list[int]) -> str:
@@ -150,7 +168,8 @@ def format_text(d: dict[str, Any]) -> str:
         + (f", weights × {d['routing']['weights_scale']:g}" if d["routing"]["weights_scale"] not in (0.0, 1.0) else ""),
         _attention_line(d["attention"]),
         f"rope           {d['rope']['style']}, {d['rope']['dims']} dims" + (f", {d['rope']['scaling']} × {1 / d['rope']['freq_scale']:g}" if d["rope"]["scaling"] != "none" else "")
-        + (f" over {d['rope']['original_context']}" if "original_context" in d["rope"] else ""),
+        + (f" over {d['rope']['original_context']}" if "original_context" in d["rope"] else "")
+        + (f", interleaved M-RoPE sections {d['rope']['mrope_sections']} (text: one position)" if "mrope_sections" in d["rope"] else ""),
         *([f"dense layers   {', '.join(map(str, d['dense_layers']))} (a dense FFN, no experts)"] if d["dense_layers"] else []),
         f"bytes/expert   {_mib(d['bytes_per_expert'])}  ({d['bytes_per_expert']:,} bytes: gate+up+down at rest"
         + (f"; {min(d['bytes_per_expert_by_layer']):,}–{max(d['bytes_per_expert_by_layer']):,} by layer)" if len(set(d["bytes_per_expert_by_layer"])) > 1 else ")"),

@@ -102,12 +102,19 @@ def test_every_layout_matches_the_dequantized_matmul(qtype, rows):
         assert rel_err(y, ref) <= tol, f"{qtype.name} {backend}: rel {rel_err(y, ref):.2e}"
 
 
-def q8_activations(x: torch.Tensor) -> np.ndarray:
-    """x quantized as llama.cpp quantizes activations (and as the C kernel does): per 32 values,
-    d = max|x| / 127, x ≈ d · round(x / d) (float32 arithmetic, round half to even)."""
-    b = x.numpy().reshape(x.shape[0], -1, 32)
-    d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
-    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+def q8_activations(x: torch.Tensor, qtype: Q = Q.Q8_0) -> np.ndarray:
+    """x quantized as llama.cpp quantizes the activations a weight of `qtype` meets (and as the C
+    kernel does, kernels.ACT_BLOCK): codes round(x · 127/amax) (half to even) per block; per 32
+    values (Q8_0) times amax/127 rounded to float16, per 256 (Q8_K, the K-types) times the float32
+    1/(127/amax)."""
+    block = kernels.ACT_BLOCK.get(qtype, 32)
+    b = x.numpy().reshape(x.shape[0], -1, block)
+    amax = np.abs(b).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    if block == 32:
+        d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    else:
+        d = np.where(inv > 0, np.float32(1) / np.where(inv > 0, inv, 1), 0).astype(np.float32)
     return (np.rint(b * inv) * d).reshape(x.shape).astype(np.float64)
 
 
@@ -128,15 +135,15 @@ def test_sgemm_path_is_the_exact_dequantized_matmul(qtype, monkeypatch):
 @pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
 @pytest.mark.parametrize("qtype", tuple(BLOCKS), ids=lambda q: q.name)
 def test_vnni_kernel_is_the_matmul_with_int8_activations(qtype):
-    """The kernel computes W @ x_q exactly up to float rounding, x_q being llama.cpp-style int8
-    activations (the K-types also round their composite scales to float16: ≤ 1e-3)."""
+    """The kernel computes W @ x_q exactly up to float rounding, x_q being llama.cpp's int8
+    activations for the type (the K-types also round their composite scales to float16: ≤ 1e-3)."""
     rng = np.random.default_rng(3)
     raw = random_blocks(qtype, 64, 1024, rng)
     x = torch.from_numpy(rng.standard_normal((5, 1024), dtype=np.float32))
     w = reference(raw, qtype, 64, 1024)
     y = repack(raw, qtype, (64, 1024), backend="vnni")(x)
     tol = 1e-3 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 1e-5
-    assert rel_err(y, q8_activations(x) @ w.T) <= tol
+    assert rel_err(y, q8_activations(x, qtype) @ w.T) <= tol
     assert rel_err(y, x.double().numpy() @ w.T) <= 1e-2  # and the quantization error itself is small
 
 
@@ -163,14 +170,14 @@ def test_row_blocks_take_any_row_count(qtype):
     x = torch.from_numpy(rng.standard_normal((6, k), dtype=np.float32))
     ref = reference(raw, qtype, 37, k)
     tol = 1e-3 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 1e-5
-    assert rel_err(w(x), q8_activations(x) @ ref.T) <= tol
+    assert rel_err(w(x), q8_activations(x, qtype) @ ref.T) <= tol
     assert rel_err(kernels.dequant_f32(w)[:, :k], ref) <= tol
     rows = torch.tensor([36, 0, 17, 16])  # the embedding lookup: the tail block, both ends of a block
     assert rel_err(kernels.gather_rows(w, rows), ref[rows.numpy()]) <= tol
     with pytest.raises(IndexError):
         kernels.gather_rows(w, torch.tensor([37]))
     many = kernels.matvec_many([w, w], x[:2])  # row e of x against weight e
-    assert rel_err(many, np.stack([q8_activations(x[e : e + 1])[0] @ ref.T for e in range(2)])) <= tol
+    assert rel_err(many, np.stack([q8_activations(x[e : e + 1], qtype)[0] @ ref.T for e in range(2)])) <= tol
 
 
 @pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
@@ -383,3 +390,22 @@ def test_torch_fallback_runs_a_model_whose_head_rows_are_not_a_multiple_of_16(tm
     fallback = np.load(out)
     assert fallback.shape == (20, 307)
     assert np.linalg.norm(ours - fallback) / np.linalg.norm(ours) <= 2e-2
+
+
+@pytest.mark.skipif(kernels.native_lib() is None or ggml() is None, reason="needs the VNNI C kernel and ggml")
+@pytest.mark.parametrize("qtype", tuple(BLOCKS), ids=lambda q: q.name)
+def test_vnni_products_are_llama_cpps(qtype, monkeypatch):
+    """The VNNI kernel rounds activations as llama.cpp pairs them with the type (Q8_0 per 32 with a
+    float16 scale; Q8_K per 256 for the K-types), so its products are ggml's own: to float rounding
+    for the 32-blocks (Q4_1/Q5_1: llama.cpp's Q8_1 also rounds the block sum, ≤ 2e-4), and within the
+    K-types' float16 composite scales (≤ 1e-3). Rounded per 32 instead, a K-type is ~1e-2 away."""
+    rng = np.random.default_rng(11)
+    raw = random_blocks(qtype, 64, 1024, rng)
+    x = torch.from_numpy(rng.standard_normal((3, 1024), dtype=np.float32))
+    theirs = repack(raw, qtype, (64, 1024), backend="ggml")(x).double().numpy()
+    ours = repack(raw, qtype, (64, 1024), backend="vnni")(x)
+    k_type = qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+    assert rel_err(ours, theirs) <= (1e-3 if k_type else 2e-4 if qtype in (Q.Q4_1, Q.Q5_1) else 1e-6)
+    if k_type:
+        monkeypatch.setattr(kernels, "ACT_BLOCK", {})
+        assert rel_err(repack(raw, qtype, (64, 1024), backend="vnni")(x), theirs) > 3e-3

@@ -591,8 +591,10 @@ def test_burst_past_the_queue_gets_exactly_the_overflow_429():
 
         # a non-streamed request whose client gives up while it runs is cancelled too
         gate.delay = 0.02  # 100 tokens would take 2 s
+        # (a counting prompt: the demo model's greedy continuation runs the whole 100 tokens, where
+        # a prose prompt may meet an end-of-text token before the client gives up)
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(srv.url + "/v1/completions", json={"prompt": "In the beginning", "max_tokens": 100, "temperature": 0}, timeout=0.4)
+            httpx.post(srv.url + "/v1/completions", json={"prompt": "1, 2, 3, 4,", "max_tokens": 100, "temperature": 0}, timeout=0.4)
         key = ("localmoe_generations_total", (("outcome", "cancelled"),))
         deadline = time.monotonic() + 10
         while (m2 := _metrics(srv.url, http=HTTP)).get(key, 0) < m.get(key, 0) + 1:

@@ -98,7 +98,7 @@ def native_lib() -> ctypes.CDLL | None:
             return None
         f = lib.lm_qmatmul
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         f = lib.lm_qmatvec_multi
         f.restype = ctypes.c_int
         f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -151,6 +151,7 @@ class QLinear:
     qtype: GGMLQuantizationType | None = None  # "gguf": the type of the raw bytes
     r16: bool = False  # "vnni": rows interleaved in blocks of 16 (R16_FORMATS)
     parts: tuple[tuple[GGMLQuantizationType, int], ...] = ()  # "ggml": (type, rows) of tensors raw0, raw1, ... (rows concatenated)
+    act_block: int = 32  # "vnni": activations share a scale per this many values, as llama.cpp pairs the type (ACT_BLOCK)
 
     @property
     def nbytes(self) -> int:
@@ -279,7 +280,7 @@ def dequant_f32(w: QLinear) -> torch.Tensor:
 
 class _WeightDesc(ctypes.Structure):  # wdesc_t in the C source
     _fields_ = [("codes", ctypes.c_void_p), ("high", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p)] + [
-        (name, ctypes.c_int) for name in ("N", "K", "nibble", "offset", "G", "hbits", "r16")
+        (name, ctypes.c_int) for name in ("N", "K", "nibble", "offset", "G", "hbits", "r16", "ablock")
     ]
 
 
@@ -290,7 +291,7 @@ def _desc(w: QLinear) -> _WeightDesc:
         high, hbits = _high(w)
         kp = _kp(w)
         zero = t.get("zero")
-        d = _WeightDesc(t["codes"].data_ptr(), high, t["scale"].data_ptr(), zero.data_ptr() if zero is not None else None, w.n, kp, int(w.nibble), w.offset, w.group, hbits, int(w.r16))
+        d = _WeightDesc(t["codes"].data_ptr(), high, t["scale"].data_ptr(), zero.data_ptr() if zero is not None else None, w.n, kp, int(w.nibble), w.offset, w.group, hbits, int(w.r16), w.act_block)
         w.__dict__["_desc"] = d
     return d
 
@@ -343,7 +344,7 @@ def _vnni_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
     zero = w.tensors.get("zero")
     rc = lib.lm_qmatmul(
         x.data_ptr(), T, kp, w.n, w.tensors["codes"].data_ptr(), int(w.nibble), w.tensors["scale"].data_ptr(),
-        zero.data_ptr() if zero is not None else None, w.offset, w.group, y.data_ptr(), torch.get_num_threads(), *_high(w), int(w.r16),
+        zero.data_ptr() if zero is not None else None, w.offset, w.group, y.data_ptr(), torch.get_num_threads(), *_high(w), int(w.r16), w.act_block,
     )
     if rc != 0:
         raise MemoryError("lm_qmatmul could not allocate its scratch buffers")
@@ -446,15 +447,18 @@ def repack(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int],
     if qtype not in BLOCK_TYPES:
         raise ValueError(f"backend {backend} needs a block-quantized type, not {qtype.name}")
     if backend == "vnni":
-        packed = _repack_r16_native(raw, qtype, N, K)
-        if packed is not None:
-            return packed
-    a = decode(raw, qtype, shape)
+        packed = _repack_r16_native(raw, qtype, N, K) or _pack_vnni(decode(raw, qtype, shape), N, K)
+        packed.act_block = ACT_BLOCK.get(qtype, 32)
+        return packed
     if backend == "int4":
-        return _pack_int4(a, N, K)
-    if backend == "vnni":
-        return _pack_vnni(a, N, K)
+        return _pack_int4(decode(raw, qtype, shape), N, K)
     raise ValueError(f"unknown backend '{backend}'")
+
+
+# How many activation values share a scale when llama.cpp multiplies a weight of the type: its
+# vec_dot_type, Q8_K (256) for the K-types, Q8_0 or Q8_1 (32) for the others. The VNNI kernel rounds
+# activations the same way, so its products are llama.cpp's (tests/test_kernels.py).
+ACT_BLOCK = {Q.Q2_K: 256, Q.Q3_K: 256, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 256}
 
 
 RawMatrix = tuple[np.ndarray, GGMLQuantizationType, tuple[int, int]]  # (GGUF data, quant type, [rows, cols])

@@ -1,6 +1,6 @@
 // y[t, n] = sum_i w[n, i] * x[t, i] for weights stored as w = scale * code + zero per group of G.
-// x is quantized per 32 values as llama.cpp quantizes activations (Q8_0): xq = round(x / dx),
-// dx = max|x| / 127. One VPDPBUSD per 64-weight chunk (u8 codes x s8 activations, 16 int32 lanes
+// x is quantized per 32 values as llama.cpp quantizes activations (Q8_0): xq = round(x · 127 / max|x|),
+// dx = max|x| / 127 rounded to float16. One VPDPBUSD per 64-weight chunk (u8 codes x s8 activations, 16 int32 lanes
 // of 4 products each), scaled in float by weight scale x dx per lane. The zero term,
 // sum_g zero[n, g] * sum_{i in g} xq[t, i] * dx, uses the sums of the quantized x.
 #include <immintrin.h>
@@ -20,6 +20,7 @@ typedef struct {
     const uint8_t *high;              // 5- and 6-bit codes: their bits above the nibble, [N, K / 64, 8 * hbits]
     int hbits;                        // 0, 1 or 2
     int r16;                          // 1: the row-interleaved layout below (codes, scale, zero)
+    int ablock;                       // values per activation scale: 32 (llama.cpp's Q8_0) or 256 (Q8_K, for the K-types)
 } job_t;
 
 // The high-bit plane of one 64-weight chunk → bits 4.. of each code byte. hbits = 2: byte j of the
@@ -221,20 +222,30 @@ static inline __m512i group_index(int G) {
                    : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
 }
 
-static void quantize_x(const float *x, int T, int K, int G, int8_t *xq, float *dxg, float *xs) {
+static void quantize_x(const float *x, int T, int K, int G, int ablock, int8_t *xq, float *dxg, float *xs) {
+    // ablock 32: as llama.cpp's quantize_row_q8_0, codes round(x·127/amax) (to nearest even) and the
+    // scale the dot products use, amax/127, rounded to float16 (block_q8_0's d). ablock 256: as its
+    // quantize_row_q8_K (the K-types' activations), codes round(x·127/amax) and the float32 scale
+    // 1/(127/amax) (its sign flip, x·(−127/max) with max the signed extreme, gives the same products).
     for (int t = 0; t < T; t++) {
         const float *xr = x + (size_t)t * K;
-        for (int b = 0; b < K / 32; b++) {
+        for (int b = 0; b < K / ablock; b++) {
+            const float *xb = xr + (size_t)b * ablock;
+            int8_t *qb = xq + (size_t)t * K + (size_t)b * ablock;
             float amax = 0.f;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xr[b * 32 + i]));
-            float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-            for (int i = 0; i < 32; i++) xq[(size_t)t * K + b * 32 + i] = (int8_t)nearbyintf(xr[b * 32 + i] * id);
+            for (int i = 0; i < ablock; i++) amax = fmaxf(amax, fabsf(xb[i]));
+            float id = amax > 0.f ? 127.f / amax : 0.f, d;
+            if (ablock == 32)
+                d = _cvtsh_ss(_cvtss_sh(amax / 127.f, _MM_FROUND_TO_NEAREST_INT));
+            else
+                d = amax > 0.f ? 1.f / id : 0.f;
+            for (int i = 0; i < ablock; i++) qb[i] = (int8_t)nearbyintf(xb[i] * id);
             // the zero term uses the sums of the *quantized* x, so the result is exactly W @ x_q and
             // its error W @ (x_q - x) (with exact sums, uncentred codes would amplify the error)
-            for (int g = b * 32 / G; g < (b + 1) * 32 / G; g++) {
-                int s = 0;
-                for (int i = 0; i < G; i++) s += xq[(size_t)t * K + g * G + i];
-                xs[(size_t)t * (K / G) + g] = d * (float)s;
+            for (int g = b * ablock / G; g < (b + 1) * ablock / G; g++) {
+                int sum = 0;
+                for (int i = 0; i < G; i++) sum += xq[(size_t)t * K + g * G + i];
+                xs[(size_t)t * (K / G) + g] = d * (float)sum;
                 dxg[(size_t)t * (K / G) + g] = d;
             }
         }
@@ -242,13 +253,13 @@ static void quantize_x(const float *x, int T, int K, int G, int8_t *xq, float *d
 }
 
 int lm_qmatmul(const float *x, int T, int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale,
-               const uint16_t *zero, int offset, int G, float *y, int nthreads, const uint8_t *high, int hbits, int r16) {
+               const uint16_t *zero, int offset, int G, float *y, int nthreads, const uint8_t *high, int hbits, int r16, int ablock) {
     int8_t *xq = aligned_alloc(64, (size_t)T * K + 64);
     float *dxg = aligned_alloc(64, ((size_t)T * (K / 16) + 16) * 4);
     float *xs = aligned_alloc(64, ((size_t)T * (K / 16) + 16) * 4);
     if (!xq || !dxg || !xs) { free(xq); free(dxg); free(xs); return -1; }
-    quantize_x(x, T, K, G, xq, dxg, xs);
-    job_t j = {T, K, N, G, nibble, offset, codes, scale, zero, xq, dxg, xs, y, high, hbits, r16};
+    quantize_x(x, T, K, G, ablock, xq, dxg, xs);
+    job_t j = {T, K, N, G, nibble, offset, codes, scale, zero, xq, dxg, xs, y, high, hbits, r16, ablock};
     __m512i idx = group_index(G);
     // Few weights: one thread (waking others costs more than it saves).
     int nth = (size_t)N * K * T < (1u << 18) ? 1 : nthreads, items = job_items(&j);
@@ -264,6 +275,7 @@ typedef struct {
     const uint8_t *codes, *high;
     const uint16_t *scale, *zero;
     int N, K, nibble, offset, G, hbits, r16;
+    int ablock;  // values per activation scale (job_t's)
 } wdesc_t;
 
 int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, float *y, int y_stride, int nthreads) {
@@ -278,7 +290,7 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
         if (!bufs[e]) { ok = 0; break; }
         int8_t *xq = bufs[e];
         job_t j = {1, K, w[e].N, w[e].G, w[e].nibble, w[e].offset, w[e].codes, w[e].scale, w[e].zero,
-                   xq, (float *)(xq + nq), (float *)(xq + nq + nd), y + (size_t)e * y_stride, w[e].high, w[e].hbits, w[e].r16};
+                   xq, (float *)(xq + nq), (float *)(xq + nq + nd), y + (size_t)e * y_stride, w[e].high, w[e].hbits, w[e].r16, w[e].ablock};
         jobs[e] = j;
     }
     if (ok) {
@@ -288,11 +300,11 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
         {
             // a shared x (x_stride 0) is quantized once when every weight has its K and G
             int shared = x_stride == 0;
-            for (int e = 1; e < E; e++) shared &= jobs[e].K == jobs[0].K && jobs[e].G == jobs[0].G;
+            for (int e = 1; e < E; e++) shared &= jobs[e].K == jobs[0].K && jobs[e].G == jobs[0].G && jobs[e].ablock == jobs[0].ablock;
             #pragma omp for schedule(static)
             for (int e = 0; e < E; e++)
                 if (!shared || e == 0)
-                    quantize_x(x + (size_t)e * x_stride, 1, jobs[e].K, jobs[e].G, (int8_t *)jobs[e].xq, (float *)jobs[e].dxg, (float *)jobs[e].xs);
+                    quantize_x(x + (size_t)e * x_stride, 1, jobs[e].K, jobs[e].G, jobs[e].ablock, (int8_t *)jobs[e].xq, (float *)jobs[e].dxg, (float *)jobs[e].xs);
             #pragma omp single
             if (shared)
                 for (int e = 1; e < E; e++) { jobs[e].xq = jobs[0].xq; jobs[e].dxg = jobs[0].dxg; jobs[e].xs = jobs[0].xs; }
@@ -532,10 +544,10 @@ void lm_r16_rows(const wdesc_t *w, const int64_t *ids, int T, float *out) {
 // (prefill), where MKL's SGEMM beats per-token integer dot products.
 void lm_dequant_f32(int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale, const uint16_t *zero,
                     int offset, int G, float *out, int nthreads, const uint8_t *high, int hbits, int r16) {
-    job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, high, hbits, r16};
+    job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, high, hbits, r16, 32};
     int nc = K / 64, ng = K / G;
     if (r16) {
-        wdesc_t w = {codes, high, scale, zero, N, K, nibble, offset, G, hbits, r16};
+        wdesc_t w = {codes, high, scale, zero, N, K, nibble, offset, G, hbits, r16, 32};
         #pragma omp parallel for schedule(static) num_threads(nthreads)
         for (int n = 0; n < N; n++) r16_row(&w, n, out + (size_t)n * K);
         return;
