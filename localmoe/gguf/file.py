@@ -73,6 +73,13 @@ class ModelSpec:
     attn_scale: float = 0.0  # softmax scale of q·k; 0 → 1/sqrt(head_dim)
     n_swa: int = 0  # sliding window: a query in an SWA layer sees the n_swa latest positions (itself included)
     swa_layers: tuple[bool, ...] = ()  # per layer: sliding-window attention (empty: none)
+    # windowed layers of their own shape (gemma4; 0: as the fields above, which then hold the global layers')
+    n_head_kv_swa: int = 0
+    head_dim_swa: int = 0  # key and value head size of a windowed layer
+    n_rot_swa: int = 0
+    rope_base_swa: float = 0.0
+    embd_scale: float = 1.0  # the embedding rows × this (gemma4: √n_embd)
+    final_logit_softcap: float = 0.0  # > 0: logits = c · tanh(logits / c)
 
     def is_swa(self, layer: int) -> bool:
         """True for a layer whose attention sees only the last n_swa positions."""
@@ -110,6 +117,7 @@ class GGUFModel:
         for t in self.reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[t.name] = TensorView(t.name, GGMLQuantizationType(int(t.tensor_type)), shape, t.data, int(t.n_bytes))
+        _split_gate_up(self.tensors)
         self.spec = _read_spec(self)
         # next-token-prediction (MTP) blocks past the trunk are skipped, as llama.cpp skips them
         self.tensors = {n: t for n, t in self.tensors.items() if not (n.startswith("blk.") and int(n.split(".")[1]) >= self.spec.n_layer)}
@@ -232,6 +240,27 @@ class GGUFModel:
             raise LocalMoEError(f"{self.path}: expert tensor shape {gate.shape} does not match metadata ({spec.n_expert}, {spec.n_ff_exp}, {spec.n_embd}); the file is inconsistent")
 
 
+def _split_gate_up(tensors: dict[str, TensorView]) -> None:
+    """A fused ffn_gate_up_exps [E, 2·F, D] becomes the two tensors every other file has, as views
+    of its bytes: ffn_gate_exps = rows [0, F) of each expert, ffn_up_exps = rows [F, 2F) (llama.cpp's
+    build_moe_ffn takes the gate from the first half). Each expert's half is one contiguous byte
+    range, as in a file that stores them apart, so the expert store, the GPU tier and the byte
+    counts read them unchanged."""
+    suffix = f".{names.FFN_GATE_UP_EXPS}.weight"
+    for name in [n for n in tensors if n.endswith(suffix)]:
+        t = tensors.pop(name)
+        if len(t.shape) != 3 or t.shape[1] % 2:
+            raise LocalMoEError(f"tensor '{name}' has shape {t.shape}; a fused gate|up expert tensor is [experts, 2·ffn, embd]")
+        E, F2, D = t.shape
+        F = F2 // 2
+        prefix = name[: -len(suffix)]
+        for stem, rows in ((names.FFN_GATE_EXPS, slice(0, F)), (names.FFN_UP_EXPS, slice(F, F2))):
+            half = f"{prefix}.{stem}.weight"
+            if half in tensors:
+                raise LocalMoEError(f"tensor '{half}' is in the file beside '{name}'; the file is inconsistent")
+            tensors[half] = TensorView(half, t.qtype, (E, F, D), t.data[:, rows], t.n_bytes // 2)
+
+
 _LIBC: list = []
 
 
@@ -323,8 +352,8 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
     n_embd = int(need(names.EMBEDDING_LENGTH))
     n_head = int(need(names.HEAD_COUNT))
     n_head_kv = opt(names.HEAD_COUNT_KV, n_head)
-    if isinstance(n_head_kv, list):  # per-layer list: all our architectures use one value
-        if len(set(n_head_kv)) != 1:
+    if isinstance(n_head_kv, list):  # per-layer list: one value, or (gemma4) one per kind of layer, read by read_args
+        if len(set(n_head_kv)) != 1 and not arch.swa_shapes:
             raise LocalMoEError(f"{m.path}: per-layer KV head counts are not supported")
         n_head_kv = n_head_kv[0]
     head_dim = int(opt(names.KEY_LENGTH, n_embd // n_head))
