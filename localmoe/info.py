@@ -135,8 +135,10 @@ def _attention_line(a: dict[str, Any]) -> str:
         line += f", sliding window {a['sliding_window']} on {n} layer{'s' if n > 1 else ''} ({_layer_list(a['windowed_layers'])})"
     if "layer_shapes" in a:
         w, g = a["layer_shapes"]["windowed"], a["layer_shapes"]["global"]
-        line += (f"\nlayer pattern  windowed: {w['kv_heads']} KV heads of {w['head_dim']}, RoPE base {w['rope_base']:g} on {w['rope_dims']} dims;"
-                 f" global ({_layer_list(g['layers']) or 'none'}): {g['kv_heads']} KV heads of {g['head_dim']}, RoPE base {g['rope_base']:g} on {g['rope_dims']} of {g['head_dim']} dims")
+        parts = [f"windowed: {w['kv_heads']} KV heads of {w['head_dim']}, RoPE base {w['rope_base']:g} on {w['rope_dims']} dims"] if a["windowed_layers"] else []
+        if g["layers"]:
+            parts.append(f"global ({_layer_list(g['layers'])}): {g['kv_heads']} KV heads of {g['head_dim']}, RoPE base {g['rope_base']:g} on {g['rope_dims']} of {g['head_dim']} dims")
+        line += "\nlayer pattern  " + "; ".join(parts)
         if a.get("final_logit_softcap"):
             line += f"\nlogits         soft-capped: {a['final_logit_softcap']:g} · tanh(logits / {a['final_logit_softcap']:g})"
     return line

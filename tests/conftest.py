@@ -35,8 +35,8 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
                   gating="sigmoid", expert_weights_norm=True, expert_weights_scale=1.5, n_nextn=1)
     if arch == "gpt-oss":  # gpt-oss-20b's structure in small: 64-wide heads, a window of 8 on layers 0 and 2, sinks, biases, YaRN
         kw.update(n_layer=3, head_dim=64, n_swa=8, rope_base=150000.0, rms_eps=1e-5, yarn_factor=4.0, yarn_orig_ctx=32)
-    if arch == "gemma4":  # Gemma 4 26B-A4B's structure in small: windowed layers 0, 1, 3 (window 32, 2 KV heads of 64, base 1e4),
-        # layer 2 global (1 KV head of 128, no attn_v, base 1e6, a quarter of its pairs rotated), a dense GeGLU MLP of 192 beside the experts
+    if arch == "gemma4":  # Gemma 4 26B-A4B's structure in small: windowed layers 0, 1 (window 32, 2 KV heads of 64, base 1e4),
+        # layers 2, 3 global (1 KV head of 128, no attn_v, base 1e6, a quarter of the pairs rotated), a dense GeGLU MLP of 192 beside the experts
         kw.update(n_layer=4, head_dim=64, n_swa=32, swa_period=3, n_head_kv_global=1, head_dim_global=128, n_ff_dense=192, n_ff_exp=128,
                   rope_base=1000000.0, rope_base_swa=10000.0)
     kw.update(overrides)

@@ -43,11 +43,17 @@ def _decode(rt, ids: list[int], prefill: int = 8) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def m_rope_shared(m) -> bool:
+    """Every layer of a kind turns with one Rope (its tables computed once), the two kinds apart."""
+    ropes = [lw.attn.rope for lw in m.layers]
+    return ropes[0] is ropes[1] and ropes[2] is ropes[3] and ropes[0] is not ropes[2]
+
+
 def test_spec_reads_the_layer_pattern_and_each_kinds_shape(make_model):
     path = make_model(ARCH, "F32")
     with localmoe.load(path, device="cpu") as rt:
         s = rt.spec
-        assert s.n_swa == 32 and s.swa_layers == (True, True, False, True)
+        assert s.n_swa == 32 and s.swa_layers == (True, True, False, False)
         # the global layers' shape in the common fields, the windowed layers' in the _swa ones
         assert (s.n_head_kv, s.head_dim, s.head_dim_v, s.n_rot, s.rope_base) == (1, 128, 128, 128, 1e6)
         assert (s.n_head_kv_swa, s.head_dim_swa, s.n_rot_swa, s.rope_base_swa) == (2, 64, 64, 1e4)
@@ -56,10 +62,11 @@ def test_spec_reads_the_layer_pattern_and_each_kinds_shape(make_model):
         assert fast_paths(s) == {"embedding_gather", "c_router"}  # window: no C attention; GeGLU: no fused experts
         for i, lw in enumerate(rt.model.layers):
             a = lw.attn
-            assert a.v_from_k == (i == 2)  # the global layer has no attn_v: V = K
-            assert lw.attn.cache_rows(s) == (((1, 128), (1, 128)) if i == 2 else ((2, 64), (2, 64)))
-            assert a.rope.n_rot == (128 if i == 2 else 64)
+            assert a.v_from_k == (i >= 2)  # the global layers have no attn_v: V = K
+            assert lw.attn.cache_rows(s) == (((1, 128), (1, 128)) if i >= 2 else ((2, 64), (2, 64)))
+            assert a.rope.n_rot == (128 if i >= 2 else 64)
             assert lw.moe.expert_scale.shape == (8,) and lw.moe.router.input_scale.shape == (256,) and lw.out_scale.shape == (1,)
+        assert m_rope_shared(rt.model)
         # proportional RoPE: a quarter of the global heads' pairs rotate, at the whole head's frequencies
         g = rt.model.layers[2].attn.rope.inv_freq
         assert torch.allclose(g[:16], 1e6 ** (-torch.arange(16, dtype=torch.float64) * 2 / 128)) and (g[16:] < 1e-30).all()
@@ -77,15 +84,17 @@ def test_spec_reads_the_layer_pattern_and_each_kinds_shape(make_model):
     assert m.expert_bytes(0) == sum(t.n_bytes for t in raw.tensors if t.name.startswith("blk.0.ffn_") and "_exps.weight" in t.name) // 8
 
 
-@pytest.mark.parametrize("qtype,kernel", [("F32", "auto"), ("Q8_0", "auto"), ("Q4_0", "ggml"), ("Q4_K_M", "ggml")])
+@pytest.mark.parametrize("qtype,kernel", [("F32", "auto"), ("Q8_0", "ggml"), ("Q4_0", "ggml"), ("Q4_K_M", "ggml")])
 def test_logits_match_llama_cpp_past_the_window(make_model, qtype, kernel, monkeypatch):
     """200 positions (window 32: most queries of the windowed layers see a cut), prefilled in one
     call and decoded token by token, against llama.cpp. F32: tests/test_oracle.py's 1e-4
     (measured 1.4e-5); quantized: llama.cpp against itself with an F16 KV cache,
-    doubled, at least 1e-2. Q4_0 and Q4_K_M on ggml's kernels (llama.cpp's arithmetic): on the default path
-    the VNNI kernel's activation rounding differs from llama.cpp's by about that floor, and over 200
-    decoded positions of this file its top-1 agreement (Q4_K_M 97%, Q4_0 98.9%) sits below twice the floor's
-    disagreement (98.4%, 99%); tests/test_oracle.py checks the default path on 64-token prompts."""
+    doubled, at least 1e-2, on ggml's kernels (llama.cpp's arithmetic). The default path's VNNI
+    kernel rounds activations differently, by about that floor (docs/models.md: 1.5e-2 and 98.9%
+    top-1 on Q8_0 where the floor is 1.6e-2 and 99.6%); on this file, whose every layer renormalises
+    two sub-blocks' outputs, 3 flips in 264 positions against the floor's 1 cross the top-1 bound
+    by chance; tests/test_oracle.py checks the default path on 4 × 64 tokens.
+    """
     if kernel != "auto":
         monkeypatch.setenv("LOCALMOE_KERNEL", kernel)
     path = make_model(ARCH, qtype)
@@ -173,10 +182,10 @@ def test_each_piece_changes_the_logits(make_model):
                 return lambda: [setattr(o, attr, v) for o, v in zip(objs, old)]
             return undo
 
-        g = m.layers[2].attn
+        globals_ = [lw.attn for i, lw in enumerate(m.layers) if not spec.is_swa(i)]
         pieces = {
             "window": no_window,
-            "proportional rope": swap([g], "rope", lambda a: Rope(a.spec or spec)),
+            "proportional rope": swap(globals_, "rope", lambda a: Rope(a.spec or spec)),
             "expert scale": swap([lw.moe for lw in m.layers], "expert_scale", None),
             "output scale": swap(m.layers, "out_scale", None),
             "v norm": swap([lw.attn for lw in m.layers], "v_norm", None),
@@ -226,7 +235,7 @@ def test_info_shows_the_layer_pattern(make_model):
     from localmoe.info import describe, format_text
 
     d = describe(GGUFModel(make_model(ARCH, "F32")), backends=False)
-    assert d["attention"]["windowed_layers"] == [0, 1, 3] and d["attention"]["layer_shapes"]["global"]["layers"] == [2]
+    assert d["attention"]["windowed_layers"] == [0, 1] and d["attention"]["layer_shapes"]["global"]["layers"] == [2, 3]
     text = format_text(d)
-    assert "layer pattern  windowed: 2 KV heads of 64, RoPE base 10000 on 64 dims; global (2): 1 KV heads of 128, RoPE base 1e+06 on 32 of 128 dims" in text
+    assert "layer pattern  windowed: 2 KV heads of 64, RoPE base 10000 on 64 dims; global (2, 3): 1 KV heads of 128, RoPE base 1e+06 on 32 of 128 dims" in text
     assert "soft-capped: 30" in text and "GeGLU" in text

@@ -70,7 +70,7 @@ class SynthConfig:
     rms_eps: float = 1e-6
     # gemma4 (windowed layers of n_head_kv × head_dim, every swa_period-th layer global with its own
     # shape and proportional RoPE; a dense GeGLU MLP of n_ff_dense beside the experts; soft-capped logits)
-    swa_period: int = 6  # layer i is global when i % swa_period == swa_period − 1 (Gemma 4: 5 windowed, 1 global)
+    swa_period: int = 6  # layer i is global when i % swa_period == swa_period − 1, and the last (Gemma 4: 5 windowed, 1 global)
     n_head_kv_global: int = 2
     head_dim_global: int = 512
     global_rotary: float = 0.25  # share of a global head's dims RoPE rotates ("proportional": rope_freqs)
@@ -577,8 +577,9 @@ GEMMA4_OUT_GAIN = 0.08
 
 
 def _gemma4_swa(cfg: SynthConfig) -> list[bool]:
-    """Per layer: windowed (every layer but each swa_period-th)."""
-    return [i % cfg.swa_period != cfg.swa_period - 1 for i in range(cfg.n_layer)]
+    """Per layer: windowed, but for each swa_period-th and the last (Gemma 4 26B-A4B's 30 layers with
+    period 6: 5, 11, ..., 29 global, its own pattern; a shorter file still has a global layer)."""
+    return [i % cfg.swa_period != cfg.swa_period - 1 and i != cfg.n_layer - 1 for i in range(cfg.n_layer)]
 
 
 def _gemma4_keys(w: GGUFWriter, cfg: SynthConfig, head_dim: int) -> None:
