@@ -58,7 +58,7 @@ def describe(model: GGUFModel, backends: bool = True) -> dict[str, Any]:
         "experts": {"count": s.n_expert, "used": s.n_expert_used, "ffn_length": s.n_ff_exp, "shared_ffn_length": s.n_ff_shexp, "shared_count": s.n_expert_shared or int(s.n_ff_shexp > 0), "normalised_top_k": s.norm_topk,
                     "activation": s.arch.expert_act, "biases": s.arch.expert_bias},
         "routing": {"kind": s.routing, "router_bias": s.arch.router_bias, "groups": {"count": s.n_expert_groups, "used": s.n_group_used} if s.n_expert_groups > 1 else None, "weights_scale": s.expert_weights_scale},
-        "attention": _attention(s),
+        "attention": _attention(s, model),
         "dense_layers": [layer for layer in range(s.n_layer) if not s.is_moe(layer)],
         "rope": {"style": s.arch.rope_style, "dims": s.n_rot, "scaling": s.rope_scaling, "freq_scale": s.rope_freq_scale} | ({"original_context": s.yarn_orig_ctx} if s.rope_scaling == "yarn" else {})
         | ({"mrope_sections": list(s.rope_sections)} if s.rope_sections else {}),
@@ -106,7 +106,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _attention(s) -> dict[str, Any]:
+def _attention(s, model: GGUFModel | None = None) -> dict[str, Any]:
     if s.arch.attention == "mla":
         return {"kind": "mla", "kv_lora_rank": s.kv_lora_rank, "q_lora_rank": s.q_lora_rank, "qk_rope_dim": s.n_rot, "qk_nope_dim": s.head_dim - s.n_rot, "v_head_dim": s.head_dim_v}
     swa = [layer for layer in range(s.n_layer) if s.is_swa(layer)]
@@ -117,6 +117,18 @@ def _attention(s) -> dict[str, Any]:
         out |= {"deltanet_layers": recurrent, "attention_layers": [i for i in range(s.n_layer) if not s.is_recurrent(i)],
                 "deltanet": {"key_heads": d.n_k_heads, "value_heads": d.n_v_heads, "head_dim": d.d_k, "conv_kernel": d.d_conv,
                              "state_bytes_per_layer": d.state_bytes()}}
+    if s.arch.swa_shapes:  # windowed and global layers of their own shapes (gemma4)
+        from .gguf import names
+
+        rotated = s.n_rot
+        if model is not None and model.has(names.ROPE_FREQS):  # proportional RoPE: pairs with a huge factor stay unrotated
+            rotated = 2 * int((model._float(model.view(names.ROPE_FREQS)) < 1e20).sum())
+        out["layer_shapes"] = {
+            "windowed": {"kv_heads": s.n_head_kv_swa, "head_dim": s.head_dim_swa, "rope_dims": s.n_rot_swa, "rope_base": s.rope_base_swa},
+            "global": {"layers": [layer for layer in range(s.n_layer) if not s.is_swa(layer)], "kv_heads": s.n_head_kv, "head_dim": s.head_dim,
+                       "rope_dims": rotated, "rope_base": s.rope_base},
+        }
+        out["final_logit_softcap"] = s.final_logit_softcap
     return out
 
 
@@ -133,6 +145,14 @@ def _attention_line(a: dict[str, Any]) -> str:
         line = line.replace("attention      GQA", f"attention      GQA with an output gate on {_n_layers(a['attention_layers'])}")
         line += (f"\ndeltanet       Gated DeltaNet on {_n_layers(a['deltanet_layers'])}: {d['key_heads']} key heads, {d['value_heads']} value heads"
                  f" of {d['head_dim']}, conv {d['conv_kernel']}; state {_mib(d['state_bytes_per_layer'])} a layer, {_mib(n * d['state_bytes_per_layer'])} in all (fixed, whatever the context)")
+    if "layer_shapes" in a:
+        w, g = a["layer_shapes"]["windowed"], a["layer_shapes"]["global"]
+        parts = [f"windowed: {w['kv_heads']} KV heads of {w['head_dim']}, RoPE base {w['rope_base']:g} on {w['rope_dims']} dims"] if a["windowed_layers"] else []
+        if g["layers"]:
+            parts.append(f"global ({_layer_list(g['layers'])}): {g['kv_heads']} KV heads of {g['head_dim']}, RoPE base {g['rope_base']:g} on {g['rope_dims']} of {g['head_dim']} dims")
+        line += "\nlayer pattern  " + "; ".join(parts)
+        if a.get("final_logit_softcap"):
+            line += f"\nlogits         soft-capped: {a['final_logit_softcap']:g} · tanh(logits / {a['final_logit_softcap']:g})"
     return line
 
 
@@ -162,7 +182,7 @@ def format_text(d: dict[str, Any]) -> str:
         f"architecture   {d['architecture']}",
         f"layers         {d['layers']}   hidden {d['embedding_length']}   heads {d['heads']} (kv {d['kv_heads']}, dim {d['head_dim']})   vocab {d['vocab_size']}   context {d['context_length']}",
         f"experts        {e['count']} per layer, top-{e['used']} used, ffn {e['ffn_length']}"
-        + (", biases" if e["biases"] else "") + (", clamped SwiGLU (gpt-oss)" if e["activation"] == "swiglu_oai" else "")
+        + (", biases" if e["biases"] else "") + (", clamped SwiGLU (gpt-oss)" if e["activation"] == "swiglu_oai" else "") + (", GeGLU" if e["activation"] == "geglu" else "")
         + (f", {e['shared_count']} shared expert{'s' if e['shared_count'] > 1 else ''} (ffn {e['shared_ffn_length']})" if e["shared_ffn_length"] else ""),
         f"routing        {d['routing']['kind']}" + (" (+ router bias)" if d["routing"]["router_bias"] else "") + (f", {d['routing']['groups']['used']} of {d['routing']['groups']['count']} expert groups" if d["routing"]["groups"] else "")
         + (f", weights × {d['routing']['weights_scale']:g}" if d["routing"]["weights_scale"] not in (0.0, 1.0) else ""),

@@ -1,13 +1,15 @@
 """The forward driver: the embedding, the layer loop, the KV cache and the output head. What a layer
 computes is its architecture's business:
 
-    x = embd[ids]
+    x = embd[ids] (× embd_scale)
     per layer i, block = layers[i] (built by archs/<arch>.py's build_block from localmoe/layers/):
         x = x + block.attn(rms(x)·attn_norm)            attention of the architecture's kind
         experts.after_attention(i, x)                   (prefetch)
         x = x + ffn(rms(x)·ffn_norm)                    a dense FFN, or the MoE block: router →
                                                         experts(i, h, ids, weights) (+ shared expert)
-    logits = output · (rms(x)·output_norm)
+    logits = output · (rms(x)·output_norm)              (soft-capped where the file says)
+
+A block may order its steps otherwise (Block.run, e.g. layers/postnorm.py's norms after each sub-block).
 
 This module names no attention kind, router or activation: the C fast paths (archs.common.fast_paths)
 are chosen when the blocks are built. It mirrors llama.cpp's graphs (src/models/*.cpp) step for step.
@@ -17,6 +19,7 @@ Shapes in comments: T tokens in this call, D = n_embd, V vocabulary, E experts, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
@@ -34,6 +37,7 @@ from .gguf.blocks import QUANT_TYPES, dequantize, raw_bytes, to_torch
 from .gguf.file import GGUFModel, ModelSpec, TensorView
 from .layers.block import Block, weight_bytes
 from .layers.ffn import FFN
+from .layers.postnorm import softcap
 from .layers.rope import Rope
 
 
@@ -155,8 +159,9 @@ class FileWeights:
         m = self.raw(name)
         return self._copied(repack(*m, device=self.device), [m])
 
-    def qkv(self, layer: int) -> list[QLinear]:
-        return self.fuse([self.raw(names.blk(layer, p)) for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V)])
+    def qkv(self, layer: int, with_v: bool = True) -> list[QLinear]:
+        """q, k and v (with_v False: q and k only) of `layer`, fused where their types agree."""
+        return self.fuse([self.raw(names.blk(layer, p)) for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V)[: 3 if with_v else 2]])
 
     def fuse(self, mats: list[tuple], sources: list[tuple] | None = None) -> list[QLinear]:
         """Matrices with the same columns as one QLinear (their outputs concatenated) when they share
@@ -174,8 +179,9 @@ class FileWeights:
             self._copied(w, ms)
         return ws
 
-    def ffn(self, layer: int, stems: tuple[str, str, str]) -> Callable[[torch.Tensor], torch.Tensor]:
-        return FFN(pack_ffn(*(self.raw(names.blk(layer, p)) for p in stems), device=self.device))
+    def ffn(self, layer: int, stems: tuple[str, str, str], act: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        w = pack_ffn(*(self.raw(names.blk(layer, p)) for p in stems), device=self.device)
+        return FFN(w if act is None else dataclasses.replace(w, act=act, fused_ok=False))
 
 
 class MoEModel:
@@ -257,7 +263,12 @@ class MoEModel:
         T, pos0 = ids.shape[0], cache.n
         cache.reserve(pos0 + T, self.cache_rows)
         x = self.embed(ids)
+        if s.embd_scale != 1.0:
+            x = x * s.embd_scale
         for i, lw in enumerate(self.layers):
+            if lw.run is not None:  # a block with its own order of operations (layers/block.py)
+                x = lw.run(self, i, x, cache, pos0)
+                continue
             x = x + self.attention(i, rms_norm(x, lw.attn_norm, s.rms_eps), cache, pos0)
             self.experts.after_attention(i, x)
             x = x + self.moe(i, self.ffn_input(i, x))
@@ -266,4 +277,5 @@ class MoEModel:
             cache.snapshot()
         if not all_logits:
             x = x[-1:]
-        return self.output(rms_norm(x, self.output_norm, s.rms_eps))
+        logits = self.output(rms_norm(x, self.output_norm, s.rms_eps))
+        return logits if not s.final_logit_softcap else softcap(logits, s.final_logit_softcap)

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from localmoe.bench.synth import SynthConfig, quantize_with_llama_cpp, write_model
 
-ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2", "glm4moe", "gpt-oss", "qwen35moe")
+ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2", "glm4moe", "gpt-oss", "qwen35moe", "gemma4")
 # Written directly by GGUFWriter (gguf.quants), or made by llama.cpp's own quantizer from a file
 # written at higher precision (the K-quant mix of a real Q4_K_M file, and the legacy types).
 DIRECT_TYPES = ("F32", "Q8_0", "Q4_0")
@@ -38,6 +38,10 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
     if arch == "qwen35moe":  # Qwen3.6-35B-A3B's structure in small: 3 DeltaNet layers (2 key heads tiled over 4 value heads) then gated
         # attention with partial rotary; M-RoPE sections (1, 1, 1, 1) leave every 4th pair to the text's zero fourth axis
         kw.update(n_layer=4, head_dim=64, qk_rope=16, rope_sections=(1, 1, 1, 1), n_ff_exp=128, n_ff_shexp=192)
+    if arch == "gemma4":  # Gemma 4 26B-A4B's structure in small: windowed layers 0, 1 (window 32, 2 KV heads of 64, base 1e4),
+        # layers 2, 3 global (1 KV head of 128, no attn_v, base 1e6, a quarter of the pairs rotated), a dense GeGLU MLP of 192 beside the experts
+        kw.update(n_layer=4, head_dim=64, n_swa=32, swa_period=3, n_head_kv_global=1, head_dim_global=128, n_ff_dense=192, n_ff_exp=128,
+                  rope_base=1000000.0, rope_base_swa=10000.0)
     kw.update(overrides)
     return SynthConfig(**kw)
 

@@ -7,7 +7,11 @@ by about 1e-2 even when every step is right. We measure that floor as llama.cpp 
 top-1 disagreement ≤ max(1%, 2·floor's). Floors measured here (4 prompts × 64 tokens, seed 1):
 F32 ≈ 2e-4; Q8_0 / Q4_0 ≈ 5.5e-3–6.1e-3; Q4_K_M ≈ 7.7e-3–1.0e-2 (localmoe: 6e-3–1e-2).
 F32 files, where both engines do exact float math, carry the strict check: rel ≤ 1e-4
-(measured ≈ 7e-7) and ≥ 99% top-1 agreement.
+(measured ≈ 7e-7; gemma4 ≈ 1.2e-5) and ≥ 99% top-1 agreement. gemma4's GELU is ggml's lookup in a
+float16 table, so a float32 summation-order difference (1e-7) at its input moves its output by a
+float16 step now and then (localmoe's logits move 1.5e-5 under a 1e-7 jitter of the GELU's input
+with the table, 3.5e-7 without: tests/test_gemma4.py); decode against one pass, which sum in
+different orders, is held to the same 1e-4 in relative norm there, not elementwise.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ CASES += [(arch, "Q4_0", "torch") for arch in ARCHS]  # the torch fallbacks (no 
 KNOWN_GAPS = {("qwen35moe", "Q4_K_M", "auto")}
 CASES = [pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason="known gap, see KNOWN_GAPS")) if c in KNOWN_GAPS else c for c in CASES]
 _REFS: dict[str, tuple] = {}
+GELU_TABLE = {"gemma4"}  # ggml's float16 GELU table: decode vs one pass by relative norm (the module docstring)
 
 
 def _refs(path: str, prompts: list[list[int]]) -> tuple:
@@ -106,4 +111,8 @@ def test_incremental_decode_matches_full_pass(make_model, arch):
         for t in ids[16:]:
             steps.append(rt.model.forward(torch.tensor([t]), cache)[-1])
     inc = torch.stack(steps).numpy()
+    if arch in GELU_TABLE:  # prefill and decode sum in different orders: the float16 GELU table's steps (docstring)
+        rel, agree = compare(inc, full[15:])
+        assert rel <= 1e-4 and agree == 1.0, (rel, agree)
+        return
     np.testing.assert_allclose(inc, full[15:], rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ Routing = Literal["softmax_topk", "topk_softmax", "sigmoid_bias_groups"]
 Attention = Literal["gqa", "mla"]  # grouped-query attention, or DeepSeek's multi-head latent attention
 SharedExpert = Literal["none", "gated", "plain"]  # gated: sigmoid(h·g) · shexp(h) (Qwen2-MoE); plain: + shexp(h)
 RopeScaling = Literal["none", "linear", "yarn"]
-ExpertAct = Literal["swiglu", "swiglu_oai"]  # silu(g)·u, or gpt-oss's clamped variant (compute/experts.py)
+ExpertAct = Literal["swiglu", "swiglu_oai", "geglu"]  # silu(g)·u, gpt-oss's clamped variant, gelu(g)·u (compute/experts.py)
 
 # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values (key `{arch}.expert_gating_func`)
 GATING_SOFTMAX, GATING_SIGMOID = 1, 2
@@ -48,6 +48,7 @@ class ArchSpec:
     router_bias: bool = False  # the router's logits carry a bias (ffn_gate_inp.bias) before selection
     expert_bias: bool = False  # routed experts carry biases on gate, up and down
     expert_act: ExpertAct = "swiglu"
+    swa_shapes: bool = False  # windowed layers have their own head size, KV heads and RoPE (read_args reads them)
     checked: str = ""  # how the implementation was checked against llama.cpp (docs/models.md)
 
 

@@ -76,6 +76,15 @@ class SynthConfig:
     gate_up_fused: bool = False  # experts' gate and up in one ffn_gate_up_exps tensor
     rope_base: float = 10000.0
     rms_eps: float = 1e-6
+    # gemma4 (windowed layers of n_head_kv × head_dim, every swa_period-th layer global with its own
+    # shape and proportional RoPE; a dense GeGLU MLP of n_ff_dense beside the experts; soft-capped logits)
+    swa_period: int = 6  # layer i is global when i % swa_period == swa_period − 1, and the last (Gemma 4: 5 windowed, 1 global)
+    n_head_kv_global: int = 2
+    head_dim_global: int = 512
+    global_rotary: float = 0.25  # share of a global head's dims RoPE rotates ("proportional": rope_freqs)
+    rope_base_swa: float = 10000.0
+    final_softcap: float = 30.0
+    tied_output: bool = False  # no output.weight: the head is the embedding (as Gemma's files are)
 
 
 # Presets with the expert shapes of real models (layers and quant type are chosen per use).
@@ -118,6 +127,16 @@ PRESETS: dict[str, SynthConfig] = {
     "qwen3.5-122b-a10b": SynthConfig(
         "qwen35moe", 4, 3072, 32, 2, 256, 256, 8, 1024, n_ff_shexp=1024, n_vocab=248320, n_ctx=262144, name="synthetic-qwen3.5-122b-a10b",
         qk_rope=64, rope_base=10000000.0, ssm_k_heads=16, ssm_v_heads=64, ssm_head_dim=128,
+    ),
+    # Gemma 4 26B-A4B's config.json (text_config): 30 layers of 2816; 16 heads; sliding layers: 8 KV
+    # heads of 256, window 1024, rope_theta 10000; every 6th layer global: 2 KV heads of 512, no
+    # v_proj (attention_k_eq_v), rope_theta 1e6 with partial_rotary_factor 0.25 ("proportional");
+    # dense MLP 2112 beside 128 experts (top-8) of 704; final_logit_softcapping 30; vocabulary
+    # 262144, tied embeddings; no per-layer embeddings, no shared-KV layers
+    "gemma-4-26b-a4b": SynthConfig(
+        "gemma4", 4, 2816, 16, 8, 256, 128, 8, 704, n_vocab=262144, n_ctx=262144, name="synthetic-gemma-4-26b-a4b",
+        n_ff_dense=2112, n_swa=1024, swa_period=6, n_head_kv_global=2, head_dim_global=512, global_rotary=0.25,
+        rope_base=1000000.0, rope_base_swa=10000.0, final_softcap=30.0, tied_output=True,
     ),
     # GLM-4.7-Flash's config.json (llama.cpp converts it as deepseek2): 47 layers of 2048, MLA with
     # 20 heads, q_lora_rank 768, kv_lora_rank 512, qk_nope 192 + qk_rope 64, v_head_dim 256; 64
@@ -234,9 +253,12 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     w.add_context_length(cfg.n_ctx)
     w.add_embedding_length(D)
     w.add_block_count(cfg.n_layer + (cfg.n_nextn if arch == "glm4moe" else 0))
-    w.add_feed_forward_length(cfg.n_ff_dense if arch in ("deepseek2", "glm4moe") else F_exp)
+    w.add_feed_forward_length(cfg.n_ff_dense if arch in ("deepseek2", "glm4moe", "gemma4") else F_exp)
     w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(1 if arch == "deepseek2" else cfg.n_head_kv)  # MLA runs as MQA over the latent
+    if arch == "gemma4":  # one KV head count per layer
+        w.add_head_count_kv([cfg.n_head_kv if swa else cfg.n_head_kv_global for swa in _gemma4_swa(cfg)])
+    else:
+        w.add_head_count_kv(1 if arch == "deepseek2" else cfg.n_head_kv)  # MLA runs as MQA over the latent
     if arch in ("qwen3moe", "gpt-oss", "qwen35moe"):  # heads not n_embd / n_head wide (gpt-oss: 64 × 64 ≠ 2880)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -248,6 +270,8 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
         _glm4moe_keys(w, cfg, head_dim)
     elif arch == "qwen35moe":
         _qwen35moe_keys(w, cfg)
+    elif arch == "gemma4":
+        _gemma4_keys(w, cfg, head_dim)
     else:
         w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(cfg.rope_base)
@@ -289,8 +313,15 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
             make = _fast_maker(name, shape, qt, rng)
         plan.append((name, shape, qt, make))
 
-    put(names.TOKEN_EMBD, (cfg.n_vocab, D), lambda: mat(cfg.n_vocab, D, gain=float(np.sqrt(D))) * 0.5)
+    # rows of std 0.5 (gemma4: after its × √D)
+    embd_gain = 1.0 / np.sqrt(D) if arch == "gemma4" else 1.0
+    put(names.TOKEN_EMBD, (cfg.n_vocab, D), lambda: mat(cfg.n_vocab, D, gain=float(np.sqrt(D) * embd_gain)) * 0.5)
+    if arch == "gemma4" and not all(_gemma4_swa(cfg)):  # the global layers' (llama.cpp refuses a tensor it does not load)
+        put(names.ROPE_FREQS, (cfg.head_dim_global // 2,), lambda: _gemma4_rope_freqs(cfg))
     for i in range(cfg.n_layer):
+        if arch == "gemma4":
+            _gemma4_layer(put, mat, norm, rng, cfg, i, head_dim)
+            continue
         if arch == "deepseek2":
             _deepseek2_layer(put, mat, norm, rng, cfg, i, head_dim)
             continue
@@ -343,7 +374,8 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
         row_scale = np.exp(1.5 * rng.standard_normal((cfg.n_vocab, 1))).astype(np.float32)
         return mat(cfg.n_vocab, D, gain=3.0) * row_scale
 
-    put(names.OUTPUT, (cfg.n_vocab, D), output_head)
+    if not cfg.tied_output:
+        put(names.OUTPUT, (cfg.n_vocab, D), output_head)
 
     for name, shape, qt, _ in plan:
         if qt in (Q.F32, Q.F16):
@@ -626,6 +658,83 @@ def _qwen35moe_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: in
     put(names.blk(i, names.FFN_GATE_SHEXP), (Fs, D), lambda: mat(Fs, D))
     put(names.blk(i, names.FFN_UP_SHEXP), (Fs, D), lambda: mat(Fs, D))
     put(names.blk(i, names.FFN_DOWN_SHEXP), (D, Fs), lambda: mat(D, Fs, FFN_OUT_GAIN))
+# gemma4's post-attention and post-FFN norm weights: its norms rescale every sub-block's output to a
+# fixed size (where the others' outputs scale with their inputs), and two near-equal sub-blocks a
+# layer make the file more sensitive to rounding; at 0.15 (ATTN_OUT_GAIN) llama.cpp's own F16-cache
+# floor on the Q4_K_M test file was 4.3e-2 (top-1 98.5%), at 0.08 it is 2.2e-2 (97.7%).
+GEMMA4_OUT_GAIN = 0.08
+
+
+def _gemma4_swa(cfg: SynthConfig) -> list[bool]:
+    """Per layer: windowed, but for each swa_period-th and the last (Gemma 4 26B-A4B's 30 layers with
+    period 6: 5, 11, ..., 29 global, its own pattern; a shorter file still has a global layer)."""
+    return [i % cfg.swa_period != cfg.swa_period - 1 and i != cfg.n_layer - 1 for i in range(cfg.n_layer)]
+
+
+def _gemma4_keys(w: GGUFWriter, cfg: SynthConfig, head_dim: int) -> None:
+    """gemma4's keys as llama.cpp's converter writes them: key_length and rope.dimension_count are
+    the global layers' (the whole head: proportional RoPE leaves the rest to rope_freqs), the _swa
+    keys the windowed layers'."""
+    w.add_key_length(cfg.head_dim_global)
+    w.add_value_length(cfg.head_dim_global)
+    w.add_key_length_swa(head_dim)
+    w.add_value_length_swa(head_dim)
+    w.add_rope_dimension_count(cfg.head_dim_global)
+    w.add_rope_dimension_count_swa(head_dim)
+    w.add_rope_freq_base_swa(cfg.rope_base_swa)
+    w.add_sliding_window(cfg.n_swa)
+    w.add_sliding_window_pattern(_gemma4_swa(cfg))
+    w.add_shared_kv_layers(0)
+    w.add_embedding_length_per_layer_input(0)
+    if cfg.final_softcap:
+        w.add_final_logit_softcapping(cfg.final_softcap)
+
+
+def _gemma4_rope_freqs(cfg: SynthConfig) -> np.ndarray:
+    """rope_freqs of the global layers as the converter makes it: 1 for the rotated pairs, 1e30
+    (θ ≈ 0: unrotated) for the rest."""
+    half = cfg.head_dim_global // 2
+    n_rot = int(cfg.head_dim_global * cfg.global_rotary / 2)
+    return np.array([1.0] * n_rot + [1e30] * (half - n_rot), dtype=np.float32)
+
+
+def _gemma4_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) -> None:
+    """One gemma4 block: GQA of its kind (a windowed layer with attn_v; a global one of its own
+    head size and KV heads, without: V = K), q/k norms, the norms around attention and the FFN, the
+    dense GeGLU MLP, the router with its input scale, fused gate|up experts, each expert's output
+    scale, the layer's output scale. The output norms are small (GEMMA4_OUT_GAIN) so that the
+    embedding leads the residual stream; the router's input scale √D undoes its 1/√D."""
+    D, E, F_exp, H = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp, cfg.n_head
+    swa = _gemma4_swa(cfg)[i]
+    hd, hkv = (head_dim, cfg.n_head_kv) if swa else (cfg.head_dim_global, cfg.n_head_kv_global)
+    qdim, kvdim = H * hd, hkv * hd
+    small_norm = lambda gain: lambda: gain * norm(D)  # noqa: E731
+    put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
+    put(names.blk(i, names.ATTN_Q), (qdim, D), lambda: mat(qdim, D))
+    put(names.blk(i, names.ATTN_K), (kvdim, D), lambda: mat(kvdim, D))
+    if swa:
+        put(names.blk(i, names.ATTN_V), (kvdim, D), lambda: mat(kvdim, D))
+    # attention scale 1: q and k norms of hd^(-1/4) each give q·k the spread 1/√hd gives elsewhere
+    # (with unit norms the scores spread ±√hd, the softmax picks near-argmax and rounding flips it)
+    put(names.blk(i, names.ATTN_Q_NORM), (hd,), lambda: hd ** -0.25 * norm(hd))
+    put(names.blk(i, names.ATTN_K_NORM), (hd,), lambda: hd ** -0.25 * norm(hd))
+    put(names.blk(i, names.ATTN_OUT), (D, qdim), lambda: mat(D, qdim))
+    put(names.blk(i, names.ATTN_POST_NORM), (D,), small_norm(GEMMA4_OUT_GAIN))
+    put(names.blk(i, names.LAYER_OUT_SCALE), (1,), lambda: rng.uniform(0.85, 1.0, 1).astype(np.float32))
+    Fd = cfg.n_ff_dense
+    put(names.blk(i, names.FFN_NORM), (D,), lambda: norm(D))
+    put(names.blk(i, names.FFN_GATE), (Fd, D), lambda: mat(Fd, D))
+    put(names.blk(i, names.FFN_UP), (Fd, D), lambda: mat(Fd, D))
+    put(names.blk(i, names.FFN_DOWN), (D, Fd), lambda: mat(D, Fd))
+    put(names.blk(i, names.FFN_POST_NORM_1), (D,), lambda: norm(D))
+    put(names.blk(i, names.FFN_PRE_NORM_2), (D,), lambda: norm(D))
+    put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
+    put(names.blk(i, names.FFN_GATE_INP, names.SCALE), (D,), lambda: np.sqrt(D) * norm(D))
+    put(names.blk(i, names.FFN_GATE_UP_EXPS), (E, 2 * F_exp, D), lambda: (mat(2 * F_exp, D) for _ in range(E)))
+    put(names.blk(i, names.FFN_DOWN_EXPS), (E, D, F_exp), lambda: (mat(D, F_exp) for _ in range(E)))
+    put(names.blk(i, names.FFN_DOWN_EXPS, names.SCALE), (E,), lambda: rng.uniform(0.5, 1.5, E).astype(np.float32))
+    put(names.blk(i, names.FFN_POST_NORM_2), (D,), lambda: norm(D))
+    put(names.blk(i, names.FFN_POST_NORM), (D,), small_norm(GEMMA4_OUT_GAIN))
 
 
 def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -52,12 +52,22 @@ class ExpertWeights:
 OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
 
 
+def gelu_ggml(x: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh form) as ggml's CPU kernels compute it (GGML_GELU_FP16): x rounded to float16
+    indexes a table of float16 results; x ≤ −10 gives 0 and x ≥ 10 gives x. The rounding is
+    ~5e-4 relative, far above float32's, so matching llama.cpp takes the same table."""
+    y = F.gelu(x.half().float(), approximate="tanh").half().float()
+    return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
+
+
 def swiglu_act(act: str, gu: torch.Tensor) -> torch.Tensor:
     """gu [n, 2·n_ff] (gate | up) → [n, n_ff]. swiglu: silu(g)·u. swiglu_oai: g' = min(g, 7),
-    u' = clamp(u, −7, 7), g'·sigmoid(1.702·g')·(u' + 1)."""
+    u' = clamp(u, −7, 7), g'·sigmoid(1.702·g')·(u' + 1). geglu: gelu(g)·u (gelu_ggml)."""
     gate, up = gu.chunk(2, dim=-1)
     if act == "swiglu":
         return F.silu(gate).mul_(up)
+    if act == "geglu":
+        return gelu_ggml(gate).mul_(up)
     g = gate.clamp(max=OAI_LIMIT)
     return (g * torch.sigmoid(OAI_ALPHA * g)).mul_(up.clamp(-OAI_LIMIT, OAI_LIMIT).add_(1.0))
 

@@ -78,6 +78,13 @@ class ModelSpec:
     rope_sections: tuple[int, ...] = ()  # M-RoPE (qwen35moe): rotated pairs per position axis t, h, w, e (empty: plain RoPE)
     recurrent_layers: tuple[bool, ...] = ()  # per layer: a Gated DeltaNet layer instead of attention (empty: none)
     deltanet: DeltaNetShape | None = None  # the DeltaNet layers' sizes
+    # windowed layers of their own shape (gemma4; 0: as the fields above, which then hold the global layers')
+    n_head_kv_swa: int = 0
+    head_dim_swa: int = 0  # key and value head size of a windowed layer
+    n_rot_swa: int = 0
+    rope_base_swa: float = 0.0
+    embd_scale: float = 1.0  # the embedding rows × this (gemma4: √n_embd)
+    final_logit_softcap: float = 0.0  # > 0: logits = c · tanh(logits / c)
 
     def is_swa(self, layer: int) -> bool:
         """True for a layer whose attention sees only the last n_swa positions."""
@@ -119,27 +126,11 @@ class GGUFModel:
         for t in self.reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[t.name] = TensorView(t.name, GGMLQuantizationType(int(t.tensor_type)), shape, t.data, int(t.n_bytes))
-        self._split_gate_up()
+        _split_gate_up(self.tensors)
         self.spec = _read_spec(self)
         # next-token-prediction (MTP) blocks past the trunk are skipped, as llama.cpp skips them
         self.tensors = {n: t for n, t in self.tensors.items() if not (n.startswith("blk.") and int(n.split(".")[1]) >= self.spec.n_layer)}
         self._check_tensors()
-
-    def _split_gate_up(self) -> None:
-        """A file that stores every expert's gate and up in one tensor (ffn_gate_up_exps [E, 2·F, D],
-        the gate rows first, as llama.cpp's build_moe_ffn splits it) gets the two halves as views
-        named ffn_gate_exps and ffn_up_exps: each expert's half is a contiguous run of rows of the
-        file, so everything downstream reads experts the one way. No bytes are copied."""
-        for name in [n for n in self.tensors if f".{names.FFN_GATE_UP_EXPS}." in n]:
-            t = self.tensors.pop(name)
-            E, rows = t.shape[0], t.shape[1]
-            if rows % 2:
-                raise LocalMoEError(f"{self.path}: tensor '{name}' has an odd number of rows ({rows}); gate and up cannot be split")
-            half = rows // 2
-            for i, stem in enumerate((names.FFN_GATE_EXPS, names.FFN_UP_EXPS)):
-                new = name.replace(names.FFN_GATE_UP_EXPS, stem)
-                data = t.data[:, i * half : (i + 1) * half]
-                self.tensors[new] = TensorView(new, t.qtype, (E, half) + t.shape[2:], data, t.n_bytes // 2)
 
     # -- metadata ---------------------------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:
@@ -258,6 +249,27 @@ class GGUFModel:
             raise LocalMoEError(f"{self.path}: expert tensor shape {gate.shape} does not match metadata ({spec.n_expert}, {spec.n_ff_exp}, {spec.n_embd}); the file is inconsistent")
 
 
+def _split_gate_up(tensors: dict[str, TensorView]) -> None:
+    """A fused ffn_gate_up_exps [E, 2·F, D] becomes the two tensors every other file has, as views
+    of its bytes: ffn_gate_exps = rows [0, F) of each expert, ffn_up_exps = rows [F, 2F) (llama.cpp's
+    build_moe_ffn takes the gate from the first half). Each expert's half is one contiguous byte
+    range, as in a file that stores them apart, so the expert store, the GPU tier and the byte
+    counts read them unchanged."""
+    suffix = f".{names.FFN_GATE_UP_EXPS}.weight"
+    for name in [n for n in tensors if n.endswith(suffix)]:
+        t = tensors.pop(name)
+        if len(t.shape) != 3 or t.shape[1] % 2:
+            raise LocalMoEError(f"tensor '{name}' has shape {t.shape}; a fused gate|up expert tensor is [experts, 2·ffn, embd]")
+        E, F2, D = t.shape
+        F = F2 // 2
+        prefix = name[: -len(suffix)]
+        for stem, rows in ((names.FFN_GATE_EXPS, slice(0, F)), (names.FFN_UP_EXPS, slice(F, F2))):
+            half = f"{prefix}.{stem}.weight"
+            if half in tensors:
+                raise LocalMoEError(f"tensor '{half}' is in the file beside '{name}'; the file is inconsistent")
+            tensors[half] = TensorView(half, t.qtype, (E, F, D), t.data[:, rows], t.n_bytes // 2)
+
+
 _LIBC: list = []
 
 
@@ -349,8 +361,8 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
     n_embd = int(need(names.EMBEDDING_LENGTH))
     n_head = int(need(names.HEAD_COUNT))
     n_head_kv = opt(names.HEAD_COUNT_KV, n_head)
-    if isinstance(n_head_kv, list):  # per-layer list: all our architectures use one value
-        if len(set(n_head_kv)) != 1:
+    if isinstance(n_head_kv, list):  # per-layer list: one value, or (gemma4) one per kind of layer, read by read_args
+        if len(set(n_head_kv)) != 1 and not arch.swa_shapes:
             raise LocalMoEError(f"{m.path}: per-layer KV head counts are not supported")
         n_head_kv = n_head_kv[0]
     head_dim = int(opt(names.KEY_LENGTH, n_embd // n_head))

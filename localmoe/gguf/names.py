@@ -144,3 +144,19 @@ FFN_GATE_UP_EXPS = "ffn_gate_up_exps"  # gate and up of every expert in one tens
 def blk_bare(layer: int, name: str) -> str:
     """A per-layer tensor stored without a kind suffix: blk_bare(0, "ssm_a") -> "blk.0.ssm_a"."""
     return f"blk.{layer}.{name}"
+# gemma4 (Gemma 4 26B-A4B): windowed and global layers of different shapes, norms around every
+# sub-block, a dense GeGLU MLP beside the routed experts, fused gate|up experts
+KEY_LENGTH_SWA = "attention.key_length_swa"  # head size of the windowed layers (key_length: the global ones)
+VALUE_LENGTH_SWA = "attention.value_length_swa"
+ROPE_DIMENSION_COUNT_SWA = "rope.dimension_count_swa"  # rotated dims of a windowed layer's head
+SHARED_KV_LAYERS = "attention.shared_kv_layers"  # the last n layers reuse an earlier layer's KV cache
+EMBEDDING_LENGTH_PER_LAYER = "embedding_length_per_layer_input"  # per-layer embeddings (the small dense Gemma 4s)
+FINAL_LOGIT_SOFTCAPPING = "final_logit_softcapping"  # logits = c · tanh(logits / c)
+ROPE_FREQS = "rope_freqs.weight"  # [n_rot/2]: RoPE's θ_i divided by each factor (llama.cpp's freq_factors)
+PER_LAYER_TOKEN_EMBD = "per_layer_token_embd.weight"
+FFN_POST_NORM = "post_ffw_norm"  # the norm of the whole FFN's output, before the residual add
+FFN_PRE_NORM_2 = "pre_ffw_norm_2"  # the routed experts' input norm (the dense MLP's is ffn_norm)
+FFN_POST_NORM_1 = "post_ffw_norm_1"  # the dense MLP's output norm
+FFN_POST_NORM_2 = "post_ffw_norm_2"  # the routed experts' output norm
+LAYER_OUT_SCALE = "layer_output_scale"  # [1]: the layer's output × this
+SCALE = "scale"  # the kind of a per-row scale tensor: blk(i, FFN_GATE_INP, SCALE) [n_embd], blk(i, FFN_DOWN_EXPS, SCALE) [n_expert]

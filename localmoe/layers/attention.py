@@ -38,15 +38,27 @@ class GQA:
     fused_qk_norm_rope: bool = False  # the C q/k-norm + RoPE may run (archs.common.fast_paths)
     c_decode: bool = False  # the C decode attention may run
     out_gate: bool = False  # wqkv's last H·dv outputs gate the attention's output (× sigmoid) before Wo
+    v_from_k: bool = False  # no V projection: the values are the keys' projection, before the k norm (wqkv is [q | k])
+    v_norm: torch.Tensor | None = None  # [dv]: the values RMS-normed over each head (all ones: without a weight)
+    spec: Any = None  # this layer's own shape (heads, head size, RoPE dims) where it differs from the model's
+    rope: Any = None  # this layer's own rotation where it differs from the model's (layers/rope.Rope)
 
     @classmethod
     def load(cls, w: Weights, i: int, *, qk_norm: str = "none", biases: bool = False, sinks: bool = False,
-             fast: frozenset[str] = frozenset()) -> GQA:
-        """Layer i's attention. A per-head q/k norm runs only where the file has its weights (GLM)."""
+             fast: frozenset[str] = frozenset(), v_norm: bool = False, spec: Any = None, rope: Any = None) -> GQA:
+        """Layer i's attention. A per-head q/k norm runs only where the file has its weights (GLM).
+        A layer without attn_v uses its keys' projection as values (Gemma 4's global layers);
+        v_norm: the values RMS-normed per head without a weight; spec, rope: the layer's own."""
         blk = lambda stem, kind="weight": names.blk(i, stem, kind)  # noqa: E731
         bias = (lambda stem: w.maybe(blk(stem, "bias"))) if biases else (lambda stem: None)
+        v_from_k = not w.has(blk(names.ATTN_V))
+        s = spec if spec is not None else w.spec
         return cls(
-            wqkv=w.qkv(i),
+            wqkv=w.qkv(i, with_v=not v_from_k),
+            v_from_k=v_from_k,
+            v_norm=torch.ones(s.head_dim_v, device=w.device) if v_norm else None,
+            spec=spec,
+            rope=rope,
             wo=w.linear(blk(names.ATTN_OUT)),
             qk_norm=qk_norm,
             q_norm=w.maybe(blk(names.ATTN_Q_NORM)) if qk_norm != "none" else None,
@@ -65,12 +77,13 @@ class GQA:
         return [s.n_head * s.head_dim, s.n_head_kv * s.head_dim, s.n_head_kv * s.head_dim_v]  # q, k, v in qkv
 
     def cache_rows(self, s: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+        s = s if self.spec is None else self.spec
         return (s.n_head_kv, s.head_dim), (s.n_head_kv, s.head_dim_v)
 
     def _fused_qk_norm_rope(self, s: Any, qkv: torch.Tensor, pos0: int, rope: Any) -> bool:
         """Per-head q/k norm and RoPE in place on qkv with one C call (decode's per-op overhead is a
         large share of a token); False when this layer needs the general path."""
-        if not self.fused_qk_norm_rope or qkv.device.type != "cpu":
+        if not self.fused_qk_norm_rope or qkv.device.type != "cpu" or self.v_from_k or self.v_norm is not None:
             return False
         per_head = self.qk_norm == "per_head"
         T = qkv.shape[0]
@@ -82,13 +95,20 @@ class GQA:
     def __call__(self, s: Any, i: int, h: torch.Tensor, cache: Any, pos0: int, rope: Any) -> torch.Tensor:
         """h [T, D] (normed) → attention output [T, D]; appends this call's K/V to layer i's cache."""
         T = h.shape[0]
+        if self.spec is not None:
+            s = self.spec
+        if self.rope is not None:
+            rope = self.rope
         qkv = self.wqkv[0](h) if len(self.wqkv) == 1 else torch.cat([w(h) for w in self.wqkv], dim=-1)  # [T, (H+2Hkv)d (+H·dv)]
         gate = None
         if self.out_gate:  # the gate columns stay where they are; q, k, v are the leading ones
-            width = sum(self._widths(s))
-            gate = qkv[:, width:]
+            gate = qkv[:, sum(self._widths(s)) :]
         if not self._fused_qk_norm_rope(s, qkv, pos0, rope):  # the general path: biases, a norm over all heads, no C
-            q, k, v = qkv[:, : sum(self._widths(s))].split(self._widths(s), dim=-1)
+            if self.v_from_k:  # [q | k]: v is k as projected
+                q, k = qkv.split(self._widths(s)[:2], dim=-1)
+                v = k
+            else:
+                q, k, v = qkv[:, : sum(self._widths(s))].split(self._widths(s), dim=-1)
             q, k, v = (t if b is None else t + b for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
             if self.qk_norm == "full":  # RMS-norm over all heads at once (OLMoE)
                 q = rms_norm(q, self.q_norm, s.rms_eps)
@@ -98,6 +118,8 @@ class GQA:
             if self.qk_norm == "per_head" and self.q_norm is not None:  # over each head (Qwen3; GLM files with weights)
                 q = rms_norm(q, self.q_norm, s.rms_eps)
                 k = rms_norm(k, self.k_norm, s.rms_eps)
+            if self.v_norm is not None:
+                v = rms_norm(v.reshape(T, s.n_head_kv, s.head_dim_v), self.v_norm, s.rms_eps).flatten(1)
             qkv = torch.cat([rope(torch.cat([q, k], dim=1), pos0).flatten(1), v], dim=-1)
         elif gate is not None:
             qkv = qkv[:, : sum(self._widths(s))]  # (one row: still contiguous, as the C decode needs)

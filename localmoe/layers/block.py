@@ -4,7 +4,9 @@
     x = x + ffn(rms(x)·ffn_norm)            a dense FFN (ffn.FFN), or the MoE block (moe.MoE)
 
 The driver (localmoe/model.py) runs these two lines per layer; which attention, router and
-activation a block has is decided here, by the architecture's `build_block`.
+activation a block has is decided here, by the architecture's `build_block`. A block whose order
+of operations differs (norms after the sub-blocks too, two FFNs side by side: layers/postnorm.py)
+says so with a `run` method, which the driver calls instead of the two lines.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -44,11 +46,13 @@ class Weights(Protocol):
         """Raw matrices with the same columns as one matrix (outputs concatenated) when they share a
         type, else one each; `sources`: the file's matrices they were cut from, if rows were reordered."""
 
-    def qkv(self, layer: int) -> list[QLinear]:
-        """q, k and v of `layer` as one matrix [H·d + 2·Hkv·d, D] when they share a type, else three."""
+    def qkv(self, layer: int, with_v: bool = True) -> list[QLinear]:
+        """q, k and v of `layer` as one matrix [H·d + 2·Hkv·d, D] when they share a type, else three
+        (with_v False: q and k only, for a layer whose values are its keys)."""
 
-    def ffn(self, layer: int, stems: tuple[str, str, str]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The gated FFN of `layer` whose gate, up and down matrices are named by `stems`."""
+    def ffn(self, layer: int, stems: tuple[str, str, str], act: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The gated FFN of `layer` whose gate, up and down matrices are named by `stems`, with the
+        activation `act` (archs.common.ExpertAct; None: SwiGLU)."""
 
 
 class Attention(Protocol):
@@ -66,6 +70,9 @@ class Block:
     ffn_norm: torch.Tensor  # [D]
     ffn: Callable[[torch.Tensor], torch.Tensor] | None = None  # the dense FFN of a layer without experts
     moe: MoE | None = None  # else the MoE block
+    # a block with its own order of operations defines run(model, i, x, cache, pos0) → x (the
+    # residual stream [T, D] after the layer); None: the driver's two lines
+    run: ClassVar[Callable[..., torch.Tensor] | None] = None
 
     # what other code reads on model.layers[i] (backends of the q/k/v matrices, biases, sinks)
     @property

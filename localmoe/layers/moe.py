@@ -1,6 +1,7 @@
 """The MoE FFN: router → the expert function (routed experts: residency and compute live behind it,
 compute/experts.ExpertExecutor or the residency scheduler) → + the shared expert, plain or behind a
-sigmoid gate. Shapes: T tokens, D = n_embd, k experts used."""
+sigmoid gate; optionally the experts' own input weight and a per-expert output scale. Shapes: T
+tokens, D = n_embd, E experts, k experts used."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class MoE:
     router: Router
     shared: Callable[[torch.Tensor], torch.Tensor] | None = None  # the shared expert: [T, D] → [T, D]
     shared_gate: torch.Tensor | None = None  # [D]: y += sigmoid(h·g) · shared(h) (Qwen2-MoE)
+    expert_norm: torch.Tensor | None = None  # [D]: the routed experts see h·expert_norm, the router h (Gemma 4's pre_ffw_norm_2)
+    expert_scale: torch.Tensor | None = None  # [E]: expert e's output × expert_scale[e], folded into its routing weight (Gemma 4)
 
     @classmethod
     def load(cls, w: Any, i: int, *, select: RouteFn, shared: str = "none", router_bias: bool = False,
@@ -47,7 +50,9 @@ class MoE:
     def __call__(self, spec: Any, i: int, h: torch.Tensor, experts: ExpertCall) -> torch.Tensor:
         """h [T, D] (normed) of layer i → [T, D]."""
         ids, weights = self.router(spec, h)  # [T, k], [T, k]
-        y = experts(i, h, ids, weights)
+        if self.expert_scale is not None:
+            weights = weights * self.expert_scale[ids]
+        y = experts(i, h if self.expert_norm is None else h * self.expert_norm, ids, weights)
         if self.shared is not None:
             sh = self.shared(h)
             y = y + (sh if self.shared_gate is None else torch.sigmoid(h @ self.shared_gate)[:, None] * sh)

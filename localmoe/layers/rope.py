@@ -61,7 +61,10 @@ class Rope:
     `rope(x, pos0)` rotates x [T, heads, d]. neox rotates halves (i, i + n_rot/2), else adjacent
     pairs (2i, 2i+1)."""
 
-    def __init__(self, spec: Any):
+    def __init__(self, spec: Any, freq_factors: torch.Tensor | None = None):
+        """freq_factors [n_rot/2] (the file's rope_freqs, llama.cpp's freq_factors): θ_i ÷ factor i.
+        A huge factor leaves pair i unrotated: Gemma 4's "proportional" RoPE rotates the first
+        quarter of a global head's pairs at the frequencies of the whole head this way."""
         self.n_rot = spec.n_rot
         self.neox = spec.arch.rope_style == "neox"
         self.yarn = spec.rope_scaling == "yarn"  # the frequency scale is inside inv_freq
@@ -69,6 +72,8 @@ class Rope:
         self.inv_freq, self.mscale = rope_theta_scale(spec)  # [n_rot/2] float64, float
         if spec.rope_sections:  # M-RoPE on text: the pairs of the fourth axis turn by its position, 0
             self.inv_freq = self.inv_freq * text_mrope_mask(spec.rope_sections, spec.n_rot // 2)
+        if freq_factors is not None:
+            self.inv_freq = self.inv_freq / freq_factors.detach().cpu().double().reshape(-1)
         self._cached: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def tables(self, pos0: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

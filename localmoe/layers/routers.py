@@ -76,16 +76,21 @@ class Router:
     bias: torch.Tensor | None = None  # [E]: added to the logits before selection (gpt-oss)
     probs_bias: torch.Tensor | None = None  # [E]: added to the scores to select, not to weigh
     c_router: bool = False  # the C router computes `select` here (softmax → top-k over unbiased logits)
+    input_scale: torch.Tensor | None = None  # [D]: the router reads (h·input_gain)·input_scale (Gemma 4: 1/√D, ffn_gate_inp.scale)
+    input_gain: float = 1.0
+
+    def _input(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.input_scale is None else (h * self.input_gain) * self.input_scale
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [T, D] → logits [T, E] (+ the router's bias, where it has one)."""
-        logits = h @ self.weight.T
+        logits = self._input(h) @ self.weight.T
         return logits if self.bias is None else logits + self.bias
 
     def __call__(self, spec: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [T, D] → (ids [T, k] int64, weights [T, k] float32)."""
         if self.c_router and self.probs_bias is None:  # the same steps in one C call (decode's per-op overhead)
-            fast = route(h, self.weight, spec.n_expert_used, spec.norm_topk, spec.expert_weights_scale)
+            fast = route(self._input(h), self.weight, spec.n_expert_used, spec.norm_topk, spec.expert_weights_scale)
             if fast is not None:
                 return fast
         return self.select(self.logits(h), spec, self.probs_bias)
