@@ -205,3 +205,29 @@ def test_budgeted_run_miss_policies_and_calibrate(make_model, tmp_path):
             s = rt.stats()
             assert s.misses > 0 and s.gpu_bytes_peak <= s.gpu_budget
             rt.scheduler.check()
+
+
+def test_c_decode_step_equals_the_torch_step(make_model):
+    """The decode step's one C call (conv, norms, delta rule, gated norm) gives the torch ops'
+    output and leaves the same state, over 20 tokens of a layer with key heads tiled over value heads."""
+    from localmoe.compute.ggml_backend import ggml
+
+    if ggml() is None:
+        pytest.skip("the C helper lives in the ggml driver")
+    with localmoe.load(make_model("qwen35moe", "F32"), device="cpu") as rt, torch.inference_mode():
+        layer, s = rt.model.layers[0].attn, rt.spec
+        c_cache, torch_cache = KVCache(s, rt.n_ctx, rt.device), KVCache(s, rt.n_ctx, rt.device)
+        h = torch.randn(20, s.n_embd, generator=torch.Generator().manual_seed(1))
+        import localmoe.layers.deltanet as dn
+
+        for t in range(20):
+            ours = layer(s, 0, h[t : t + 1], c_cache, t, None)
+            real = dn.deltanet_step
+            dn.deltanet_step = lambda *a: None  # the torch ops
+            try:
+                ref = layer(s, 0, h[t : t + 1], torch_cache, t, None)
+            finally:
+                dn.deltanet_step = real
+            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+        for a, b in zip(c_cache.states[0], torch_cache.states[0]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

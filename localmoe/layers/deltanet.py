@@ -12,7 +12,8 @@ llama.cpp's ggml_repeat tiles the key heads), dk and dv wide:
     S = exp(g)·S;  S = S + k ⊗ β·(v − Sᵀk);  o = Sᵀq        S [dk, dv] per value head: the state
     out = Wout · (rms(o)·w_norm · silu(z)),  z = h·Wz
 
-A decode step is one state update (`delta_rule_recurrent`); a prompt runs in chunks of 64 tokens
+A decode step is one state update (one C call, compute.kernels.deltanet_step, or
+`delta_rule_recurrent`); a prompt runs in chunks of 64 tokens
 (`delta_rule_chunked`, the WY form llama.cpp's build_delta_net_chunking computes): the same
 function, as matrix products.
 
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..compute.kernels import QLinear, rms_norm
+from ..compute.kernels import QLinear, deltanet_step, rms_norm
 from ..gguf import names
 
 CHUNK = 64  # tokens per chunk of the prompt's delta rule (llama.cpp's CS)
@@ -74,8 +75,12 @@ class GatedDeltaNet:
         """h [T, D] (normed) → [T, D]; advances layer i's state in the cache by T tokens."""
         sh, T = self.shape, h.shape[0]
         proj = self.w_in[0](h) if len(self.w_in) == 1 else torch.cat([w(h) for w in self.w_in], dim=-1)
-        qkv, z, b, a = proj.split(self.widths, dim=-1)
         conv_state, S = cache.recurrent(i, lambda: self.new_state(h.device))
+        if T == 1:  # a decode step: one C call where it applies
+            out = deltanet_step(proj.contiguous(), conv_state, self.conv, sh, self.dt_bias, self.a, self.norm, s.rms_eps, S)
+            if out is not None:
+                return self.wout(out)
+        qkv, z, b, a = proj.split(self.widths, dim=-1)
         x = torch.cat([conv_state, qkv.t()], dim=1)  # [C, d_conv − 1 + T]: the inputs the taps see
         y = (x.unfold(1, sh.d_conv, 1) * self.conv[:, None, :]).sum(-1)  # [C, T]: Σ_j x[c, t + j]·w[c, j]
         conv_state.copy_(x[:, T:])  # the last d_conv − 1 inputs
