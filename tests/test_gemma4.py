@@ -239,3 +239,74 @@ def test_info_shows_the_layer_pattern(make_model):
     text = format_text(d)
     assert "layer pattern  windowed: 2 KV heads of 64, RoPE base 10000 on 64 dims; global (2, 3): 1 KV heads of 128, RoPE base 1e+06 on 32 of 128 dims" in text
     assert "soft-capped: 30" in text and "GeGLU" in text
+
+
+def test_calibrate_reads_the_router_on_its_own_input(make_model, monkeypatch):
+    """Gemma 4's router reads the unweighted norm of the residual stream, scaled, while its experts
+    read pre_ffw_norm_2 of it: calibrate's routing statistics must come from the router's input
+    (its top-k is then the router's choice, token for token), not from the experts'."""
+    import localmoe.fallback.buddies as buddies
+
+    own, experts_input = [], []
+    call = buddies._Recorder.__call__
+
+    def spy(self, layer, x, ids, weights):
+        k = ids.shape[1]
+        chosen = ids.sort(-1).values
+        for h, out in ((self.routers[layer].last, own), (x, experts_input)):
+            out.append(bool((self.model.router_logits(layer, h).topk(k).indices.sort(-1).values == chosen).all()))
+        return call(self, layer, x, ids, weights)
+
+    monkeypatch.setattr(buddies._Recorder, "__call__", spy)
+    with localmoe.load(make_model("gemma4", "F32"), device="cpu") as rt:
+        buddies.calibrate(rt, "the model of the expert and the expert of the model " * 8, max_tokens=64, window=32)
+        assert all(lw.moe is None or type(lw.moe.router).__name__ == "Router" for lw in rt.model.layers)  # restored
+    assert own and all(own)
+    assert not all(experts_input)  # the experts' input would have given other choices
+
+
+def test_miss_policies_trace_calibrate_and_serve_run_on_gemma4(make_model, tmp_path):
+    """Around the forward pass: each miss policy under a 30% budget (misses, the books balance), the
+    routing trace, calibrate's buddy table, and a served chat completion through the file's template."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from conftest import expert_budget
+    from localmoe.residency.trace import load_trace
+    from localmoe.serve import ServeConfig, create_app, start_in_thread
+
+    path = str(tmp_path / "gemma4.gguf")
+    shutil.copy(make_model("gemma4", "Q8_0"), path)
+    r = subprocess.run([sys.executable, "-m", "localmoe", "calibrate", path, "--tokens", "128", "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] == 128
+    with localmoe.load(path, device="cpu") as rt:
+        budget = expert_budget(rt, 0.3)
+        n_layer = rt.spec.n_layer
+    for on_miss in ("drop", "buddy", "little", "cost"):
+        trace = str(tmp_path / f"{on_miss}.jsonl")
+        options = {"little": {"threshold": 0.0}, "buddy": {"min_score": 0.0}}.get(on_miss)
+        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options, trace=trace) as rt:
+            assert rt.generate("the model", max_tokens=6, temperature=0)
+            s = rt.stats()
+            assert s.misses > 0 and s.gpu_bytes_peak <= s.gpu_budget
+            rt.scheduler.check()
+        assert {tick.layer for tick, _, _ in load_trace(trace).steps} == set(range(n_layer))
+    server, thread, port = start_in_thread(create_app(lambda: localmoe.load(path, device="cpu"), ServeConfig(model_id="gemma4")))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            if httpx.get(url + "/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        reply = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        server.should_exit = True
+        thread.join()

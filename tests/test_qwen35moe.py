@@ -187,7 +187,7 @@ def test_chat_turns_and_a_served_conversation_equal_one_run(make_model, monkeypa
 
 def test_budgeted_run_miss_policies_and_calibrate(make_model, tmp_path):
     """The residency engine on the hybrid: a 30% budget gives the all-resident logits (fetch, cpu);
-    every miss policy decodes; calibrate writes its buddy table."""
+    every miss policy decodes and traces every layer's routing; calibrate writes its buddy table."""
     import shutil
 
     path = str(tmp_path / "qwen35moe.gguf")
@@ -198,13 +198,17 @@ def test_budgeted_run_miss_policies_and_calibrate(make_model, tmp_path):
     assert json.loads(r.stdout)["tokens"] == 128
     with localmoe.load(path, device="cpu") as rt:
         budget = expert_budget(rt, 0.3)
+    from localmoe.residency.trace import load_trace
+
     for on_miss in ("drop", "buddy", "little", "cost"):
         options = {"little": {"threshold": 0.0}, "buddy": {"min_score": 0.0}}.get(on_miss)
-        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options) as rt:
+        trace = str(tmp_path / f"{on_miss}.jsonl")
+        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options, trace=trace) as rt:
             assert rt.generate("the model", max_tokens=6, temperature=0)
             s = rt.stats()
             assert s.misses > 0 and s.gpu_bytes_peak <= s.gpu_budget
             rt.scheduler.check()
+        assert {tick.layer for tick, _, _ in load_trace(trace).steps} == {0, 1, 2, 3}  # the DeltaNet layers' experts too
 
 
 def test_c_decode_step_equals_the_torch_step(make_model):

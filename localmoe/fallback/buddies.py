@@ -157,6 +157,7 @@ class _Recorder:
         self.tae: list[list[np.ndarray]] = [[] for _ in range(L)]
         self.inputs: list[dict[int, list[torch.Tensor]]] = [dict() for _ in range(L)]
         self.rng = np.random.default_rng(seed)
+        self.routers: dict[int, _SeenRouter] = {}  # layer → its router while calibrating (calibrate sets them)
 
     def after_attention(self, layer: int, x: torch.Tensor) -> None:
         self.inner.after_attention(layer, x)
@@ -166,7 +167,9 @@ class _Recorder:
         onehot = torch.zeros(ids.shape[0], E).scatter_(1, ids, 1.0).numpy()  # [T, E]
         self.usage[layer] += onehot.sum(0)
         self.coact[layer] += onehot.T @ onehot
-        probs = routing_probs(self.model.router_logits(layer, x), self.model.spec).double().numpy()  # [T, E]
+        seen = self.routers.get(layer)
+        h = seen.last if seen is not None and seen.last is not None else x  # what the router read
+        probs = routing_probs(self.model.router_logits(layer, h), self.model.spec).double().numpy()  # [T, E]
         self.p_sum[layer] += probs.sum(0)
         self.pp_sum[layer] += probs.T @ probs
         self.n_tokens[layer] += ids.shape[0]
@@ -182,6 +185,21 @@ class _Recorder:
         return self.inner(layer, x, ids, weights)
 
 
+class _SeenRouter:
+    """A layer's router that keeps its last input (calibrate's routing statistics read the router on
+    what it was given, which need not be the experts' input); everything else is the router's."""
+
+    def __init__(self, inner):
+        self.inner, self.last = inner, None
+
+    def __call__(self, spec, h: torch.Tensor):
+        self.last = h
+        return self.inner(spec, h)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
 def calibrate(rt, text: str, max_tokens: int = 4096, samples: int = 64, window: int = 256, seed: int = 0, progress=None) -> BuddyTable:
     """Run `rt`'s model over `text` (at most `max_tokens` tokens, in windows) and build the table."""
     from ..model import KVCache
@@ -194,6 +212,10 @@ def calibrate(rt, text: str, max_tokens: int = 4096, samples: int = 64, window: 
     window = min(window, rt.n_ctx)
     previous = model.experts
     model.experts = recorder
+    moes = [lw.moe for lw in model.layers if lw.moe is not None]
+    for moe in moes:  # the router's own input: it may differ from the experts' (Gemma 4 norms them apart)
+        moe.router = _SeenRouter(moe.router)
+    recorder.routers = {i: lw.moe.router for i, lw in enumerate(model.layers) if lw.moe is not None}
     try:
         for start in range(0, len(ids), window):
             chunk = ids[start : start + window]
@@ -202,6 +224,8 @@ def calibrate(rt, text: str, max_tokens: int = 4096, samples: int = 64, window: 
                 progress(min(start + window, len(ids)), len(ids))
     finally:
         model.experts = previous
+        for moe in moes:
+            moe.router = moe.router.inner
     layers = [_finish_layer(rt, recorder, layer) for layer in range(rt.spec.n_layer)]
     return BuddyTable(layers, {"model_fingerprint": fingerprint(rt.path), "model_file": os.path.basename(rt.path), "model_size": os.path.getsize(rt.path), "tokens": len(ids), "samples_per_expert": samples})
 
