@@ -99,13 +99,15 @@ def native_lib() -> ctypes.CDLL | None:
             return None
         f = lib.lm_qmatmul
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         f = lib.lm_qmatvec_multi
         f.restype = ctypes.c_int
         f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         f = lib.lm_dequant_f32
         f.restype = None
-        f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         f = lib.lm_route
         f.restype = None
         f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -126,7 +128,7 @@ def native_lib() -> ctypes.CDLL | None:
         f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         f = lib.lm_repack_r16
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         _lib = lib
         return lib
 
@@ -153,6 +155,7 @@ class QLinear:
     r16: bool = False  # "vnni": rows interleaved in blocks of 16 (R16_FORMATS)
     parts: tuple[tuple[GGMLQuantizationType, int], ...] = ()  # "ggml": (type, rows) of tensors raw0, raw1, ... (rows concatenated)
     act_block: int = 32  # "vnni": activations share a scale per this many values, as llama.cpp pairs the type (ACT_BLOCK)
+    kmode: int = 0  # "vnni" r16 of a K-type: 0, or its own sub-scales kept (K_SCALES; tensors kd, kdmin hold d, dmin)
 
     @property
     def nbytes(self) -> int:
@@ -271,18 +274,27 @@ def dequant_f32(w: QLinear) -> torch.Tensor:
     """A "vnni" weight as a float32 [N, K_padded] matrix (the C kernel's dequantizer)."""
     kp = _kp(w)
     out = torch.empty(w.n, kp, dtype=torch.float32)
-    zero = w.tensors.get("zero")
     native_lib().lm_dequant_f32(
         kp, w.n, w.tensors["codes"].data_ptr(), int(w.nibble), w.tensors["scale"].data_ptr(),
-        zero.data_ptr() if zero is not None else None, w.offset, w.group, out.data_ptr(), torch.get_num_threads(), *_high(w), int(w.r16),
+        _ptr(w.tensors.get("zero")), w.offset, w.group, out.data_ptr(), torch.get_num_threads(), *_high(w), int(w.r16),
+        *_kscales(w),
     )
     return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _kscales(w: QLinear) -> tuple[int | None, int | None, int]:
+    """(kd, kdmin, kmode) of a "vnni" weight for the C calls."""
+    return _ptr(w.tensors.get("kd")), _ptr(w.tensors.get("kdmin")), w.kmode
 
 
 class _WeightDesc(ctypes.Structure):  # wdesc_t in the C source
     _fields_ = [("codes", ctypes.c_void_p), ("high", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p)] + [
         (name, ctypes.c_int) for name in ("N", "K", "nibble", "offset", "G", "hbits", "r16", "ablock")
-    ]
+    ] + [("kd", ctypes.c_void_p), ("kdmin", ctypes.c_void_p), ("kmode", ctypes.c_int)]
 
 
 def _desc(w: QLinear) -> _WeightDesc:
@@ -292,7 +304,8 @@ def _desc(w: QLinear) -> _WeightDesc:
         high, hbits = _high(w)
         kp = _kp(w)
         zero = t.get("zero")
-        d = _WeightDesc(t["codes"].data_ptr(), high, t["scale"].data_ptr(), zero.data_ptr() if zero is not None else None, w.n, kp, int(w.nibble), w.offset, w.group, hbits, int(w.r16), w.act_block)
+        d = _WeightDesc(t["codes"].data_ptr(), high, t["scale"].data_ptr(), zero.data_ptr() if zero is not None else None, w.n, kp, int(w.nibble), w.offset, w.group, hbits, int(w.r16), w.act_block,
+                        *_kscales(w))
         w.__dict__["_desc"] = d
     return d
 
@@ -346,6 +359,7 @@ def _vnni_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
     rc = lib.lm_qmatmul(
         x.data_ptr(), T, kp, w.n, w.tensors["codes"].data_ptr(), int(w.nibble), w.tensors["scale"].data_ptr(),
         zero.data_ptr() if zero is not None else None, w.offset, w.group, y.data_ptr(), torch.get_num_threads(), *_high(w), int(w.r16), w.act_block,
+        *_kscales(w),
     )
     if rc != 0:
         raise MemoryError("lm_qmatmul could not allocate its scratch buffers")
@@ -483,13 +497,19 @@ def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLin
     return QLinear("bf16", rows, cols.pop(), {"w": w.to(device=device, dtype=torch.bfloat16)})
 
 
+# The K-types keep their own scales in the r16 layout (C repack): per group a byte (sc, and mn for the
+# types with mins; Q6_K's sc signed) and per 256-block of a row the float16 d (and dmin), so the
+# repacked weight is the file's size (a float16 scale and zero per group were ≈ 10% more bytes) and
+# each group's scale d·sc is exact, as in llama.cpp. The values: the C source's K_UNSIGNED, K_SIGNED.
+K_SCALES = {Q.Q4_K: 1, Q.Q5_K: 1, Q.Q6_K: 2}
+
 # (bits, group, offset, has a zero) of each type's affine form (gguf/blocks.py decode), which the C
 # repacker writes straight from the blocks
 R16_TYPES = {Q.Q4_0: (4, 32, 8, False), Q.Q4_1: (4, 32, 0, True), Q.Q5_0: (5, 32, 16, False), Q.Q5_1: (5, 32, 0, True),
              Q.Q8_0: (8, 32, 128, False), Q.Q4_K: (4, 32, 0, True), Q.Q5_K: (5, 32, 0, True), Q.Q6_K: (6, 16, 32, False)}
 
 
-def _repack_r16_native(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, N: int, K: int) -> QLinear | None:
+def _repack_r16_native(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, N: int, K: int, kscales: bool = True) -> QLinear | None:
     """The r16 layout made in C from the file's blocks, on all threads (lm_repack_r16): the same
     bytes as decode() + _pack_r16, without the torch and numpy passes (~0.3 ms instead of 10-20 ms
     for a Qwen3-30B-A3B expert). None where it does not apply (the Python path then runs)."""
@@ -506,13 +526,20 @@ def _repack_r16_native(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationTy
     src = src.contiguous()
     nb, ng = -(-N // 16), K // G
     bpg = G // 8 * 64 + (64 if bits in (5, 6) else 0) if bits <= 6 else G // 4 * 64
-    t = {"codes": torch.empty(nb, ng * bpg, dtype=torch.uint8), "scale": torch.empty(nb * ng * 16, dtype=torch.float16)}
+    kmode = K_SCALES.get(qtype, 0) if kscales else 0
+    per_group = torch.uint8 if kmode else torch.float16  # a K-type's sub-scale byte, or a float16 scale
+    t = {"codes": torch.empty(nb, ng * bpg, dtype=torch.uint8), "scale": torch.empty(nb * ng * 16, dtype=per_group)}
     if has_zero:
-        t["zero"] = torch.empty(nb * ng * 16, dtype=torch.float16)
-    rc = lib.lm_repack_r16(int(qtype), src.data_ptr(), N, K, t["codes"].data_ptr(), t["scale"].data_ptr(), t["zero"].data_ptr() if has_zero else None, torch.get_num_threads())
+        t["zero"] = torch.empty(nb * ng * 16, dtype=per_group)
+    if kmode:
+        t["kd"] = torch.empty(nb * (K // 256) * 16, dtype=torch.float16)
+        if has_zero:
+            t["kdmin"] = torch.empty(nb * (K // 256) * 16, dtype=torch.float16)
+    rc = lib.lm_repack_r16(int(qtype), src.data_ptr(), N, K, t["codes"].data_ptr(), t["scale"].data_ptr(), _ptr(t.get("zero")), torch.get_num_threads(),
+                           kmode, _ptr(t.get("kd")), _ptr(t.get("kdmin")))
     if rc != 0:
         return None
-    return QLinear("vnni", N, K, t, offset=offset, group=G, nibble=bits <= 6, bits=bits, r16=True)
+    return QLinear("vnni", N, K, t, offset=offset, group=G, nibble=bits <= 6, bits=bits, r16=True, kmode=kmode)
 
 
 def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:

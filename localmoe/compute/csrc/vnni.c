@@ -21,7 +21,38 @@ typedef struct {
     int hbits;                        // 0, 1 or 2
     int r16;                          // 1: the row-interleaved layout below (codes, scale, zero)
     int ablock;                       // values per activation scale: 32 (llama.cpp's Q8_0) or 256 (Q8_K, for the K-types)
+    const uint16_t *kd, *kdmin;       // kmode: float16 [nb, K / 256, 16] super-block scale d (and dmin) of each row
+    int kmode;                        // 0: scale/zero are float16 per group; K_UNSIGNED / K_SIGNED: the K-types' own
+                                      // sub-scales, one byte per group and row (scale: sc, zero: mn, both uint8; Q6_K's
+                                      // sc int8), the group's scale d·sc and zero −dmin·mn made exactly in float32
 } job_t;
+
+enum { K_NONE = 0, K_UNSIGNED = 1, K_SIGNED = 2 };
+
+// The float32 scale and zero of group g of row block b for the 16 lanes (rows) of an r16 weight:
+// float16 values, or (kmode) d·sc and −dmin·mn from the K-types' bytes. Symmetric types (no zero):
+// zero = −offset·scale.
+static inline void r16_scale_zero(const uint16_t *scale, const uint16_t *zero, const uint16_t *kd, const uint16_t *kdmin,
+                                  int kmode, int G, int K, int offset, int b, int g, __m512 *s, __m512 *z) {
+    const int ng = K / G;
+    if (kmode) {
+        const int nsb = K / 256, sbi = g / (256 / G);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kd + ((size_t)b * nsb + sbi) * 16)));
+        const __m128i sc = _mm_loadu_si128((const __m128i *)((const uint8_t *)scale + ((size_t)b * ng + g) * 16));
+        *s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(kmode == K_SIGNED ? _mm512_cvtepi8_epi32(sc) : _mm512_cvtepu8_epi32(sc)));
+        if (zero) {
+            const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kdmin + ((size_t)b * nsb + sbi) * 16)));
+            const __m128i mn = _mm_loadu_si128((const __m128i *)((const uint8_t *)zero + ((size_t)b * ng + g) * 16));
+            *z = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dm), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
+        } else {
+            *z = _mm512_mul_ps(*s, _mm512_set1_ps(-(float)offset));
+        }
+        return;
+    }
+    const size_t o = ((size_t)b * ng + g) * 16;
+    *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + o)));
+    *z = zero ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zero + o))) : _mm512_mul_ps(*s, _mm512_set1_ps(-(float)offset));
+}
 
 // The high-bit plane of one 64-weight chunk → bits 4.. of each code byte. hbits = 2: byte j of the
 // plane holds weight j + 16 L in bits 2L..2L+1 (L = 0..3); hbits = 1: byte j holds weight j + 8 L in bit L.
@@ -150,7 +181,6 @@ static inline __m512i r16_high(__m512i hb, int s, int HB) {
         int ng = j->K / G;                                                                           \
         size_t gb = j->nibble ? G * 8 + (HB ? 64 : 0) : G * 16;  /* bytes per group of 16 rows */   \
         const uint8_t *cb = j->codes + (size_t)b * ng * gb;                                          \
-        const uint16_t *sb = j->scale + (size_t)b * ng * 16, *zb = j->zero ? j->zero + (size_t)b * ng * 16 : 0; \
         const __m512i m4 = _mm512_set1_epi8(0x0F);                                                   \
         __m512 acc[TT];                                                                              \
         for (int u = 0; u < TT; u++) acc[u] = _mm512_setzero_ps();                                   \
@@ -179,9 +209,8 @@ static inline __m512i r16_high(__m512i hb, int s, int HB) {
                     ib[u] = _mm512_dpbusd_epi32(ib[u], hi, bcast4(xr + 4));                          \
                 }                                                                                    \
             }                                                                                        \
-            __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + g * 16)));          \
-            __m512 z = zb ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zb + g * 16)))      \
-                          : _mm512_mul_ps(s, _mm512_set1_ps(-(float)j->offset));                     \
+            __m512 s, z;                                                                             \
+            r16_scale_zero(j->scale, j->zero, j->kd, j->kdmin, j->kmode, G, j->K, j->offset, b, g, &s, &z); \
             for (int u = 0; u < TT; u++) {                                                           \
                 size_t q = (size_t)(t0 + u) * ng + g;                                                \
                 __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(ia[u], ib[u]));                    \
@@ -253,13 +282,14 @@ static void quantize_x(const float *x, int T, int K, int G, int ablock, int8_t *
 }
 
 int lm_qmatmul(const float *x, int T, int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale,
-               const uint16_t *zero, int offset, int G, float *y, int nthreads, const uint8_t *high, int hbits, int r16, int ablock) {
+               const uint16_t *zero, int offset, int G, float *y, int nthreads, const uint8_t *high, int hbits, int r16, int ablock,
+               const uint16_t *kd, const uint16_t *kdmin, int kmode) {
     int8_t *xq = aligned_alloc(64, (size_t)T * K + 64);
     float *dxg = aligned_alloc(64, ((size_t)T * (K / 16) + 16) * 4);
     float *xs = aligned_alloc(64, ((size_t)T * (K / 16) + 16) * 4);
     if (!xq || !dxg || !xs) { free(xq); free(dxg); free(xs); return -1; }
     quantize_x(x, T, K, G, ablock, xq, dxg, xs);
-    job_t j = {T, K, N, G, nibble, offset, codes, scale, zero, xq, dxg, xs, y, high, hbits, r16, ablock};
+    job_t j = {T, K, N, G, nibble, offset, codes, scale, zero, xq, dxg, xs, y, high, hbits, r16, ablock, kd, kdmin, kmode};
     __m512i idx = group_index(G);
     // Few weights: one thread (waking others costs more than it saves).
     int nth = (size_t)N * K * T < (1u << 18) ? 1 : nthreads, items = job_items(&j);
@@ -276,6 +306,8 @@ typedef struct {
     const uint16_t *scale, *zero;
     int N, K, nibble, offset, G, hbits, r16;
     int ablock;  // values per activation scale (job_t's)
+    const uint16_t *kd, *kdmin;
+    int kmode;   // (job_t's)
 } wdesc_t;
 
 int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, float *y, int y_stride, int nthreads) {
@@ -290,7 +322,8 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
         if (!bufs[e]) { ok = 0; break; }
         int8_t *xq = bufs[e];
         job_t j = {1, K, w[e].N, w[e].G, w[e].nibble, w[e].offset, w[e].codes, w[e].scale, w[e].zero,
-                   xq, (float *)(xq + nq), (float *)(xq + nq + nd), y + (size_t)e * y_stride, w[e].high, w[e].hbits, w[e].r16, w[e].ablock};
+                   xq, (float *)(xq + nq), (float *)(xq + nq + nd), y + (size_t)e * y_stride, w[e].high, w[e].hbits, w[e].r16, w[e].ablock,
+                   w[e].kd, w[e].kdmin, w[e].kmode};
         jobs[e] = j;
     }
     if (ok) {
@@ -518,8 +551,12 @@ static void r16_row(const wdesc_t *w, int n, float *out) {
     int G = w->G, ng = w->K / G, b = n / 16, lane = n % 16;
     size_t gb = w->nibble ? G * 8 + (w->hbits ? 64 : 0) : G * 16;
     for (int g = 0; g < ng; g++) {
-        size_t sg = ((size_t)b * ng + g) * 16 + lane;
-        float sc = _cvtsh_ss(w->scale[sg]), zc = w->zero ? _cvtsh_ss(w->zero[sg]) : -(float)w->offset * sc;
+        __m512 sv, zv;
+        r16_scale_zero(w->scale, w->zero, w->kd, w->kdmin, w->kmode, G, w->K, w->offset, b, g, &sv, &zv);
+        float sl[16], zl[16];
+        _mm512_storeu_ps(sl, sv);
+        _mm512_storeu_ps(zl, zv);
+        float sc = sl[lane], zc = zl[lane];
         const uint8_t *cg = w->codes + ((size_t)b * ng + g) * gb;
         for (int step = 0; step < G / 4; step++)
             for (int q = 0; q < 4; q++) {
@@ -543,11 +580,12 @@ void lm_r16_rows(const wdesc_t *w, const int64_t *ids, int T, float *out) {
 // Dequantize rows to float32: out [N, K] for a dense GEMM when many tokens share the weights
 // (prefill), where MKL's SGEMM beats per-token integer dot products.
 void lm_dequant_f32(int K, int N, const uint8_t *codes, int nibble, const uint16_t *scale, const uint16_t *zero,
-                    int offset, int G, float *out, int nthreads, const uint8_t *high, int hbits, int r16) {
-    job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, high, hbits, r16, 32};
+                    int offset, int G, float *out, int nthreads, const uint8_t *high, int hbits, int r16,
+                    const uint16_t *kd, const uint16_t *kdmin, int kmode) {
+    job_t j = {0, K, N, G, nibble, offset, codes, scale, zero, 0, 0, 0, 0, high, hbits, r16, 32, kd, kdmin, kmode};
     int nc = K / 64, ng = K / G;
     if (r16) {
-        wdesc_t w = {codes, high, scale, zero, N, K, nibble, offset, G, hbits, r16, 32};
+        wdesc_t w = {codes, high, scale, zero, N, K, nibble, offset, G, hbits, r16, 32, kd, kdmin, kmode};
         #pragma omp parallel for schedule(static) num_threads(nthreads)
         for (int n = 0; n < N; n++) r16_row(&w, n, out + (size_t)n * K);
         return;
@@ -636,6 +674,23 @@ static void block_scales(int qtype, const uint8_t *b, float *scale, float *zero)
     }
 }
 
+// The K-types' own scales of one 256-weight block (kmode): the raw float16 d (and dmin) and, per group,
+// the sub-scale sc (and min mn) as bytes (Q4_K/Q5_K: 6-bit unsigned; Q6_K: int8).
+static void block_kscales(int qtype, const uint8_t *b, uint8_t *sc, uint8_t *mn, uint16_t *d, uint16_t *dmin) {
+    if (qtype == GT_Q6_K) {
+        memcpy(sc, b + 192, 16);
+        memcpy(d, b + 208, 2);
+        return;
+    }
+    memcpy(d, b, 2);
+    memcpy(dmin, b + 2, 2);
+    const uint8_t *sc12 = b + 4;
+    for (int j = 0; j < 8; j++) {
+        if (j < 4) { sc[j] = sc12[j] & 63; mn[j] = sc12[j + 4] & 63; }
+        else { sc[j] = (sc12[j + 4] & 0x0F) | ((sc12[j - 4] >> 6) << 4); mn[j] = (sc12[j + 4] >> 4) | ((sc12[j] >> 6) << 4); }
+    }
+}
+
 // The codes of group gi of one block, four per word: w[s] holds weights 4s..4s+3 of the group
 // (byte j = weight 4s + j), as unsigned codes (the type's offset is the kernel's).
 static inline void group_words(int qtype, const uint8_t *b, int gi, uint32_t *w) {
@@ -675,10 +730,15 @@ static inline void group_words(int qtype, const uint8_t *b, int gi, uint32_t *w)
 }
 
 // raw: [N, K / per * size] as in the file; codes: [nb, K / G * bytes per group]; scale, zero:
-// [nb, K / G, 16] float16 (zero NULL for types without one). 0 on success, -1: unknown type or K.
-int lm_repack_r16(int qtype, const uint8_t *raw, int N, int K, uint8_t *codes, uint16_t *scale, uint16_t *zero, int nthreads) {
+// [nb, K / G, 16] float16 (zero NULL for types without one). kmode (the K-types only): scale and
+// zero are bytes [nb, K / G, 16] (sc, mn) and kd, kdmin float16 [nb, K / 256, 16] (d, dmin), as
+// job_t reads them. 0 on success, -1: unknown type or K, or kmode for a type without super-blocks.
+int lm_repack_r16(int qtype, const uint8_t *raw, int N, int K, uint8_t *codes, uint16_t *scale, uint16_t *zero, int nthreads,
+                  int kmode, uint16_t *kd, uint16_t *kdmin) {
     int per, size, G, bits, has_zero;
     if (!block_geometry(qtype, &per, &size, &G, &bits, &has_zero) || K % per) return -1;
+    if (kmode && per != 256) return -1;
+    const int nsb = K / 256;
     const int nb = (N + 15) / 16, ng = K / G, hb = bits <= 6 ? (bits > 4 ? bits - 4 : 0) : 0;
     const int bpg = bits <= 6 ? G / 8 * 64 + (hb ? 64 : 0) : G / 4 * 64;  // code bytes per block and group
     const size_t row_bytes = (size_t)(K / per) * size;
@@ -688,14 +748,24 @@ int lm_repack_r16(int qtype, const uint8_t *raw, int N, int K, uint8_t *codes, u
         const uint32_t low = 0x0F0F0F0Fu, hmask = hb == 1 ? 0x01010101u : 0x03030303u;
         uint8_t *cb = codes + (size_t)blk * ng * bpg;
         uint16_t *sb = scale + (size_t)blk * ng * 16, *zb = zero ? zero + (size_t)blk * ng * 16 : NULL;
+        uint8_t *sb8 = (uint8_t *)scale + (size_t)blk * ng * 16, *zb8 = zero ? (uint8_t *)zero + (size_t)blk * ng * 16 : NULL;
         for (int lane = 0; lane < 16; lane++) {
             const int n = blk * 16 + lane;
             if (n >= N) {  // padding row: codes 0, scale 0, zero 0
                 for (int g = 0; g < ng; g++) {
                     uint8_t *out = cb + (size_t)g * bpg;
                     for (int r = 0; r < bpg / 64; r++) memset(out + r * 64 + lane * 4, 0, 4);
-                    sb[g * 16 + lane] = 0;
-                    if (zb) zb[g * 16 + lane] = 0;
+                    if (kmode) {
+                        sb8[g * 16 + lane] = 0;
+                        if (zb8) zb8[g * 16 + lane] = 0;
+                    } else {
+                        sb[g * 16 + lane] = 0;
+                        if (zb) zb[g * 16 + lane] = 0;
+                    }
+                }
+                for (int kb = 0; kmode && kb < nsb; kb++) {
+                    kd[((size_t)blk * nsb + kb) * 16 + lane] = 0;
+                    if (kdmin) kdmin[((size_t)blk * nsb + kb) * 16 + lane] = 0;
                 }
                 continue;
             }
@@ -703,12 +773,25 @@ int lm_repack_r16(int qtype, const uint8_t *raw, int N, int K, uint8_t *codes, u
             for (int kb = 0; kb < K / per; kb++) {
                 const uint8_t *b = row + (size_t)kb * size;
                 float sc[16], zr[16] = {0};
-                block_scales(qtype, b, sc, zr);
+                uint8_t ksc[16], kmn[16] = {0};
+                if (kmode) {
+                    uint16_t d = 0, dmin = 0;
+                    block_kscales(qtype, b, ksc, kmn, &d, &dmin);
+                    kd[((size_t)blk * nsb + kb) * 16 + lane] = d;
+                    if (kdmin) kdmin[((size_t)blk * nsb + kb) * 16 + lane] = dmin;
+                } else {
+                    block_scales(qtype, b, sc, zr);
+                }
                 for (int gi = 0; gi < gpb; gi++) {
                     const int g = kb * gpb + gi;
                     uint8_t *out = cb + (size_t)g * bpg;
-                    sb[g * 16 + lane] = f32_to_f16(sc[gi]);
-                    if (zb) zb[g * 16 + lane] = f32_to_f16(zr[gi]);
+                    if (kmode) {
+                        sb8[g * 16 + lane] = ksc[gi];
+                        if (zb8) zb8[g * 16 + lane] = kmn[gi];
+                    } else {
+                        sb[g * 16 + lane] = f32_to_f16(sc[gi]);
+                        if (zb) zb[g * 16 + lane] = f32_to_f16(zr[gi]);
+                    }
                     uint32_t w[8];  // G / 4 ≤ 8 steps of four codes
                     group_words(qtype, b, gi, w);
                     if (bits == 8) {
