@@ -211,9 +211,10 @@ def test_budgeted_run_miss_policies_and_calibrate(make_model, tmp_path):
         assert {tick.layer for tick, _, _ in load_trace(trace).steps} == {0, 1, 2, 3}  # the DeltaNet layers' experts too
 
 
-def test_c_decode_step_equals_the_torch_step(make_model):
-    """The decode step's one C call (conv, norms, delta rule, gated norm) gives the torch ops'
-    output and leaves the same state, over 20 tokens of a layer with key heads tiled over value heads."""
+def test_c_helper_equals_the_torch_forms(make_model):
+    """The C helper (conv, norms, delta rule, gated norm) gives the torch ops' output and leaves the
+    same state: 20 decode steps (against the recurrent form) and a 70-token prompt (against the
+    chunked form), on a layer with key heads tiled over value heads."""
     from localmoe.compute.ggml_backend import ggml
 
     if ggml() is None:
@@ -233,5 +234,18 @@ def test_c_decode_step_equals_the_torch_step(make_model):
             finally:
                 dn.deltanet_step = real
             torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+        for a, b in zip(c_cache.states[0], torch_cache.states[0]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # a prompt: the C helper's tokens in order against torch's chunked form (70 tokens: two chunks)
+        h = torch.randn(70, s.n_embd, generator=torch.Generator().manual_seed(2))
+        c_cache, torch_cache = KVCache(s, rt.n_ctx, rt.device), KVCache(s, rt.n_ctx, rt.device)
+        ours = layer(s, 0, h, c_cache, 0, None)
+        real = dn.deltanet_step
+        dn.deltanet_step = lambda *a: None
+        try:
+            ref = layer(s, 0, h, torch_cache, 0, None)
+        finally:
+            dn.deltanet_step = real
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
         for a, b in zip(c_cache.states[0], torch_cache.states[0]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

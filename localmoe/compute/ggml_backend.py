@@ -144,7 +144,7 @@ class GGML:
         d.lg_attn_decode.restype = None
         d.lg_attn_decode.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         d.lg_deltanet_step.restype = None
-        d.lg_deltanet_step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+        d.lg_deltanet_step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2
 
     def _read_traits(self) -> dict[GGMLQuantizationType, TypeKernels]:
         base: dict[GGMLQuantizationType, _Traits] = {}

@@ -705,21 +705,22 @@ def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def deltanet_step(proj: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Tensor, shape: Any, dt_bias: torch.Tensor,
                   a: torch.Tensor, norm_w: torch.Tensor, eps: float, S: torch.Tensor) -> torch.Tensor | None:
-    """One decode token of a Gated DeltaNet layer in one C call (ggml driver's lg_deltanet_step): proj
-    [1, C + 2·Hv + Hv·dv] = [qkv | z | β | α] → the gated, normed output [1, Hv·dv]; conv_state
-    [C, K − 1] and S [Hv, dk, dv] advanced in place. None where the C helper does not apply (the
-    caller runs layers/deltanet.py's torch ops)."""
+    """T tokens of a Gated DeltaNet layer, one after another, in one C call (ggml driver's
+    lg_deltanet_step): proj [T, C + Hv·dv + 2·Hv] = [qkv | z | β | α] → the gated, normed output
+    [T, Hv·dv]; conv_state [C, K − 1] and S [Hv, dk, dv] advanced in place. None where the C helper
+    does not apply (the caller runs layers/deltanet.py's torch ops)."""
     if kernel_mode() == "torch":
         return None
     g = ggml()
     tensors = (proj, conv_state, conv_w, dt_bias, a, norm_w, S)
-    if g is None or proj.shape[0] != 1 or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+    if g is None or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None
-    out = torch.empty(1, shape.value_dim, dtype=torch.float32)
+    T = proj.shape[0]
+    out = torch.empty(T, shape.value_dim, dtype=torch.float32)
     scratch = torch.empty(shape.conv_dim, dtype=torch.float32)
     g.driver.lg_deltanet_step(proj.data_ptr(), conv_state.data_ptr(), conv_w.data_ptr(), shape.conv_dim, shape.d_conv, shape.n_k_heads,
                               shape.n_v_heads, shape.d_k, shape.d_v, dt_bias.data_ptr(), a.data_ptr(), norm_w.data_ptr(), eps,
-                              S.data_ptr(), out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+                              S.data_ptr(), out.data_ptr(), scratch.data_ptr(), T, torch.get_num_threads())
     return out
 
 
