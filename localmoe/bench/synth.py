@@ -18,15 +18,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from ..gguf import names
+from ..gguf.qtypes import FILE_TYPES
 from ..errors import LocalMoEError
 from ..tokenizer import CHATML_TEMPLATE
 
 Q = GGMLQuantizationType
 # What `weight_type` may be for the big matrices; norms and routers stay F32 as llama.cpp keeps them.
 WRITE_TYPES = {"F32": (Q.F32, LlamaFileType.ALL_F32), "F16": (Q.F16, LlamaFileType.MOSTLY_F16), "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0), "Q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0)}
-LLAMA_FTYPES = {"F16": 1, "BF16": 32, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18,
-                # (llama.h's LLAMA_FTYPE_MOSTLY_*) the low-bit mixes; the IQ1/IQ2/IQ3 ones need an importance matrix
-                "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q5_K_S": 16, "IQ4_NL": 25, "IQ4_XS": 30, "MXFP4_MOE": 38}
+# What llama.cpp's quantizer may make of a Q8_0 file here: its file types (llama.h's LLAMA_FTYPE_MOSTLY_*) that localmoe reads
+LLAMA_FTYPES = {name: int(ftype) for name, ftype in FILE_TYPES.items()}
 
 
 @dataclass(frozen=True)
