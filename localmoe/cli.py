@@ -16,6 +16,7 @@ from .errors import LocalMoEError
 from .fallback.miss_policies import MISS_POLICIES
 from .residency.profiles import PROFILES
 from .bench.residency import DEFAULT_POLICIES
+from .sampling import DEFAULT, MAX_TOKENS
 
 ON_MISS_POLICIES = tuple(MISS_POLICIES)
 
@@ -71,10 +72,10 @@ def load_progress():
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens; 0 = all (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("-n", "--max-tokens", type=int, default=MAX_TOKENS, help="tokens to generate at most (default %(default)s)")
+    g.add_argument("--temp", type=float, default=DEFAULT.temperature, help="temperature; 0 = greedy (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=DEFAULT.top_k, help="sample from the k most likely tokens; 0 = all (default %(default)s)")
+    g.add_argument("--top-p", type=float, default=DEFAULT.top_p, help="nucleus sampling mass (default %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
 
 

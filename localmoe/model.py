@@ -216,7 +216,7 @@ class MoEModel:
         n = self.output_norm.numel() * 4 + self.output.nbytes + self.embd.n_bytes
         n += sum(weight_bytes(lw) for lw in self.layers)
         # routed-expert biases (gpt-oss): float32 beside the experts' bytes, on the compute device
-        n += sum(t.n_bytes for name, t in self.gguf.tensors.items() if name.endswith(".bias") and any(f".{p}." in name for p in names.EXPERT_BIAS_PARTS))
+        n += sum(t.n_bytes for name, t in self.gguf.tensors.items() if names.is_expert_bias(name))
         return n
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

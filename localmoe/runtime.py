@@ -26,7 +26,7 @@ from .residency.scheduler import ExpertScheduler, ResidencyConfig
 from .residency.trace import TraceRecorder
 from .gguf.file import GGUFModel
 from .model import KVCache, MoEModel
-from .sampling import SamplingParams, sample
+from .sampling import DEFAULT, MAX_TOKENS, SamplingParams, sample
 from .stats import Stats, StatsCollector
 from .tokenizer import IncrementalDecoder, Tokenizer
 from .gguf import names
@@ -316,10 +316,10 @@ class Runtime:
     def stream(
         self,
         prompt: str | list[dict[str, Any]],
-        max_tokens: int = 128,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        top_k: int = 40,
+        max_tokens: int = MAX_TOKENS,
+        temperature: float = DEFAULT.temperature,
+        top_p: float = DEFAULT.top_p,
+        top_k: int = DEFAULT.top_k,
         seed: int | None = None,
     ) -> Iterator[Chunk]:
         """Yield a Chunk per generated token, then a closing Chunk with the finish reason.
@@ -381,12 +381,14 @@ class Runtime:
         self._cache_tokens = self._cache_tokens + list(ids)
         return readback(out[-1].float())[0]
 
-    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, seed: int | None = None) -> str:
+    def generate(self, prompt: str, max_tokens: int = MAX_TOKENS, temperature: float = DEFAULT.temperature, top_p: float = DEFAULT.top_p,
+                 top_k: int = DEFAULT.top_k, seed: int | None = None) -> str:
         if not isinstance(prompt, str):
             raise LocalMoEError(f"generate() takes a str prompt, got {type(prompt).__name__}; use chat() for messages")
         return "".join(c.text for c in self.stream(prompt, max_tokens, temperature, top_p, top_k, seed))
 
-    def chat(self, messages: list[dict[str, Any]], max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, seed: int | None = None) -> str:
+    def chat(self, messages: list[dict[str, Any]], max_tokens: int = MAX_TOKENS, temperature: float = DEFAULT.temperature, top_p: float = DEFAULT.top_p,
+             top_k: int = DEFAULT.top_k, seed: int | None = None) -> str:
         if not isinstance(messages, list):
             raise LocalMoEError("chat() takes a list of {'role': ..., 'content': ...} messages")
         return "".join(c.text for c in self.stream(messages, max_tokens, temperature, top_p, top_k, seed))

@@ -1,4 +1,7 @@
-"""Choosing the next token from logits: greedy, or temperature → top-k → top-p, seeded."""
+"""Choosing the next token from logits: greedy, or temperature → top-k → top-p, seeded.
+
+The sampling defaults live here and nowhere else: SamplingParams' fields (llama.cpp's defaults) and
+MAX_TOKENS. Runtime.generate/chat/stream, `run`, `chat`, `serve` and the TUI read them (DEFAULT)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LocalMoEError
+
+
+MAX_TOKENS = 128  # tokens generated at most when the caller does not say
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,9 @@ class SamplingParams:
         if self.temperature < 0:
             raise LocalMoEError(f"temperature must be ≥ 0, got {self.temperature}")
         return self
+
+
+DEFAULT = SamplingParams()  # what a request that leaves a setting out gets
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -29,6 +29,7 @@ from textual.widgets import Footer, Header, Input, LoadingIndicator, Static
 from textual.worker import Worker, get_current_worker
 
 from localmoe.residency.cache_policies import ONLINE_POLICIES
+from localmoe.sampling import DEFAULT, MAX_TOKENS
 from localmoe.errors import LocalMoEError
 from localmoe.runtime import ON_MISS_POLICIES
 
@@ -41,11 +42,11 @@ Messages = list[dict[str, str]]
 
 
 @dataclass
-class Sampling:
-    max_tokens: int = 128
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
+class Sampling:  # the chat's live settings, from localmoe's defaults (localmoe/sampling.py)
+    max_tokens: int = MAX_TOKENS
+    temperature: float = DEFAULT.temperature
+    top_p: float = DEFAULT.top_p
+    top_k: int = DEFAULT.top_k
     seed: int | None = None
 
 

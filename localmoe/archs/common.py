@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..gguf import names
+
 RopeStyle = Literal["neox", "norm"]  # neox: rotate halves (i, i+d/2); norm: adjacent pairs (2i, 2i+1)
 QKNorm = Literal["none", "per_head", "full"]  # RMS-norm of q and k: none, over each head, over all heads
 Routing = Literal["softmax_topk", "topk_softmax", "sigmoid_bias_groups"]
@@ -42,7 +44,7 @@ class ArchSpec:
     shared_expert: SharedExpert = "none"
     dense_leading: bool = False  # the first `leading_dense_block_count` blocks have a dense FFN, no experts
     rope_scalings: tuple[RopeScaling, ...] = ("none", "linear")
-    ffn_norm: str = "ffn_norm"  # the stem of the norm in front of the FFN (GLM: post_attention_norm)
+    ffn_norm: str = names.FFN_NORM  # the stem of the norm in front of the FFN (GLM: post_attention_norm)
     sinks: bool = False  # per-head attention sinks: one extra logit per head in the softmax's denominator
     sliding_window: bool = False  # sliding-window attention on the layers the file marks (ModelSpec.swa_layers)
     router_bias: bool = False  # the router's logits carry a bias (ffn_gate_inp.bias) before selection
@@ -136,9 +138,9 @@ def yarn_attn_factor(arch_name: str, freq_scale: float, log_mul: float, file_att
 def required_tensors(spec: Any, layer: int) -> list[str]:
     """Per-layer tensor stems (with blk()) a GQA file of `spec.arch` must hold."""
     arch: ArchSpec = spec.arch
-    stems = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", arch.ffn_norm]
+    stems = [names.ATTN_NORM, names.ATTN_Q, names.ATTN_K, names.ATTN_V, names.ATTN_OUT, arch.ffn_norm]
     if arch.qk_norm != "none" and not arch.qk_norm_optional:
-        stems += ["attn_q_norm", "attn_k_norm"]
+        stems += [names.ATTN_Q_NORM, names.ATTN_K_NORM]
     stems += ffn_tensors(spec, layer)
     return stems
 
@@ -148,10 +150,10 @@ def ffn_tensors(spec: Any, layer: int) -> list[str]:
     (+ the shared expert, + its gate when gated)."""
     arch: ArchSpec = spec.arch
     if not spec.is_moe(layer):
-        return ["ffn_gate", "ffn_up", "ffn_down"]
-    stems = ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+        return [names.FFN_GATE, names.FFN_UP, names.FFN_DOWN]
+    stems = [names.FFN_GATE_INP, *names.EXPERT_PARTS]
     if arch.shared_expert != "none":
-        stems += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
+        stems += [names.FFN_GATE_SHEXP, names.FFN_UP_SHEXP, names.FFN_DOWN_SHEXP]
     if arch.shared_expert == "gated":
-        stems += ["ffn_gate_inp_shexp"]
+        stems += [names.FFN_GATE_INP_SHEXP]
     return stems

@@ -66,9 +66,9 @@ def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
         raise LocalMoEError(f"gemma4: layers that share an earlier layer's KV cache ({names.SHARED_KV_LAYERS} = {get(names.SHARED_KV_LAYERS, 0)}, the small dense Gemma 4s) are not supported; localmoe runs Gemma 4 26B-A4B")
     if int(get(names.EMBEDDING_LENGTH_PER_LAYER, 0) or 0) > 0 or tensor_shape(names.PER_LAYER_TOKEN_EMBD) is not None:
         raise LocalMoEError("gemma4: per-layer embeddings (the small dense Gemma 4 E2B/E4B) are not supported; localmoe runs Gemma 4 26B-A4B")
-    kv = _per_layer(get(names.HEAD_COUNT_KV, get(names.HEAD_COUNT, 0)), n_layer, "head_count_kv")
-    n_head_kv, n_head_kv_swa = _one_per_kind(kv, swa, False, "head_count_kv"), _one_per_kind(kv, swa, True, "head_count_kv")
-    n_ff = _per_layer(get(names.FEED_FORWARD_LENGTH, 0), n_layer, "feed_forward_length")
+    kv = _per_layer(get(names.HEAD_COUNT_KV, get(names.HEAD_COUNT, 0)), n_layer, names.HEAD_COUNT_KV)
+    n_head_kv, n_head_kv_swa = _one_per_kind(kv, swa, False, names.HEAD_COUNT_KV), _one_per_kind(kv, swa, True, names.HEAD_COUNT_KV)
+    n_ff = _per_layer(get(names.FEED_FORWARD_LENGTH, 0), n_layer, names.FEED_FORWARD_LENGTH)
     if len(set(n_ff)) != 1:
         raise LocalMoEError(f"gemma4: the dense MLP's length differs between layers ({sorted(set(n_ff))}); localmoe reads one")
     head_dim = int(get(names.KEY_LENGTH, 0))

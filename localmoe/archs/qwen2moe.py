@@ -3,6 +3,7 @@ renormalised), and a shared expert behind a sigmoid gate. llama.cpp: src/models/
 
 from typing import Any
 
+from ..gguf import names
 from .common import ArchSpec, Getter
 from .qwen3moe import build_block  # noqa: F401  (GQA + MoE, from the declarations)
 
@@ -13,8 +14,8 @@ ARCH = ArchSpec(
 
 
 def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
-    n_ff_shexp = int(get("expert_shared_feed_forward_length", 0) or 0)
+    n_ff_shexp = int(get(names.EXPERT_SHARED_FFN_LENGTH, 0) or 0)
     if not n_ff_shexp:
-        shape = tensor_shape("blk.0.ffn_gate_shexp.weight")
+        shape = tensor_shape(names.blk(0, names.FFN_GATE_SHEXP))
         n_ff_shexp = shape[0] if shape else 0
     return {"n_ff_shexp": n_ff_shexp}

@@ -38,6 +38,8 @@ from ..compute import counters
 from ..gguf import names
 from ..errors import LocalMoEError
 from ..gguf.file import GGUFModel
+from ..gguf.qtypes import BY_NAME as QTYPES_BY_NAME
+from ..gguf.qtypes import TYPES as QTYPES
 
 LLAMA_CPP = "llama.cpp"
 REBUILD_HINT = (  # a build for another CPU (a cached wheel) or llama.cpp's AMX path on some Xeons
@@ -480,9 +482,10 @@ def format_table(res: BenchResult) -> str:
 
 # -- kernel micro-benchmark (`localmoe bench --kernels`) ---------------------------------------------
 # (weights per block, bytes per block, byte offsets of float16 scale fields) of each block type
-# with a CPU kernel; RANDOM_LAYOUTS adds the types only the GPU kernels (compute/triton_gguf.py) take
-BLOCK_LAYOUTS = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)), "Q5_1": (32, 24, (0, 2)), "Q8_0": (32, 34, (0,)), "Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,))}
-RANDOM_LAYOUTS = {**BLOCK_LAYOUTS, "Q2_K": (256, 84, (80, 82)), "Q3_K": (256, 110, (108,)), "IQ4_NL": (32, 18, (0,)), "IQ4_XS": (256, 136, (0,)), "MXFP4": (32, 17, ())}
+# with a CPU kernel of our own (gguf/qtypes.py); RANDOM_LAYOUTS adds the other types whose scales it
+# describes (those the GPU kernels, compute/triton_gguf.py, take)
+RANDOM_LAYOUTS = {t.name: (t.block, t.type_size, t.f16_at) for t in QTYPES.values() if t.f16_at is not None}
+BLOCK_LAYOUTS = {name: layout for name, layout in RANDOM_LAYOUTS.items() if QTYPES_BY_NAME[name].affine is not None}
 
 
 def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator, scale: float = 0.01) -> np.ndarray:
@@ -490,11 +493,7 @@ def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator, sca
     every code pattern occurs. Types outside RANDOM_LAYOUTS (the IQ1/IQ2/IQ3 grid types) are plain
     random bytes: fine for timing."""
     if qtype_name not in RANDOM_LAYOUTS:
-        from gguf import GGMLQuantizationType
-
-        from ..gguf.blocks import BLOCK_SIZES
-
-        per, size = BLOCK_SIZES[GGMLQuantizationType[qtype_name]]
+        per, size = QTYPES_BY_NAME[qtype_name].block, QTYPES_BY_NAME[qtype_name].type_size
         return rng.integers(0, 256, (n, k // per * size), dtype=np.uint8)
     per, size, f16_at = RANDOM_LAYOUTS[qtype_name]
     b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
@@ -523,13 +522,14 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
     out = []
     from ..compute.ggml_backend import ggml
     from ..gguf.blocks import BLOCK_TYPES
+    from ..gguf.qtypes import INT4_TYPES
 
     for name in KERNEL_TYPES:
         qtype = GGMLQuantizationType[name]
         raw = random_blocks(name, n, k, rng)
         # "ggml-rows": the ggml backend with every token count on the per-row driver (no graph)
         backends = (["vnni"] if kernels.native_lib() is not None and qtype in BLOCK_TYPES else []) + (["ggml", "ggml-rows"] if ggml() is not None and ggml().computes(qtype) else [])
-        backends += (["int4"] if name in ("Q4_0", "Q4_K") else []) + (["bf16"] if qtype in BLOCK_TYPES else [])
+        backends += (["int4"] if qtype in INT4_TYPES else []) + (["bf16"] if qtype in BLOCK_TYPES else [])
         for backend in backends:
             w0 = kernels.repack(raw, qtype, (n, k), backend="ggml" if backend == "ggml-rows" else backend)
             graph_rows = kernels.GGML_GRAPH_ROWS

@@ -18,15 +18,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from ..gguf import names
+from ..gguf.qtypes import FILE_TYPES
 from ..errors import LocalMoEError
 from ..tokenizer import CHATML_TEMPLATE
 
 Q = GGMLQuantizationType
 # What `weight_type` may be for the big matrices; norms and routers stay F32 as llama.cpp keeps them.
 WRITE_TYPES = {"F32": (Q.F32, LlamaFileType.ALL_F32), "F16": (Q.F16, LlamaFileType.MOSTLY_F16), "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0), "Q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0)}
-LLAMA_FTYPES = {"F16": 1, "BF16": 32, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18,
-                # (llama.h's LLAMA_FTYPE_MOSTLY_*) the low-bit mixes; the IQ1/IQ2/IQ3 ones need an importance matrix
-                "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q5_K_S": 16, "IQ4_NL": 25, "IQ4_XS": 30, "MXFP4_MOE": 38}
+# What llama.cpp's quantizer may make of a Q8_0 file here: its file types (llama.h's LLAMA_FTYPE_MOSTLY_*) that localmoe reads
+LLAMA_FTYPES = {name: int(ftype) for name, ftype in FILE_TYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -363,9 +363,9 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     if arch == "glm4moe":  # the MTP block llama.cpp loads (and skips): a whole layer plus its projections
         for i in range(cfg.n_layer, cfg.n_layer + cfg.n_nextn):
             _glm4moe_layer(put, mat, norm, rng, cfg, i, head_dim)
-            put(names.blk(i, "nextn.eh_proj"), (D, 2 * D), lambda: mat(D, 2 * D))
-            put(names.blk(i, "nextn.enorm"), (D,), lambda: norm(D))
-            put(names.blk(i, "nextn.hnorm"), (D,), lambda: norm(D))
+            put(names.blk(i, names.NEXTN_EH_PROJ), (D, 2 * D), lambda: mat(D, 2 * D))
+            put(names.blk(i, names.NEXTN_ENORM), (D,), lambda: norm(D))
+            put(names.blk(i, names.NEXTN_HNORM), (D,), lambda: norm(D))
     put(names.OUTPUT_NORM, (D,), lambda: norm(D))
 
     def output_head() -> np.ndarray:
@@ -409,7 +409,8 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
 FAST_TYPES = {"Q4_K_M": ("Q4_K", "Q6_K", LlamaFileType.MOSTLY_Q4_K_M), "Q4_0": ("Q4_0", "Q4_0", LlamaFileType.MOSTLY_Q4_0),
               "Q8_0": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_Q8_0), "Q6_K": ("Q6_K", "Q6_K", LlamaFileType.MOSTLY_Q6_K),
               "MXFP4_MOE": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_MXFP4_MOE)}
-FAST_HIGH_TENSORS = (names.FFN_DOWN_EXPS + ".weight", names.ATTN_V + ".weight", names.OUTPUT)
+# matched as ends of names: names.OUTPUT ("output.weight") also ends attn_output's, which so gets the high type too
+FAST_HIGH_TENSORS = (f"{names.FFN_DOWN_EXPS}.{names.WEIGHT}", f"{names.ATTN_V}.{names.WEIGHT}", names.OUTPUT)
 # llama.cpp's quantizer (tensor_type_fallback) for rows that are not a whole number of 256-blocks
 # (gpt-oss's 2880, DeepSeek-V2-Lite's 1408): the 32-block type it stores instead
 FAST_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0"}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ..gguf.qtypes import GGML_TYPES
 from . import cbuild
 
 Q = GGMLQuantizationType
@@ -35,12 +36,9 @@ GRAPH_SOURCE = "ggml_graph.c"
 # per thread), 2 = dynamic. LOCALMOE_GGML_SCHEDULE=static|dynamic.
 DRIVER_SCHEDULE = (2, 1) if os.environ.get("LOCALMOE_GGML_SCHEDULE", "static") == "dynamic" else (1, 0)
 DRIVER_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])  # the second where -march=native is refused
-# The quantized types localmoe hands to ggml: every type llama.cpp's quantizer makes for MoE models.
-# (ggml's enum grows; only types gguf-py and this list both know are looked up, never past its end.)
-GGML_COMPUTE_TYPES = (
-    Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
-    Q.IQ2_XXS, Q.IQ2_XS, Q.IQ3_XXS, Q.IQ1_S, Q.IQ4_NL, Q.IQ3_S, Q.IQ2_S, Q.IQ4_XS, Q.IQ1_M, Q.MXFP4,
-)
+# The quantized types localmoe hands to ggml (gguf/qtypes.py): every type llama.cpp's quantizer makes
+# for MoE models. (ggml's enum grows; only types gguf-py and this list both know are looked up, never past its end.)
+GGML_COMPUTE_TYPES = GGML_TYPES
 _CHECKED = (Q.F32, Q.F16, Q.BF16, Q.Q8_1, Q.Q8_K, *GGML_COMPUTE_TYPES)  # the activation types too
 _ACTIVATION_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q8_1, Q.Q8_K}
 

@@ -50,6 +50,7 @@ from gguf import GGMLQuantizationType
 from . import cbuild
 from .counters import to_device
 from .ggml_backend import LgW, ggml, ggml_error
+from ..gguf.qtypes import GGML_TYPES, INT4_TYPES, QUANT_TYPES, TYPES
 from ..gguf.blocks import BLOCK_SIZES, BLOCK_TYPES, FLOAT_TYPES, Affine, decode, dequantize, raw_bytes
 
 Q = GGMLQuantizationType
@@ -367,9 +368,10 @@ def _vnni_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 # Types where our VNNI kernel measured faster than ggml's kernels on the machine we measure on (AMD
-# EPYC Zen 4, 2 threads, the Qwen3-30B-A3B shape; docs/speed.md): there the VNNI kernel is used when
-# it is built. Every other quantized type goes to ggml.
-VNNI_PREFERRED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+# EPYC Zen 4, 2 threads, the Qwen3-30B-A3B shape; docs/speed.md; gguf/qtypes.py's `cpu` column):
+# there the VNNI kernel is used when it is built. Every other quantized type goes to ggml where ggml
+# computes it (a VNNI type with cpu="ggml" too: "measured faster than vnni").
+VNNI_PREFERRED = frozenset(q for q, t in TYPES.items() if t.affine is not None and t.cpu == "vnni")
 
 
 def kernel_mode() -> str:
@@ -404,15 +406,13 @@ def backend_reason(qtype: GGMLQuantizationType, device: torch.device | str = "cp
         why = "LOCALMOE_KERNEL=torch"
     else:
         why = "; ".join(f"{name}: {err}" for name, err in (("ggml", ggml_error() if qtype in _ggml_types() or g is None else "no kernel for this type"), ("vnni", native_error() if qtype in BLOCK_TYPES else "no kernel for this type")) if err)
-    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K):
+    if qtype in INT4_TYPES:
         return "int4", why
     return "bf16", why + "; dequantized once"
 
 
 def _ggml_types() -> frozenset[GGMLQuantizationType]:
-    from .ggml_backend import GGML_COMPUTE_TYPES
-
-    return frozenset(GGML_COMPUTE_TYPES)
+    return frozenset(GGML_TYPES)
 
 
 def choose_backend(qtype: GGMLQuantizationType, device: torch.device, prefer: str | None = None) -> str:
@@ -441,8 +441,6 @@ def kernel_warnings() -> list[str]:
 
 def backend_table(qtypes: list[GGMLQuantizationType] | None = None) -> list[dict[str, str]]:
     """The CPU backend of each quant type (all quantized types we read when None), with the reason."""
-    from ..gguf.blocks import QUANT_TYPES
-
     types = qtypes if qtypes is not None else sorted(QUANT_TYPES, key=int)
     return [dict(zip(("qtype", "backend", "reason"), (q.name, *backend_reason(q, "cpu")))) for q in types]
 
@@ -471,9 +469,9 @@ def repack(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int],
 
 
 # How many activation values share a scale when llama.cpp multiplies a weight of the type: its
-# vec_dot_type, Q8_K (256) for the K-types, Q8_0 or Q8_1 (32) for the others. The VNNI kernel rounds
-# activations the same way, so its products are llama.cpp's (tests/test_kernels.py).
-ACT_BLOCK = {Q.Q2_K: 256, Q.Q3_K: 256, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 256}
+# vec_dot_type, Q8_K (256) for the K-types, Q8_0 or Q8_1 (32) for the others (gguf/qtypes.py). The
+# VNNI kernel rounds activations the same way, so its products are llama.cpp's (tests/test_kernels.py).
+ACT_BLOCK = {q: t.act_block for q, t in TYPES.items() if t.act_block != 32}
 
 
 RawMatrix = tuple[np.ndarray, GGMLQuantizationType, tuple[int, int]]  # (GGUF data, quant type, [rows, cols])
@@ -500,13 +498,12 @@ def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLin
 # The K-types keep their own scales in the r16 layout (C repack): per group a byte (sc, and mn for the
 # types with mins; Q6_K's sc signed) and per 256-block of a row the float16 d (and dmin), so the
 # repacked weight is the file's size (a float16 scale and zero per group were ≈ 10% more bytes) and
-# each group's scale d·sc is exact, as in llama.cpp. The values: the C source's K_UNSIGNED, K_SIGNED.
-K_SCALES = {Q.Q4_K: 1, Q.Q5_K: 1, Q.Q6_K: 2}
+# each group's scale d·sc is exact, as in llama.cpp (gguf/qtypes.py's kscale: the C source's K_UNSIGNED, K_SIGNED).
+K_SCALES = {q: t.kscale for q, t in TYPES.items() if t.kscale}
 
-# (bits, group, offset, has a zero) of each type's affine form (gguf/blocks.py decode), which the C
-# repacker writes straight from the blocks
-R16_TYPES = {Q.Q4_0: (4, 32, 8, False), Q.Q4_1: (4, 32, 0, True), Q.Q5_0: (5, 32, 16, False), Q.Q5_1: (5, 32, 0, True),
-             Q.Q8_0: (8, 32, 128, False), Q.Q4_K: (4, 32, 0, True), Q.Q5_K: (5, 32, 0, True), Q.Q6_K: (6, 16, 32, False)}
+# (bits, group, offset, has a zero) of each type's affine form (gguf/blocks.py decode; gguf/qtypes.py),
+# which the C repacker writes straight from the blocks
+R16_TYPES = {q: t.affine for q, t in TYPES.items() if t.affine is not None}
 
 
 def _repack_r16_native(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, N: int, K: int, kscales: bool = True) -> QLinear | None:

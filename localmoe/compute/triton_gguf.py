@@ -27,14 +27,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# -- block layouts: (kernel type code, weights per block, bytes per block, group size G) ----------
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS, MXFP4 = range(13)
+from ..gguf.qtypes import TYPES
+
+# -- block layouts of the types with a kernel here (gguf/qtypes.py: `triton`, the code _dequant's
+# branches test, and `group`) --------------------------------------------------------------------
 LAYOUTS = {  # GGML type name → (code, weights per block, bytes per block, weights per scale group)
-    "Q4_0": (Q4_0, 32, 18, 32), "Q4_1": (Q4_1, 32, 20, 32), "Q5_0": (Q5_0, 32, 22, 32),
-    "Q5_1": (Q5_1, 32, 24, 32), "Q8_0": (Q8_0, 32, 34, 32), "Q4_K": (Q4_K, 256, 144, 32),
-    "Q5_K": (Q5_K, 256, 176, 32), "Q6_K": (Q6_K, 256, 210, 16), "Q2_K": (Q2_K, 256, 84, 16),
-    "Q3_K": (Q3_K, 256, 110, 16), "IQ4_NL": (IQ4_NL, 32, 18, 32), "IQ4_XS": (IQ4_XS, 256, 136, 32),
-    "MXFP4": (MXFP4, 32, 17, 32),
+    t.name: (t.triton, t.block, t.type_size, t.group) for t in sorted((t for t in TYPES.values() if t.triton is not None), key=lambda t: t.triton)
 }
 # Non-linear code books, indexed by a 4-bit code (ggml's kvalues_iq4nl and kvalues_mxfp4; the MXFP4
 # values are e2m1 doubled, which the block's halved E8M0 scale undoes).

@@ -16,20 +16,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
+
+from .qtypes import AFFINE_TYPES, FLOAT_TYPES, QUANT_TYPES, TYPES
 
 Q = GGMLQuantizationType
-FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 # Block types with an exact affine decoding here (`decode`): what the repacked kernels take.
-BLOCK_TYPES = frozenset({Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+BLOCK_TYPES = AFFINE_TYPES
 # The other types llama.cpp's quantizer makes for MoE models (Q2_K; Q3_K of the Q3_K_S/M/L mixes;
 # the non-linear IQ4_NL / IQ4_XS, the grid-coded IQ1 / IQ2 / IQ3 types, gpt-oss's MXFP4): ggml's
 # kernels compute on them as stored (ggml_backend.py), and `dequantize` turns them into float32
 # with ggml's own dequantizer (else gguf-py's).
-GGML_ONLY_TYPES = frozenset({Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S})
-QUANT_TYPES = BLOCK_TYPES | GGML_ONLY_TYPES
-# (weights per block, bytes per block) of every quantized type we read, from gguf-py's table
-BLOCK_SIZES = {q: GGML_QUANT_SIZES[q] for q in QUANT_TYPES}
+GGML_ONLY_TYPES = QUANT_TYPES - BLOCK_TYPES
+# (weights per block, bytes per block) of every quantized type we read (gguf/qtypes.py)
+BLOCK_SIZES = {q: (t.block, t.type_size) for q, t in TYPES.items()}
 _FLOAT_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 # Weights are read zero-copy from the read-only memory map and never written through: torch's
 # warning about tensors over read-only numpy memory says nothing useful here.

@@ -129,7 +129,7 @@ class GGUFModel:
         _split_gate_up(self.tensors)
         self.spec = _read_spec(self)
         # next-token-prediction (MTP) blocks past the trunk are skipped, as llama.cpp skips them
-        self.tensors = {n: t for n, t in self.tensors.items() if not (n.startswith("blk.") and int(n.split(".")[1]) >= self.spec.n_layer)}
+        self.tensors = {n: t for n, t in self.tensors.items() if (layer := names.layer_of(n)) is None or layer < self.spec.n_layer}
         self._check_tensors()
 
     # -- metadata ---------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class GGUFModel:
         joined [n_expert, 2·n_ff_exp] (the gate_up matmul's order), and down [n_expert, n_embd]."""
         parts = []
         for stem in names.EXPERT_BIAS_PARTS:
-            name = names.blk(layer, stem, "bias")
+            name = names.blk(layer, stem, names.BIAS)
             parts.append(None if name not in self.tensors else self._float(self.tensors[name]).reshape(self.spec.n_expert, -1))
         gate, up, down = parts
         if (gate is None) != (up is None):
@@ -222,7 +222,7 @@ class GGUFModel:
         required_of = getattr(archs.module_for(spec.arch.name), "required_tensors", arch_common.required_tensors)
         required = [names.TOKEN_EMBD, names.OUTPUT_NORM]
         for layer in range(spec.n_layer):
-            # a stem ("attn_q": its weight) or (stem, kind) for another kind, e.g. ("attn_output", "bias")
+            # a stem (ATTN_Q: its weight) or (stem, kind) for another kind, e.g. (ATTN_OUT, BIAS)
             required += [names.blk(layer, *s) if isinstance(s, tuple) else names.blk(layer, s) for s in required_of(spec, layer)]
         missing = [n for n in required if n not in self.tensors]
         if missing:
@@ -234,9 +234,9 @@ class GGUFModel:
         undeclared += [] if spec.arch.expert_bias else [(p, "an expert bias") for p in names.EXPERT_BIAS_PARTS]
         for t in self.tensors:
             for stem, what in undeclared:
-                if t.endswith(f".{stem}.bias"):
+                if names.split(t)[1:] == (stem, names.BIAS):
                     raise LocalMoEError(f"{self.path}: tensor '{t}' is {what}, which localmoe's {spec.arch.name} does not implement")
-            if not spec.arch.sinks and t.endswith(f".{names.ATTN_SINKS}.weight"):
+            if not spec.arch.sinks and names.split(t)[1:] == (names.ATTN_SINKS, names.WEIGHT):
                 raise LocalMoEError(f"{self.path}: tensor '{t}' holds attention sinks, which localmoe's {spec.arch.name} does not implement")
         for t in self.tensors.values():
             if t.qtype not in SUPPORTED_QTYPES:
@@ -255,16 +255,15 @@ def _split_gate_up(tensors: dict[str, TensorView]) -> None:
     build_moe_ffn takes the gate from the first half). Each expert's half is one contiguous byte
     range, as in a file that stores them apart, so the expert store, the GPU tier and the byte
     counts read them unchanged."""
-    suffix = f".{names.FFN_GATE_UP_EXPS}.weight"
-    for name in [n for n in tensors if n.endswith(suffix)]:
+    for name in [n for n in tensors if names.split(n)[1:] == (names.FFN_GATE_UP_EXPS, names.WEIGHT)]:
         t = tensors.pop(name)
+        layer = names.layer_of(name)
         if len(t.shape) != 3 or t.shape[1] % 2:
             raise LocalMoEError(f"tensor '{name}' has shape {t.shape}; a fused gate|up expert tensor is [experts, 2·ffn, embd]")
         E, F2, D = t.shape
         F = F2 // 2
-        prefix = name[: -len(suffix)]
         for stem, rows in ((names.FFN_GATE_EXPS, slice(0, F)), (names.FFN_UP_EXPS, slice(F, F2))):
-            half = f"{prefix}.{stem}.weight"
+            half = names.blk(layer, stem)
             if half in tensors:
                 raise LocalMoEError(f"tensor '{half}' is in the file beside '{name}'; the file is inconsistent")
             tensors[half] = TensorView(half, t.qtype, (E, F, D), t.data[:, rows], t.n_bytes // 2)

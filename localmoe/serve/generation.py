@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import LocalMoEError
 from ..runtime import Runtime
+from ..sampling import DEFAULT, MAX_TOKENS
 from ..stats import Stats
 from .metrics import ServerMetrics
 from .queue import Job
@@ -20,10 +21,10 @@ from .schemas import APIError
 class Defaults:
     """Sampling settings for requests that leave them out (`serve`'s -n, --temp, --top-p, ...)."""
 
-    max_tokens: int = 128
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
+    max_tokens: int = MAX_TOKENS
+    temperature: float = DEFAULT.temperature
+    top_p: float = DEFAULT.top_p
+    top_k: int = DEFAULT.top_k
     seed: int | None = None
 
 
