@@ -249,3 +249,18 @@ def test_c_helper_equals_the_torch_forms(make_model):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
         for a, b in zip(c_cache.states[0], torch_cache.states[0]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_info_shows_the_hybrid_layout(make_model):
+    """`localmoe info` names which layers are DeltaNet and which attention, the state's fixed size,
+    and the M-RoPE sections."""
+    from localmoe.gguf.file import GGUFModel
+    from localmoe.info import describe, format_text
+
+    d = describe(GGUFModel(make_model("qwen35moe", "F32")), backends=False)
+    assert d["attention"]["deltanet_layers"] == [0, 1, 2] and d["attention"]["attention_layers"] == [3]
+    state = d["attention"]["deltanet"]["state_bytes_per_layer"]
+    assert state == 4 * (256 * 3 + 4 * 32 * 32)  # conv: (2·2·32 + 4·32) channels × 3 inputs; S: 4 heads × 32 × 32
+    text = format_text(d)
+    assert "GQA with an output gate on 1 layer (3)" in text and "Gated DeltaNet on 3 layers (0, 1, 2)" in text
+    assert "M-RoPE sections [1, 1, 1, 1]" in text
