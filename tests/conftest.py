@@ -3,6 +3,7 @@ llama.cpp (llama-cpp-python) as the numerical oracle."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -44,6 +45,30 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
                   rope_base=1000000.0, rope_base_swa=10000.0)
     kw.update(overrides)
     return SynthConfig(**kw)
+
+
+@contextlib.contextmanager
+def served(path: str, model_id: str):
+    """`localmoe serve` of the file at `path` in this process (127.0.0.1, a free port): yields its
+    base URL once /health answers 200, and stops the server afterwards."""
+    import time
+
+    import httpx
+
+    import localmoe
+    from localmoe.serve import ServeConfig, create_app, start_in_thread
+
+    server, thread, port = start_in_thread(create_app(lambda: localmoe.load(path, device="cpu"), ServeConfig(model_id=model_id)))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            if httpx.get(url + "/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join()
 
 
 def expert_budget(rt, share: float) -> int:

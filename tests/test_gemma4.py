@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import localmoe
 import localmoe.compute.experts as experts_mod
-from conftest import arch_config, check_budgeted_equals_all_resident
+from conftest import arch_config, check_budgeted_equals_all_resident, served
 from localmoe.archs.common import fast_paths
 from localmoe.bench.synth import write_model
 from localmoe.errors import LocalMoEError
@@ -272,13 +272,11 @@ def test_miss_policies_trace_calibrate_and_serve_run_on_gemma4(make_model, tmp_p
     import shutil
     import subprocess
     import sys
-    import time
 
     import httpx
 
     from conftest import expert_budget
     from localmoe.residency.trace import load_trace
-    from localmoe.serve import ServeConfig, create_app, start_in_thread
 
     path = str(tmp_path / "gemma4.gguf")
     shutil.copy(make_model("gemma4", "Q8_0"), path)
@@ -297,16 +295,7 @@ def test_miss_policies_trace_calibrate_and_serve_run_on_gemma4(make_model, tmp_p
             assert s.misses > 0 and s.gpu_bytes_peak <= s.gpu_budget
             rt.scheduler.check()
         assert {tick.layer for tick, _, _ in load_trace(trace).steps} == set(range(n_layer))
-    server, thread, port = start_in_thread(create_app(lambda: localmoe.load(path, device="cpu"), ServeConfig(model_id="gemma4")))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            if httpx.get(url + "/health").status_code == 200:
-                break
-            time.sleep(0.1)
+    with served(path, "gemma4") as url:
         reply = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}, timeout=120)
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        server.should_exit = True
-        thread.join()

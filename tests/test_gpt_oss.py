@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import localmoe
-from conftest import check_budgeted_equals_all_resident, expert_budget
+from conftest import check_budgeted_equals_all_resident, expert_budget, served
 from localmoe.archs.common import fast_paths
 from localmoe.compute.experts import OAI_LIMIT, swiglu_act
 from localmoe.errors import LocalMoEError
@@ -127,7 +127,6 @@ def test_every_miss_policy_trace_calibrate_and_serve_run_on_gpt_oss(make_model, 
     import httpx
 
     from localmoe.residency.trace import load_trace
-    from localmoe.serve import ServeConfig, create_app, start_in_thread
 
     path = str(tmp_path / "gpt-oss.gguf")
     shutil.copy(make_model("gpt-oss", "Q8_0"), path)  # its own buddy sidecar beside it
@@ -153,19 +152,8 @@ def test_every_miss_policy_trace_calibrate_and_serve_run_on_gpt_oss(make_model, 
         assert {tick.layer for tick, _, _ in load_trace(trace).steps} == {0, 1, 2}
     # (whether a buddy qualifies depends on the calibration's entropy threshold: tests/test_fallback.py checks its rules)
     assert substituted["fetch"] == substituted["cpu"] == 0 and substituted["drop"] > 0 and substituted["little"] > 0
-    server, thread, port = start_in_thread(create_app(lambda: localmoe.load(path, device="cpu"), ServeConfig(model_id="gpt-oss")))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            if httpx.get(url + "/health").status_code == 200:
-                break
-            import time
-
-            time.sleep(0.1)
+    with served(path, "gpt-oss") as url:
         reply = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}, timeout=120)
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["message"]["role"] == "assistant"
-    finally:
-        server.should_exit = True
-        thread.join()

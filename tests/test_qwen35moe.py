@@ -10,14 +10,13 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import localmoe
-from conftest import arch_config, check_budgeted_equals_all_resident, expert_budget
+from conftest import arch_config, check_budgeted_equals_all_resident, expert_budget, served
 from localmoe.archs.common import DeltaNetShape, fast_paths
 from localmoe.bench.synth import write_model
 from localmoe.layers.deltanet import GatedDeltaNet, delta_rule_chunked, delta_rule_recurrent
@@ -152,7 +151,6 @@ def test_chat_turns_and_a_served_conversation_equal_one_run(make_model, monkeypa
     carries its state from request to request."""
     import httpx
 
-    from localmoe.serve import ServeConfig, create_app, start_in_thread
 
     path = make_model("qwen35moe", "F32")
     turn1 = [{"role": "user", "content": "the model of the expert"}]
@@ -167,22 +165,13 @@ def test_chat_turns_and_a_served_conversation_equal_one_run(make_model, monkeypa
     assert resumed_at[-1] >= first_prompt > 0  # the second turn reused the first turn's state
     with localmoe.load(path, device="cpu") as rt:
         assert rt.chat(turn2, max_tokens=10, temperature=0) == reply2
-    server, thread, port = start_in_thread(create_app(lambda: localmoe.load(path, device="cpu"), ServeConfig(model_id="qwen35moe")))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            if httpx.get(url + "/health").status_code == 200:
-                break
-            time.sleep(0.1)
+    with served(path, "qwen35moe") as url:
         said = []
         for messages in (turn1, turn2):
             r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 10, "temperature": 0}, timeout=120)
             assert r.status_code == 200, r.text
             said.append(r.json()["choices"][0]["message"]["content"])
         assert said == [reply1, reply2]
-    finally:
-        server.should_exit = True
-        thread.join()
 
 
 def test_budgeted_run_miss_policies_and_calibrate(make_model, tmp_path):
