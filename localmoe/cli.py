@@ -16,6 +16,7 @@ from .errors import LocalMoEError
 from .fallback.miss_policies import MISS_POLICIES
 from .residency.profiles import PROFILES
 from .bench.residency import DEFAULT_POLICIES
+from .options import DEFAULTS, LoadOptions
 from .sampling import DEFAULT, MAX_TOKENS
 
 ON_MISS_POLICIES = tuple(MISS_POLICIES)
@@ -31,28 +32,45 @@ def _add_model_arg(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The load options' flags; their defaults are LoadOptions' (localmoe/options.py)."""
+    d = DEFAULTS
     g = p.add_argument_group("runtime")
-    g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens, capped at the model's training context (default 4096)")
-    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: the physical cores less those other processes keep busy at load, at least 1)")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device (default auto: cuda when available)")
+    g.add_argument("-c", "--ctx-size", type=int, default=d.n_ctx,
+                   help="context size in tokens, capped at the model's training context (default %(default)s)")
+    g.add_argument("-t", "--threads", type=int, default=d.threads,
+                   help="CPU threads (default: the physical cores less those other processes keep busy at load, at least 1)")
+    g.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
+                   help="compute device (default %(default)s: cuda when available)")
     r = p.add_argument_group("expert residency")
-    r.add_argument("--gpu-mem", metavar="SIZE", default=None, help="GPU-tier budget for dense weights + cached experts, e.g. 6GB (default: every expert resident)")
-    r.add_argument("--host-mem", metavar="SIZE", default=None, help="host RAM for experts repacked (at load, once) for the VNNI kernel, e.g. 8GB; beyond it experts are computed in place from the file by ggml (default: available RAM less the dense weights and 1.5 GiB)")
-    r.add_argument("--policy", default="lfu", choices=ONLINE_POLICIES, help="cache eviction policy (default lfu; see docs/residency.md)")
-    r.add_argument("--on-miss", default="cpu", choices=ON_MISS_POLICIES, help="what a missing expert does: fetch it, compute it on the CPU, drop it, run a resident buddy, run the little expert set, or choose by cost (default cpu; docs/fallback.md)")
-    r.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's predicted experts")
-    r.add_argument("--profile", default=None, choices=tuple(PROFILES), help="hardware profile of the modelled clock when the GPU tier is simulated (default laptop-8gb)")
-    r.add_argument("--n-cpu-moe", type=int, default=None, metavar="N", help="llama.cpp's static placement: experts of the first N layers stay on the CPU, nothing moves")
-    r.add_argument("--cpu-moe", action="store_true", help="llama.cpp's static placement: every expert stays on the CPU")
-    r.add_argument("--trace", metavar="FILE", default=None, help="record the routing of every token (JSON lines) for `localmoe bench --trace`")
+    r.add_argument("--gpu-mem", metavar="SIZE", default=d.gpu_mem,
+                   help="GPU-tier budget for dense weights + cached experts, e.g. 6GB (default: every expert resident)")
+    r.add_argument("--host-mem", metavar="SIZE", default=d.host_mem,
+                   help="host RAM for experts repacked (at load, once) for the VNNI kernel, e.g. 8GB; beyond it experts "
+                        "are computed in place from the file by ggml (default: available RAM less the dense weights and 1.5 GiB)")
+    r.add_argument("--policy", default=d.policy, choices=ONLINE_POLICIES,
+                   help="cache eviction policy (default %(default)s; see docs/residency.md)")
+    r.add_argument("--on-miss", default=d.on_miss, choices=ON_MISS_POLICIES,
+                   help="what a missing expert does: fetch it, compute it on the CPU, drop it, run a resident buddy, run "
+                        "the little expert set, or choose by cost (default %(default)s; docs/fallback.md)")
+    r.add_argument("--no-prefetch", action="store_false", dest="prefetch", default=d.prefetch,
+                   help="do not prefetch the next layer's predicted experts")
+    r.add_argument("--profile", default=d.profile, choices=tuple(PROFILES),
+                   help="hardware profile of the modelled clock when the GPU tier is simulated (default laptop-8gb)")
+    r.add_argument("--n-cpu-moe", type=int, default=d.n_cpu_moe, metavar="N",
+                   help="llama.cpp's static placement: experts of the first N layers stay on the CPU, nothing moves")
+    r.add_argument("--cpu-moe", action="store_true", default=d.cpu_moe,
+                   help="llama.cpp's static placement: every expert stays on the CPU")
+    r.add_argument("--trace", metavar="FILE", default=d.trace,
+                   help="record the routing of every token (JSON lines) for `localmoe bench trace`")
 
 
-def runtime_kwargs(args: argparse.Namespace) -> dict:
-    """The load() arguments the runtime flags give (for `run`, and for `chat`, whose app takes them)."""
-    return dict(
-        device=args.device, n_ctx=args.ctx_size, threads=args.threads, gpu_mem=args.gpu_mem, policy=args.policy, on_miss=args.on_miss,
-        prefetch=not args.no_prefetch, profile=args.profile, n_cpu_moe=args.n_cpu_moe, cpu_moe=args.cpu_moe, trace=args.trace,
-        host_mem=args.host_mem, progress=load_progress(),
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """The LoadOptions the runtime flags give (run, chat and serve; the chat app and the server take them)."""
+    return LoadOptions(
+        device=args.device, n_ctx=args.ctx_size, threads=args.threads, gpu_mem=args.gpu_mem, policy=args.policy,
+        on_miss=args.on_miss, prefetch=args.prefetch, profile=args.profile, n_cpu_moe=args.n_cpu_moe,
+        cpu_moe=args.cpu_moe, trace=args.trace, host_mem=args.host_mem, seed=getattr(args, "seed", None),
+        progress=load_progress(),
     )
 
 
@@ -332,7 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise LocalMoEError("no prompt: pass -p TEXT or pipe text on stdin")
     if args.max_tokens < 0:
         raise LocalMoEError("--max-tokens must be ≥ 0")
-    with load(args.model, seed=args.seed, **runtime_kwargs(args)) as rt:
+    with load(args.model, load_options(args)) as rt:
         source = [{"role": "user", "content": prompt}] if args.chat else prompt
         for chunk in rt.stream(source, max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed):
             sys.stdout.write(chunk.text)
@@ -394,7 +412,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("LOCALMOE_API_KEY") or None
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.seed)
     config = ServeConfig(model_id_for(args.model or demo_model_path()), api_key, args.queue, max_body, defaults)
-    return serve(args.model, runtime_kwargs(args), config, args.host, args.port, args.verbose)
+    return serve(args.model, load_options(args), config, args.host, args.port, args.verbose)
 
 
 def print_backends(rt, out) -> None:
@@ -416,7 +434,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if exc.name != "localmoe.tui":
             raise
         raise LocalMoEError("the chat app (localmoe.tui) is not installed; install the package with `pip install -e .`") from None
-    return run_chat(args, runtime_kwargs(args) | {"seed": args.seed})
+    return run_chat(args, load_options(args))
 
 
 COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench, "synth": cmd_synth, "calibrate": cmd_calibrate, "eval": cmd_eval}

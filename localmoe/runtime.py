@@ -7,7 +7,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from .residency.scheduler import ExpertScheduler, ResidencyConfig
 from .residency.trace import TraceRecorder
 from .gguf.file import GGUFModel
 from .model import KVCache, MoEModel
+from .options import LoadOptions, resolve
 from .sampling import DEFAULT, MAX_TOKENS, SamplingParams, sample
 from .stats import Stats, StatsCollector
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -103,25 +104,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Runtime:
-    def __init__(
-        self,
-        path: str | os.PathLike[str] | None = None,
-        device: str = "auto",
-        gpu_mem: int | str | None = None,
-        policy: str = "lfu",
-        on_miss: str = "cpu",
-        prefetch: bool = True,
-        n_ctx: int = 4096,
-        seed: int | None = None,
-        profile: str | None = None,
-        threads: int | None = None,
-        n_cpu_moe: int | None = None,
-        cpu_moe: bool = False,
-        trace: str | None = None,
-        miss_options: dict[str, Any] | None = None,
-        host_mem: int | str | None = None,
-        progress: Callable[[str, int, int], None] | None = None,
-    ):
+    def __init__(self, path: str | os.PathLike[str] | None = None, options: LoadOptions | None = None, **kwargs: Any):
+        """See `load`: `options` (None → the defaults), with any LoadOptions field as a keyword on top."""
+        o = self.options = resolve(options, kwargs)
+        device, gpu_mem, policy, on_miss, prefetch, profile = o.device, o.gpu_mem, o.policy, o.on_miss, o.prefetch, o.profile
+        n_ctx, threads, host_mem, trace, progress = o.n_ctx, o.threads, o.host_mem, o.trace, o.progress
+        miss_options, seed = o.miss_options, o.seed
         self.path = os.fspath(path) if path is not None else demo_model_path()
         self.device = resolve_device(device)
         _check_policy_names(policy, on_miss)
@@ -156,7 +144,7 @@ class Runtime:
         self.store.preload((lambda done, total: progress("repacking experts", done, total)) if progress is not None else None)
         self.scheduler: ExpertScheduler | None = None
         self.model = MoEModel(self.gguf, ExpertExecutor(self.store, self._stats), self.device)
-        cpu_layers = _static_cpu_layers(n_cpu_moe, cpu_moe, self.spec.n_layer)
+        cpu_layers = _static_cpu_layers(o.n_cpu_moe, o.cpu_moe, self.spec.n_layer)
         if self.device.type == "cuda" or self.gpu_budget is not None or profile is not None or trace is not None or cpu_layers is not None:
             self._start_scheduler(cpu_layers)
         if trace is not None:
@@ -445,25 +433,10 @@ class Runtime:
         self.close()
 
 
-def load(
-    path: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    gpu_mem: int | str | None = None,
-    policy: str = "lfu",
-    on_miss: str = "cpu",
-    prefetch: bool = True,
-    n_ctx: int = 4096,
-    seed: int | None = None,
-    profile: str | None = None,
-    threads: int | None = None,
-    n_cpu_moe: int | None = None,
-    cpu_moe: bool = False,
-    trace: str | None = None,
-    miss_options: dict[str, Any] | None = None,
-    host_mem: int | str | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> Runtime:
+def load(path: str | os.PathLike[str] | None = None, options: LoadOptions | None = None, **kwargs: Any) -> Runtime:
     """Open a MoE GGUF model (None → the bundled demo model). Raises LocalMoEError on bad input.
+    The options are the fields of LoadOptions (localmoe/options.py: defaults and units), given as
+    `options=LoadOptions(...)`, as keywords, or both (the keywords win).
 
     gpu_mem: GPU-tier budget (bytes or "6GB") for the dense weights plus cached experts;
     None keeps every expert resident. policy: cache policy (lru, lfu, least-stale, reuse).
@@ -478,7 +451,7 @@ def load(
     a type ggml computes faster, run in place from the memory map (default: the RAM available at load
     less the dense weights and 1.5 GiB); they are repacked at load. progress(what, done, total) is
     called during long steps of the load (the repacking, in experts)."""
-    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace, miss_options, host_mem, progress)
+    return Runtime(path, options, **kwargs)
 
 
 def _check_policy_names(policy: str, on_miss: str) -> None:
