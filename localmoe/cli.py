@@ -38,20 +38,22 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-c", "--ctx-size", type=int, default=d.n_ctx,
                    help="context size in tokens, capped at the model's training context (default %(default)s)")
     g.add_argument("-t", "--threads", type=int, default=d.threads,
-                   help="CPU threads (default: the physical cores less those other processes keep busy at load, at least 1)")
+                   help="CPU threads (default: the physical cores less those other processes keep busy at load, at "
+                        "least 1)")
     g.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
                    help="compute device (default %(default)s: cuda when available)")
     r = p.add_argument_group("expert residency")
     r.add_argument("--gpu-mem", metavar="SIZE", default=d.gpu_mem,
                    help="GPU-tier budget for dense weights + cached experts, e.g. 6GB (default: every expert resident)")
     r.add_argument("--host-mem", metavar="SIZE", default=d.host_mem,
-                   help="host RAM for experts repacked (at load, once) for the VNNI kernel, e.g. 8GB; beyond it experts "
-                        "are computed in place from the file by ggml (default: available RAM less the dense weights and 1.5 GiB)")
+                   help="host RAM for experts repacked (at load, once) for the VNNI kernel, e.g. 8GB; beyond it "
+                        "experts are computed in place from the file by ggml (default: available RAM less the dense "
+                        "weights and 1.5 GiB)")
     r.add_argument("--policy", default=d.policy, choices=ONLINE_POLICIES,
                    help="cache eviction policy (default %(default)s; see docs/residency.md)")
     r.add_argument("--on-miss", default=d.on_miss, choices=ON_MISS_POLICIES,
-                   help="what a missing expert does: fetch it, compute it on the CPU, drop it, run a resident buddy, run "
-                        "the little expert set, or choose by cost (default %(default)s; docs/fallback.md)")
+                   help="what a missing expert does: fetch it, compute it on the CPU, drop it, run a resident buddy, "
+                        "run the little expert set, or choose by cost (default %(default)s; docs/fallback.md)")
     r.add_argument("--no-prefetch", action="store_false", dest="prefetch", default=d.prefetch,
                    help="do not prefetch the next layer's predicted experts")
     r.add_argument("--profile", default=d.profile, choices=tuple(PROFILES),
@@ -102,13 +104,15 @@ BENCH_COMMANDS = ("speed", "kernels", "policies", "trace")
 
 def _add_bench_parsers(sub) -> None:
     """`localmoe bench SUBCOMMAND`: four benchmarks, each with its own flags."""
-    bench = sub.add_parser("bench", help="benchmarks: speed against llama.cpp, kernels, residency policies, trace replay",
-                           description="Benchmarks, one per subcommand; `localmoe bench SUBCOMMAND --help` lists its flags.")
+    bench = sub.add_parser("bench", help="benchmarks: speed against llama.cpp, kernels, residency policies, traces",
+                           description="Benchmarks, one per subcommand; `localmoe bench SUBCOMMAND --help` lists "
+                                       "its flags.")
     bsub = bench.add_subparsers(dest="bench", metavar="SUBCOMMAND", parser_class=_Parser)
 
     p = bsub.add_parser("speed", help="prompt and decode tokens/s of localmoe (and llama.cpp) on one file",
-                        description="Time prompt and decode tokens/s of localmoe and, with --vs llama.cpp, of llama.cpp "
-                                    "on MODEL: the same ids and threads, each engine in its own process. See docs/speed.md.")
+                        description="Time prompt and decode tokens/s of localmoe and, with --vs llama.cpp, of "
+                                    "llama.cpp on MODEL: the same ids and threads, each engine in its own process. "
+                                    "See docs/speed.md.")
     _add_model_arg(p, required=False)
     p.add_argument("--vs", choices=("llama.cpp",), default=None,
                    help="also time llama.cpp on MODEL and print the ratios (default: localmoe's rows alone)")
@@ -118,18 +122,21 @@ def _add_bench_parsers(sub) -> None:
     p.add_argument("--reps", type=int, default=3,
                    help="timed repetitions after one warm-up; medians are reported (default %(default)s)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="run the engines in turn this many times, pooling the runs (default %(default)s; 3+ on a busy machine)")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="localmoe's device (default %(default)s)")
+                   help="run the engines in turn this many times, pooling the runs (default %(default)s; 3+ on a busy "
+                        "machine)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="localmoe's device (default %(default)s)")
     p.add_argument("--kernel-modes", metavar="MODES", default=None,
-                   help="one localmoe row per CPU kernel mode, in turn each round: auto, ggml (ggml's kernels only: what a "
-                        "CPU without AVX-512 runs), vnni, torch; comma-separated, e.g. auto,ggml (default: LOCALMOE_KERNEL's)")
+                   help="one localmoe row per CPU kernel mode, in turn each round: auto, ggml (ggml's kernels only: "
+                        "what a CPU without AVX-512 runs), vnni, torch; comma-separated, e.g. auto,ggml (default: "
+                        "LOCALMOE_KERNEL's)")
     p.add_argument("--host-mem", metavar="SIZES", default=None,
-                   help="one localmoe row per host-RAM budget for repacked experts, in turn each round: default, a size "
-                        "(8GB) or a share of the expert bytes (25%%); comma-separated, e.g. default,25%%,0 "
+                   help="one localmoe row per host-RAM budget for repacked experts, in turn each round: default, a "
+                        "size (8GB) or a share of the expert bytes (25%%); comma-separated, e.g. default,25%%,0 "
                         "(default: the user-facing default only)")
     p.add_argument("--llama-plain-buffers", action="store_true",
-                   help="load llama.cpp with use_extra_bufts=False from the start (no AMX/repacked weights: slower; bench "
-                        "switches to it by itself when the default buffers crash)")
+                   help="load llama.cpp with use_extra_bufts=False from the start (no AMX/repacked weights: slower; "
+                        "bench switches to it by itself when the default buffers crash)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = bsub.add_parser("kernels", help="micro-benchmark the quantized matmul kernels per quant type (no model)",
@@ -139,11 +146,14 @@ def _add_bench_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = bsub.add_parser("policies", help="placement strategies and miss policies under a GPU budget (modelled clock)",
-                        description="Decode the same prompt with static placement (llama.cpp's --n-cpu-moe), fetch+LRU and "
-                                    "cpu+reuse+prefetch under a GPU budget and hardware profile. See docs/residency.md.")
+                        description="Decode the same prompt with static placement (llama.cpp's --n-cpu-moe), "
+                                    "fetch+LRU and cpu+reuse+prefetch under a GPU budget and hardware profile. See "
+                                    "docs/residency.md.")
     _add_model_arg(p, required=False)
-    p.add_argument("--gpu-mem", metavar="SIZE", help="GPU budget (default: dense weights + --budget-share of expert bytes)")
-    p.add_argument("--budget-share", type=float, default=0.25, help="expert share of the default budget (default %(default)s)")
+    p.add_argument("--gpu-mem", metavar="SIZE",
+                   help="GPU budget (default: dense weights + --budget-share of expert bytes)")
+    p.add_argument("--budget-share", type=float, default=0.25,
+                   help="expert share of the default budget (default %(default)s)")
     p.add_argument("--profile", default="laptop-8gb", choices=tuple(PROFILES),
                    help="hardware profile of the modelled clock (default %(default)s)")
     p.add_argument("-p", "--prompt", default=None, help="prompt (default: a fixed sentence)")
@@ -152,8 +162,8 @@ def _add_bench_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = bsub.add_parser("trace", help="replay the cache policies on a recorded routing trace (seconds, no model)",
-                        description="Replay the cache policies on a routing trace (from `localmoe run --trace FILE`) at "
-                                    "several budgets: hit rates, without the model. See docs/residency.md.")
+                        description="Replay the cache policies on a routing trace (from `localmoe run --trace FILE`) "
+                                    "at several budgets: hit rates, without the model. See docs/residency.md.")
     p.add_argument("trace", metavar="FILE", help="the trace (JSON lines) to replay")
     p.add_argument("--budgets", default="0.25,0.5", help="budgets as shares of all expert bytes (default %(default)s)")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="policies to compare (default %(default)s)")
@@ -246,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buddy-min-score", type=float, default=None, help="buddy: least buddy score accepted (default 0.5)")
     p.add_argument("--buddy-max-per-token", type=int, default=None, help="buddy: most substitutions per token and layer (default min(3, k-1))")
     p.add_argument("--quality-budget", type=float, default=None, help="cost: output error (router-weight share × relative error of the stand-in) a token may take on per layer (default 0.2; 0 = exact)")
-    p.add_argument("--trace", metavar="FILE", default=None, help="also record the all-resident run's routing (with the prefetcher's predictions) for `localmoe bench trace FILE`")
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="also record the all-resident run's routing (with the prefetcher's predictions) for "
+                        "`localmoe bench trace FILE`")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
     return parser

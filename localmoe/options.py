@@ -27,6 +27,7 @@ class LoadOptions:
     trace: str | None = None  # file to record the routing of every token in (JSON lines); None → no trace
     miss_options: Mapping[str, Any] | None = None  # parameters of the miss policy, e.g. {"share": 0.5} for little
     host_mem: int | str | None = None  # host RAM for repacked experts: bytes or "8GB"; None → available less dense
+    kernel: str | None = None  # CPU kernels: auto, ggml, vnni, torch; None → LOCALMOE_KERNEL's (compute/policy.py)
     # progress(what, done, total) during long steps of the load (the repacking, in experts); not a setting
     progress: Callable[[str, int, int], None] | None = field(default=None, compare=False, repr=False)
 

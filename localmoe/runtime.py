@@ -17,6 +17,7 @@ import torch
 from .bundled import demo_model_path
 from .errors import LocalMoEError
 from .residency.cache_policies import ONLINE_POLICIES
+from .compute import policy as compute_policy
 from .compute.counters import readback
 from .compute.experts import ExpertExecutor, ExpertStore
 from .residency.gpu_tier import DeviceTier
@@ -107,9 +108,18 @@ class Runtime:
     def __init__(self, path: str | os.PathLike[str] | None = None, options: LoadOptions | None = None, **kwargs: Any):
         """See `load`: `options` (None → the defaults), with any LoadOptions field as a keyword on top."""
         o = self.options = resolve(options, kwargs)
-        device, gpu_mem, policy, on_miss, prefetch, profile = o.device, o.gpu_mem, o.policy, o.on_miss, o.prefetch, o.profile
+        # this runtime's compute path (compute/policy.py): the one in effect now, with load's kernel=;
+        # in effect during the load and every forward pass of the runtime, whatever thread runs it
+        self.compute = compute_policy.current()
+        if o.kernel is not None:
+            self.compute = self.compute.replace(kernel=o.kernel)
+        with compute_policy.use(self.compute):
+            self._open(path, o)
+
+    def _open(self, path: str | os.PathLike[str] | None, o: LoadOptions) -> None:
+        device, gpu_mem, policy, on_miss, prefetch = o.device, o.gpu_mem, o.policy, o.on_miss, o.prefetch
         n_ctx, threads, host_mem, trace, progress = o.n_ctx, o.threads, o.host_mem, o.trace, o.progress
-        miss_options, seed = o.miss_options, o.seed
+        miss_options, seed, profile = o.miss_options, o.seed, o.profile
         self.path = os.fspath(path) if path is not None else demo_model_path()
         self.device = resolve_device(device)
         _check_policy_names(policy, on_miss)
@@ -256,7 +266,7 @@ class Runtime:
         with self._lock:
             cache = KVCache(self.spec, self.n_ctx, self.device)
             start, wall = self._clock(), time.perf_counter()
-            out = self.model.forward(torch.tensor(ids, dtype=torch.long), cache, all_logits=True)
+            out = self._forward(ids, cache, all_logits=True)
             self._stats.record_prompt(len(ids), self._clock() - start, time.perf_counter() - wall)
         return out.float().cpu().numpy()
 
@@ -270,8 +280,12 @@ class Runtime:
             cache = KVCache(self.spec, self.n_ctx, self.device)
             for token in ids:
                 c0, w0 = self._clock(), time.perf_counter()
-                logits = self.model.forward(torch.tensor([token]), cache, all_logits=False)[-1]
+                logits = self._forward([token], cache, all_logits=False)[-1]
                 yield logits, self._clock() - c0, time.perf_counter() - w0
+
+    def _forward(self, ids: list[int], cache: KVCache, all_logits: bool) -> torch.Tensor:
+        with compute_policy.use(self.compute):
+            return self.model.forward(torch.tensor(ids, dtype=torch.long), cache, all_logits=all_logits)
 
     def _token_ids(self, ids: Any) -> list[int]:
         """ids as a list of Python ints, each inside the vocabulary; anything else raises."""
@@ -365,7 +379,7 @@ class Runtime:
     def _advance(self, ids: list[int]) -> torch.Tensor:
         """Run ids after the cached ones; return the last position's logits [V] (on the CPU, where
         sampling and its generator live)."""
-        out = self.model.forward(torch.tensor(ids, dtype=torch.long), self._cache, all_logits=False)
+        out = self._forward(ids, self._cache, all_logits=False)
         self._cache_tokens = self._cache_tokens + list(ids)
         return readback(out[-1].float())[0]
 
@@ -393,7 +407,7 @@ class Runtime:
             raise LocalMoEError(f"prefetch must be True, False or None, got {prefetch!r}")
         if gpu_mem is not None and (isinstance(gpu_mem, bool) or not isinstance(gpu_mem, (int, str)) or parse_size(gpu_mem) <= 0):
             raise LocalMoEError(f"gpu_mem must be a positive byte count or a size such as '6GB', got {gpu_mem!r}")
-        with self._lock:
+        with self._lock, compute_policy.use(self.compute):
             _check_policy_names(policy or self.policy, on_miss or self.on_miss)
             old = (self.policy, self.on_miss, self.prefetch, self.gpu_budget)
             self.policy, self.on_miss = policy or self.policy, on_miss or self.on_miss

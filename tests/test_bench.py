@@ -20,7 +20,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_bench_vs_llama_cpp_json(make_model):
     path = make_model("qwen3moe", "Q4_0")
-    r = _cli("bench", "speed", path, "--vs", "llama.cpp", "--json", "--prompt-tokens", "8", "--decode-tokens", "4", "--reps", "2", "--rounds", "2", "-t", "1")
+    r = _cli("bench", "speed", path, "--vs", "llama.cpp", "--json", "--prompt-tokens", "8", "--decode-tokens", "4",
+             "--reps", "2", "--rounds", "2", "-t", "1")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["baseline"] == "llama.cpp"

@@ -67,7 +67,8 @@ def test_bench_subcommands_each_list_only_their_flags():
     r = _cli("bench")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "speed" in r.stderr
     # the forms bench had before its subcommands still work
-    assert _legacy_bench(["bench", "m.gguf", "--vs", "llama.cpp", "-t", "2"]) == ["bench", "speed", "m.gguf", "--vs", "llama.cpp", "-t", "2"]
+    speed = ["m.gguf", "--vs", "llama.cpp", "-t", "2"]
+    assert _legacy_bench(["bench", *speed]) == ["bench", "speed", *speed]
     assert _legacy_bench(["bench", "--kernels", "-t", "1"]) == ["bench", "kernels", "-t", "1"]
     assert _legacy_bench(["bench", "--trace", "r.jsonl", "--json"]) == ["bench", "trace", "r.jsonl", "--json"]
     assert _legacy_bench(["bench", "m.gguf", "-n", "6"]) == ["bench", "policies", "m.gguf", "-n", "6"]

@@ -42,7 +42,8 @@ def test_the_load_options_have_one_home():
     from localmoe.cli import load_options
     from localmoe.options import DEFAULTS, LoadOptions
 
-    assert DEFAULTS == LoadOptions() and inspect.signature(Runtime.__init__).parameters.keys() == {"self", "path", "options", "kwargs"}
+    assert DEFAULTS == LoadOptions()
+    assert inspect.signature(Runtime.__init__).parameters.keys() == {"self", "path", "options", "kwargs"}
     for command in ("run", "chat", "serve"):
         assert load_options(build_parser().parse_args([command, "x.gguf"])) == DEFAULTS, command
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["run"]

@@ -225,7 +225,8 @@ def test_bench_cli_replays_trace_and_compares_strategies(moe16, tmp_path):
     assert {p for _, p in by} == {*ONLINE_POLICIES, "belady"}
     for share in (0.25, 0.5):
         assert all(by[(share, p)] <= by[(share, "belady")] for p in ONLINE_POLICIES)
-    r = subprocess.run(cli + ["bench", "policies", moe16, "-n", "6", "--json"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cli + ["bench", "policies", moe16, "-n", "6", "--json"], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     names = [row["strategy"] for row in out["results"]]

@@ -34,8 +34,8 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model: str | None, options: LoadOptions | None = None, config: ServeConfig | None = None, host: str = "127.0.0.1",
-          port: int = 8080, verbose: bool = False) -> int:
+def serve(model: str | None, options: LoadOptions | None = None, config: ServeConfig | None = None,
+          host: str = "127.0.0.1", port: int = 8080, verbose: bool = False) -> int:
     """Run the server in this thread until SIGINT/SIGTERM; returns the exit code (2 when the
     model failed to load). `options`: how to load the model (None → LoadOptions' defaults)."""
     options = options or LoadOptions()
