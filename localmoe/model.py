@@ -31,7 +31,7 @@ from .compute import kernels
 from .compute.counters import to_device
 from .compute.experts import pack_ffn
 from .compute.fused_decode import FusedDecode
-from .compute.ggml_backend import ggml
+from .compute.ggml_backend import usable_ggml
 from .compute.kernels import QLinear, fuse_rows, gather_rows, repack, rms_norm
 from .gguf import names
 from .gguf.blocks import QUANT_TYPES, dequantize, raw_bytes, to_torch
@@ -210,7 +210,9 @@ class MoEModel:
         if "embedding_gather" in self.fast and device.type == "cpu" and not model.has(names.OUTPUT) and self.output.r16:
             self.embd_packed = self.output
         self.embd_mapped: QLinear | None = None  # else the table in place, its rows read by ggml (one C call)
-        if self.embd_packed is None and self.embd.qtype in QUANT_TYPES and ggml() is not None and ggml().computes(self.embd.qtype):
+        g = usable_ggml()  # (None when the compute policy's kernel mode rules ggml out)
+        mappable = g is not None and self.embd.qtype in QUANT_TYPES and g.computes(self.embd.qtype)
+        if self.embd_packed is None and mappable:
             self.embd_mapped = kernels.ggml_weight([(raw_bytes(self.embd.data, self.embd.shape[0]), self.embd.qtype, self.embd.shape[0])], spec.n_embd)
         self.rope = Rope(spec)  # the rotation tables, shared by every layer
 
