@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .kernels import QLinear, _desc, _kp, _WeightDesc, native_lib
+from .kernels import QLinear, _desc, _kp, _WeightDesc, vnni_lib
 
 
 class _Layer(ctypes.Structure):  # lm_layer_t in vnni.c
@@ -61,7 +61,7 @@ class FusedDecode:
         """The plan for `model` (a model.MoEModel), or None where no layer qualifies."""
         from .experts import ExpertExecutor
 
-        lib = native_lib()
+        lib = vnni_lib()  # (None where the compute policy rules the VNNI kernel out)
         if lib is None or model.device.type != "cpu" or type(model.experts) is not ExpertExecutor:
             return None
         f = lib.lm_decode_layer
