@@ -120,7 +120,7 @@ def test_split_execution_sums_like_one_device(moe16_q4):
         on_cpu = set(list(rows_of)[::2])
         where = {e: CPU if e in on_cpu else RESIDENT for e in rows_of}
         source = lambda e: sched.store.weights(1, e)  # noqa: E731 (the modelled tier: the GPU is the CPU device)
-        one = run_plan(ExpertPlan(1, rows_of, source, where), x)
-        split = run_plan(ExpertPlan(1, rows_of, source, where, split=True), x)
+        one = run_plan(ExpertPlan(1, ids, w, source, where, grouped=rows_of), x)
+        split = run_plan(ExpertPlan(1, ids, w, source, where, split=True, grouped=rows_of), x)
         torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
         assert one.abs().sum() > 0

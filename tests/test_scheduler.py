@@ -58,6 +58,20 @@ def test_rows_by_expert_groups_tokens_once():
     assert rows[0][0].tolist() == [1] and rows[3][0].tolist() == [0]
 
 
+def test_decode_terms_read_the_routing_as_the_rows_do():
+    """A decode plan's experts and weights as Python values: in slot order without dropped slots,
+    and an expert in two slots once with its weights summed, exactly as rows_by_expert gives them."""
+    w = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    for ids, order in (([[5, -1, 2, 7]], [5, 2, 7]), ([[5, 2, 5, 1]], [5, 2, 1])):
+        ids = torch.tensor(ids)
+        lazy = ExpertPlan(0, ids, w, source=None)
+        grouped = ExpertPlan(0, ids, w, source=None, grouped=rows_by_expert(ids, w))
+        assert lazy.decode_terms() == grouped.decode_terms()
+        got, coefs = lazy.decode_terms()
+        assert got == order and len(coefs) == len(order)
+    assert coefs[0] == float(torch.tensor(0.1) + torch.tensor(0.3))  # summed in float32, as the rows are
+
+
 def test_all_resident_is_the_trivial_plan(moe16):
     with localmoe.load(moe16, device="cpu") as rt:
         assert rt.scheduler is None and isinstance(rt.model.experts, AllResident)

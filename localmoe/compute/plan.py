@@ -55,45 +55,63 @@ def rows_by_expert(ids: torch.Tensor, weights: torch.Tensor) -> Rows:
 @dataclass(frozen=True)
 class DeviceRouting:
     """One decode token with every expert of the layer resident on a Triton tier: compute reads the
-    routing on the device and the host never sees it (no sync)."""
+    routing on the device (the plan's ids and weights) and the host never sees it (no sync)."""
 
-    ids: torch.Tensor  # [1, k] int64 on the device
-    weights: torch.Tensor  # [1, k] float32 on the device
     addresses: torch.Tensor  # [2, E] int64: each expert's gate_up and down bytes on the device (gpu_tier.py)
     like: ExpertWeights  # any of the layer's experts: the quant types and shapes
 
 
-@dataclass(frozen=True)
+@dataclass
 class ExpertPlan:
     """Where each routed expert of one layer runs, as residency decided it."""
 
     layer: int
-    rows: Rows  # on the host; one token: slot order, more: by expert id (rows_by_expert)
+    ids: torch.Tensor  # [T, k] int64: the expert each slot runs after any substitution (−1: dropped)
+    weights: torch.Tensor  # [T, k] float32: its router weight. Both on the host (device plans: the device)
     source: Callable[[int], ExpertWeights]  # expert → the weights compute reads (GPU tier's copy, or the store's)
     where: dict[int, str] = field(default_factory=dict)  # expert → RESIDENT | FETCHED | STREAMED | CPU
     substitutions: dict[str, int] = field(default_factory=dict)  # slots the miss policy changed, by kind
     split: bool = False  # the GPU share is issued on x's device first, the CPU's summed on a host copy
-    device: DeviceRouting | None = None  # set: rows are empty and the experts run from device-side ids
+    device: DeviceRouting | None = None  # set: the experts run from the device-side ids
+    grouped: Rows | None = None  # rows_by_expert(ids, weights) once made (residency may hand it in)
+
+    @property
+    def rows(self) -> Rows:
+        """Expert → (token indices, router weights), on the host: one token in slot order, more by id."""
+        if self.grouped is None:
+            self.grouped = rows_by_expert(self.ids, self.weights)
+        return self.grouped
 
     @property
     def on_cpu(self) -> set[int]:
         """The experts the CPU computes."""
         return {e for e, place in self.where.items() if place == CPU}
 
+    def decode_terms(self) -> tuple[list[int], list[float]]:
+        """One token: its experts in slot order and their router weights, as Python values (a
+        decode step's tensor ops cost µs each; with the rows grouped already, read from them)."""
+        if self.grouped is None:
+            ids = self.ids[0].tolist()
+            live = [e for e in ids if e >= 0]
+            if len(set(live)) == len(live):  # no expert in two slots (rows_by_expert would sum them)
+                return live, [w for e, w in zip(ids, self.weights[0].tolist()) if e >= 0]
+        rows = self.rows
+        return list(rows), [float(rows[e][1][0]) for e in rows]
+
 
 def run_plan(plan: ExpertPlan, x: torch.Tensor) -> torch.Tensor:
     """Σ over the plan's experts of router weight · expert(x rows): x [T, D] → [T, D]."""
     if plan.device is not None:
-        d = plan.device
-        return resident_decode(d.addresses, d.like, x, d.ids, d.weights)
+        return resident_decode(plan.device.addresses, plan.device.like, x, plan.ids, plan.weights)
     if plan.split or x.device.type != "cpu":
         return _run_split(plan, x)
     # one device: the same sums in the same order wherever residency placed the experts (on the
     # modelled tier placement never changes a bit of the result)
+    if x.shape[0] == 1:  # decode: the experts in slot order, gate+up and down batched
+        order, coefs = plan.decode_terms()
+        if order:
+            return swiglu_experts([plan.source(e) for e in order], x, coefs)
     rows = plan.rows
-    if x.shape[0] == 1 and rows:  # decode: the experts in slot order, gate+up and down batched
-        order = list(rows)
-        return swiglu_experts([plan.source(e) for e in order], x, [float(rows[e][1][0]) for e in order])
     out = torch.zeros_like(x)
     for e in sorted(rows):
         tok, w = rows[e]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..compute.experts import ExpertStore
-from ..compute.plan import RESIDENT, ExpertPlan, rows_by_expert
+from ..compute.plan import RESIDENT, ExpertPlan
 from ..stats import StatsCollector
 
 
@@ -21,9 +21,9 @@ class AllResident:
 
     def plan(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> ExpertPlan:
         """ids [T, k] int64, weights [T, k] float32 (host) → every routed expert resident."""
-        rows = rows_by_expert(ids, weights)
         self.stats.count_routed(layer, ids)
-        return ExpertPlan(layer, rows, lambda e: self.store.weights(layer, e), {e: RESIDENT for e in rows})
+        where = dict.fromkeys((e for e in ids.reshape(-1).tolist() if e >= 0), RESIDENT)
+        return ExpertPlan(layer, ids, weights, lambda e: self.store.weights(layer, e), where)
 
     def finish(self, plan: ExpertPlan) -> None:
         """Nothing moves: no prefetch, no uploads."""

@@ -228,7 +228,7 @@ class ExpertScheduler:
         self._open = _OpenLayer(tick, ids.shape[0], routed, protected, upload_later + sorted(on_cpu))
         source = partial(self._weights_for, layer, on_cpu)
         split = self.tier is not None and self.tier.kernel == "triton"
-        return ExpertPlan(layer, rows, source, where, substitutions, split)
+        return ExpertPlan(layer, ids, weights, source, where, substitutions, split, grouped=rows)
 
     def finish(self, plan: ExpertPlan) -> None:
         """After the plan's experts are issued: the next layer's prefetch, then background uploads
@@ -370,8 +370,8 @@ class ExpertScheduler:
             self._uses_host = torch.zeros((self.n_layer, self.n_expert), dtype=torch.int64, pin_memory=tier.cuda)
             self._ones = torch.ones(self.top_k, dtype=torch.int64, device=ids.device)
         self._device_uses[layer].index_add_(0, ids[0], self._ones)
-        routing = DeviceRouting(ids, weights, tier.addresses[:, layer], tier.weights((layer, 0)))
-        return ExpertPlan(layer, {}, partial(self._weights_for, layer, set()), device=routing)
+        routing = DeviceRouting(tier.addresses[:, layer], tier.weights((layer, 0)))
+        return ExpertPlan(layer, ids, weights, partial(self._weights_for, layer, set()), device=routing)
 
     def _finish_device(self, layer: int) -> None:
         """After a device-routed layer: at the token's last layer, copy the use counts out (no sync)."""
