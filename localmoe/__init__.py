@@ -6,8 +6,9 @@
 """
 
 from .errors import LocalMoEError
+from .options import LoadOptions
 from .runtime import Chunk, Runtime, load
 from .stats import LayerStats, Stats
 
-__all__ = ["load", "Runtime", "Chunk", "Stats", "LayerStats", "LocalMoEError"]
+__all__ = ["load", "LoadOptions", "Runtime", "Chunk", "Stats", "LayerStats", "LocalMoEError"]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from .errors import LocalMoEError
 from .fallback.miss_policies import MISS_POLICIES
 from .residency.profiles import PROFILES
 from .bench.residency import DEFAULT_POLICIES
+from .options import DEFAULTS, LoadOptions
 from .sampling import DEFAULT, MAX_TOKENS
 
 ON_MISS_POLICIES = tuple(MISS_POLICIES)
@@ -31,28 +32,47 @@ def _add_model_arg(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The load options' flags; their defaults are LoadOptions' (localmoe/options.py)."""
+    d = DEFAULTS
     g = p.add_argument_group("runtime")
-    g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens, capped at the model's training context (default 4096)")
-    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: the physical cores less those other processes keep busy at load, at least 1)")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device (default auto: cuda when available)")
+    g.add_argument("-c", "--ctx-size", type=int, default=d.n_ctx,
+                   help="context size in tokens, capped at the model's training context (default %(default)s)")
+    g.add_argument("-t", "--threads", type=int, default=d.threads,
+                   help="CPU threads (default: the physical cores less those other processes keep busy at load, at "
+                        "least 1)")
+    g.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
+                   help="compute device (default %(default)s: cuda when available)")
     r = p.add_argument_group("expert residency")
-    r.add_argument("--gpu-mem", metavar="SIZE", default=None, help="GPU-tier budget for dense weights + cached experts, e.g. 6GB (default: every expert resident)")
-    r.add_argument("--host-mem", metavar="SIZE", default=None, help="host RAM for experts repacked (at load, once) for the VNNI kernel, e.g. 8GB; beyond it experts are computed in place from the file by ggml (default: available RAM less the dense weights and 1.5 GiB)")
-    r.add_argument("--policy", default="lfu", choices=ONLINE_POLICIES, help="cache eviction policy (default lfu; see docs/residency.md)")
-    r.add_argument("--on-miss", default="cpu", choices=ON_MISS_POLICIES, help="what a missing expert does: fetch it, compute it on the CPU, drop it, run a resident buddy, run the little expert set, or choose by cost (default cpu; docs/fallback.md)")
-    r.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's predicted experts")
-    r.add_argument("--profile", default=None, choices=tuple(PROFILES), help="hardware profile of the modelled clock when the GPU tier is simulated (default laptop-8gb)")
-    r.add_argument("--n-cpu-moe", type=int, default=None, metavar="N", help="llama.cpp's static placement: experts of the first N layers stay on the CPU, nothing moves")
-    r.add_argument("--cpu-moe", action="store_true", help="llama.cpp's static placement: every expert stays on the CPU")
-    r.add_argument("--trace", metavar="FILE", default=None, help="record the routing of every token (JSON lines) for `localmoe bench --trace`")
+    r.add_argument("--gpu-mem", metavar="SIZE", default=d.gpu_mem,
+                   help="GPU-tier budget for dense weights + cached experts, e.g. 6GB (default: every expert resident)")
+    r.add_argument("--host-mem", metavar="SIZE", default=d.host_mem,
+                   help="host RAM for experts repacked (at load, once) for the VNNI kernel, e.g. 8GB; beyond it "
+                        "experts are computed in place from the file by ggml (default: available RAM less the dense "
+                        "weights and 1.5 GiB)")
+    r.add_argument("--policy", default=d.policy, choices=ONLINE_POLICIES,
+                   help="cache eviction policy (default %(default)s; see docs/residency.md)")
+    r.add_argument("--on-miss", default=d.on_miss, choices=ON_MISS_POLICIES,
+                   help="what a missing expert does: fetch it, compute it on the CPU, drop it, run a resident buddy, "
+                        "run the little expert set, or choose by cost (default %(default)s; docs/fallback.md)")
+    r.add_argument("--no-prefetch", action="store_false", dest="prefetch", default=d.prefetch,
+                   help="do not prefetch the next layer's predicted experts")
+    r.add_argument("--profile", default=d.profile, choices=tuple(PROFILES),
+                   help="hardware profile of the modelled clock when the GPU tier is simulated (default laptop-8gb)")
+    r.add_argument("--n-cpu-moe", type=int, default=d.n_cpu_moe, metavar="N",
+                   help="llama.cpp's static placement: experts of the first N layers stay on the CPU, nothing moves")
+    r.add_argument("--cpu-moe", action="store_true", default=d.cpu_moe,
+                   help="llama.cpp's static placement: every expert stays on the CPU")
+    r.add_argument("--trace", metavar="FILE", default=d.trace,
+                   help="record the routing of every token (JSON lines) for `localmoe bench trace`")
 
 
-def runtime_kwargs(args: argparse.Namespace) -> dict:
-    """The load() arguments the runtime flags give (for `run`, and for `chat`, whose app takes them)."""
-    return dict(
-        device=args.device, n_ctx=args.ctx_size, threads=args.threads, gpu_mem=args.gpu_mem, policy=args.policy, on_miss=args.on_miss,
-        prefetch=not args.no_prefetch, profile=args.profile, n_cpu_moe=args.n_cpu_moe, cpu_moe=args.cpu_moe, trace=args.trace,
-        host_mem=args.host_mem, progress=load_progress(),
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """The LoadOptions the runtime flags give (run, chat and serve; the chat app and the server take them)."""
+    return LoadOptions(
+        device=args.device, n_ctx=args.ctx_size, threads=args.threads, gpu_mem=args.gpu_mem, policy=args.policy,
+        on_miss=args.on_miss, prefetch=args.prefetch, profile=args.profile, n_cpu_moe=args.n_cpu_moe,
+        cpu_moe=args.cpu_moe, trace=args.trace, host_mem=args.host_mem, seed=getattr(args, "seed", None),
+        progress=load_progress(),
     )
 
 
@@ -77,6 +97,95 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=DEFAULT.top_k, help="sample from the k most likely tokens; 0 = all (default %(default)s)")
     g.add_argument("--top-p", type=float, default=DEFAULT.top_p, help="nucleus sampling mass (default %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+BENCH_COMMANDS = ("speed", "kernels", "policies", "trace")
+
+
+def _add_bench_parsers(sub) -> None:
+    """`localmoe bench SUBCOMMAND`: four benchmarks, each with its own flags."""
+    bench = sub.add_parser("bench", help="benchmarks: speed against llama.cpp, kernels, residency policies, traces",
+                           description="Benchmarks, one per subcommand; `localmoe bench SUBCOMMAND --help` lists "
+                                       "its flags.")
+    bsub = bench.add_subparsers(dest="bench", metavar="SUBCOMMAND", parser_class=_Parser)
+
+    p = bsub.add_parser("speed", help="prompt and decode tokens/s of localmoe (and llama.cpp) on one file",
+                        description="Time prompt and decode tokens/s of localmoe and, with --vs llama.cpp, of "
+                                    "llama.cpp on MODEL: the same ids and threads, each engine in its own process. "
+                                    "See docs/speed.md.")
+    _add_model_arg(p, required=False)
+    p.add_argument("--vs", choices=("llama.cpp",), default=None,
+                   help="also time llama.cpp on MODEL and print the ratios (default: localmoe's rows alone)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads of both engines (default 2)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens (default %(default)s)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="timed repetitions after one warm-up; medians are reported (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the engines in turn this many times, pooling the runs (default %(default)s; 3+ on a busy "
+                        "machine)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="localmoe's device (default %(default)s)")
+    p.add_argument("--kernel-modes", metavar="MODES", default=None,
+                   help="one localmoe row per CPU kernel mode, in turn each round: auto, ggml (ggml's kernels only: "
+                        "what a CPU without AVX-512 runs), vnni, torch; comma-separated, e.g. auto,ggml (default: "
+                        "LOCALMOE_KERNEL's)")
+    p.add_argument("--host-mem", metavar="SIZES", default=None,
+                   help="one localmoe row per host-RAM budget for repacked experts, in turn each round: default, a "
+                        "size (8GB) or a share of the expert bytes (25%%); comma-separated, e.g. default,25%%,0 "
+                        "(default: the user-facing default only)")
+    p.add_argument("--llama-plain-buffers", action="store_true",
+                   help="load llama.cpp with use_extra_bufts=False from the start (no AMX/repacked weights: slower; "
+                        "bench switches to it by itself when the default buffers crash)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = bsub.add_parser("kernels", help="micro-benchmark the quantized matmul kernels per quant type (no model)",
+                        description="Time each CPU backend's quantized matmul per quant type on random weights of the "
+                                    "Qwen3-30B-A3B expert shape; no model needed. See docs/speed.md.")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default 2)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = bsub.add_parser("policies", help="placement strategies and miss policies under a GPU budget (modelled clock)",
+                        description="Decode the same prompt with static placement (llama.cpp's --n-cpu-moe), "
+                                    "fetch+LRU and cpu+reuse+prefetch under a GPU budget and hardware profile. See "
+                                    "docs/residency.md.")
+    _add_model_arg(p, required=False)
+    p.add_argument("--gpu-mem", metavar="SIZE",
+                   help="GPU budget (default: dense weights + --budget-share of expert bytes)")
+    p.add_argument("--budget-share", type=float, default=0.25,
+                   help="expert share of the default budget (default %(default)s)")
+    p.add_argument("--profile", default="laptop-8gb", choices=tuple(PROFILES),
+                   help="hardware profile of the modelled clock (default %(default)s)")
+    p.add_argument("-p", "--prompt", default=None, help="prompt (default: a fixed sentence)")
+    p.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens to decode (default %(default)s)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = bsub.add_parser("trace", help="replay the cache policies on a recorded routing trace (seconds, no model)",
+                        description="Replay the cache policies on a routing trace (from `localmoe run --trace FILE`) "
+                                    "at several budgets: hit rates, without the model. See docs/residency.md.")
+    p.add_argument("trace", metavar="FILE", help="the trace (JSON lines) to replay")
+    p.add_argument("--budgets", default="0.25,0.5", help="budgets as shares of all expert bytes (default %(default)s)")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="policies to compare (default %(default)s)")
+    p.add_argument("--replay-prefetch", action="store_true", help="also load the recorded prefetch predictions")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _legacy_bench(argv: list[str]) -> list[str]:
+    """The flag forms `bench` had before its subcommands, kept working: `bench MODEL --vs llama.cpp`
+    (or --host-mem, --kernel-modes) is `bench speed`, `bench --kernels` is `bench kernels`,
+    `bench --trace FILE` is `bench trace FILE`, and `bench [MODEL]` with other flags is `bench policies`."""
+    if len(argv) < 2 or argv[0] != "bench" or argv[1] in (*BENCH_COMMANDS, "-h", "--help"):
+        return argv
+    rest = argv[1:]
+    if "--kernels" in rest:
+        return ["bench", "kernels", *[a for a in rest if a != "--kernels"]]
+    if any(a == f or a.startswith(f + "=") for a in rest for f in ("--vs", "--host-mem", "--kernel-modes")):
+        return ["bench", "speed", *rest]
+    if "--trace" in rest:
+        i = rest.index("--trace")
+        return ["bench", "trace", *rest[:i], *rest[i + 1:]]
+    return ["bench", "policies", *rest]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,30 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     _add_runtime_args(p)
 
-    p = sub.add_parser("bench", help="benchmark: cache policies on a trace, or placement strategies on a model", description="With --trace FILE: replay the cache policies on a recorded routing trace at several budgets (hit rates, in seconds, without the model). With MODEL: decode the same prompt with static placement (llama.cpp's --n-cpu-moe), fetch+LRU and cpu+reuse+prefetch under a GPU budget and hardware profile.")
-    _add_model_arg(p, required=False)
-    p.add_argument("--trace", metavar="FILE", help="replay cache policies on this trace (from `localmoe run --trace FILE`)")
-    p.add_argument("--budgets", default="0.25,0.5", help="trace replay: budgets as shares of all expert bytes (default 0.25,0.5)")
-    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help=f"trace replay: policies to compare (default {','.join(DEFAULT_POLICIES)})")
-    p.add_argument("--replay-prefetch", action="store_true", help="trace replay: also load the recorded prefetch predictions")
-    p.add_argument("--gpu-mem", metavar="SIZE", help="strategies: GPU budget (default: dense weights + --budget-share of expert bytes)")
-    p.add_argument("--budget-share", type=float, default=0.25, help="strategies: expert share of the default budget (default 0.25)")
-    p.add_argument("--profile", default="laptop-8gb", choices=tuple(PROFILES), help="strategies: hardware profile of the modelled clock (default laptop-8gb)")
-    p.add_argument("-p", "--prompt", default=None, help="strategies: prompt (default: a fixed sentence)")
-    p.add_argument("-n", "--max-tokens", type=int, default=64, help="strategies: tokens to decode (default 64)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    g = p.add_argument_group("speed against llama.cpp (--vs llama.cpp; see docs/speed.md)")
-    g.add_argument("--vs", choices=("llama.cpp",), default=None, help="time prompt and decode tokens/s of localmoe and llama.cpp on MODEL, same ids and threads (default threads: 2)")
-    g.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
-    g.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens (default 64)")
-    g.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up; medians are reported (default 3)")
-    g.add_argument("--rounds", type=int, default=1, help="run the engines in turn this many times, pooling the runs (default 1; use 3+ on a busy machine)")
-    g.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="localmoe's device (default cpu)")
-    g.add_argument("--kernel-modes", metavar="MODES", default=None, help="one localmoe row per CPU kernel mode, in turn each round: auto, ggml (ggml's kernels only: what a CPU without AVX-512 runs), vnni, torch; comma-separated, e.g. auto,ggml (default: LOCALMOE_KERNEL's)")
-    g.add_argument("--host-mem", metavar="SIZES", default=None, help="one localmoe row per host-RAM budget for repacked experts, in turn each round: default, a size (8GB) or a share of the expert bytes (25%%); comma-separated, e.g. default,25%%,0 (default: the user-facing default only); without --vs, the localmoe rows alone")
-    g.add_argument("--kernels", action="store_true", help="instead: micro-benchmark the quantized matmul kernels per quant type (no model needed)")
-    g.add_argument("--llama-plain-buffers", action="store_true", help="load llama.cpp with use_extra_bufts=False from the start (no AMX/repacked weights: slower; bench switches to it by itself when the default buffers crash)")
+    _add_bench_parsers(sub)
 
     p = sub.add_parser("synth", help="write a random-weight MoE GGUF with a real model's shapes (for benchmarks)", description="Write a random-weight MoE GGUF file shaped like a real model, for benchmarking without downloads. K-quants (Q4_K_M, ...) are made by llama.cpp's quantizer from a Q8_0 file.")
     from .bench.synth import PRESETS
@@ -170,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buddy-min-score", type=float, default=None, help="buddy: least buddy score accepted (default 0.5)")
     p.add_argument("--buddy-max-per-token", type=int, default=None, help="buddy: most substitutions per token and layer (default min(3, k-1))")
     p.add_argument("--quality-budget", type=float, default=None, help="cost: output error (router-weight share × relative error of the stand-in) a token may take on per layer (default 0.2; 0 = exact)")
-    p.add_argument("--trace", metavar="FILE", default=None, help="also record the all-resident run's routing (with the prefetcher's predictions) for `localmoe bench --trace FILE`")
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="also record the all-resident run's routing (with the prefetcher's predictions) for "
+                        "`localmoe bench trace FILE`")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for PyTorch")
     return parser
@@ -249,21 +337,29 @@ def _read_text(path: str) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench is None:
+        raise LocalMoEError(f"bench needs a subcommand: {', '.join(BENCH_COMMANDS)}")
+    return {"speed": cmd_bench_speed, "kernels": cmd_bench_kernels, "policies": cmd_bench_policies,
+            "trace": cmd_bench_trace}[args.bench](args)
+
+
+def cmd_bench_trace(args: argparse.Namespace) -> int:
     from .bench import residency as rb
+    from .residency.trace import load_trace
 
-    if args.vs or args.kernels or args.host_mem:
-        return cmd_speed_bench(args)
-    if args.trace:
-        from .residency.trace import load_trace
+    trace = load_trace(args.trace)
+    try:
+        budgets = [float(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise LocalMoEError(f"--budgets takes comma-separated shares such as 0.25,0.5, not '{args.budgets}'") from None
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    rows = rb.replay_table(trace, budgets, policies, prefetch=args.replay_prefetch)
+    print(json.dumps(rows, indent=2) if args.json else rb.format_replay(trace, rows))
+    return 0
 
-        trace = load_trace(args.trace)
-        try:
-            budgets = [float(b) for b in args.budgets.split(",")]
-        except ValueError:
-            raise LocalMoEError(f"--budgets takes comma-separated shares such as 0.25,0.5, not '{args.budgets}'") from None
-        rows = rb.replay_table(trace, budgets, [p.strip() for p in args.policies.split(",") if p.strip()], prefetch=args.replay_prefetch)
-        print(json.dumps(rows, indent=2) if args.json else rb.format_replay(trace, rows))
-        return 0
+
+def cmd_bench_policies(args: argparse.Namespace) -> int:
+    from .bench import residency as rb
     from .bundled import demo_model_path
     from .gguf.file import GGUFModel
     from .runtime import parse_size
@@ -274,18 +370,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         m = GGUFModel(path)
         gpu_mem = m.dense_bytes() + int(m.all_expert_bytes() * args.budget_share)
     results = rb.run_strategies(path, gpu_mem, args.profile, args.prompt or rb.DEFAULT_PROMPT, args.max_tokens, args.threads)
-    print(json.dumps({"gpu_mem": gpu_mem, "profile": args.profile, "results": rb.strategies_json(results)}, indent=2) if args.json else rb.format_strategies(results, gpu_mem))
+    out = {"gpu_mem": gpu_mem, "profile": args.profile, "results": rb.strategies_json(results)}
+    print(json.dumps(out, indent=2) if args.json else rb.format_strategies(results, gpu_mem))
     return 0
 
 
-def cmd_speed_bench(args: argparse.Namespace) -> int:
-    from .bench.speed import BenchConfig, format_kernel_table, format_table, kernel_table, run_bench
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from .bench.speed import format_kernel_table, kernel_table
+
+    rows = kernel_table(args.threads or 2)
+    print(json.dumps(rows, indent=2) if args.json else format_kernel_table(rows, args.threads or 2))
+    return 0
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from .bench.speed import BenchConfig, format_table, run_bench
     from .bundled import demo_model_path
 
-    if args.kernels:
-        rows = kernel_table(args.threads or 2)
-        print(json.dumps(rows, indent=2) if args.json else format_kernel_table(rows, args.threads or 2))
-        return 0
     if min(args.prompt_tokens, args.decode_tokens, args.reps, args.rounds) < 1:
         raise LocalMoEError("--prompt-tokens, --decode-tokens, --reps and --rounds must be at least 1")
     cfg = BenchConfig(args.prompt_tokens, args.decode_tokens, args.reps, threads=args.threads or 2, rounds=args.rounds)
@@ -332,7 +433,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise LocalMoEError("no prompt: pass -p TEXT or pipe text on stdin")
     if args.max_tokens < 0:
         raise LocalMoEError("--max-tokens must be ≥ 0")
-    with load(args.model, seed=args.seed, **runtime_kwargs(args)) as rt:
+    with load(args.model, load_options(args)) as rt:
         source = [{"role": "user", "content": prompt}] if args.chat else prompt
         for chunk in rt.stream(source, max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed):
             sys.stdout.write(chunk.text)
@@ -394,7 +495,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("LOCALMOE_API_KEY") or None
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.seed)
     config = ServeConfig(model_id_for(args.model or demo_model_path()), api_key, args.queue, max_body, defaults)
-    return serve(args.model, runtime_kwargs(args), config, args.host, args.port, args.verbose)
+    return serve(args.model, load_options(args), config, args.host, args.port, args.verbose)
 
 
 def print_backends(rt, out) -> None:
@@ -416,7 +517,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if exc.name != "localmoe.tui":
             raise
         raise LocalMoEError("the chat app (localmoe.tui) is not installed; install the package with `pip install -e .`") from None
-    return run_chat(args, runtime_kwargs(args) | {"seed": args.seed})
+    return run_chat(args, load_options(args))
 
 
 COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench, "synth": cmd_synth, "calibrate": cmd_calibrate, "eval": cmd_eval}
@@ -424,7 +525,7 @@ COMMANDS = {"info": cmd_info, "run": cmd_run, "chat": cmd_chat, "serve": cmd_ser
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_legacy_bench(list(sys.argv[1:] if argv is None else argv)))
     if not args.command:
         parser.print_help()
         return 2

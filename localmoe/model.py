@@ -28,7 +28,8 @@ from .archs.common import fast_paths
 from .compute import kernels
 from .compute.counters import to_device
 from .compute.experts import pack_ffn
-from .compute.ggml_backend import ggml
+from .compute.fused_decode import FusedDecode
+from .compute.ggml_backend import usable_ggml
 from .compute.kernels import QLinear, fuse_rows, gather_rows, repack, rms_norm
 from .gguf import names
 from .gguf.blocks import QUANT_TYPES, dequantize, raw_bytes, to_torch
@@ -182,6 +183,9 @@ class MoEModel:
         self.spec = spec = model.spec
         self.device = device
         self.experts = experts  # residency: where each routed expert runs (layers.moe.Residency)
+        self.fused_decode = True  # decode a plain layer in one C call where it qualifies (compute/fused_decode.py)
+        self._fused: FusedDecode | None = None
+        self._fused_key: tuple[int, int] | None = None
         self.fast = fast_paths(spec)  # the C fast paths this architecture's declarations allow
         w = FileWeights(model, device)
         build = archs.module_for(spec.arch.name).build_block
@@ -198,7 +202,9 @@ class MoEModel:
         if "embedding_gather" in self.fast and device.type == "cpu" and not model.has(names.OUTPUT) and self.output.r16:
             self.embd_packed = self.output
         self.embd_mapped: QLinear | None = None  # else the table in place, its rows read by ggml (one C call)
-        if self.embd_packed is None and self.embd.qtype in QUANT_TYPES and ggml() is not None and ggml().computes(self.embd.qtype):
+        g = usable_ggml()  # (None when the compute policy's kernel mode rules ggml out)
+        mappable = g is not None and self.embd.qtype in QUANT_TYPES and g.computes(self.embd.qtype)
+        if self.embd_packed is None and mappable:
             self.embd_mapped = kernels.ggml_weight([(raw_bytes(self.embd.data, self.embd.shape[0]), self.embd.qtype, self.embd.shape[0])], spec.n_embd)
         self.rope = Rope(spec)  # the rotation tables, shared by every layer
 
@@ -256,6 +262,17 @@ class MoEModel:
             return lw.ffn(h)
         return lw.moe(self.spec, i, h, self.experts)
 
+    def _fused_decode(self) -> FusedDecode | None:
+        """The layers that decode in one C call each (compute/fused_decode.py); planned again when
+        the executor or the number of resident experts changed since (experts repacked on first use)."""
+        if not self.fused_decode:
+            return None
+        store = getattr(self.experts, "store", None)
+        key = (id(self.experts), store.summary()["repacked"] if store is not None else 0)
+        if self._fused_key != key:
+            self._fused, self._fused_key = FusedDecode.build(self), key
+        return self._fused
+
     # -- the whole pass ---------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = True) -> torch.Tensor:
@@ -266,13 +283,22 @@ class MoEModel:
         x = self.embed(ids)
         if s.embd_scale != 1.0:
             x = x * s.embd_scale
+        fused = self._fused_decode() if T == 1 else None
+        if fused is not None:
+            x = x.contiguous()
+            cos, sin = (t.reshape(-1).contiguous() for t in self.rope.tables(pos0, 1, x.device))
         for i, lw in enumerate(self.layers):
+            if fused is not None and i in fused.layers:  # the whole layer in one C call, the same steps as below
+                fused.run(i, x, cache, pos0, cos, sin)
+                continue
             if lw.run is not None:  # a block with its own order of operations (layers/block.py)
                 x = lw.run(self, i, x, cache, pos0)
                 continue
             x = x + self.attention(i, rms_norm(x, lw.attn_norm, s.rms_eps), cache, pos0)
             self.predict_next(i, x)
             x = x + self.moe(i, self.ffn_input(i, x))
+        if fused is not None:
+            fused.count(self.experts.stats, list(fused.layers))
         cache.n = pos0 + T
         if T > 1:  # the end of a prompt: where a later turn or request may resume
             cache.snapshot()

@@ -7,7 +7,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from .bundled import demo_model_path
 from .errors import LocalMoEError
 from .residency.cache_policies import ONLINE_POLICIES
+from .compute import policy as compute_policy
 from .compute.counters import readback
 from .compute.experts import ExpertStore
 from .residency.gpu_tier import DeviceTier
@@ -27,6 +28,7 @@ from .residency.scheduler import ExpertScheduler, ResidencyConfig
 from .residency.trace import TraceRecorder
 from .gguf.file import GGUFModel
 from .model import KVCache, MoEModel
+from .options import LoadOptions, resolve
 from .sampling import DEFAULT, MAX_TOKENS, SamplingParams, sample
 from .stats import Stats, StatsCollector
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -104,25 +106,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Runtime:
-    def __init__(
-        self,
-        path: str | os.PathLike[str] | None = None,
-        device: str = "auto",
-        gpu_mem: int | str | None = None,
-        policy: str = "lfu",
-        on_miss: str = "cpu",
-        prefetch: bool = True,
-        n_ctx: int = 4096,
-        seed: int | None = None,
-        profile: str | None = None,
-        threads: int | None = None,
-        n_cpu_moe: int | None = None,
-        cpu_moe: bool = False,
-        trace: str | None = None,
-        miss_options: dict[str, Any] | None = None,
-        host_mem: int | str | None = None,
-        progress: Callable[[str, int, int], None] | None = None,
-    ):
+    def __init__(self, path: str | os.PathLike[str] | None = None, options: LoadOptions | None = None, **kwargs: Any):
+        """See `load`: `options` (None → the defaults), with any LoadOptions field as a keyword on top."""
+        o = self.options = resolve(options, kwargs)
+        # this runtime's compute path (compute/policy.py): the one in effect now, with load's kernel=;
+        # in effect during the load and every forward pass of the runtime, whatever thread runs it
+        self.compute = compute_policy.current()
+        if o.kernel is not None:
+            self.compute = self.compute.replace(kernel=o.kernel)
+        with compute_policy.use(self.compute):
+            self._open(path, o)
+
+    def _open(self, path: str | os.PathLike[str] | None, o: LoadOptions) -> None:
+        device, gpu_mem, policy, on_miss, prefetch = o.device, o.gpu_mem, o.policy, o.on_miss, o.prefetch
+        n_ctx, threads, host_mem, trace, progress = o.n_ctx, o.threads, o.host_mem, o.trace, o.progress
+        miss_options, seed, profile = o.miss_options, o.seed, o.profile
         self.path = os.fspath(path) if path is not None else demo_model_path()
         self.device = resolve_device(device)
         _check_policy_names(policy, on_miss)
@@ -157,7 +155,7 @@ class Runtime:
         self.store.preload((lambda done, total: progress("repacking experts", done, total)) if progress is not None else None)
         self.scheduler: ExpertScheduler | None = None
         self.model = MoEModel(self.gguf, AllResident(self.store, self._stats), self.device)
-        cpu_layers = _static_cpu_layers(n_cpu_moe, cpu_moe, self.spec.n_layer)
+        cpu_layers = _static_cpu_layers(o.n_cpu_moe, o.cpu_moe, self.spec.n_layer)
         if self.device.type == "cuda" or self.gpu_budget is not None or profile is not None or trace is not None or cpu_layers is not None:
             self._start_scheduler(cpu_layers)
         if trace is not None:
@@ -267,7 +265,7 @@ class Runtime:
         with self._lock:
             cache = KVCache(self.spec, self.n_ctx, self.device)
             start, wall = self._clock(), time.perf_counter()
-            out = self.model.forward(torch.tensor(ids, dtype=torch.long), cache, all_logits=True)
+            out = self._forward(ids, cache, all_logits=True)
             self._stats.record_prompt(len(ids), self._clock() - start, time.perf_counter() - wall)
         return out.float().cpu().numpy()
 
@@ -281,8 +279,12 @@ class Runtime:
             cache = KVCache(self.spec, self.n_ctx, self.device)
             for token in ids:
                 c0, w0 = self._clock(), time.perf_counter()
-                logits = self.model.forward(torch.tensor([token]), cache, all_logits=False)[-1]
+                logits = self._forward([token], cache, all_logits=False)[-1]
                 yield logits, self._clock() - c0, time.perf_counter() - w0
+
+    def _forward(self, ids: list[int], cache: KVCache, all_logits: bool) -> torch.Tensor:
+        with compute_policy.use(self.compute):
+            return self.model.forward(torch.tensor(ids, dtype=torch.long), cache, all_logits=all_logits)
 
     def _token_ids(self, ids: Any) -> list[int]:
         """ids as a list of Python ints, each inside the vocabulary; anything else raises."""
@@ -376,7 +378,7 @@ class Runtime:
     def _advance(self, ids: list[int]) -> torch.Tensor:
         """Run ids after the cached ones; return the last position's logits [V] (on the CPU, where
         sampling and its generator live)."""
-        out = self.model.forward(torch.tensor(ids, dtype=torch.long), self._cache, all_logits=False)
+        out = self._forward(ids, self._cache, all_logits=False)
         self._cache_tokens = self._cache_tokens + list(ids)
         return readback(out[-1].float())[0]
 
@@ -404,7 +406,7 @@ class Runtime:
             raise LocalMoEError(f"prefetch must be True, False or None, got {prefetch!r}")
         if gpu_mem is not None and (isinstance(gpu_mem, bool) or not isinstance(gpu_mem, (int, str)) or parse_size(gpu_mem) <= 0):
             raise LocalMoEError(f"gpu_mem must be a positive byte count or a size such as '6GB', got {gpu_mem!r}")
-        with self._lock:
+        with self._lock, compute_policy.use(self.compute):
             _check_policy_names(policy or self.policy, on_miss or self.on_miss)
             old = (self.policy, self.on_miss, self.prefetch, self.gpu_budget)
             self.policy, self.on_miss = policy or self.policy, on_miss or self.on_miss
@@ -444,25 +446,10 @@ class Runtime:
         self.close()
 
 
-def load(
-    path: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    gpu_mem: int | str | None = None,
-    policy: str = "lfu",
-    on_miss: str = "cpu",
-    prefetch: bool = True,
-    n_ctx: int = 4096,
-    seed: int | None = None,
-    profile: str | None = None,
-    threads: int | None = None,
-    n_cpu_moe: int | None = None,
-    cpu_moe: bool = False,
-    trace: str | None = None,
-    miss_options: dict[str, Any] | None = None,
-    host_mem: int | str | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> Runtime:
+def load(path: str | os.PathLike[str] | None = None, options: LoadOptions | None = None, **kwargs: Any) -> Runtime:
     """Open a MoE GGUF model (None → the bundled demo model). Raises LocalMoEError on bad input.
+    The options are the fields of LoadOptions (localmoe/options.py: defaults and units), given as
+    `options=LoadOptions(...)`, as keywords, or both (the keywords win).
 
     gpu_mem: GPU-tier budget (bytes or "6GB") for the dense weights plus cached experts;
     None keeps every expert resident. policy: cache policy (lru, lfu, least-stale, reuse).
@@ -477,7 +464,7 @@ def load(
     a type ggml computes faster, run in place from the memory map (default: the RAM available at load
     less the dense weights and 1.5 GiB); they are repacked at load. progress(what, done, total) is
     called during long steps of the load (the repacking, in experts)."""
-    return Runtime(path, device, gpu_mem, policy, on_miss, prefetch, n_ctx, seed, profile, threads, n_cpu_moe, cpu_moe, trace, miss_options, host_mem, progress)
+    return Runtime(path, options, **kwargs)
 
 
 def _check_policy_names(policy: str, on_miss: str) -> None:

@@ -1,4 +1,4 @@
-"""`localmoe bench MODEL --vs llama.cpp` on a tiny model: the JSON shape, and ratios that come
+"""`localmoe bench speed MODEL --vs llama.cpp` on a tiny model: the JSON shape, and ratios that come
 from the figures measured in the same run."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_bench_vs_llama_cpp_json(make_model):
     path = make_model("qwen3moe", "Q4_0")
-    r = _cli("bench", path, "--vs", "llama.cpp", "--json", "--prompt-tokens", "8", "--decode-tokens", "4", "--reps", "2", "--rounds", "2", "-t", "1")
+    r = _cli("bench", "speed", path, "--vs", "llama.cpp", "--json", "--prompt-tokens", "8", "--decode-tokens", "4",
+             "--reps", "2", "--rounds", "2", "-t", "1")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["baseline"] == "llama.cpp"
@@ -109,7 +110,7 @@ def test_llama_cpp_runs_from_before_a_crash_are_dropped_and_a_kill_is_no_crash(m
 
 
 def test_bench_user_errors(make_model):
-    r = _cli("bench", make_model("qwen3moe", "Q4_0"), "--vs", "llama.cpp", "--reps", "0")
+    r = _cli("bench", "speed", make_model("qwen3moe", "Q4_0"), "--vs", "llama.cpp", "--reps", "0")
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -135,5 +136,5 @@ def test_bench_host_mem_rows_load_with_their_budgets(make_model, monkeypatch):
     res = bench.run_bench(path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1), vs=None, host_mems=["default", "25%", "0"])
     assert seen == ["default", int(0.25 * experts), 0]
     assert [r.engine for r in res.rows] == ["localmoe (host-mem default)", f"localmoe (host-mem 25% = {0.25 * experts / 2**30:.1f} GiB)", "localmoe (host-mem 0)"]
-    r = _cli("bench", path, "--host-mem", "lots")
+    r = _cli("bench", "speed", path, "--host-mem", "lots")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "lots" in r.stderr

@@ -49,3 +49,27 @@ def test_help_explains_commands():
     assert r.returncode == 0 and "info" in r.stdout and "run" in r.stdout
     r = _cli("run", "--help")
     assert "--max-tokens" in r.stdout and "--temp" in r.stdout and "--seed" in r.stdout
+
+
+def test_bench_subcommands_each_list_only_their_flags():
+    from localmoe.cli import _legacy_bench, build_parser
+
+    bench = next(a for a in build_parser()._actions if a.dest == "command").choices["bench"]
+    subs = next(a for a in bench._actions if a.dest == "bench").choices
+    assert set(subs) == {"speed", "kernels", "policies", "trace"}
+    flags = {name: {o for a in p._actions for o in a.option_strings} for name, p in subs.items()}
+    assert {"--vs", "--kernel-modes", "--host-mem", "--rounds"} <= flags["speed"] and "--budgets" not in flags["speed"]
+    assert flags["kernels"] == {"-h", "--help", "-t", "--threads", "--json"}
+    assert {"--budget-share", "--profile"} <= flags["policies"] and "--vs" not in flags["policies"]
+    assert {"--budgets", "--policies", "--replay-prefetch"} <= flags["trace"] and "--vs" not in flags["trace"]
+    r = _cli("bench", "kernels", "--help")
+    assert r.returncode == 0 and "--threads" in r.stdout and "--vs" not in r.stdout
+    r = _cli("bench")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "speed" in r.stderr
+    # the forms bench had before its subcommands still work
+    speed = ["m.gguf", "--vs", "llama.cpp", "-t", "2"]
+    assert _legacy_bench(["bench", *speed]) == ["bench", "speed", *speed]
+    assert _legacy_bench(["bench", "--kernels", "-t", "1"]) == ["bench", "kernels", "-t", "1"]
+    assert _legacy_bench(["bench", "--trace", "r.jsonl", "--json"]) == ["bench", "trace", "r.jsonl", "--json"]
+    assert _legacy_bench(["bench", "m.gguf", "-n", "6"]) == ["bench", "policies", "m.gguf", "-n", "6"]
+    assert _legacy_bench(["bench", "speed", "m.gguf"]) == ["bench", "speed", "m.gguf"]

@@ -35,3 +35,18 @@ def test_help_shows_them():
     text = " ".join(sub.format_help().split())
     for value in (MAX_TOKENS, DEFAULT.temperature, DEFAULT.top_k, DEFAULT.top_p):
         assert f"(default {value})" in text
+
+
+def test_the_load_options_have_one_home():
+    """The runtime flags of run, chat and serve build LoadOptions' defaults, and --help shows them."""
+    from localmoe.cli import load_options
+    from localmoe.options import DEFAULTS, LoadOptions
+
+    assert DEFAULTS == LoadOptions()
+    assert inspect.signature(Runtime.__init__).parameters.keys() == {"self", "path", "options", "kwargs"}
+    for command in ("run", "chat", "serve"):
+        assert load_options(build_parser().parse_args([command, "x.gguf"])) == DEFAULTS, command
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["run"]
+    text = " ".join(sub.format_help().split())
+    for value in (DEFAULTS.n_ctx, DEFAULTS.device, DEFAULTS.policy, DEFAULTS.on_miss):
+        assert f"(default {value}" in text

@@ -85,7 +85,7 @@ def test_spec_reads_the_layer_pattern_and_each_kinds_shape(make_model):
 
 
 @pytest.mark.parametrize("qtype,kernel", [("F32", "auto"), ("Q8_0", "ggml"), ("Q4_0", "ggml"), ("Q4_K_M", "ggml")])
-def test_logits_match_llama_cpp_past_the_window(make_model, qtype, kernel, monkeypatch):
+def test_logits_match_llama_cpp_past_the_window(make_model, qtype, kernel):
     """200 positions (window 32: most queries of the windowed layers see a cut), prefilled in one
     call and decoded token by token, against llama.cpp. F32: tests/test_oracle.py's 1e-4
     (measured 1.4e-5); quantized: llama.cpp against itself with an F16 KV cache,
@@ -95,12 +95,10 @@ def test_logits_match_llama_cpp_past_the_window(make_model, qtype, kernel, monke
     two sub-blocks' outputs, 3 flips in 264 positions against the floor's 1 cross the top-1 bound
     by chance; tests/test_oracle.py checks the default path on 4 × 64 tokens.
     """
-    if kernel != "auto":
-        monkeypatch.setenv("LOCALMOE_KERNEL", kernel)
     path = make_model(ARCH, qtype)
     prompts = _prompts()
     ref = llama_logits(path, prompts)
-    with localmoe.load(path, device="cpu") as rt:
+    with localmoe.load(path, device="cpu", kernel=None if kernel == "auto" else kernel) as rt:
         prefill = np.concatenate([rt.logits(p) for p in prompts])
         decode = _decode(rt, prompts[0])
     if qtype == "F32":

@@ -17,7 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from localmoe.compute import ggml_backend, kernels
+from localmoe.compute import ggml_backend, kernels, policy
 from localmoe.gguf import blocks as gguf_blocks
 from localmoe.compute.experts import mapped_ffn, swiglu_expert
 from localmoe.compute.ggml_backend import GGML_COMPUTE_TYPES, ggml
@@ -79,7 +79,7 @@ def test_ggml_matmul_is_the_dequantized_matmul(qtype):
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((9, k), dtype=np.float32))
     w = repack(raw, qtype, (n, k), backend="ggml")
     assert w.backend == "ggml" and w.tensors["raw0"].data_ptr() == raw.ctypes.data  # in place: no copy
-    assert kernels.GGML_GRAPH_ROWS <= 9
+    assert policy.current().ggml_graph_rows <= 9
     if ggml().graph is not None:  # the two many-token paths agree
         torch.testing.assert_close(ggml().graph_matmul(w.tensors["raw0"], qtype, n, k, x, 2), ggml().matmul(kernels._ggml_segs(w), n, x, 2), rtol=1e-5, atol=1e-5)
     for rows in (1, 5, 9):

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from localmoe.bench import speed as bench
-from localmoe.compute import kernels
+from localmoe.compute import kernels, policy
 from localmoe.gguf import blocks as gguf_blocks
 from localmoe.gguf.blocks import decode
 from localmoe.compute.kernels import fuse_rows, repack
@@ -121,14 +121,14 @@ def q8_activations(x: torch.Tensor, qtype: Q = Q.Q8_0) -> np.ndarray:
 
 @pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
 @pytest.mark.parametrize("qtype", tuple(BLOCKS), ids=lambda q: q.name)
-def test_sgemm_path_is_the_exact_dequantized_matmul(qtype, monkeypatch):
+def test_sgemm_path_is_the_exact_dequantized_matmul(qtype):
     """With LOCALMOE_GEMM_ROWS set, many rows dequantize the weight to float32 for SGEMM: exact up to
     float rounding (the K-types' composite scales are made exactly from their own bytes)."""
-    monkeypatch.setattr(kernels, "GEMM_ROWS", 128)
     rng = np.random.default_rng(6)
     raw = random_blocks(qtype, 80, 512, rng)
     x = torch.from_numpy(rng.standard_normal((130, 512), dtype=np.float32))
-    y = repack(raw, qtype, (80, 512), backend="vnni")(x)
+    with policy.override(gemm_rows=128):
+        y = repack(raw, qtype, (80, 512), backend="vnni")(x)
     tol = 1e-5
     assert rel_err(y, x.double().numpy() @ reference(raw, qtype, 80, 512).T) <= tol
 
@@ -209,7 +209,7 @@ def test_fused_rows_equal_separate_matmuls():
     assert mixed.backend == "bf16" and mixed.n == 64
 
 
-def test_default_backend_per_type(monkeypatch):
+def test_default_backend_per_type():
     cpu = torch.device("cpu")
     assert kernels.choose_backend(Q.F32, cpu) == "f32"
     assert kernels.choose_backend(Q.F16, cpu) == "bf16"
@@ -218,12 +218,11 @@ def test_default_backend_per_type(monkeypatch):
     assert kernels.choose_backend(Q.Q4_K, cpu) == (fast if Q.Q4_K in kernels.VNNI_PREFERRED or fast != "vnni" else "ggml")
     if has_ggml:  # types the VNNI kernel has no layout for, on any CPU
         assert kernels.backend_reason(Q.IQ4_XS, cpu) == ("ggml", "no vnni kernel for this type")
-        monkeypatch.setenv("LOCALMOE_KERNEL", "ggml")  # forced: every quantized type
-        assert {kernels.choose_backend(q, cpu) for q in (Q.Q4_0, Q.Q4_K, Q.Q6_K, Q.Q8_0)} == {"ggml"}
-        monkeypatch.setenv("LOCALMOE_KERNEL", "torch")
-        assert kernels.backend_reason(Q.Q4_0, cpu) == ("int4", "LOCALMOE_KERNEL=torch")
-        assert kernels.choose_backend(Q.IQ4_XS, cpu) == "bf16"
-        monkeypatch.delenv("LOCALMOE_KERNEL")
+        with policy.override(kernel="ggml"):  # forced: every quantized type
+            assert {kernels.choose_backend(q, cpu) for q in (Q.Q4_0, Q.Q4_K, Q.Q6_K, Q.Q8_0)} == {"ggml"}
+        with policy.override(kernel="torch"):
+            assert kernels.backend_reason(Q.Q4_0, cpu) == ("int4", "LOCALMOE_KERNEL=torch")
+            assert kernels.choose_backend(Q.IQ4_XS, cpu) == "bf16"
     cuda = torch.device("cuda")
     for qtype in (Q.F32, Q.F16):  # off the CPU: float types as the file's bytes, through torch
         assert kernels.choose_backend(qtype, cuda) == "gguf"

@@ -55,13 +55,11 @@ def _prompts(n_vocab_real: int = 300) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("arch,qtype,kernel", CASES, ids=[f"{a}-{q}" + ("" if k == "auto" else f"-{k}") for a, q, k in CASES])
-def test_logits_match_llama_cpp(make_model, arch, qtype, kernel, monkeypatch):
+def test_logits_match_llama_cpp(make_model, arch, qtype, kernel):
     path = make_model(arch, qtype)
     prompts = _prompts()
     ref = _refs(path, prompts)[0]
-    if kernel != "auto":
-        monkeypatch.setenv("LOCALMOE_KERNEL", kernel)
-    with localmoe.load(path, device="cpu") as rt:
+    with localmoe.load(path, device="cpu", kernel=None if kernel == "auto" else kernel) as rt:
         ours = np.concatenate([rt.logits(p) for p in prompts])
         if kernel == "ggml":
             assert {w.backend for lw in rt.model.layers for w in lw.wqkv} <= {"ggml", "f32", "bf16"}

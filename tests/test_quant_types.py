@@ -73,17 +73,15 @@ CASES = [(f, "auto") for f in FTYPES] + [(f, "ggml") for f in ("Q4_0", "Q4_K_M",
 
 
 @pytest.mark.parametrize("ftype,kernel", CASES, ids=[f"{f}-{k}" for f, k in CASES])
-def test_perplexity_matches_llama_cpp(quantized, heldout_windows, ftype, kernel, monkeypatch):
+def test_perplexity_matches_llama_cpp(quantized, heldout_windows, ftype, kernel):
     if ggml() is None:
         pytest.skip(f"ggml backend unavailable: {ggml_error()}")
     path = quantized(ftype)
     qtypes = {t.qtype for t in GGUFModel(path).tensors.values()}
-    if kernel == "ggml":
-        monkeypatch.setenv("LOCALMOE_KERNEL", "ggml")
     if path not in _LLAMA_PPL:  # once per file (the two CPU paths share it)
         _LLAMA_PPL[path] = perplexity(np.split(llama_logits(path, heldout_windows), N_WINDOWS), heldout_windows)
     ref = _LLAMA_PPL[path]
-    with localmoe.load(path, device="cpu", n_ctx=N_TOKENS) as rt:
+    with localmoe.load(path, device="cpu", n_ctx=N_TOKENS, kernel=None if kernel == "auto" else kernel) as rt:
         ours = perplexity([rt.logits(w) for w in heldout_windows], heldout_windows)
         backends = {w.backend for lw in rt.model.layers for w in lw.wqkv} | {rt.model.output.backend}
         experts = rt.store.weights(0, 0)

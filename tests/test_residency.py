@@ -220,19 +220,20 @@ def test_bench_cli_replays_trace_and_compares_strategies(moe16, tmp_path):
     cli = [sys.executable, "-m", "localmoe"]
     r = subprocess.run(cli + ["run", moe16, "-p", "the model of", "-n", "12", "--temp", "0", "--trace", trace], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(cli + ["bench", "--trace", trace, "--json"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cli + ["bench", "trace", trace, "--json"], capture_output=True, text=True, timeout=300)
     rows = json.loads(r.stdout)
     by = {(row["budget_share"], row["policy"]): row["hit_rate"] for row in rows}
     assert {p for _, p in by} == {*ONLINE_POLICIES, "belady"}
     for share in (0.25, 0.5):
         assert all(by[(share, p)] <= by[(share, "belady")] for p in ONLINE_POLICIES)
-    r = subprocess.run(cli + ["bench", moe16, "-n", "6", "--json"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cli + ["bench", "policies", moe16, "-n", "6", "--json"], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     names = [row["strategy"] for row in out["results"]]
     assert names[0].startswith("static --n-cpu-moe") and names[1:] == ["fetch + lru", "cpu + reuse + prefetch"]
     assert all(row["clock"] == "modelled:laptop-8gb" and row["decode_tps"] > 0 for row in out["results"])
-    r = subprocess.run(cli + ["bench", "--trace", moe16], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(cli + ["bench", "trace", moe16], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error:")
 
 

@@ -40,3 +40,14 @@ def test_threads_given_are_used_and_bad_ones_refused(qwen3_f32):
         assert rt.threads == 1 and rt.threads_given and torch.get_num_threads() == 1
     with pytest.raises(runtime.LocalMoEError, match="threads must be"):
         runtime.load(qwen3_f32, device="cpu", threads=-2)
+
+
+def test_load_takes_a_load_options_and_keywords_on_top(qwen3_f32):
+    from localmoe import LoadOptions
+
+    opts = LoadOptions(device="cpu", n_ctx=64, threads=2)
+    with runtime.load(qwen3_f32, opts, threads=1) as rt:  # the keywords win over the options
+        assert (rt.n_ctx, rt.threads) == (64, 1)
+        assert rt.options == opts.replace(threads=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        runtime.load(qwen3_f32, bogus=1)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from localmoe.errors import LocalMoEError
+from localmoe.options import LoadOptions
 
 from .app import ChatApp, Sampling
 
 
-def run_chat(args: argparse.Namespace, load_kwargs: dict[str, Any]) -> int:
-    """Run the app on the parsed `localmoe chat` arguments; `load_kwargs`: the load() arguments of
-    the runtime flags, which the CLI owns (localmoe.cli.runtime_kwargs). A model that fails to load
+def run_chat(args: argparse.Namespace, options: LoadOptions) -> int:
+    """Run the app on the parsed `localmoe chat` arguments; `options`: the LoadOptions of the runtime
+    flags, which the CLI owns (localmoe.cli.load_options). A model that fails to load
     raises LocalMoEError (the CLI prints `error: ...` and exits 2) after the app has shown the reason
     on screen."""
     from localmoe import load
@@ -23,7 +23,7 @@ def run_chat(args: argparse.Namespace, load_kwargs: dict[str, Any]) -> int:
     sampling = Sampling(args.max_tokens, args.temp, args.top_p, args.top_k, args.seed)
 
     def loader(progress=None):  # the app passes its own progress (the CLI's bar would draw over the screen)
-        return load(args.model, **(load_kwargs | {"progress": progress}))
+        return load(args.model, options.replace(progress=progress))
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         loader().close()  # a bad model is reported like every other command's

@@ -20,7 +20,6 @@ the cold start's pass standing in for the first warm-up run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -36,6 +35,7 @@ import numpy as np
 
 from ..compute import counters
 from ..gguf import names
+from ..compute.policy import KERNEL_MODES
 from ..errors import LocalMoEError
 from ..gguf.file import GGUFModel
 from ..gguf.qtypes import BY_NAME as QTYPES_BY_NAME
@@ -374,27 +374,6 @@ def compare(rows: list[BenchRow], baseline: str | None = LLAMA_CPP) -> dict[str,
     }
 
 
-KERNEL_MODES = ("auto", "ggml", "vnni", "torch")
-
-
-@contextlib.contextmanager
-def kernel_mode(mode: str | None):
-    """LOCALMOE_KERNEL=mode while the block runs (None: leave it): backends are chosen at load and
-    on an expert's first use, and the decode helpers per call (kernels.kernel_mode)."""
-    if mode is None:
-        yield
-        return
-    old = os.environ.get("LOCALMOE_KERNEL")
-    os.environ["LOCALMOE_KERNEL"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LOCALMOE_KERNEL", None)
-        else:
-            os.environ["LOCALMOE_KERNEL"] = old
-
-
 def host_mem_bytes(value: str, model: GGUFModel) -> int | None:
     """A bench --host-mem value: "default" → None (load's default), "25%" → that share of the
     model's expert bytes, else a size ("8GB", "0")."""
@@ -417,7 +396,7 @@ def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buf
               host_mems: list[str] | None = None, **load_kwargs: Any) -> BenchResult:
     """Both engines, `cfg.rounds` times in turn (llama.cpp, then localmoe): a machine whose load
     drifts during the benchmark then weighs on both alike. Every run of every round is pooled.
-    modes: one localmoe row per CPU kernel mode (LOCALMOE_KERNEL: auto, ggml, vnni, torch), all
+    modes: one localmoe row per CPU kernel mode (load's kernel=: auto, ggml, vnni, torch), all
     in turn in each round; None: one row with the environment's mode. host_mems: one row per
     host-RAM budget (host_mem_bytes' forms), crossed with the modes; None: load's default."""
     model = GGUFModel(path)  # validate before spending minutes
@@ -425,7 +404,7 @@ def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buf
     if vs not in (None, LLAMA_CPP):
         raise LocalMoEError(f"unknown engine to compare with '{vs}'; only llama.cpp is supported")
     for m in modes or []:
-        if m not in KERNEL_MODES:
+        if m not in KERNEL_MODES:  # (compute/policy.py)
             raise LocalMoEError(f"unknown kernel mode '{m}'; choose from {', '.join(KERNEL_MODES)}")
     names = {}
     for mode in modes or [None]:
@@ -438,8 +417,9 @@ def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buf
         if vs == LLAMA_CPP:
             llama.round()
         for (mode, hm), name in names.items():
-            with kernel_mode(mode):  # the worker inherits LOCALMOE_KERNEL
-                out = localmoe_runs(path, cfg, load_kwargs | ({} if budgets[hm] is None else {"host_mem": budgets[hm]}))
+            worker = load_kwargs | ({} if mode is None else {"kernel": mode})
+            worker |= {} if budgets[hm] is None else {"host_mem": budgets[hm]}
+            out = localmoe_runs(path, cfg, worker)  # load(..., kernel=mode): the worker's compute policy
             o = ours[name]
             o["runs"] += [tuple(x) for x in out["runs"]]
             o["colds"].append(out["cold"])
@@ -520,7 +500,8 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     out = []
-    from ..compute.ggml_backend import ggml
+    from ..compute import policy
+    from ..compute.ggml_backend import usable_ggml
     from ..gguf.blocks import BLOCK_TYPES
     from ..gguf.qtypes import INT4_TYPES
 
@@ -528,27 +509,33 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
         qtype = GGMLQuantizationType[name]
         raw = random_blocks(name, n, k, rng)
         # "ggml-rows": the ggml backend with every token count on the per-row driver (no graph)
-        backends = (["vnni"] if kernels.native_lib() is not None and qtype in BLOCK_TYPES else []) + (["ggml", "ggml-rows"] if ggml() is not None and ggml().computes(qtype) else [])
+        g = usable_ggml()
+        backends = ["vnni"] if kernels.vnni_lib() is not None and qtype in BLOCK_TYPES else []
+        backends += ["ggml", "ggml-rows"] if g is not None and g.computes(qtype) else []
         backends += (["int4"] if qtype in INT4_TYPES else []) + (["bf16"] if qtype in BLOCK_TYPES else [])
         for backend in backends:
             w0 = kernels.repack(raw, qtype, (n, k), backend="ggml" if backend == "ggml-rows" else backend)
-            graph_rows = kernels.GGML_GRAPH_ROWS
-            kernels.GGML_GRAPH_ROWS = 1 << 30 if backend == "ggml-rows" else graph_rows
+            # ggml-rows: no token count reaches the graph path
+            graph_rows = 1 << 30 if backend == "ggml-rows" else policy.current().ggml_graph_rows
             copies = [w0] + [dataclasses.replace(w0, tensors={key: t.clone() for key, t in w0.tensors.items()}) for _ in range(max(0, copies_bytes // w0.nbytes - 1))]
             for m in rows:
                 x = torch.randn(m, k)
-                ws = copies if m == 1 else copies[:4]
-                reps = max(2, 64 // len(ws)) if m == 1 else max(3, 256 // m)
-                for w in ws:
-                    w(x)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    for w in ws:
-                        w(x)
-                us = (time.perf_counter() - t0) / (reps * len(ws)) * 1e6
+                with policy.override(ggml_graph_rows=graph_rows):
+                    us = _time_calls(copies if m == 1 else copies[:4], x, m)
                 out.append({"qtype": name, "backend": backend, "rows": m, "us": us, "gbs": raw.nbytes / us / 1e3, "packed_bytes": w0.nbytes, "file_bytes": raw.nbytes})
-            kernels.GGML_GRAPH_ROWS = graph_rows
     return out
+
+
+def _time_calls(ws: list[Any], x: Any, m: int) -> float:
+    """Microseconds per call of the weights `ws` on x [m, K], after one warm-up call each."""
+    reps = max(2, 64 // len(ws)) if m == 1 else max(3, 256 // m)
+    for w in ws:
+        w(x)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for w in ws:
+            w(x)
+    return (time.perf_counter() - t0) / (reps * len(ws)) * 1e6
 
 
 def format_kernel_table(rows: list[dict[str, Any]], threads: int) -> str:

@@ -318,21 +318,10 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     put(names.TOKEN_EMBD, (cfg.n_vocab, D), lambda: mat(cfg.n_vocab, D, gain=float(np.sqrt(D) * embd_gain)) * 0.5)
     if arch == "gemma4" and not all(_gemma4_swa(cfg)):  # the global layers' (llama.cpp refuses a tensor it does not load)
         put(names.ROPE_FREQS, (cfg.head_dim_global // 2,), lambda: _gemma4_rope_freqs(cfg))
+    own_layer = _OWN_LAYERS.get(arch)  # architectures whose layers differ from the llama-style block below
     for i in range(cfg.n_layer):
-        if arch == "gemma4":
-            _gemma4_layer(put, mat, norm, rng, cfg, i, head_dim)
-            continue
-        if arch == "deepseek2":
-            _deepseek2_layer(put, mat, norm, rng, cfg, i, head_dim)
-            continue
-        if arch == "glm4moe":
-            _glm4moe_layer(put, mat, norm, rng, cfg, i, head_dim)
-            continue
-        if arch == "gpt-oss":
-            _gpt_oss_layer(put, mat, norm, rng, cfg, i, head_dim)
-            continue
-        if arch == "qwen35moe":
-            _qwen35moe_layer(put, mat, norm, rng, cfg, i, head_dim)
+        if own_layer is not None:
+            own_layer(put, mat, norm, rng, cfg, i, head_dim)
             continue
         qdim, kvdim = cfg.n_head * head_dim, cfg.n_head_kv * head_dim
         put(names.blk(i, names.ATTN_NORM), (D,), lambda: norm(D))
@@ -736,6 +725,11 @@ def _gemma4_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) 
     put(names.blk(i, names.FFN_DOWN_EXPS, names.SCALE), (E,), lambda: rng.uniform(0.5, 1.5, E).astype(np.float32))
     put(names.blk(i, names.FFN_POST_NORM_2), (D,), lambda: norm(D))
     put(names.blk(i, names.FFN_POST_NORM), (D,), small_norm(GEMMA4_OUT_GAIN))
+
+
+# The layer writer of each architecture whose layers are not the llama-style block write_model writes.
+_OWN_LAYERS = {"gemma4": _gemma4_layer, "deepseek2": _deepseek2_layer, "glm4moe": _glm4moe_layer, "gpt-oss": _gpt_oss_layer,
+               "qwen35moe": _qwen35moe_layer}
 
 
 def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -299,6 +299,10 @@ class ExpertStore:
         as `host_cache_bytes` holds them (the rest run in place on ggml)."""
         return [layer for layer in self.model.spec.moe_layers if self.backend(layer)[0] == "vnni"]
 
+    def repacked(self, layer: int, expert: int) -> ExpertWeights | None:
+        """The expert as repacked into host RAM, or None where it is not (yet) or runs in place."""
+        return self._cache.get((layer, expert))
+
     def summary(self) -> dict[str, int]:
         """Where the experts handed out so far live: repacked in RAM (count, bytes) or in place."""
         return {"repacked": len(self._cache), "repacked_bytes": self._cached_bytes, "in_place": len(self._mapped)}

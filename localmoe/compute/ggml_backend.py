@@ -28,13 +28,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..gguf.qtypes import GGML_TYPES
 from . import cbuild
+from .policy import current
 
 Q = GGMLQuantizationType
 DRIVER_SOURCE = "ggml_driver.c"
 GRAPH_SOURCE = "ggml_graph.c"
 # How the driver shares rows among threads: (omp_sched_t, chunk); 1 = static (contiguous runs of rows
-# per thread), 2 = dynamic. LOCALMOE_GGML_SCHEDULE=static|dynamic.
-DRIVER_SCHEDULE = (2, 1) if os.environ.get("LOCALMOE_GGML_SCHEDULE", "static") == "dynamic" else (1, 0)
+# per thread), 2 = dynamic. Static: the dynamic split measured 1.45x slower (docs/speed.md).
+DRIVER_SCHEDULE = (1, 0)
 DRIVER_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])  # the second where -march=native is refused
 # The quantized types localmoe hands to ggml (gguf/qtypes.py): every type llama.cpp's quantizer makes
 # for MoE models. (ggml's enum grows; only types gguf-py and this list both know are looked up, never past its end.)
@@ -319,16 +320,13 @@ _error: str | None = None
 
 
 def ggml() -> GGML | None:
-    """The ggml backend, loaded once; None when LOCALMOE_KERNEL=torch or vnni, when llama-cpp-python or
-    its libggml is missing or of another layout, or when the driver does not build (`ggml_error()`)."""
+    """The ggml backend, loaded once; None when llama-cpp-python or its libggml is missing or of
+    another layout, or when the driver does not build (`ggml_error()`). Whether the compute policy
+    lets it run is `usable_ggml()`."""
     global _ggml, _error
     with _lock:
         if _ggml is not None or _error is not None:
             return _ggml
-        mode = os.environ.get("LOCALMOE_KERNEL", "").lower()
-        if mode in ("torch", "vnni"):
-            _error = f"disabled by LOCALMOE_KERNEL={mode}"
-            return None
         try:
             _ggml = GGML()
         except ImportError:
@@ -348,6 +346,14 @@ def ggml() -> GGML | None:
         return _ggml
 
 
+def usable_ggml() -> GGML | None:
+    """The ggml backend where it loads and the compute policy lets it run (not in vnni or torch mode)."""
+    return ggml() if current().allows_ggml else None
+
+
 def ggml_error() -> str | None:
+    """Why ggml's kernels do not run: the compute policy's kernel mode, or why ggml is unavailable."""
+    if not current().allows_ggml:
+        return f"disabled by LOCALMOE_KERNEL={current().kernel}"
     ggml()
     return _error

@@ -14,8 +14,8 @@ symmetric types, zero = −offset · scale with no zeros stored): about the file
                activations are quantized to int8 per 32 values as llama.cpp does (Q8_0 rounding)
                and each group's integer dot products are scaled in float. Reads only the packed
                bytes, stored row-interleaved in blocks of 16 rows ("r16": 16 rows' dot products
-               per instruction, summed in int32 per group; LOCALMOE_ROW_BLOCKS=0 keeps one row at
-               a time). With LOCALMOE_GEMM_ROWS=N, from N rows on it dequantizes the weight once to
+               per instruction, summed in int32 per group; policy row_blocks=False keeps one row at
+               a time). With policy gemm_rows=N, from N rows on it dequantizes the weight once to
                float32 for an SGEMM instead.
     "int4"     torch._weight_int4pack_mm_for_cpu (bf16 activations), for 4-bit codes with G = 32.
     "bf16"     dequantized once to bfloat16 + F.linear (CPU fallback for 5-8 bit types, F16, BF16).
@@ -25,18 +25,18 @@ symmetric types, zero = −offset · scale with no zeros stored): about the file
                beyond). A weight in GPU memory takes exactly its bytes in the file.
     "gguf"     the same bytes on any device; every call dequantizes them (exactly, to float32,
                with torch ops) and runs F.linear: the reference the Triton kernels are tested
-               against, and the GPU path where Triton is missing (LOCALMOE_GPU_KERNEL=gguf forces it).
+               against, and the GPU path where Triton is missing (policy gpu_kernel="gguf" forces it).
 
 `QLinear.backend` says which one a weight uses; `choose_backend` is the policy and
-`backend_reason` says why (docs/speed.md has the measurements behind it). LOCALMOE_KERNEL=ggml
-uses ggml for every quantized weight (the VNNI kernel is not built), =vnni never uses ggml where
-the VNNI kernel applies, =torch uses neither C library.
+`backend_reason` says why (docs/speed.md has the measurements behind it). The compute policy
+(compute/policy.py: LOCALMOE_KERNEL, or load(..., kernel=...)) can narrow the choice: kernel="ggml"
+uses ggml for every quantized weight (the VNNI kernel is not used), "vnni" never uses ggml where
+the VNNI kernel applies, "torch" uses neither C library.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -49,20 +49,19 @@ from gguf import GGMLQuantizationType
 
 from . import cbuild
 from .counters import to_device
-from .ggml_backend import LgW, ggml, ggml_error
+from .ggml_backend import LgW, ggml, ggml_error, usable_ggml
+from .policy import current as policy
 from ..gguf.qtypes import GGML_TYPES, INT4_TYPES, QUANT_TYPES, TYPES
 from ..gguf.blocks import BLOCK_SIZES, BLOCK_TYPES, FLOAT_TYPES, Affine, decode, dequantize, raw_bytes
 
 Q = GGMLQuantizationType
-# From this many rows, dequantize to float32 + SGEMM instead of the integer kernel. Off by default: on
-# the machine we measure on the integer kernel is faster at every row count tried (128-1024 rows,
-# docs/speed.md); LOCALMOE_GEMM_ROWS=N turns the SGEMM path on where it pays.
-GEMM_ROWS = int(os.environ.get("LOCALMOE_GEMM_ROWS", str(1 << 30)))
+# policy().gemm_rows: from this many rows, dequantize to float32 + SGEMM instead of the integer kernel.
+# Off by default: on the machine we measure on the integer kernel is faster at every row count tried
+# (128-1024 rows, docs/speed.md).
 CHUNK = 64  # weights per SIMD step of the C kernel; rows are padded to a multiple of it (of 128 for 4-6 bit codes)
 # Every block type is stored row-interleaved in blocks of 16 rows ("r16" in the C source), which
 # the C kernel multiplies 2-3x faster per core than one row at a time;
-# LOCALMOE_ROW_BLOCKS=0 keeps the per-row layout (for comparisons).
-ROW_BLOCKS = os.environ.get("LOCALMOE_ROW_BLOCKS", "1") != "0"
+# policy().row_blocks=False keeps the per-row layout (for comparisons).
 R16_FORMATS = {(4, 32), (5, 32), (6, 16), (8, 32)}  # (bits per code, group size) with an r16 kernel
 
 
@@ -78,17 +77,12 @@ _lib_error: str | None = None
 
 def native_lib() -> ctypes.CDLL | None:
     """The compiled C kernel, built once per source version and CPU; None when unavailable
-    (not x86 with AVX-512 VNNI, no C compiler, or LOCALMOE_KERNEL=torch). `native_error()` says why."""
+    (not x86 with AVX-512 VNNI, no C compiler). `native_error()` says why. Whether the compute policy
+    lets it run is `vnni_lib()`."""
     global _lib, _lib_error
     with _lib_lock:
         if _lib is not None or _lib_error is not None:
             return _lib
-        if os.environ.get("LOCALMOE_KERNEL", "").lower() == "torch":
-            _lib_error = "disabled by LOCALMOE_KERNEL=torch"
-            return None
-        if os.environ.get("LOCALMOE_KERNEL", "").lower() == "ggml":
-            _lib_error = "disabled by LOCALMOE_KERNEL=ggml"
-            return None
         if not VNNI_CPU_FLAGS <= cbuild.cpu_flags():
             _lib_error = "this CPU lacks AVX-512 VNNI"
             return None
@@ -135,8 +129,16 @@ def native_lib() -> ctypes.CDLL | None:
 
 
 def native_error() -> str | None:
+    """Why the VNNI kernel does not run: the compute policy's kernel mode, or why it is unavailable."""
+    if not policy().allows_vnni:
+        return f"disabled by LOCALMOE_KERNEL={policy().kernel}"
     native_lib()
     return _lib_error
+
+
+def vnni_lib() -> ctypes.CDLL | None:
+    """The VNNI kernel where it is built and the compute policy lets it run, else None."""
+    return native_lib() if policy().allows_vnni else None
 
 
 # -- QLinear: one repacked weight matrix ---------------------------------------------------------
@@ -199,8 +201,8 @@ def _triton_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
 
 def gpu_kernel(qtype: GGMLQuantizationType) -> str:
     """The GPU-side backend for block type `qtype`: "triton" when Triton is importable and has a
-    kernel for it, else "gguf" (dequantize + F.linear). LOCALMOE_GPU_KERNEL=gguf forces the latter."""
-    if os.environ.get("LOCALMOE_GPU_KERNEL", "triton") == "gguf":
+    kernel for it, else "gguf" (dequantize + F.linear). The policy's gpu_kernel="gguf" forces the latter."""
+    if policy().gpu_kernel == "gguf":
         return "gguf"
     try:
         from . import triton_gguf as tg
@@ -209,15 +211,14 @@ def gpu_kernel(qtype: GGMLQuantizationType) -> str:
     return "triton" if tg.supports(qtype.name) else "gguf"
 
 
-# From this many tokens a "ggml" matmul goes through ggml's own graph (ggml_mul_mat: its tiled loops,
-# llamafile's kernels): at 2 threads on the Qwen3-30B-A3B expert shapes it is 1.1-1.4x the per-row
-# driver at 8 tokens and 1.4-4.6x at 128; at 1-4 tokens they are level (docs/speed.md).
-GGML_GRAPH_ROWS = int(os.environ.get("LOCALMOE_GGML_GRAPH_ROWS", "8"))
+# From policy().ggml_graph_rows tokens (8) a "ggml" matmul goes through ggml's own graph (ggml_mul_mat:
+# its tiled loops, llamafile's kernels): at 2 threads on the Qwen3-30B-A3B expert shapes it is 1.1-1.4x
+# the per-row driver at 8 tokens and 1.4-4.6x at 128; at 1-4 tokens they are level (docs/speed.md).
 
 
 def _ggml_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
     g, threads = ggml(), torch.get_num_threads()
-    if x.shape[0] >= GGML_GRAPH_ROWS and g.graph is not None:
+    if x.shape[0] >= policy().ggml_graph_rows and g.graph is not None:
         ys = [g.graph_matmul(w.tensors[f"raw{i}"], q, rows, w.k, x, threads) for i, (q, rows) in enumerate(w.parts)]
         if all(y is not None for y in ys):
             return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
@@ -350,7 +351,7 @@ def _vnni_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     if kp != w.k:
         x = F.pad(x, (0, kp - w.k))
-    if T >= GEMM_ROWS:  # many tokens: dequantize once (exactly), then an SGEMM
+    if T >= policy().gemm_rows:  # many tokens: dequantize once (exactly), then an SGEMM
         return F.linear(x, dequant_f32(w))
     x = x.contiguous()
     y = torch.empty(T, w.n, dtype=torch.float32)
@@ -375,9 +376,8 @@ VNNI_PREFERRED = frozenset(q for q, t in TYPES.items() if t.affine is not None a
 
 
 def kernel_mode() -> str:
-    """LOCALMOE_KERNEL: "auto" (default), "ggml", "vnni" or "torch"."""
-    mode = os.environ.get("LOCALMOE_KERNEL", "").lower() or "auto"
-    return mode if mode in ("ggml", "vnni", "torch") else "auto"
+    """The compute policy's CPU kernel mode: "auto" (default), "ggml", "vnni" or "torch"."""
+    return policy().kernel
 
 
 def backend_reason(qtype: GGMLQuantizationType, device: torch.device | str = "cpu") -> tuple[str, str]:
@@ -391,8 +391,8 @@ def backend_reason(qtype: GGMLQuantizationType, device: torch.device | str = "cp
     if qtype in FLOAT_TYPES:
         return "bf16", "float weights"
     mode = kernel_mode()
-    vnni_ok = mode not in ("torch", "ggml") and qtype in BLOCK_TYPES and native_lib() is not None
-    g = ggml() if mode not in ("torch", "vnni") else None
+    vnni_ok = qtype in BLOCK_TYPES and vnni_lib() is not None
+    g = usable_ggml()
     ggml_ok = g is not None and g.computes(qtype)
     if mode == "ggml" and ggml_ok:
         return "ggml", "LOCALMOE_KERNEL=ggml"
@@ -401,7 +401,7 @@ def backend_reason(qtype: GGMLQuantizationType, device: torch.device | str = "cp
     if ggml_ok:
         if qtype not in BLOCK_TYPES:
             return "ggml", "no vnni kernel for this type"
-        return "ggml", f"vnni {native_error()}" if native_lib() is None else "measured faster than vnni for this type"
+        return "ggml", f"vnni {native_error()}" if vnni_lib() is None else "measured faster than vnni for this type"
     if mode == "torch":
         why = "LOCALMOE_KERNEL=torch"
     else:
@@ -428,8 +428,8 @@ def choose_backend(qtype: GGMLQuantizationType, device: torch.device, prefer: st
 
 def kernel_status() -> dict[str, str]:
     """Each C library's state on this machine, one line each: "built" or why it is not used."""
-    g = ggml()
-    out = {"vnni": "built" if native_lib() is not None else native_error() or "unavailable"}
+    g = usable_ggml()
+    out = {"vnni": "built" if vnni_lib() is not None else native_error() or "unavailable"}
     out["ggml"] = (f"loaded (llama-cpp-python {g.version}; many-token matmuls " + ("through ggml's graph" if g.graph is not None else f"per row: graph {g.graph_error}") + ")") if g is not None else ggml_error() or "unavailable"
     return out
 
@@ -510,8 +510,8 @@ def _repack_r16_native(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationTy
     """The r16 layout made in C from the file's blocks, on all threads (lm_repack_r16): the same
     bytes as decode() + _pack_r16, without the torch and numpy passes (~0.3 ms instead of 10-20 ms
     for a Qwen3-30B-A3B expert). None where it does not apply (the Python path then runs)."""
-    lib = native_lib()
-    if lib is None or not ROW_BLOCKS or qtype not in R16_TYPES:
+    lib = vnni_lib()
+    if lib is None or not policy().row_blocks or qtype not in R16_TYPES:
         return None
     bits, G, offset, has_zero = R16_TYPES[qtype]
     per = BLOCK_SIZES[qtype][0]
@@ -540,7 +540,7 @@ def _repack_r16_native(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationTy
 
 
 def _pack_vnni(a: Affine, N: int, K: int) -> QLinear:
-    if ROW_BLOCKS and (a.bits, a.group) in R16_FORMATS and K % a.group == 0:
+    if policy().row_blocks and (a.bits, a.group) in R16_FORMATS and K % a.group == 0:
         return _pack_r16(a, N, K)
     nibble = a.bits <= 6  # 8-bit codes stay bytes
     kp = -(-K // (2 * CHUNK if nibble else CHUNK)) * (2 * CHUNK if nibble else CHUNK)
@@ -630,13 +630,10 @@ INT4_ROWS = 16  # torch's CPU int4 packing needs rows in multiples of 16
 def _helper(name: str):
     """The C helper `name` of the decode path: the AVX-512 one in the VNNI kernel (lm_NAME) when it
     is built, else the portable one in the ggml driver (lg_NAME, any CPU), else None (torch ops)."""
-    mode = kernel_mode()
-    if mode == "torch":
-        return None
-    lib = native_lib() if mode != "ggml" else None  # ggml mode: the portable ones, as a CPU without AVX-512 runs
+    lib = vnni_lib()  # (ggml mode: the portable ones, as a CPU without AVX-512 runs; torch mode: none)
     if lib is not None:
         return getattr(lib, f"lm_{name}")
-    g = ggml()
+    g = usable_ggml()
     return getattr(g.driver, f"lg_{name}") if g is not None else None
 
 
@@ -706,9 +703,7 @@ def deltanet_step(proj: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Te
     lg_deltanet_step): proj [T, C + Hv·dv + 2·Hv] = [qkv | z | β | α] → the gated, normed output
     [T, Hv·dv]; conv_state [C, K − 1] and S [Hv, dk, dv] advanced in place. None where the C helper
     does not apply (the caller runs layers/deltanet.py's torch ops)."""
-    if kernel_mode() == "torch":
-        return None
-    g = ggml()
+    g = usable_ggml()  # None in torch (and vnni) mode
     tensors = (proj, conv_state, conv_w, dt_bias, a, norm_w, S)
     if g is None or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None

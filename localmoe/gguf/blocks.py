@@ -155,11 +155,11 @@ def dequantize(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, shap
 def _dequantize_other(b: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
     """A type without a torch decoding: ggml's dequantizer (to_float, C) on the CPU, else gguf-py's
     numpy one; bytes on another device make a round trip through host memory (exact, not fast)."""
-    from ..compute.ggml_backend import ggml
+    from ..compute.ggml_backend import usable_ggml
 
     N, K = shape
     host = b if b.device.type == "cpu" else b.cpu()
-    g = ggml()
+    g = usable_ggml()
     if g is not None and g.kernels(qtype) is not None and g.kernels(qtype).to_float:
         out = g.to_float(host.contiguous(), qtype, N, K, torch.get_num_threads())
     else:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import socket
 import sys
 import threading
-from typing import Any
 
 import uvicorn
 
 from ..bundled import demo_model_path
 from ..errors import LocalMoEError
+from ..options import LoadOptions
 from ..runtime import load
 from .app import ServeConfig, create_app, model_id_for
 
@@ -34,9 +34,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model: str | None, runtime_kwargs: dict[str, Any], config: ServeConfig | None = None, host: str = "127.0.0.1", port: int = 8080, verbose: bool = False) -> int:
+def serve(model: str | None, options: LoadOptions | None = None, config: ServeConfig | None = None,
+          host: str = "127.0.0.1", port: int = 8080, verbose: bool = False) -> int:
     """Run the server in this thread until SIGINT/SIGTERM; returns the exit code (2 when the
-    model failed to load)."""
+    model failed to load). `options`: how to load the model (None → LoadOptions' defaults)."""
+    options = options or LoadOptions()
     path = model or demo_model_path()
     config = config or ServeConfig(model_id_for(path))
     sock = bind(host, port)
@@ -49,15 +51,15 @@ def serve(model: str | None, runtime_kwargs: dict[str, Any], config: ServeConfig
         if server is not None:
             server.should_exit = True
 
-    def loader(progress=None):  # progress: /health's; the CLI's stderr bar (runtime_kwargs) keeps running
-        bar = runtime_kwargs.get("progress")
+    def loader(progress=None):  # progress: /health's; the CLI's stderr bar (options.progress) keeps running
+        bar = options.progress
 
         def both(what: str, done: int, total: int) -> None:
             for report in (bar, progress):
                 if report is not None:
                     report(what, done, total)
 
-        rt = load(path, **(runtime_kwargs | {"progress": both}))
+        rt = load(path, options.replace(progress=both))
         print(f"localmoe serve: {config.model_id} loaded; ready", file=sys.stderr, flush=True)
         return rt
 

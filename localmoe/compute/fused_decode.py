@@ -1,0 +1,145 @@
+"""A decode token through a whole llama-style MoE layer in one C call (vnni.c's lm_decode_layer).
+
+The Python decode path calls a dozen C helpers per layer (RMS norm, the QKV matvec, q/k norm +
+RoPE, attention over the cache, Wo, RMS norm, the router, the routed experts) with Python and torch
+allocations between them: ~0.1-0.15 ms a layer, 5-7 ms of a 48-layer Qwen3-30B-A3B token whose
+weights take ~50 ms to read. lm_decode_layer makes the same calls, in the same order, on the same
+buffers, so the logits are the same to the bit (tests/test_fused_decode.py).
+
+It applies to a layer only where that layer is exactly what the C calls compute, checked once per
+layer when the plan is built (`FusedDecode.build`): the plain GQA attention (its q, k, v weights
+in one matrix or one per type, no biases, no sinks, no output gate, a per-head or no q/k norm, the
+model's own RoPE), the plain MoE block (the C router's softmax → top-k, no shared expert, no
+per-expert scale) and every expert of the layer repacked for the VNNI kernel and resident in the
+host store (residency/resident.AllResident: the trivial plan, no residency decisions to make). Any other layer runs the Python
+path, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+import torch
+
+from .kernels import QLinear, _desc, _kp, _WeightDesc, native_lib
+
+
+class _Layer(ctypes.Structure):  # lm_layer_t in vnni.c
+    _fields_ = (
+        [(name, ctypes.c_void_p) for name in ("attn_rms", "ffn_rms", "q_rms", "k_rms", "router")]
+        + [(name, ctypes.c_void_p) for name in ("qkv", "wo", "gate_up", "down")]
+        + [(name, ctypes.c_int) for name in ("n_qkv", "D", "nq", "nkv", "d", "dv", "n_rot", "neox")]
+        + [(name, ctypes.c_int) for name in ("E", "k", "norm_topk")]
+        + [(name, ctypes.c_float) for name in ("eps", "kq_scale", "w_scale")]
+    )
+
+
+def _f32(t: torch.Tensor | None) -> bool:
+    return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
+
+
+def _unpadded_vnni(w: QLinear) -> bool:
+    return w.backend == "vnni" and _kp(w) == w.k
+
+
+class FusedDecode:
+    """The layers of one model that decode in one C call each, with what those calls read."""
+
+    def __init__(self, model: Any, lib: ctypes.CDLL, layers: dict[int, tuple[_Layer, list[Any]]]):
+        self.model = model
+        self.experts = model.experts  # the executor the plan was built for (rebuilt if it changes)
+        self.lib = lib
+        self.layers = layers  # layer → (its descriptor, what keeps the memory it points at alive)
+        s = model.spec
+        self.ids = torch.empty(s.n_layer, max(s.n_expert_used, 1), dtype=torch.int64)  # [L, k]: this token's routing
+        self.wts = torch.empty(s.n_layer, max(s.n_expert_used, 1), dtype=torch.float32)
+
+    @classmethod
+    def build(cls, model: Any) -> FusedDecode | None:
+        """The plan for `model` (a model.MoEModel), or None where no layer qualifies."""
+        from ..residency.resident import AllResident
+
+        lib = native_lib()
+        if lib is None or model.device.type != "cpu" or type(model.experts) is not AllResident:
+            return None
+        f = lib.lm_decode_layer
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+        layers = {}
+        for i, lw in enumerate(model.layers):
+            got = _layer(model, i, lw)
+            if got is not None:
+                layers[i] = got
+        return cls(model, lib, layers) if layers else None
+
+    def run(self, i: int, x: torch.Tensor, cache: Any, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Layer i on x [1, D] (contiguous float32, updated in place) at position pos; cos/sin
+        [n_rot/2] contiguous at pos. The routing lands in self.ids[i] / self.wts[i]."""
+        desc, _ = self.layers[i]
+        kc, vc = cache.k[i], cache.v[i]
+        rc = self.lib.lm_decode_layer(ctypes.byref(desc), x.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[1], pos,
+                                      cos.data_ptr(), sin.data_ptr(), self.ids[i].data_ptr(), self.wts[i].data_ptr(),
+                                      torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("lm_decode_layer could not allocate its scratch buffers")
+
+    def count(self, stats: Any, layers: list[int]) -> None:
+        """Record this token's routed uses of `layers` (all resident: hits) in the stats."""
+        s = self.model.spec
+        uses = np.zeros((s.n_layer, s.n_expert), dtype=np.int64)
+        ids = self.ids.numpy()
+        for i in layers:
+            np.add.at(uses[i], ids[i], 1)
+        stats.add_uses(uses)
+
+
+def _layer(model: Any, i: int, lw: Any) -> tuple[_Layer, list[Any]] | None:
+    """Layer i's descriptor, or None where the layer is not exactly what lm_decode_layer computes."""
+    from ..layers.attention import GQA
+    from ..layers.moe import MoE
+
+    s, a, m = model.spec, lw.attn, lw.moe
+    if lw.run is not None or not isinstance(a, GQA) or not isinstance(m, MoE) or s.n_expert_used < 1:
+        return None
+    plain_attn = (
+        all(_unpadded_vnni(w) for w in a.wqkv) and _unpadded_vnni(a.wo) and a.fused_qk_norm_rope and a.c_decode
+        and a.qk_norm in ("none", "per_head") and not a.out_gate and not a.v_from_k and a.v_norm is None
+        and a.sinks is None and a.spec is None and a.rope is None and all(b is None for b in (a.bq, a.bk, a.bv, a.bo))
+    )
+    r = m.router
+    plain_moe = (
+        m.shared is None and m.shared_gate is None and m.expert_norm is None and m.expert_scale is None
+        and r.c_router and r.probs_bias is None and r.bias is None and r.input_scale is None
+    )
+    q_norm, k_norm = (a.q_norm, a.k_norm) if a.qk_norm == "per_head" else (None, None)
+    if not plain_attn or not plain_moe:
+        return None
+    if not all(_f32(t) for t in (lw.attn_norm, lw.ffn_norm, q_norm, k_norm, r.weight)):
+        return None
+    if lw.attn_norm is None or lw.ffn_norm is None or tuple(r.weight.shape) != (s.n_expert, s.n_embd):
+        return None
+    store = model.experts.store
+    ws = [store.repacked(i, e) for e in range(s.n_expert)]  # kept alive below, whatever the store does later
+    if any(w is None or not w.plain for w in ws):
+        return None
+    shape = lambda w: (w.gate_up.n, w.gate_up.k, w.down.n, _kp(w.down))  # noqa: E731
+    if any(not _unpadded_vnni(w.gate_up) or w.down.backend != "vnni" or shape(w) != shape(ws[0]) for w in ws):
+        return None
+    if ws[0].gate_up.k != s.n_embd or ws[0].down.n != s.n_embd:
+        return None
+    gate_up = (_WeightDesc * s.n_expert)(*(_desc(w.gate_up) for w in ws))
+    down = (_WeightDesc * s.n_expert)(*(_desc(w.down) for w in ws))
+    qkv, wo = (_WeightDesc * len(a.wqkv))(*(_desc(w) for w in a.wqkv)), _desc(a.wo)
+    ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+    desc = _Layer(
+        ptr(lw.attn_norm), ptr(lw.ffn_norm), ptr(q_norm), ptr(k_norm), ptr(r.weight),
+        ctypes.addressof(qkv), ctypes.addressof(wo), ctypes.addressof(gate_up), ctypes.addressof(down),
+        len(a.wqkv), s.n_embd, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, s.n_rot, int(model.rope.neox),
+        s.n_expert, s.n_expert_used, int(s.norm_topk), s.rms_eps, s.kq_scale, s.expert_weights_scale,
+    )
+    qkv_rows = (s.n_head + s.n_head_kv) * s.head_dim + s.n_head_kv * s.head_dim_v
+    if sum(w.n for w in a.wqkv) != qkv_rows or wo.K != s.n_head * s.head_dim_v:
+        return None
+    return desc, [qkv, wo, gate_up, down, ws, lw, r]

@@ -1,0 +1,78 @@
+"""compute/fused_decode.py: a decode token through a whole plain layer in one C call gives the
+Python path's logits and routing counts to the bit, covers exactly the layers it can, and leaves
+every other layer to the Python path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import localmoe
+import localmoe.model as M
+from localmoe.compute.kernels import native_lib
+
+pytestmark = pytest.mark.skipif(native_lib() is None, reason="no AVX-512 VNNI C kernel: nothing to fuse")
+
+
+def _uses(rt) -> np.ndarray:
+    """Routed uses so far [L, E], from the public stats."""
+    return np.array([layer.expert_uses for layer in rt.stats().layers])
+
+
+def _decode(rt, ids: list[int], fused: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """A prompt of 8 tokens, then the rest one by one: (the logits of each step [n, V], the routed
+    uses [L, E] counted in this run)."""
+    m = rt.model
+    m.fused_decode = fused
+    before = _uses(rt)
+    cache = M.KVCache(rt.spec, 128, torch.device("cpu"))
+    out = [m.forward(torch.tensor(ids[:8]), cache, all_logits=False)]
+    for t in ids[8:]:
+        out.append(m.forward(torch.tensor([t]), cache, all_logits=False))
+    return torch.cat(out), _uses(rt) - before
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K_M"])
+def test_fused_layers_equal_the_python_path(make_model, qtype):
+    path = make_model("qwen3moe", qtype)
+    ids = np.random.default_rng(1).integers(0, 200, 40).tolist()
+    with localmoe.load(path, device="cpu") as rt:
+        ref, ref_uses = _decode(rt, ids, fused=False)
+        assert rt.model._fused is None
+        got, uses = _decode(rt, ids, fused=True)
+        assert rt.model._fused is not None and sorted(rt.model._fused.layers) == list(range(rt.spec.n_layer))
+    assert torch.equal(got, ref)
+    np.testing.assert_array_equal(uses, ref_uses)
+    assert uses.sum() == (len(ids) * rt.spec.n_expert_used) * rt.spec.n_layer
+
+
+def test_layers_that_differ_run_the_python_path(make_model):
+    """Qwen2-MoE's attention biases and shared expert are not what the C layer computes: no layer
+    is fused, and decoding still works."""
+    path = make_model("qwen2moe", "Q8_0")
+    ids = np.random.default_rng(2).integers(0, 200, 20).tolist()
+    with localmoe.load(path, device="cpu") as rt:
+        ref, _ = _decode(rt, ids, fused=False)
+        got, _ = _decode(rt, ids, fused=True)
+        assert rt.model._fused is None
+    assert torch.equal(got, ref)
+
+
+def test_experts_in_place_keep_their_layer_on_the_python_path(make_model):
+    """Under a host-RAM budget some experts run in place on ggml: a layer with any of them is not
+    fused (its descriptors would point at experts that are not repacked), the others are."""
+    path = make_model("qwen3moe", "Q4_0")
+    ids = np.random.default_rng(3).integers(0, 200, 30).tolist()
+    with localmoe.load(path, device="cpu") as rt:
+        per_layer = rt.gguf.expert_bytes(0) * rt.spec.n_expert
+    with localmoe.load(path, device="cpu", host_mem=int(per_layer * 1.5)) as rt:
+        ref, _ = _decode(rt, ids, fused=False)
+        got, _ = _decode(rt, ids, fused=True)
+        s = rt.store.summary()
+        fused = rt.model._fused
+        assert s["in_place"] > 0 and s["repacked"] > 0
+        assert fused is not None and 0 < len(fused.layers) < rt.spec.n_layer
+        for layer in fused.layers:
+            assert all(rt.store.repacked(layer, e) is not None for e in range(rt.spec.n_expert))
+    assert torch.equal(got, ref)
