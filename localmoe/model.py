@@ -4,9 +4,9 @@ computes is its architecture's business:
     x = embd[ids] (× embd_scale)
     per layer i, block = layers[i] (built by archs/<arch>.py's build_block from localmoe/layers/):
         x = x + block.attn(rms(x)·attn_norm)            attention of the architecture's kind
-        experts.after_attention(i, x)                   (prefetch)
+        predict_next(i, x)                              layer i+1's router on x, for residency's prefetch
         x = x + ffn(rms(x)·ffn_norm)                    a dense FFN, or the MoE block: router →
-                                                        experts(i, h, ids, weights) (+ shared expert)
+                                                        residency's plan → compute (+ shared expert)
     logits = output · (rms(x)·output_norm)              (soft-capped where the file says)
 
 A block may order its steps otherwise (Block.run, e.g. layers/postnorm.py's norms after each sub-block).
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Protocol
-
 import torch
 
 from . import archs
@@ -38,15 +36,9 @@ from .gguf.blocks import QUANT_TYPES, dequantize, raw_bytes, to_torch
 from .gguf.file import GGUFModel, ModelSpec, TensorView
 from .layers.block import Block, weight_bytes
 from .layers.ffn import FFN
+from .layers.moe import Residency
 from .layers.postnorm import softcap
 from .layers.rope import Rope
-
-
-class ExpertFn(Protocol):
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
-
-    def after_attention(self, layer: int, x: torch.Tensor) -> None:
-        """Called with the residual stream [T, D] after each layer's attention (for prefetch)."""
 
 
 class KVCache:
@@ -186,11 +178,11 @@ class FileWeights:
 
 
 class MoEModel:
-    def __init__(self, model: GGUFModel, experts: ExpertFn, device: torch.device):
+    def __init__(self, model: GGUFModel, experts: Residency, device: torch.device):
         self.gguf = model
         self.spec = spec = model.spec
         self.device = device
-        self.experts = experts
+        self.experts = experts  # residency: where each routed expert runs (layers.moe.Residency)
         self.fused_decode = True  # decode a plain layer in one C call where it qualifies (compute/fused_decode.py)
         self._fused: FusedDecode | None = None
         self._fused_key: tuple[int, int] | None = None
@@ -253,6 +245,15 @@ class MoEModel:
         """The normalised input of layer i's MoE block for residual stream x [T, D]."""
         return rms_norm(x, self.layers[i].ffn_norm, self.spec.rms_eps)
 
+    def predict_next(self, i: int, x: torch.Tensor) -> None:
+        """x [T, D]: the residual stream after layer i's attention. When residency wants it (its
+        prefetch), hand it the experts layer i+1's own router picks on x: the model routes,
+        residency never calls the model."""
+        nxt = i + 1
+        if nxt < self.spec.n_layer and self.spec.is_moe(nxt) and self.experts.wants_prediction(nxt, x.shape[0]):
+            ids, _ = self.route(nxt, self.ffn_input(nxt, x))
+            self.experts.give_prediction(nxt, ids[0])
+
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """h [T, D] (normed) → FFN output [T, D]: the dense FFN of a layer without experts, else the
         MoE block (router → the expert function, + the shared expert)."""
@@ -294,7 +295,7 @@ class MoEModel:
                 x = lw.run(self, i, x, cache, pos0)
                 continue
             x = x + self.attention(i, rms_norm(x, lw.attn_norm, s.rms_eps), cache, pos0)
-            self.experts.after_attention(i, x)
+            self.predict_next(i, x)
             x = x + self.moe(i, self.ffn_input(i, x))
         if fused is not None:
             fused.count(self.experts.stats, list(fused.layers))

@@ -19,10 +19,11 @@ from .errors import LocalMoEError
 from .residency.cache_policies import ONLINE_POLICIES
 from .compute import policy as compute_policy
 from .compute.counters import readback
-from .compute.experts import ExpertExecutor, ExpertStore
+from .compute.experts import ExpertStore
 from .residency.gpu_tier import DeviceTier
 from .fallback.miss_policies import MISS_POLICIES
 from .residency.profiles import get_profile
+from .residency.resident import AllResident
 from .residency.scheduler import ExpertScheduler, ResidencyConfig
 from .residency.trace import TraceRecorder
 from .gguf.file import GGUFModel
@@ -153,7 +154,7 @@ class Runtime:
         # threads), so that no token waits for a repack: the cold start's decode is the warm one's
         self.store.preload((lambda done, total: progress("repacking experts", done, total)) if progress is not None else None)
         self.scheduler: ExpertScheduler | None = None
-        self.model = MoEModel(self.gguf, ExpertExecutor(self.store, self._stats), self.device)
+        self.model = MoEModel(self.gguf, AllResident(self.store, self._stats), self.device)
         cpu_layers = _static_cpu_layers(o.n_cpu_moe, o.cpu_moe, self.spec.n_layer)
         if self.device.type == "cuda" or self.gpu_budget is not None or profile is not None or trace is not None or cpu_layers is not None:
             self._start_scheduler(cpu_layers)
@@ -202,7 +203,6 @@ class Runtime:
         except TypeError as exc:  # a miss option the policy does not take
             raise LocalMoEError(f"bad option for miss policy '{self.on_miss}': {exc}") from None
         self.scheduler.buddy_table = table
-        self.scheduler.bind(self.model)
         self.model.experts = self.scheduler
         self._stats.clock = self.scheduler.clock
 
@@ -220,7 +220,6 @@ class Runtime:
                 old.tier.clear()  # its buffers go now, not when the old scheduler is collected
             sched = ExpertScheduler(self.store, self._stats, old.config, old.profile, tier)
             sched.buddy_table, sched.trace = old.buddy_table, old.trace
-            sched.bind(self.model)
             self.model.experts = self.scheduler = sched
 
     def _buddy_table(self):

@@ -20,7 +20,7 @@ import localmoe.model as model_mod
 from conftest import ARCHS
 from localmoe import archs
 from localmoe.archs.common import FAST_PATHS, Attention, ExpertAct, QKNorm, Routing, fast_paths
-from localmoe.compute.experts import ExpertExecutor, ExpertStore
+from localmoe.compute.experts import ExpertStore
 from localmoe.compute.kernels import native_lib
 from localmoe.gguf.file import GGUFModel
 from localmoe.layers.attention import GQA
@@ -28,6 +28,7 @@ from localmoe.layers.deltanet import GatedDeltaNet
 from localmoe.layers.mla import MLA
 from localmoe.layers.routers import ROUTERS
 from localmoe.model import KVCache, MoEModel
+from localmoe.residency.resident import AllResident
 from localmoe.stats import StatsCollector
 
 
@@ -72,7 +73,7 @@ def _run(gguf: GGUFModel, ids: list[int], monkeypatch, allowed: bool) -> tuple[n
     spies["swiglu_decode"] = _Spy(experts_mod.swiglu_decode, allowed)
     monkeypatch.setattr(experts_mod, "swiglu_decode", spies["swiglu_decode"])
     stats = StatsCollector(gguf.spec.n_layer, gguf.spec.n_expert)
-    m = MoEModel(gguf, ExpertExecutor(ExpertStore(gguf, torch.device("cpu"), 1 << 30), stats), torch.device("cpu"))
+    m = MoEModel(gguf, AllResident(ExpertStore(gguf, torch.device("cpu"), 1 << 30), stats), torch.device("cpu"))
     cache = KVCache(gguf.spec, 256, torch.device("cpu"))
     steps = [m.forward(torch.tensor(ids[:16]), cache)[-1]]
     for t in ids[16:]:

@@ -16,6 +16,7 @@ import localmoe
 from localmoe import LocalMoEError
 from localmoe.fallback.buddies import BuddyTable, builtin_calibration_text, calibrate, sidecar_path, token_activating_entropy
 from localmoe.bench.synth import SynthConfig, write_model
+from localmoe.layers.moe import routed_experts
 
 CLI = [sys.executable, "-m", "localmoe"]
 
@@ -81,7 +82,7 @@ def test_substitution_only_picks_resident_experts(calibrated, on_miss, options):
                         assert e == -1 or (layer, e) in sched.cache  # a substitute is always resident (-1: dropped)
                     assert len(set(plan.ids[0].tolist()) - {-1}) == int((plan.ids[0] >= 0).sum())  # never a duplicate
                     n_subs += plan.substitutions.get("buddy", 0)  # substitutes, not drops
-                sched(layer, x, ids, w)
+                routed_experts(sched, layer, x, ids, w)
         assert n_subs > 0
 
 

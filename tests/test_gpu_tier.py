@@ -11,6 +11,7 @@ import torch
 
 import localmoe
 from localmoe.residency.gpu_tier import DeviceTier
+from localmoe.compute.plan import CPU, RESIDENT, ExpertPlan, run_plan
 from localmoe.residency.scheduler import ExpertScheduler
 from localmoe.bench.synth import SynthConfig, write_model
 
@@ -27,17 +28,15 @@ def moe16_q4(tmp_path_factory) -> str:
 class CheckedScheduler(ExpertScheduler):
     """Asserts after every layer that the tier's buffers are exactly the accounting's resident set."""
 
-    def __call__(self, *args):
-        out = super().__call__(*args)
+    def finish(self, plan):
+        super().finish(plan)
         self.check()
         assert self.tier.bytes_in_use == self.cache.used_bytes <= self.cache.budget
-        return out
 
 
 def with_tier(rt, device: str) -> CheckedScheduler:
     old = rt.scheduler
     sched = CheckedScheduler(rt.store, rt._stats, old.config, old.profile, DeviceTier(rt.gguf, torch.device(device)))
-    sched.bind(rt.model)
     rt.model.experts = rt.scheduler = sched
     return sched
 
@@ -119,7 +118,9 @@ def test_split_execution_sums_like_one_device(moe16_q4):
             t, slot = (ids == e).nonzero(as_tuple=True)
             rows_of[e] = (t, w[t, slot])
         on_cpu = set(list(rows_of)[::2])
-        one = sched._run_experts(1, x, rows_of, on_cpu)
-        split = sched._run_experts_split(1, x, rows_of, on_cpu)
+        where = {e: CPU if e in on_cpu else RESIDENT for e in rows_of}
+        source = lambda e: sched.store.weights(1, e)  # noqa: E731 (the modelled tier: the GPU is the CPU device)
+        one = run_plan(ExpertPlan(1, ids, w, source, where, grouped=rows_of), x)
+        split = run_plan(ExpertPlan(1, ids, w, source, where, split=True, grouped=rows_of), x)
         torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
         assert one.abs().sum() > 0

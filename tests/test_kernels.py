@@ -7,6 +7,7 @@ own Python reference) followed by a float64 matmul.
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import numpy as np
@@ -258,6 +259,25 @@ def test_failed_kernel_build_reports_the_compiler_message(tmp_path, monkeypatch)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(cbuild.BuildError, match="no C compiler"):
         cbuild.build("broken.c", "broken2", ["-O1"])
+
+
+def test_a_shared_header_change_rebuilds_the_library(tmp_path, monkeypatch):
+    """The cache key covers the csrc/ headers a source includes (csrc/common.h for vnni.c and
+    ggml_driver.c): the same files reuse the library, a changed header builds a new one."""
+    from localmoe.compute import cbuild
+
+    monkeypatch.setenv("LOCALMOE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "lib.c").write_text('#include "shared.h"\nint f(void) { return g(); }\n')
+    (src / "shared.h").write_text('#include "inner.h"\nstatic inline int g(void) { return h() + 1; }\n')
+    (src / "inner.h").write_text("static inline int h(void) { return 1; }\n")
+    monkeypatch.setattr(cbuild, "CSRC", str(src))
+    first = cbuild.build("lib.c", "lib", ["-O1"])
+    assert cbuild.build("lib.c", "lib", ["-O1"]) == first
+    (src / "inner.h").write_text("static inline int h(void) { return 2; }\n")  # a header of a header
+    second = cbuild.build("lib.c", "lib", ["-O1"])
+    assert second != first and ctypes.CDLL(second).f() == 3 and ctypes.CDLL(first).f() == 2
 
 
 def test_kernel_build_failure_is_visible_in_info(monkeypatch):

@@ -1,8 +1,9 @@
 """qwen35moe beyond the shared oracle cases (tests/test_oracle.py): the hybrid layout read from the
 file, 200 positions against llama.cpp through one pass and token by token (the DeltaNet state is
 carried across them), a file with fused gate_up experts, the two forms of the delta rule, the pieces
-that would go unnoticed if wrong (the state, the M-RoPE axis), snapshots and rewinds of the state,
-chat turns and a served conversation equal to one uninterrupted run, and the residency engine."""
+that would go unnoticed if wrong (the state, the M-RoPE axis), chat turns and a served conversation
+equal to one uninterrupted run, and the residency engine. Snapshots and rewinds of the state:
+tests/test_model.py."""
 
 from __future__ import annotations
 
@@ -121,28 +122,6 @@ def test_the_state_and_the_mrope_axis_each_change_the_logits(make_model):
     # the sections reach one pair in four of the one attention layer in four: a smaller move, still
     # thousands of times the F32 file's distance from llama.cpp (3.5e-7) and ten times the oracle's bound
     assert rel(plain_rope[1:]) > 1e-3  # (position 0 turns by nothing either way)
-
-
-def test_rewind_resumes_from_the_latest_snapshot(make_model):
-    """KV rows cut anywhere; a recurrent state goes back to the snapshot taken at the end of the
-    latest prompt at or before the position asked for (0 if none), and recomputing from there
-    gives the logits of one uninterrupted pass."""
-    ids = IDS_200[:40]
-    with localmoe.load(make_model("qwen35moe", "F32"), device="cpu") as rt:
-        full = rt.logits(ids)
-        cache = KVCache(rt.spec, rt.n_ctx, rt.device)
-        rt.model.forward(torch.tensor(ids[:20]), cache)  # a prompt: snapshot at 20
-        for t in ids[20:30]:
-            rt.model.forward(torch.tensor([t]), cache)
-        assert cache.n == 30
-        assert cache.rewind(30) == 30 and cache.rewind(26) == 20
-        out = rt.model.forward(torch.tensor(ids[20:40]), cache)  # a prompt again: snapshot at 40
-        np.testing.assert_allclose(out.numpy(), full[20:40], rtol=1e-4, atol=1e-4)
-        assert cache.rewind(15) == 0 and not cache.states  # before every snapshot: a fresh context
-    with localmoe.load(make_model("qwen3moe", "F32"), device="cpu") as rt:  # no recurrent state: any position
-        cache = KVCache(rt.spec, rt.n_ctx, rt.device)
-        rt.model.forward(torch.tensor(ids[:20]), cache)
-        assert cache.rewind(13) == 13
 
 
 def test_chat_turns_and_a_served_conversation_equal_one_run(make_model, monkeypatch):

@@ -16,6 +16,7 @@ from localmoe import LocalMoEError
 from localmoe.residency.cache_policies import ONLINE_POLICIES, Tick, make_policy
 from localmoe.residency.expert_cache import ExpertCache
 from localmoe.bench.synth import SynthConfig, write_model
+from localmoe.layers.moe import routed_experts
 from localmoe.residency.trace import load_trace, replay
 
 
@@ -96,9 +97,9 @@ def test_scheduler_budget_holds_under_random_routing(moe16):
             x = torch.randn(1, rt.spec.n_embd)
             for _ in range(40):
                 for layer in range(rt.spec.n_layer):
-                    sched.after_attention(layer, x)
+                    rt.model.predict_next(layer, x)
                     ids = torch.from_numpy(rng.choice(16, 4, replace=False)).reshape(1, 4)
-                    sched(layer, x, ids, torch.full((1, 4), 0.25))
+                    routed_experts(sched, layer, x, ids, torch.full((1, 4), 0.25))
                     sched.check()
                     assert sched.cache.used_bytes <= sched.cache.budget
                     st_ = rt.stats()

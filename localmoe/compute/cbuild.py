@@ -1,8 +1,9 @@
 """Building the C sources in localmoe/compute/csrc/ on first use, into the cache directory.
 
 Each library is compiled with the system C compiler (`$CC`, else `cc`) into
-`~/.cache/localmoe/` (or `$LOCALMOE_CACHE`), named by a hash of its source, compiler flags,
-platform and the CPU's flags (a `-march=native` build is for this CPU). The compiler writes a
+`~/.cache/localmoe/` (or `$LOCALMOE_CACHE`), named by a hash of its source (with the csrc/ headers
+it includes, e.g. common.h), compiler flags, platform and the CPU's flags (a `-march=native` build
+is for this CPU). The compiler writes a
 temporary file inside the cache directory, which is then renamed into place: the rename never
 crosses a filesystem (no EXDEV from a tmpfs build folder), and a concurrent builder never loads a
 half-written file. A failed build raises `BuildError` with the compiler's first error line (the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,24 @@ def source_path(name: str) -> str:
     return os.path.join(CSRC, name)
 
 
+def _with_local_headers(text: bytes, seen: set[str] | None = None) -> bytes:
+    """`text` followed by the content of each csrc/ header it includes with `#include "name"` (and
+    theirs, once each): the cache key then changes when a shared header does (csrc/common.h)."""
+    seen = set() if seen is None else seen
+    out = [text]
+    for m in re.finditer(rb'^\s*#\s*include\s*"([^"]+)"', text, re.MULTILINE):
+        name = m.group(1).decode()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            with open(source_path(name), "rb") as f:
+                out.append(_with_local_headers(f.read(), seen))
+        except OSError:
+            pass  # not ours: the compiler reports it
+    return b"".join(out)
+
+
 def _first_error(stderr: str, cc: str) -> str:
     """The line of the compiler's output that says what went wrong (the first `error:` line, else the last line)."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
@@ -72,6 +92,7 @@ def build(source: str, stem: str, flags: list[str], libs: list[str] | None = Non
     except OSError as exc:
         raise BuildError(f"the C source {path} is missing ({exc.strerror}); reinstall localmoe") from None
     cc = os.environ.get("CC", "cc")
+    text = _with_local_headers(text)  # the source and the headers of ours it includes
     key = hashlib.sha256(text + " ".join([cc, *flags, *libs, key_extra, sys.platform, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
     try:
         folder = cache_dir()

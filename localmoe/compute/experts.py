@@ -1,8 +1,7 @@
-"""Routed experts: where their weights come from, and the one function that runs them.
+"""Routed experts: where their weights come from (ExpertStore) and the kernels that run them.
 
-Every MoE block hands its routing decision — `(expert ids, weights)` per token — to
-`ExpertExecutor.__call__`. That is the single place where residency, CPU/GPU co-execution and
-substitution policies plug in; the forward pass knows nothing about them.
+Which experts of a layer run where is residency's plan; compute/plan.py executes it with the
+functions here. The forward pass knows nothing about either.
 """
 
 from __future__ import annotations
@@ -11,18 +10,34 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from ..gguf import names
 from ..gguf.blocks import raw_bytes
-from ..gguf.file import GGUFModel
 from .counters import to_device
 from .kernels import QLinear, RawMatrix, choose_backend, fuse_rows, ggml_weight, matvec_many, repack, swiglu_decode
-from ..stats import StatsCollector
 
 ExpertId = tuple[int, int]  # (layer, expert)
+
+
+class ExpertFile(Protocol):
+    """The GGUF file as the experts read it (gguf.file.GGUFModel; named by its methods here so that
+    compute imports no reader, which imports the architectures and their layers)."""
+
+    spec: Any  # gguf.file.ModelSpec
+
+    def view(self, name: str) -> Any: ...  # a TensorView: .qtype, .shape, .data
+
+    def expert_raw(self, layer: int, expert: int, part: str) -> tuple: ...  # (raw data, quant type, [rows, cols])
+
+    def expert_bytes(self, layer: int) -> int: ...
+
+    def expert_biases(self, layer: int) -> tuple: ...  # float32 [E, 2·n_ff] gate|up and [E, D] down, or None
+
+    def release(self, arrays: list) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,7 @@ class ExpertEpilogue:
     down [E, D], float32, read from the file once per layer and device) and the activation — and
     the fast-path declaration that decides whether the fused kernels may run them."""
 
-    def __init__(self, model: GGUFModel):
+    def __init__(self, model: ExpertFile):
         from ..archs.common import fast_paths
 
         self.model = model
@@ -224,7 +239,7 @@ class ExpertStore:
     that budget is full, further experts are computed by ggml from the file rather than evicting
     and repacking again (with no ggml at all, the repacked experts form an LRU as before)."""
 
-    def __init__(self, model: GGUFModel, device: torch.device, host_cache_bytes: int):
+    def __init__(self, model: ExpertFile, device: torch.device, host_cache_bytes: int):
         self.model = model
         self.device = device
         self.host_cache_bytes = host_cache_bytes
@@ -308,34 +323,3 @@ class ExpertStore:
                     progress(done, total)
         return len(self._cache)
 
-
-class ExpertExecutor:
-    """Runs the routed experts of one layer for a batch of tokens (all experts addressable).
-
-    Tokens are grouped by expert, so each chosen expert runs once on all the rows routed to it.
-    """
-
-    def __init__(self, store: ExpertStore, stats: StatsCollector):
-        self.store = store
-        self.stats = stats
-
-    def after_attention(self, layer: int, x: torch.Tensor) -> None:
-        """Every expert is resident: nothing to prefetch."""
-
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, n_embd]; ids [T, k] int64; weights [T, k] float32 → weighted sum [T, n_embd]."""
-        if x.shape[0] == 1:  # decode: k experts on one row, no grouping needed
-            out = swiglu_experts([self.store.weights(layer, e) for e in ids[0].tolist()], x, weights[0].tolist())
-            self.stats.count_routed(layer, ids)
-            return out
-        out = torch.zeros_like(x)
-        flat_ids = ids.reshape(-1)
-        rows = torch.arange(ids.shape[0]).repeat_interleave(ids.shape[1])  # token of each (t, slot)
-        flat_w = weights.reshape(-1)
-        for expert in torch.unique(flat_ids).tolist():
-            sel = (flat_ids == expert).nonzero().squeeze(1)
-            tok = rows[sel]
-            y = swiglu_expert(self.store.weights(layer, expert), x[tok])
-            out.index_add_(0, tok, y * flat_w[sel].unsqueeze(1))
-        self.stats.count_routed(layer, ids)
-        return out

@@ -11,7 +11,7 @@ layer when the plan is built (`FusedDecode.build`): the plain GQA attention (its
 in one matrix or one per type, no biases, no sinks, no output gate, a per-head or no q/k norm, the
 model's own RoPE), the plain MoE block (the C router's softmax → top-k, no shared expert, no
 per-expert scale) and every expert of the layer repacked for the VNNI kernel and resident in the
-host store (`ExpertExecutor`: no residency decisions to make). Any other layer runs the Python
+host store (residency/resident.AllResident: the trivial plan, no residency decisions to make). Any other layer runs the Python
 path, as before.
 """
 
@@ -59,10 +59,10 @@ class FusedDecode:
     @classmethod
     def build(cls, model: Any) -> FusedDecode | None:
         """The plan for `model` (a model.MoEModel), or None where no layer qualifies."""
-        from .experts import ExpertExecutor
+        from ..residency.resident import AllResident
 
         lib = vnni_lib()  # (None where the compute policy rules the VNNI kernel out)
-        if lib is None or model.device.type != "cpu" or type(model.experts) is not ExpertExecutor:
+        if lib is None or model.device.type != "cpu" or type(model.experts) is not AllResident:
             return None
         f = lib.lm_decode_layer
         f.restype = ctypes.c_int

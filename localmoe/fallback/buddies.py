@@ -142,8 +142,8 @@ class BuddyTable:
 
 
 class _Recorder:
-    """Wraps the expert-execution function during calibration: gathers routing statistics and
-    samples of each expert's inputs, then runs the experts as usual."""
+    """Wraps the model's residency during calibration: gathers routing statistics and samples of
+    each expert's inputs from each layer's routing, then plans the experts as usual."""
 
     def __init__(self, inner, model, n_expert: int, samples: int, seed: int):
         self.inner, self.model = inner, model
@@ -159,16 +159,27 @@ class _Recorder:
         self.rng = np.random.default_rng(seed)
         self.routers: dict[int, _SeenRouter] = {}  # layer → its router while calibrating (calibrate sets them)
 
-    def after_attention(self, layer: int, x: torch.Tensor) -> None:
-        self.inner.after_attention(layer, x)
+    def wants_prediction(self, layer: int, n_tokens: int) -> bool:
+        return self.inner.wants_prediction(layer, n_tokens)
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def give_prediction(self, layer: int, ids: torch.Tensor) -> None:
+        self.inner.give_prediction(layer, ids)
+
+    def finish(self, plan) -> None:
+        self.inner.finish(plan)
+
+    def plan(self, layer: int, ids: torch.Tensor, weights: torch.Tensor):
+        h = self.routers[layer].last  # what the router read this layer
+        self.record(layer, self.model.layers[layer].moe.experts_input(h), ids, weights)
+        return self.inner.plan(layer, ids, weights)
+
+    def record(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """One layer's routing: x [T, D] the experts' input, ids and weights [T, k]."""
         E = self.E
         onehot = torch.zeros(ids.shape[0], E).scatter_(1, ids, 1.0).numpy()  # [T, E]
         self.usage[layer] += onehot.sum(0)
         self.coact[layer] += onehot.T @ onehot
-        seen = self.routers.get(layer)
-        h = seen.last if seen is not None and seen.last is not None else x  # what the router read
+        h = self.routers[layer].last  # what the router read (x: what the experts read)
         probs = routing_probs(self.model.router_logits(layer, h), self.model.spec).double().numpy()  # [T, E]
         self.p_sum[layer] += probs.sum(0)
         self.pp_sum[layer] += probs.T @ probs
@@ -182,7 +193,6 @@ class _Recorder:
                     bucket.append(x[t].clone())
                 elif self.rng.random() < 0.1:  # keep refreshing: later text replaces some samples
                     bucket[self.rng.integers(len(bucket))] = x[t].clone()
-        return self.inner(layer, x, ids, weights)
 
 
 class _SeenRouter:

@@ -31,7 +31,7 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 @dataclass
 class PostNormBlock(Block):
     """Block's fields, with ffn_norm all ones (model.ffn_input then gives the unweighted r that the
-    router reads, e.g. for the scheduler's prefetch) and moe the routed experts; and:"""
+    router reads, e.g. for the prediction model.predict_next hands residency) and moe the routed experts; and:"""
 
     attn_post_norm: torch.Tensor | None = None  # [D]
     dense: Callable[[torch.Tensor], torch.Tensor] | None = None  # the dense FFN beside the experts
@@ -46,7 +46,7 @@ class PostNormBlock(Block):
         expert function and spec)."""
         eps = m.spec.rms_eps
         x = x + rms_norm(m.attention(i, rms_norm(x, self.attn_norm, eps), cache, pos0), self.attn_post_norm, eps)
-        m.experts.after_attention(i, x)
+        m.predict_next(i, x)
         f = rms_norm(self.dense(rms_norm(x, self.dense_norm, eps)), self.dense_post_norm, eps)
         f = f + rms_norm(self.moe(m.spec, i, rms_norm(x, self.ffn_norm, eps), m.experts), self.moe_post_norm, eps)
         x = x + rms_norm(f, self.ffn_post_norm, eps)

@@ -1,15 +1,18 @@
-"""The expert residency engine: every routed expert runs where it is, or is fetched, or falls back.
+"""The expert residency engine: where every routed expert runs — resident, fetched, on the CPU, or
+replaced by a fallback — and the accounting of it.
 
-`ExpertScheduler` is the expert-execution function the MoE blocks call (same signature as
-`ExpertExecutor`). For one layer it:
+`ExpertScheduler.plan` is residency's per-layer entry; the MoE block (layers/moe.py) hands the plan
+to compute (compute/plan.run_plan) and calls `finish` after. For one layer, plan:
   1. records the routed uses in the cache policy (hits and misses),
   2. asks the miss policy what to do with the missing experts (fetch / cpu / drop / …),
   3. loads what must be loaded (evicting by the cache policy, never the layer's own experts),
-  4. computes resident experts on the "GPU" and CPU-assigned ones on the CPU, sums with the
-     router weights,
+  4. places each expert: resident or fetched experts on the "GPU", the rest on the CPU,
   5. charges each step to the modelled timeline (also on CUDA, where the reported clock is the wall
-     clock and the timeline only feeds the cost model),
-  6. starts the prefetch for the next layer from the prediction made after this layer's attention.
+     clock and the timeline only feeds the cost model);
+and finish, once compute has been issued:
+  6. starts the prefetch for the next layer from the prediction the model handed over after this
+     layer's attention (give_prediction: the model routes, residency never calls it back),
+  7. uploads in the background the experts the layer needed but did not load.
 
 On the modelled tier numerics never depend on residency: every path computes with the same expert
 weights in the same order, so `fetch` and `cpu` give exactly the all-resident logits; only `drop`
@@ -31,25 +34,22 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
 
 import numpy as np
 import torch
 
-from ..archs.common import fast_paths
 from .cache_policies import Key, Tick, make_policy
 from ..errors import LocalMoEError
 from .expert_cache import ExpertCache
-from ..compute.counters import readback, to_device
-from ..compute.experts import ExpertStore, ExpertWeights, grouped_ready, grouped_swiglu, resident_decode, swiglu_expert, swiglu_experts
+from ..compute.counters import readback
+from ..compute.experts import ExpertStore, ExpertWeights
+from ..compute.plan import CPU, FETCHED, RESIDENT, STREAMED, DeviceRouting, ExpertPlan, Rows, rows_by_expert
 from .gpu_tier import DeviceTier
-from ..fallback.miss_policies import CPU, FETCH, MissContext, StaticPlacement, make_miss_policy
+from ..fallback.miss_policies import CPU as MISS_CPU, FETCH, MissContext, StaticPlacement, make_miss_policy
 from .profiles import HardwareProfile, Timeline
 from ..stats import StatsCollector
 from .trace import TraceRecorder
-
-if TYPE_CHECKING:
-    from ..model import MoEModel
 
 
 @dataclass(frozen=True)
@@ -63,21 +63,31 @@ class ResidencyConfig:
     all_resident: bool = False  # no budget: every expert resident from the start
 
 
+@dataclass(frozen=True)
+class _OpenLayer:
+    """What plan() leaves for finish() of the same layer."""
+
+    tick: Tick
+    n_tokens: int
+    routed: float  # modelled time the layer's routing reached the host
+    protected: list[Key]  # the layer's routed experts: never evicted while it runs
+    upload_later: list[int]  # experts needed but not loaded: background uploads, in this order
+
+
 class ExpertScheduler:
     def __init__(self, store: ExpertStore, stats: StatsCollector, config: ResidencyConfig, profile: HardwareProfile, tier: DeviceTier | None = None):
-        model = store.model
+        gguf = store.model
         self.tier = tier  # the physical GPU tier (CUDA); None: the GPU tier is modelled on the CPU device
-        spec = model.spec
+        spec = gguf.spec
         self.store, self.stats, self.spec, self.profile = store, stats, spec, profile
         self.config = config
         self.n_layer, self.n_expert, self.top_k = spec.n_layer, spec.n_expert, spec.n_expert_used
-        self.bytes_per_expert = [model.expert_bytes(layer) for layer in range(spec.n_layer)]
+        self.bytes_per_expert = [gguf.expert_bytes(layer) for layer in range(spec.n_layer)]
         # per expert and row: gate+up+down matmuls, 2 FLOPs per multiply-add
         self.flops_per_row = 2 * 3 * spec.n_embd * spec.n_ff_exp
         # dense work (attention, norms, router, shared expert, output head) charged evenly per layer
-        self.dense_bytes_per_layer = model.dense_bytes() / spec.n_layer
-        self.dense_flops_per_row = 2 * model.dense_elements() / spec.n_layer
-        self.model: MoEModel | None = None
+        self.dense_bytes_per_layer = gguf.dense_bytes() / spec.n_layer
+        self.dense_flops_per_row = 2 * gguf.dense_elements() / spec.n_layer
         self.timeline = Timeline()
         self.trace: TraceRecorder | None = None
         self.buddy_table = None  # a BuddyTable when the model has been calibrated
@@ -93,6 +103,7 @@ class ExpertScheduler:
         self._uses_copied = None  # the event of the last copy (or True on the CPU device)
         self._uses_seen = None  # the counts already given to the stats
         self._ones: torch.Tensor | None = None  # [k] int64 ones on the device, the index_add source
+        self._open: _OpenLayer | None = None  # the layer between plan() and finish()
         stats.on_snapshot(self.absorb_device_uses)
         self._configure(config)
 
@@ -142,9 +153,6 @@ class ExpertScheduler:
         finally:
             self.buddy_table = table
 
-    def bind(self, model: "MoEModel") -> None:
-        self.model = model
-
     @property
     def measured(self) -> bool:
         """True on a real GPU tier: the wall clock is the one to report."""
@@ -179,35 +187,78 @@ class ExpertScheduler:
         delay = max(0.0, start + copy - next_routed)
         return q * saved > (1 - q) * delay
 
-    # -- hooks the forward pass calls -------------------------------------------------------------
-    def after_attention(self, layer: int, x: torch.Tensor) -> None:
-        """x [T, D]: the residual stream after layer `layer`'s attention. Predict the next layer's
-        experts with its own router (decode only: in prefill nearly every expert is used)."""
-        nxt = layer + 1
-        if not self.config.prefetch or self.config.cpu_layers is not None or self.config.all_resident or self.model is None or nxt >= self.n_layer or not self.spec.is_moe(nxt) or x.shape[0] != 1:
-            return
-        ids, _ = self.model.route(nxt, self.model.ffn_input(nxt, x))
-        self._predicted_dev[nxt] = ids[0]  # read back with this layer's routing: no sync of its own
+    # -- the per-layer entry: routing in, a plan out (the MoE block hands it to compute) ----------
+    def wants_prediction(self, layer: int, n_tokens: int) -> bool:
+        """Whether the model should hand over the experts `layer`'s router picks on the residual
+        stream after the previous layer's attention (decode only: in prefill nearly every expert
+        is used), for the prefetch."""
+        c = self.config
+        moves = c.prefetch and c.cpu_layers is None and not c.all_resident
+        return moves and n_tokens == 1 and 0 < layer < self.n_layer and self.spec.is_moe(layer)
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D]; ids, weights [T, k] → [T, D]."""
-        T = x.shape[0]
-        if T == 1 and self._on_device(layer):
-            return self._resident_decode(layer, x, ids, weights)
-        # decisions are made on the host: one readback per layer, the next layer's prediction with it
+    def give_prediction(self, layer: int, ids: torch.Tensor) -> None:
+        """ids [k] (on the device): the experts predicted for `layer`, read back with the previous
+        layer's routing (no sync of its own)."""
+        self._predicted_dev[layer] = ids
+
+    def plan(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> ExpertPlan:
+        """ids, weights [T, k] (the router's, on the compute device) → where each routed expert runs,
+        with the hits, misses, loads and modelled time accounted. finish(plan) follows its execution."""
+        if ids.shape[0] == 1 and self._on_device(layer):
+            return self._device_plan(layer, ids, weights)
+        ids, weights, predicted = self._read_routing(layer, ids, weights)
+        tick = Tick(self.token, layer)
+        if self.trace is not None:
+            self.trace.record(self.token, layer, ids, weights, predicted)
+        resident = self._account_uses(layer, ids, predicted, tick)  # 1. hits and misses
+        routed = self._charge_dense(ids.shape[0])
+        protected = [(layer, e) for e in resident]  # never evicted while this layer needs them
+        missing = [e for e, hit in resident.items() if not hit]
+        decision = self.miss_policy.plan(self.miss_context(), layer, ids, weights, missing) if missing else None
+        substitutions = {}
+        if decision is not None:  # 2. the miss policy: substitutes, drops, fetch or CPU per missing expert
+            ids, weights, substitutions = decision.ids, decision.weights, decision.substitutions
+            for kind, n in substitutions.items():
+                self.stats.add_substitution(layer, kind, n)
+        rows = rows_by_expert(ids, weights)
+        where = self._place(layer, rows, decision.where if decision is not None else {}, tick, protected, routed)
+        on_cpu = {e for e, place in where.items() if place == CPU}
+        # needed but not loaded (substituted, skipped, computed on the CPU): uploaded after the prefetch
+        upload_later = [e for e in missing if e not in decision.where] if decision is not None else []
+        self._open = _OpenLayer(tick, ids.shape[0], routed, protected, upload_later + sorted(on_cpu))
+        source = partial(self._weights_for, layer, on_cpu)
+        split = self.tier is not None and self.tier.kernel == "triton"
+        return ExpertPlan(layer, ids, weights, source, where, substitutions, split, grouped=rows)
+
+    def finish(self, plan: ExpertPlan) -> None:
+        """After the plan's experts are issued: the next layer's prefetch, then background uploads
+        (last: they must never delay a fetch or a prefetch), the token clock, the stats."""
+        layer, opened, self._open = plan.layer, self._open, None
+        if plan.device is not None:
+            self._finish_device(layer)
+            return
+        protected = self._prefetch_next(layer, opened)
+        for e in opened.upload_later:
+            self._background_upload((layer, e), opened.tick, protected, opened.routed)
+        if layer == self.n_layer - 1:
+            self.token += opened.n_tokens
+        self._publish()
+
+    # -- the plan's steps -------------------------------------------------------------------------
+    def _read_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor):
+        """Decisions are made on the host: one readback per layer, the next layer's prediction with
+        it. Returns (ids, weights) [T, k] on the host and the experts predicted for this layer."""
         pred = self._predicted_dev.pop(layer + 1, None)
         if pred is not None:
             ids, weights, pred = readback(ids, weights, pred)
             self._predicted[layer + 1] = pred.tolist()
         else:
             ids, weights = readback(ids, weights)
-        tick = Tick(self.token, layer)
-        p, tl, st = self.profile, self.timeline, self.stats
-        predicted = self._predicted.pop(layer, None)
-        if self.trace is not None:
-            self.trace.record(self.token, layer, ids, weights, predicted)
+        return ids, weights, self._predicted.pop(layer, None)
 
-        # 1. routed uses: hits and misses
+    def _account_uses(self, layer: int, ids: torch.Tensor, predicted: list[int] | None, tick: Tick) -> dict[int, bool]:
+        """Record the routed uses ids [T, k] in the cache policy and the stats, the prediction's
+        precision and the prefetches used. Returns routed expert → resident, by expert id."""
         uses = Counter(ids.reshape(-1).tolist())  # expert → routed (token, slot) uses
         experts = sorted(uses)
         resident = {e: self.cache.access((layer, e), tick) for e in experts}
@@ -215,117 +266,124 @@ class ExpertScheduler:
             for _ in range(uses[e] - 1):
                 self.policy.on_access((layer, e), tick)
         resident_mask = torch.tensor([[resident[e] for e in row] for row in ids.tolist()], dtype=torch.bool)
-        st.count_routed(layer, ids, resident_mask)
+        self.stats.count_routed(layer, ids, resident_mask)
         if predicted is not None:
-            st.count_prediction(layer, predicted, experts)
+            self.stats.count_prediction(layer, predicted, experts)
             self._predictions[0] += len(predicted)
             self._predictions[1] += len(set(predicted) & set(experts))
         for e in experts:
             if resident[e] and (layer, e) in self._prefetched:
                 self._prefetched.discard((layer, e))
-                st.add(layer, prefetch_used=1)
+                self.stats.add(layer, prefetch_used=1)
+        return resident
 
-        # time: attention + router readback on the GPU
-        attn_end = tl.run_gpu(p.gpu_seconds(self.dense_bytes_per_layer, self.dense_flops_per_row * T), ready=tl.now)
-        routed = attn_end + p.sync_latency_s
-        protected = [(layer, e) for e in experts]  # never evicted while this layer needs them
+    def _charge_dense(self, n_tokens: int) -> float:
+        """Charge attention + router readback on the GPU; returns when the routing is on the host."""
+        p, tl = self.profile, self.timeline
+        dense = p.gpu_seconds(self.dense_bytes_per_layer, self.dense_flops_per_row * n_tokens)
+        attn_end = tl.run_gpu(dense, ready=tl.now)
+        return attn_end + p.sync_latency_s
 
-        # 2. the miss policy's plan
-        missing = [e for e in experts if not resident[e]]
-        plan = self.miss_policy.plan(self.miss_context(), layer, ids, weights, missing) if missing else None
-        if plan is not None:
-            ids, weights = plan.ids, plan.weights
-            for kind, n in plan.substitutions.items():
-                st.add_substitution(layer, kind, n)
-        # experts this layer needed but did not load (substituted, skipped, computed on the CPU):
-        # worth having for later tokens, uploaded in the background after the prefetch (step 7)
-        upload_later = [e for e in missing if e not in plan.where] if plan is not None else []
-
-        # 3./4./5. run the experts: GPU tier, link and CPU, each charged to the timeline
-        cpu_end = routed
-        rows_of = _rows_by_expert(ids, weights)
-        on_cpu: set[int] = set()
-        for e, (tok, w) in rows_of.items():
+    def _place(self, layer: int, rows: Rows, decided: dict[int, str], tick: Tick, protected: list[Key],
+               routed: float) -> dict[int, str]:
+        """Steps 3–5 for each routed expert: where it runs (RESIDENT, FETCHED, STREAMED or CPU),
+        loading what must be loaded (evicting by the cache policy, never `protected`) and charging
+        the link, the GPU and the CPU on the timeline; ends the layer's modelled time.
+        decided: the miss policy's FETCH or CPU per missing expert."""
+        p, tl, st = self.profile, self.timeline, self.stats
+        cpu_end, where = routed, {}
+        for e, (tok, _) in rows.items():
             key = (layer, e)
             nbytes, flops = self.bytes_per_expert[layer], self.flops_per_row * len(tok)
-            action = plan.where.get(e) if plan is not None else None
+            action = decided.get(e)
             if action is None and self._still_arriving(key, routed, nbytes, flops):
-                action = CPU  # its copy lands later than the CPU could finish it: co-execute
-            if action != CPU and key not in self.cache and not self._load(key, tick, protected, ready=routed):
-                if action == FETCH:  # not admitted: stream it through a scratch buffer, as llama.cpp does
+                action = MISS_CPU  # its copy lands later than the CPU could finish it: co-execute
+            place = CPU if action == MISS_CPU else RESIDENT
+            if place != CPU and key not in self.cache:
+                if self._load(key, tick, protected, ready=routed):
+                    place = FETCHED
+                elif action == FETCH:  # not admitted: stream it through a scratch buffer, as llama.cpp does
                     self._arrival[key] = tl.copy(p.copy_seconds(nbytes), ready=routed)
                     st.add(layer, bytes_to_gpu=nbytes)
+                    place = STREAMED
                 else:
-                    action = CPU
-            if action == CPU:
+                    place = CPU
+            if place == CPU:
                 cpu_end = tl.run_cpu(p.cpu_seconds(nbytes, flops), ready=routed + p.pcie_latency_s)
                 st.add(layer, cpu_experts=len(tok))
-                on_cpu.add(e)
             else:
                 tl.run_gpu(p.gpu_seconds(nbytes, flops), ready=max(routed, self._arrival.pop(key, 0.0)))
-        out = self._run_experts(layer, x, rows_of, on_cpu)
-        upload_later += sorted(on_cpu)
+            where[e] = place
         # the layer ends when the GPU is done and the CPU's sum is back on it (no CPU share: no copy)
+        on_cpu = CPU in where.values()
         tl.now = max(tl.gpu, routed, cpu_end + p.pcie_latency_s if on_cpu else routed)
+        return where
 
-        # 6. prefetch the next layer's predicted experts, overlapping this layer's compute. The
-        # prediction is read back with this layer's routing (one sync), so the copies can start at
-        # `routed`; on the link they queue behind this layer's demand fetches only.
+    def _prefetch_next(self, layer: int, opened: _OpenLayer) -> list[Key]:
+        """6. Prefetch the next layer's predicted experts, overlapping this layer's compute. The
+        prediction is read back with this layer's routing (one sync), so the copies can start at
+        `routed`; on the link they queue behind this layer's demand fetches only. Returns the keys
+        protected from eviction from now on (this layer's and the predicted ones)."""
+        p, tl, tick, routed = self.profile, self.timeline, opened.tick, opened.routed
+        protected = opened.protected
         nxt = self._predicted.get(layer + 1)
-        if nxt:
-            protected = protected + [(layer + 1, n) for n in nxt]
-            for e in nxt:  # the policy hears the prediction before it decides on admissions
-                self.policy.hint((layer + 1, e), tick)
-            next_routed = tl.now + p.gpu_seconds(self.dense_bytes_per_layer, self.dense_flops_per_row * T) + p.sync_latency_s
-            for e in nxt:
-                key = (layer + 1, e)
-                if key in self.cache:
-                    continue
-                if not self._prefetch_pays(max(tl.link, routed), next_routed, self.bytes_per_expert[layer + 1]):
-                    break
-                if self._load(key, tick, protected, ready=routed, prefetch=True):
-                    st.add(layer + 1, prefetch_issued=1)
-                    self._prefetched.add(key)
+        if not nxt:
+            return protected
+        protected = protected + [(layer + 1, n) for n in nxt]
+        for e in nxt:  # the policy hears the prediction before it decides on admissions
+            self.policy.hint((layer + 1, e), tick)
+        dense = p.gpu_seconds(self.dense_bytes_per_layer, self.dense_flops_per_row * opened.n_tokens)
+        next_routed = tl.now + dense + p.sync_latency_s
+        for e in nxt:
+            key = (layer + 1, e)
+            if key in self.cache:
+                continue
+            if not self._prefetch_pays(max(tl.link, routed), next_routed, self.bytes_per_expert[layer + 1]):
+                break
+            if self._load(key, tick, protected, ready=routed, prefetch=True):
+                self.stats.add(layer + 1, prefetch_issued=1)
+                self._prefetched.add(key)
+        return protected
 
-        # 7. background uploads last: they must never delay a fetch or a prefetch
-        for e in upload_later:
-            self._background_upload((layer, e), tick, protected, routed)
-
-        if layer == self.n_layer - 1:
-            self.token += T
-        self._publish()
-        return out
+    def _weights_for(self, layer: int, on_cpu: set[int], expert: int) -> ExpertWeights:
+        """The weights compute reads for `expert`: the store's (in place or repacked) on the CPU, the
+        GPU tier's otherwise."""
+        return self.store.weights(layer, expert) if expert in on_cpu else self._gpu_weights((layer, expert))
 
     def _on_device(self, layer: int) -> bool:
         """Every expert resident on a Triton tier and nothing to record per layer on the host: the
         layer runs from device-side routing."""
         c = self.config
         return (self.tier is not None and self.tier.kernel == "triton" and c.all_resident and c.cpu_layers is None and self.trace is None
-                and "fused_experts" in fast_paths(self.spec))
+                and self.store.epilogue.fused_ok)
 
-    def _resident_decode(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One decode token, every expert resident: 3 launches from the device-side ids, no sync.
-        The routed uses are counted on the device (hits, by definition) and reach the stats when
-        the copy made after the last layer has landed (absorb_device_uses)."""
+    def _device_plan(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> ExpertPlan:
+        """One decode token, every expert resident: compute runs 3 launches from the device-side ids,
+        no sync. The routed uses are counted on the device (hits, by definition) and reach the stats
+        when the copy made after the last layer has landed (absorb_device_uses)."""
         tier = self.tier
         if tier.ready:
             tier.wait_all()  # the preload's copies: the kernels read experts the host never named
         if self._device_uses is None:
-            self._device_uses = torch.zeros((self.n_layer, self.n_expert), dtype=torch.int64, device=x.device)
+            self._device_uses = torch.zeros((self.n_layer, self.n_expert), dtype=torch.int64, device=ids.device)
             self._uses_seen = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
             self._uses_host = torch.zeros((self.n_layer, self.n_expert), dtype=torch.int64, pin_memory=tier.cuda)
-            self._ones = torch.ones(self.top_k, dtype=torch.int64, device=x.device)
+            self._ones = torch.ones(self.top_k, dtype=torch.int64, device=ids.device)
         self._device_uses[layer].index_add_(0, ids[0], self._ones)
-        out = resident_decode(tier.addresses[:, layer], tier.weights((layer, 0)), x, ids, weights)
-        if layer == self.n_layer - 1:
-            self.token += 1
-            self._uses_host.copy_(self._device_uses, non_blocking=True)
-            if tier.cuda:
-                self._uses_copied = torch.cuda.Event()
-                self._uses_copied.record()
-            else:
-                self._uses_copied = True
-        return out
+        routing = DeviceRouting(tier.addresses[:, layer], tier.weights((layer, 0)))
+        return ExpertPlan(layer, ids, weights, partial(self._weights_for, layer, set()), device=routing)
+
+    def _finish_device(self, layer: int) -> None:
+        """After a device-routed layer: at the token's last layer, copy the use counts out (no sync)."""
+        if layer != self.n_layer - 1:
+            return
+        self.token += 1
+        self._uses_host.copy_(self._device_uses, non_blocking=True)
+        if self.tier.cuda:
+            self._uses_copied = torch.cuda.Event()
+            self._uses_copied.record()
+        else:
+            self._uses_copied = True
 
     def absorb_device_uses(self) -> None:
         """Give the stats the expert uses counted on the device, once their copy has landed (never
@@ -337,49 +395,6 @@ class ExpertScheduler:
         now = self._uses_host.numpy().copy()
         delta, self._uses_seen = now - self._uses_seen, now
         self.stats.add_uses(delta)
-
-    def _run_experts(self, layer: int, x: torch.Tensor, rows_of: dict[int, tuple[torch.Tensor, torch.Tensor]], on_cpu: set[int]) -> torch.Tensor:
-        """Σ over experts of weight · expert(x rows), x [T, D] → [T, D]; rows_of: expert → (token
-        indices, router weights) on the host; on_cpu: the experts the CPU computes."""
-        if x.device.type != "cpu" or (self.tier is not None and self.tier.kernel == "triton"):
-            return self._run_experts_split(layer, x, rows_of, on_cpu)
-        # one device: computed as the all-resident executor computes it whatever "ran where" (on the
-        # modelled tier placement never changes a bit of the result)
-        if x.shape[0] == 1 and rows_of:  # decode: the experts in slot order, gate+up and down batched
-            order = list(rows_of)
-            ws = [self.store.weights(layer, e) if e in on_cpu else self._gpu_weights((layer, e)) for e in order]
-            return swiglu_experts(ws, x, [float(rows_of[e][1][0]) for e in order])
-        out = torch.zeros_like(x)
-        for e in sorted(rows_of):
-            tok, w = rows_of[e]
-            weights = self.store.weights(layer, e) if e in on_cpu else self._gpu_weights((layer, e))
-            out.index_add_(0, tok, swiglu_expert(weights, x[tok]) * w.unsqueeze(1))
-        return out
-
-    def _run_experts_split(self, layer: int, x: torch.Tensor, rows_of: dict[int, tuple[torch.Tensor, torch.Tensor]], on_cpu: set[int]) -> torch.Tensor:
-        """CUDA: the GPU tier's experts are issued first (asynchronously), then the CPU computes its
-        share from the quantized weights while the GPU works (Fiddler), and its sum is added on the
-        GPU. Nothing here waits for the GPU: host→device copies come from pinned memory."""
-        dev = x.device
-        x_host = readback(x)[0] if on_cpu else None  # x is ready: the router readback already synchronised
-        gpu = [e for e in sorted(rows_of) if e not in on_cpu]
-        out = torch.zeros_like(x)
-        ws = [self._gpu_weights((layer, e)) for e in gpu]
-        if gpu and grouped_ready(ws):  # one launch per matrix for all of them
-            out = grouped_swiglu(ws, x, [rows_of[e] for e in gpu])
-        elif gpu:
-            counts = [len(rows_of[e][0]) for e in gpu]
-            toks = to_device(torch.cat([rows_of[e][0] for e in gpu]), dev).split(counts)
-            coefs = to_device(torch.cat([rows_of[e][1] for e in gpu]), dev).split(counts)
-            for wt, tok, w in zip(ws, toks, coefs):
-                out.index_add_(0, tok, swiglu_expert(wt, x[tok]) * w.unsqueeze(1))
-        if on_cpu:
-            acc = torch.zeros_like(x_host)
-            for e in sorted(on_cpu):
-                tok, w = rows_of[e]
-                acc.index_add_(0, tok, swiglu_expert(self.store.weights(layer, e), x_host[tok]) * w.unsqueeze(1))
-            out += to_device(acc, dev)
-        return out
 
     def _gpu_weights(self, key: Key) -> ExpertWeights:
         """The weights a GPU-tier computation reads: the resident buffer, or a one-use copy of an
@@ -436,24 +451,3 @@ class ExpertScheduler:
         if self.tier is not None:
             self.tier.check(set(self.cache.resident))
 
-
-def _rows_by_expert(ids: torch.Tensor, weights: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """ids, weights [T, k] (host; id −1 = dropped slot) → expert → (token indices, router weights).
-    One token: in slot order (the order the all-resident executor sums in); more: by expert id."""
-    T = ids.shape[0]
-    if T == 1:  # an expert in two slots (no policy does this) runs once with the summed weight
-        tok = torch.zeros(1, dtype=torch.long)
-        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for j, e in enumerate(ids[0].tolist()):
-            if e >= 0:
-                w = weights[0, j : j + 1]
-                rows[e] = (tok, rows[e][1] + w if e in rows else w)
-        return rows
-    rows_of = {}
-    flat, flat_w = ids.reshape(-1), weights.reshape(-1)
-    token_of = torch.arange(T).repeat_interleave(ids.shape[1])
-    for e in torch.unique(flat).tolist():
-        if e >= 0:
-            sel = (flat == e).nonzero().squeeze(1)
-            rows_of[e] = (token_of[sel], flat_w[sel])
-    return rows_of

@@ -10,12 +10,15 @@
 //
 // Also here: portable versions of the small decode-path helpers (RMS norm, q/k norm + RoPE, the
 // router, one token's attention) for CPUs without the AVX-512 kernel (vnni.c has the same
-// signatures), written so that -O3 vectorises them for whatever the CPU has.
+// signatures), written so that -O3 vectorises them for whatever the CPU has; the pieces both
+// files compute alike live in common.h.
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common.h"  // the router's softmax/top-k, RMS norm, q/k norm + RoPE: shared with vnni.c
 
 typedef void (*vec_dot_t)(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
 typedef void (*from_float_t)(const float *x, void *y, int64_t k);
@@ -208,66 +211,22 @@ void lg_route(const float *x, int T, int D, const float *W, int E, int k, int no
               int64_t *ids, float *wts, float *scratch, int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)E * D * T >= (1u << 16))
     for (int r = 0; r < T * E; r++) scratch[r] = dot16(W + (size_t)(r % E) * D, x + (size_t)(r / E) * D, D);
-    for (int t = 0; t < T; t++) {
-        float *p = scratch + (size_t)t * E, mx = p[0], total = 0.f;
-        for (int e = 1; e < E; e++) mx = fmaxf(mx, p[e]);
-        for (int e = 0; e < E; e++) { p[e] = expf(p[e] - mx); total += p[e]; }
-        for (int e = 0; e < E; e++) p[e] /= total;
-        float picked = 0.f;
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            for (int e = 0; e < E; e++) {
-                int taken = 0;
-                for (int q = 0; q < j; q++) taken |= ids[(size_t)t * k + q] == e;
-                if (!taken && (best < 0 || p[e] > p[best])) best = e;
-            }
-            ids[(size_t)t * k + j] = best;
-            wts[(size_t)t * k + j] = p[best];
-            picked += p[best];
-        }
-        float div = norm ? fmaxf(picked, 6.103515625e-5f) : 1.f;
-        for (int j = 0; j < k; j++) {
-            float w = wts[(size_t)t * k + j] / div;
-            wts[(size_t)t * k + j] = (scale != 0.f && scale != 1.f) ? w * scale : w;
-        }
-    }
+    for (int t = 0; t < T; t++)
+        softmax_topk(scratch + (size_t)t * E, E, k, norm, scale, ids + (size_t)t * k, wts + (size_t)t * k);
 }
 
 void lg_rms_norm(const float *x, float *y, int rows, int n, const float *w, float eps, int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
-    for (int r = 0; r < rows; r++) {
-        const float *xr = x + (size_t)r * n;
-        float *yr = y + (size_t)r * n;
-        double ss = 0.0;
-        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
-        float inv = 1.f / sqrtf((float)(ss / n) + eps);
-        for (int i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
-    }
+    for (int r = 0; r < rows; r++) rms_norm_row(x + (size_t)r * n, y + (size_t)r * n, n, w, eps);
 }
 
 void lg_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, const float *qw, const float *kw,
                      float eps, int n_rot, const float *cosv, const float *sinv, int neox, int nthreads) {
     int half = n_rot / 2;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
-    for (int r = 0; r < rows; r++) {
-        const float *c = cosv + (size_t)r * half, *s = sinv + (size_t)r * half;
-        for (int h = 0; h < nh; h++) {
-            float *x = buf + (size_t)r * stride + (size_t)h * d;
-            const float *w = h < nq ? qw : kw;
-            if (w) {
-                double ss = 0.0;
-                for (int i = 0; i < d; i++) ss += (double)x[i] * x[i];
-                float inv = 1.f / sqrtf((float)(ss / d) + eps);
-                for (int i = 0; i < d; i++) x[i] = x[i] * inv * w[i];
-            }
-            for (int i = 0; i < half; i++) {
-                int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
-                float x0 = x[a], x1 = x[b];
-                x[a] = x0 * c[i] - x1 * s[i];
-                x[b] = x0 * s[i] + x1 * c[i];
-            }
-        }
-    }
+    for (int r = 0; r < rows; r++)
+        qk_norm_rope_row(buf + (size_t)r * stride, nh, nq, d, qw, kw, eps, half, cosv + (size_t)r * half,
+                         sinv + (size_t)r * half, neox);
 }
 
 // One new token's attention against the KV cache (see lm_attn_decode in vnni.c): appends its key and

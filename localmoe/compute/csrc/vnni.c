@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"  // the router's softmax/top-k, RMS norm, q/k norm + RoPE: shared with ggml_driver.c
+
 typedef struct {
     int T, K, N, G, nibble, offset;  // K: padded to a multiple of 64; G: 16 or 32
     const uint8_t *codes;             // [N, K / 2] (nibble: byte j of 128 weights = w[j] | w[j + 64] << 4) or [N, K]
@@ -369,42 +371,14 @@ void lm_route(const float *x, int T, int D, const float *W, int E, int k, int no
         for (; i < D; i++) sum += wr[i] * xr[i];
         scratch[r] = sum;
     }
-    for (int t = 0; t < T; t++) {
-        float *p = scratch + (size_t)t * E, mx = p[0], total = 0.f;
-        for (int e = 1; e < E; e++) mx = fmaxf(mx, p[e]);
-        for (int e = 0; e < E; e++) { p[e] = expf(p[e] - mx); total += p[e]; }
-        for (int e = 0; e < E; e++) p[e] /= total;
-        float picked = 0.f;
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            for (int e = 0; e < E; e++) {
-                int taken = 0;
-                for (int q = 0; q < j; q++) taken |= ids[(size_t)t * k + q] == e;
-                if (!taken && (best < 0 || p[e] > p[best])) best = e;
-            }
-            ids[(size_t)t * k + j] = best;
-            wts[(size_t)t * k + j] = p[best];
-            picked += p[best];
-        }
-        float div = norm ? fmaxf(picked, 6.103515625e-5f) : 1.f;
-        for (int j = 0; j < k; j++) {
-            float w = wts[(size_t)t * k + j] / div;
-            wts[(size_t)t * k + j] = (scale != 0.f && scale != 1.f) ? w * scale : w;
-        }
-    }
+    for (int t = 0; t < T; t++)
+        softmax_topk(scratch + (size_t)t * E, E, k, norm, scale, ids + (size_t)t * k, wts + (size_t)t * k);
 }
 
 // Row-wise RMS norm: y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (w has n values).
 void lm_rms_norm(const float *x, float *y, int rows, int n, const float *w, float eps, int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
-    for (int r = 0; r < rows; r++) {
-        const float *xr = x + (size_t)r * n;
-        float *yr = y + (size_t)r * n;
-        double ss = 0.0;  // double: a sequential float sum would round more than torch's blocked one
-        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
-        float inv = 1.f / sqrtf((float)(ss / n) + eps);
-        for (int i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
-    }
+    for (int r = 0; r < rows; r++) rms_norm_row(x + (size_t)r * n, y + (size_t)r * n, n, w, eps);
 }
 
 // In place on the q and k heads at the start of each of `rows` token rows (row stride `stride`
@@ -415,25 +389,9 @@ void lm_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, co
                      float eps, int n_rot, const float *cosv, const float *sinv, int neox, int nthreads) {
     int half = n_rot / 2;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
-    for (int r = 0; r < rows; r++) {
-        const float *c = cosv + (size_t)r * half, *s = sinv + (size_t)r * half;
-        for (int h = 0; h < nh; h++) {
-            float *x = buf + (size_t)r * stride + (size_t)h * d;
-            const float *w = h < nq ? qw : kw;
-            if (w) {
-                double ss = 0.0;
-                for (int i = 0; i < d; i++) ss += (double)x[i] * x[i];
-                float inv = 1.f / sqrtf((float)(ss / d) + eps);
-                for (int i = 0; i < d; i++) x[i] = x[i] * inv * w[i];
-            }
-            for (int i = 0; i < half; i++) {
-                int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
-                float x0 = x[a], x1 = x[b];
-                x[a] = x0 * c[i] - x1 * s[i];
-                x[b] = x0 * s[i] + x1 * c[i];
-            }
-        }
-    }
+    for (int r = 0; r < rows; r++)
+        qk_norm_rope_row(buf + (size_t)r * stride, nh, nq, d, qw, kw, eps, half, cosv + (size_t)r * half,
+                         sinv + (size_t)r * half, neox);
 }
 
 // The routed experts of one decode token: y = sum_e c[e] * down_e(silu(gate_e x) * up_e x), with every
