@@ -59,7 +59,7 @@ def test_window_and_sinks_each_change_the_logits(make_model):
 
 
 def test_explicit_attention_without_sinks_or_window_is_sdpa(make_model):
-    with localmoe.load(make_model("gpt-oss", "F32"), device="cpu") as rt:
+    with localmoe.load(make_model("gpt-oss", "F32"), device="cpu"):
         g = torch.Generator().manual_seed(0)
         Hkv, group, T, S, d = 2, 2, 5, 9, 16
         qh, keys, vals = (torch.randn(*shape, generator=g) for shape in ((Hkv, group * T, d), (Hkv, S, d), (Hkv, S, d)))
