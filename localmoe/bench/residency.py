@@ -14,14 +14,27 @@ DEFAULT_PROMPT = "In the beginning God created the heaven and the earth. And the
 
 
 # -- trace replay -------------------------------------------------------------------------------
-def replay_table(trace: Trace, budgets: list[float], policies: list[str], prefetch: bool = False) -> list[dict[str, Any]]:
+def replay_table(
+    trace: Trace, budgets: list[float], policies: list[str], prefetch: bool = False
+) -> list[dict[str, Any]]:
     rows = []
     for share in budgets:
         if not 0 < share <= 1:
             raise LocalMoEError(f"budget shares must be in (0, 1], got {share}")
         for name in policies:
             r = replay(trace, name, share, prefetch=prefetch)
-            rows.append({"budget_share": share, "budget_bytes": r.budget_bytes, "policy": name, "hit_rate": r.hit_rate, "hits": r.hits, "misses": r.misses, "prefetch_issued": r.prefetch_issued, "prefetch_used": r.prefetch_used})
+            rows.append(
+                {
+                    "budget_share": share,
+                    "budget_bytes": r.budget_bytes,
+                    "policy": name,
+                    "hit_rate": r.hit_rate,
+                    "hits": r.hits,
+                    "misses": r.misses,
+                    "prefetch_issued": r.prefetch_issued,
+                    "prefetch_used": r.prefetch_used,
+                }
+            )
     return rows
 
 
@@ -72,7 +85,9 @@ def strategies_for(model_path: str | None, gpu_mem: int) -> list[tuple[str, dict
     ]
 
 
-def run_strategies(model_path: str | None, gpu_mem: int, profile: str, prompt: str, max_tokens: int, threads: int | None = None) -> list[StrategyResult]:
+def run_strategies(
+    model_path: str | None, gpu_mem: int, profile: str, prompt: str, max_tokens: int, threads: int | None = None
+) -> list[StrategyResult]:
     from ..runtime import load
 
     results = []
@@ -80,7 +95,22 @@ def run_strategies(model_path: str | None, gpu_mem: int, profile: str, prompt: s
         with load(model_path, device="cpu", profile=profile, threads=threads, **kwargs) as rt:
             text = rt.generate(prompt, max_tokens=max_tokens, temperature=0)
             s = rt.stats()
-            results.append(StrategyResult(label, s.decode_tps, s.prompt_tps, s.hit_rate, s.bytes_to_gpu, s.cpu_experts, s.prefetch_precision, s.prefetch_recall, s.prefetch_issued, s.prefetch_used, s.clock, text))
+            results.append(
+                StrategyResult(
+                    label,
+                    s.decode_tps,
+                    s.prompt_tps,
+                    s.hit_rate,
+                    s.bytes_to_gpu,
+                    s.cpu_experts,
+                    s.prefetch_precision,
+                    s.prefetch_recall,
+                    s.prefetch_issued,
+                    s.prefetch_used,
+                    s.clock,
+                    text,
+                )
+            )
     return results
 
 
@@ -93,8 +123,14 @@ def format_strategies(results: list[StrategyResult], gpu_mem: int) -> str:
     ]
     for r in results:
         ratio = r.decode_tps / base if base else 0.0
-        pf = (f"{r.prefetch_precision:.1%}", f"{r.prefetch_recall:.1%}") if r.prefetch_issued or r.prefetch_recall else ("-", "-")
-        lines.append(f"| {r.strategy} | {r.decode_tps:.1f} | {ratio:.2f}× | {r.prompt_tps:.1f} | {r.hit_rate:.1%} | {r.bytes_to_gpu / 2**20:.1f} | {r.cpu_experts} | {pf[0]} | {pf[1]} |")
+        pf = (
+            (f"{r.prefetch_precision:.1%}", f"{r.prefetch_recall:.1%}")
+            if r.prefetch_issued or r.prefetch_recall
+            else ("-", "-")
+        )
+        lines.append(
+            f"| {r.strategy} | {r.decode_tps:.1f} | {ratio:.2f}× | {r.prompt_tps:.1f} | {r.hit_rate:.1%} | {r.bytes_to_gpu / 2**20:.1f} | {r.cpu_experts} | {pf[0]} | {pf[1]} |"
+        )
     return "\n".join(lines)
 
 
