@@ -1,8 +1,10 @@
 """localmoe: run Mixture-of-Experts GGUF models with more experts than fit on the GPU.
 
-import localmoe
-with localmoe.load("model.gguf") as rt:
-    print(rt.generate("Once upon a time", max_tokens=40))
+In short (docs/api.md has the rest):
+
+    import localmoe
+    with localmoe.load("model.gguf") as rt:
+        print(rt.generate("Once upon a time", max_tokens=40))
 """
 
 from .errors import LocalMoEError

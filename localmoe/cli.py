@@ -340,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "chat",
         help="chat in the terminal with a live view of the expert cache",
-        description="A terminal chat (Textual) with live stats and a map of which experts are resident and hot. See docs/chat.md.",
+        description=(
+            "A terminal chat (Textual) with live stats and a map of which experts are resident and hot. See "
+            "docs/chat.md."
+        ),
     )
     _add_model_arg(p, required=False)
     p.add_argument("--system", default=None, help="system prompt for the conversation")
@@ -349,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP server with live expert-cache metrics",
-        description="Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), /health, Prometheus /metrics and /v1/localmoe/stats. One request runs at a time; others wait in a bounded queue. The sampling flags are the defaults for requests that leave them out. See docs/serve.md.",
+        description=(
+            "Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), "
+            "/health, Prometheus /metrics and /v1/localmoe/stats. One request runs at a time; others wait in a "
+            "bounded queue. The sampling flags are the defaults for requests that leave them out. See "
+            "docs/serve.md."
+        ),
     )
     _add_model_arg(p, required=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -360,7 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=None,
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the LOCALMOE_API_KEY environment variable, else none)",
+        help=(
+            "require 'Authorization: Bearer KEY' on every endpoint but /health (default: the LOCALMOE_API_KEY "
+            "environment variable, else none)"
+        ),
     )
     p.add_argument(
         "--queue",
@@ -381,7 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "synth",
         help="write a random-weight MoE GGUF with a real model's shapes (for benchmarks)",
-        description="Write a random-weight MoE GGUF file shaped like a real model, for benchmarking without downloads. K-quants (Q4_K_M, ...) are made by llama.cpp's quantizer from a Q8_0 file.",
+        description=(
+            "Write a random-weight MoE GGUF file shaped like a real model, for benchmarking without downloads. "
+            "K-quants (Q4_K_M, ...) are made by llama.cpp's quantizer from a Q8_0 file."
+        ),
     )
     from .bench.synth import PRESETS
 
@@ -391,18 +405,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quant",
         default="Q4_K_M",
-        help="F32, F16, Q8_0, Q4_0 (written directly) or a llama.cpp type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_S, Q3_K_M, Q3_K_L, Q2_K, IQ4_XS, IQ4_NL, MXFP4_MOE, Q4_1, Q5_0, Q5_1, BF16 (default Q4_K_M)",
+        help=(
+            "F32, F16, Q8_0, Q4_0 (written directly) or a llama.cpp type: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, "
+            "Q3_K_S, Q3_K_M, Q3_K_L, Q2_K, IQ4_XS, IQ4_NL, MXFP4_MOE, Q4_1, Q5_0, Q5_1, BF16 (default Q4_K_M)"
+        ),
     )
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     p.add_argument(
         "--fast",
         action="store_true",
-        help="write random block bytes instead of quantizing random floats: seconds instead of minutes for a full-depth file (--quant Q4_K_M, Q4_0, Q8_0, Q6_K or MXFP4_MOE; Q4_K_M = Q4_K with Q6_K expert down, attn_v and head; MXFP4_MOE = MXFP4 experts, Q8_0 elsewhere; rows that are not whole 256-blocks get llama.cpp's fallback types). For speed and memory runs only: the numbers it computes are noise",
+        help=(
+            "write random block bytes instead of quantizing random floats: seconds instead of minutes for a "
+            "full-depth file (--quant Q4_K_M, Q4_0, Q8_0, Q6_K or MXFP4_MOE; Q4_K_M = Q4_K with Q6_K expert down, "
+            "attn_v and head; MXFP4_MOE = MXFP4 experts, Q8_0 elsewhere; rows that are not whole 256-blocks get "
+            "llama.cpp's fallback types). For speed and memory runs only: the numbers it computes are noise"
+        ),
     )
     p = sub.add_parser(
         "calibrate",
         help="expert statistics and the buddy table, saved beside the model",
-        description="Run the model over calibration text and record, per layer, expert usage, co-activation, functional similarity of experts on real activations and router-score correlation; build the buddy table used by --on-miss buddy/cost and save it as MODEL.buddies.json with its provenance.",
+        description=(
+            "Run the model over calibration text and record, per layer, expert usage, co-activation, functional "
+            "similarity of experts on real activations and router-score correlation; build the buddy table used by "
+            "--on-miss buddy/cost and save it as MODEL.buddies.json with its provenance."
+        ),
     )
     _add_model_arg(p, required=False)
     p.add_argument("--text", metavar="FILE", help="calibration text (default: the built-in multi-domain sample)")
@@ -414,14 +440,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="perplexity, agreement and speed of miss policies against the all-resident model",
-        description="Decode the same tokens with the all-resident model and with each miss policy under a GPU budget; report perplexity, top-1 agreement, KL divergence, substitutions and decode tok/s (modelled under the profile, and measured).",
+        description=(
+            "Decode the same tokens with the all-resident model and with each miss policy under a GPU budget; "
+            "report perplexity, top-1 agreement, KL divergence, substitutions and decode tok/s (modelled under the "
+            "profile, and measured)."
+        ),
     )
     _add_model_arg(p, required=False)
     p.add_argument("--text", metavar="FILE", required=True, help="evaluation text")
     p.add_argument(
         "--on-miss",
         default="fetch,cpu,drop,buddy,little,cost",
-        help="miss policies to compare, comma-separated (default: all); each may carry its own options, NAME:option=value[:option=value], e.g. buddy:min_score=0.3 (a row per spec; a spec with options ignores the knobs below)",
+        help=(
+            "miss policies to compare, comma-separated (default: all); each may carry its own options, "
+            "NAME:option=value[:option=value], e.g. buddy:min_score=0.3 (a row per spec; a spec with options "
+            "ignores the knobs below)"
+        ),
     )
     p.add_argument(
         "--gpu-mem", metavar="SIZE", help="GPU budget (default: dense weights + --budget-share of expert bytes)"
@@ -445,19 +479,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--little-share",
         type=float,
         default=None,
-        help="little: share of the tokens, the most router-confident ones per layer, that run the little set on a miss (default 0.9; 0 = never)",
+        help=(
+            "little: share of the tokens, the most router-confident ones per layer, that run the little set on a "
+            "miss (default 0.9; 0 = never)"
+        ),
     )
     p.add_argument(
         "--little-threshold",
         type=float,
         default=None,
-        help="little: an absolute confidence instead (router-weight share of a token's top half of experts) at or above which a token is unimportant; >1 = never",
+        help=(
+            "little: an absolute confidence instead (router-weight share of a token's top half of experts) at or "
+            "above which a token is unimportant; >1 = never"
+        ),
     )
     p.add_argument(
         "--little-prefer-resident",
         type=float,
         default=None,
-        help="little: router-weight share a resident expert is worth over a missing one when the little set (k/2 experts) is chosen (default 0: the heaviest half, as MoBiLE; 1 = resident first)",
+        help=(
+            "little: router-weight share a resident expert is worth over a missing one when the little set (k/2 "
+            "experts) is chosen (default 0: the heaviest half, as MoBiLE; 1 = resident first)"
+        ),
     )
     p.add_argument(
         "--buddy-min-score", type=float, default=None, help="buddy: least buddy score accepted (default 0.5)"
@@ -472,7 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality-budget",
         type=float,
         default=None,
-        help="cost: output error (router-weight share × relative error of the stand-in) a token may take on per layer (default 0.2; 0 = exact)",
+        help=(
+            "cost: output error (router-weight share × relative error of the stand-in) a token may take on per "
+            "layer (default 0.2; 0 = exact)"
+        ),
     )
     p.add_argument(
         "--trace",
@@ -528,7 +574,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"buddy table for {len(table.layers)} layers from {summary['tokens']} tokens of {source} → {out}")
         for row in summary["layers"]:
             print(
-                f"  layer {row['layer']:2d}: most used expert {row['most_used']:3d} ({row['max_share']:.1%} of uses), TAE τ {row['tae_tau']:.3f}, mean best buddy score {row['mean_best_buddy_score']:.3f}"
+                f"  layer {row['layer']:2d}: most used expert {row['most_used']:3d} ({row['max_share']:.1%} of "
+                f"uses), TAE τ {row['tae_tau']:.3f}, mean best buddy score {row['mean_best_buddy_score']:.3f}"
             )
     return 0
 
@@ -725,23 +772,34 @@ def print_timings(st, out) -> None:  # st: Stats
     ]
     if st.clock != "measured":
         lines.append(
-            f"wall clock:   prompt {st.prompt_tps_measured:.2f} tok/s, decode {st.decode_tps_measured:.2f} tok/s on this machine [measured]"
+            f"wall clock:   prompt {st.prompt_tps_measured:.2f} tok/s, decode {st.decode_tps_measured:.2f} "
+            "tok/s on this machine [measured]"
         )
     lines += [
         f"peak memory:  {peak_rss / (1 << 20):9.1f} MiB RSS",
-        f"experts:      {st.hits} hits, {st.misses} misses (hit rate {st.hit_rate:.1%}), {st.cpu_experts} computed on CPU",
+        (
+            f"experts:      {st.hits} hits, {st.misses} misses (hit rate {st.hit_rate:.1%}), {st.cpu_experts} "
+            "computed on CPU"
+        ),
     ]
     if st.decode_tokens:
         lines.append(
-            f"overhead:     {st.decode_host_syncs / st.decode_tokens:.1f} host syncs and {st.decode_launches / st.decode_tokens:.1f} Triton launches per decoded token"
+            f"overhead:     {st.decode_host_syncs / st.decode_tokens:.1f} host syncs and "
+            f"{st.decode_launches / st.decode_tokens:.1f} Triton launches per decoded token"
         )
     if st.gpu_budget is not None:
         decode_s = st.decode_tokens / st.decode_tps if st.decode_tps else 0.0
         gbps = f", {st.bytes_to_gpu / decode_s / 1e9:.2f} GB/s over decode" if decode_s else ""
         lines += [
-            f"gpu tier:     {st.gpu_bytes_in_use / 2**20:.1f} MiB of {st.gpu_budget / 2**20:.1f} MiB expert budget in use (peak {st.gpu_bytes_peak / 2**20:.1f} MiB)",
+            (
+                f"gpu tier:     {st.gpu_bytes_in_use / 2**20:.1f} MiB of {st.gpu_budget / 2**20:.1f} MiB expert "
+                f"budget in use (peak {st.gpu_bytes_peak / 2**20:.1f} MiB)"
+            ),
             f"moved:        {st.bytes_to_gpu / 2**20:.1f} MiB to the GPU{gbps}",
-            f"prefetch:     {st.prefetch_issued} issued, {st.prefetch_used} used; prediction precision {st.prefetch_precision:.1%}, recall {st.prefetch_recall:.1%}",
+            (
+                f"prefetch:     {st.prefetch_issued} issued, {st.prefetch_used} used; prediction precision "
+                f"{st.prefetch_precision:.1%}, recall {st.prefetch_recall:.1%}"
+            ),
             "substitutions: " + ", ".join(f"{k} {v}" for k, v in st.substitutions.items()),
         ]
     print("\n".join(lines), file=out)
@@ -788,7 +846,8 @@ def print_backends(rt, out) -> None:
     )
     st = rt.store.summary()
     print(
-        f"host memory    {st['repacked']:,} experts repacked at load ({st['repacked_bytes'] / 2**30:.2f} GiB; --host-mem {rt.host_mem / 2**30:.2f} GiB"
+        f"host memory    {st['repacked']:,} experts repacked at load ({st['repacked_bytes'] / 2**30:.2f} GiB; "
+        f"--host-mem {rt.host_mem / 2**30:.2f} GiB"
         f"{' by default' if rt.host_mem_default else ''}), {st['in_place']:,} computed in place from the file (ggml)",
         file=out,
     )

@@ -136,16 +136,17 @@ def host_memory(model: GGUFModel) -> dict[str, Any]:
 def host_memory_line(h: dict[str, Any]) -> str:
     """The `info` line for host_memory()."""
     head = (
-        f"host memory    --host-mem default {_gib(h['default_host_mem_bytes'])} (RAM available {_gib(h['available_bytes'])}"
+        f"host memory    --host-mem default {_gib(h['default_host_mem_bytes'])} (RAM available "
+        f"{_gib(h['available_bytes'])}"
         f" − dense {_gib(h['dense_bytes'])} − {_gib(h['headroom_bytes'])} headroom): "
     )
     if not h["repackable_expert_bytes"]:
         return head + "no expert is of a type the VNNI kernel computes; all run in place from the file (ggml)"
     if h["repacked_share"] >= 1.0:
         return head + f"all {_gib(h['repackable_expert_bytes'])} of experts repacked at load"
-    return (
-        head
-        + f"about {h['repacked_share']:.0%} of {_gib(h['repackable_expert_bytes'])} of experts repacked at load, the rest run in place (ggml)"
+    return head + (
+        f"about {h['repacked_share']:.0%} of {_gib(h['repackable_expert_bytes'])} of experts repacked at load, "
+        "the rest run in place (ggml)"
     )
 
 
@@ -189,9 +190,8 @@ def _attention(s, model: GGUFModel | None = None) -> dict[str, Any]:
         from .gguf import names
 
         rotated = s.n_rot
-        if model is not None and model.has(
-            names.ROPE_FREQS
-        ):  # proportional RoPE: pairs with a huge factor stay unrotated
+        if model is not None and model.has(names.ROPE_FREQS):
+            # proportional RoPE: pairs with a huge factor stay unrotated
             rotated = 2 * int((model._float(model.view(names.ROPE_FREQS)) < 1e20).sum())
         out["layer_shapes"] = {
             "windowed": {
@@ -215,38 +215,53 @@ def _attention(s, model: GGUFModel | None = None) -> dict[str, Any]:
 def _attention_line(a: dict[str, Any]) -> str:
     if a["kind"] == "mla":
         q = f"q_lora {a['q_lora_rank']}" if a["q_lora_rank"] else "no q_lora"
-        return f"attention      MLA: kv_lora {a['kv_lora_rank']}, {q}, qk {a['qk_nope_dim']} + rope {a['qk_rope_dim']}, v {a['v_head_dim']}"
+        return (
+            f"attention      MLA: kv_lora {a['kv_lora_rank']}, {q}, qk {a['qk_nope_dim']} + rope "
+            f"{a['qk_rope_dim']}, v {a['v_head_dim']}"
+        )
     line = (
         "attention      GQA" + (", q/k/v biases" if a["biases"] else "") + (", a sink per head" if a["sinks"] else "")
     )
     if a["sliding_window"]:
         n = len(a["windowed_layers"])
-        line += f", sliding window {a['sliding_window']} on {n} layer{'s' if n > 1 else ''} ({_layer_list(a['windowed_layers'])})"
+        line += (
+            f", sliding window {a['sliding_window']} on {n} layer{'s' if n > 1 else ''} "
+            f"({_layer_list(a['windowed_layers'])})"
+        )
     if "deltanet_layers" in a:
         d, n = a["deltanet"], len(a["deltanet_layers"])
         line = line.replace(
             "attention      GQA", f"attention      GQA with an output gate on {_n_layers(a['attention_layers'])}"
         )
         line += (
-            f"\ndeltanet       Gated DeltaNet on {_n_layers(a['deltanet_layers'])}: {d['key_heads']} key heads, {d['value_heads']} value heads"
-            f" of {d['head_dim']}, conv {d['conv_kernel']}; state {_mib(d['state_bytes_per_layer'])} a layer, {_mib(n * d['state_bytes_per_layer'])} in all (fixed, whatever the context)"
+            f"\ndeltanet       Gated DeltaNet on {_n_layers(a['deltanet_layers'])}: {d['key_heads']} key "
+            f"heads, {d['value_heads']} value heads"
+            f" of {d['head_dim']}, conv {d['conv_kernel']}; state {_mib(d['state_bytes_per_layer'])} a layer, "
+            f"{_mib(n * d['state_bytes_per_layer'])} in all (fixed, whatever the context)"
         )
     if "layer_shapes" in a:
         w, g = a["layer_shapes"]["windowed"], a["layer_shapes"]["global"]
         parts = (
             [
-                f"windowed: {w['kv_heads']} KV heads of {w['head_dim']}, RoPE base {w['rope_base']:g} on {w['rope_dims']} dims"
+                (
+                    f"windowed: {w['kv_heads']} KV heads of {w['head_dim']}, RoPE base {w['rope_base']:g} on "
+                    f"{w['rope_dims']} dims"
+                )
             ]
             if a["windowed_layers"]
             else []
         )
         if g["layers"]:
             parts.append(
-                f"global ({_layer_list(g['layers'])}): {g['kv_heads']} KV heads of {g['head_dim']}, RoPE base {g['rope_base']:g} on {g['rope_dims']} of {g['head_dim']} dims"
+                f"global ({_layer_list(g['layers'])}): {g['kv_heads']} KV heads of {g['head_dim']}, RoPE base "
+                f"{g['rope_base']:g} on {g['rope_dims']} of {g['head_dim']} dims"
             )
         line += "\nlayer pattern  " + "; ".join(parts)
         if a.get("final_logit_softcap"):
-            line += f"\nlogits         soft-capped: {a['final_logit_softcap']:g} · tanh(logits / {a['final_logit_softcap']:g})"
+            line += (
+                f"\nlogits         soft-capped: {a['final_logit_softcap']:g} · tanh(logits / "
+                f"{a['final_logit_softcap']:g})"
+            )
     return line
 
 
@@ -274,7 +289,10 @@ def format_text(d: dict[str, Any]) -> str:
     lines = [
         f"model          {d['name']}  ({d['path']})",
         f"architecture   {d['architecture']}",
-        f"layers         {d['layers']}   hidden {d['embedding_length']}   heads {d['heads']} (kv {d['kv_heads']}, dim {d['head_dim']})   vocab {d['vocab_size']}   context {d['context_length']}",
+        (
+            f"layers         {d['layers']}   hidden {d['embedding_length']}   heads {d['heads']} (kv "
+            f"{d['kv_heads']}, dim {d['head_dim']})   vocab {d['vocab_size']}   context {d['context_length']}"
+        ),
         f"experts        {e['count']} per layer, top-{e['used']} used, ffn {e['ffn_length']}"
         + (", biases" if e["biases"] else "")
         + (", clamped SwiGLU (gpt-oss)" if e["activation"] == "swiglu_oai" else "")
@@ -319,7 +337,8 @@ def format_text(d: dict[str, Any]) -> str:
     for label, f in d["fit"].items():
         share = f["experts_resident"] / f["experts_total"] if f["experts_total"] else 0.0
         lines.append(
-            f"fit {label:<10} {f['experts_resident']:,} of {f['experts_total']:,} experts resident ({share:.0%}) after the dense weights"
+            f"fit {label:<10} {f['experts_resident']:,} of {f['experts_total']:,} experts resident "
+            f"({share:.0%}) after the dense weights"
         )
     if "cpu" in d:
         lines += backend_lines(d["cpu"])

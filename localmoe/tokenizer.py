@@ -37,7 +37,8 @@ class Tokenizer:
             self._llama = llama_cpp.Llama(model_path=path, vocab_only=True, n_ctx=8, verbose=False)
         except Exception as exc:
             raise LocalMoEError(
-                f"{path}: llama.cpp could not read the tokenizer ({exc}); the file's vocabulary is damaged or unsupported"
+                f"{path}: llama.cpp could not read the tokenizer ({exc}); the file's vocabulary is damaged or "
+                "unsupported"
             ) from None
         self._model = self._llama._model
         self.n_vocab = self._llama.n_vocab()
@@ -100,7 +101,8 @@ class Tokenizer:
                 raise LocalMoEError("each chat message must be a dict with 'role' and 'content'")
             if not isinstance(m["role"], str) or not isinstance(m["content"], str):
                 raise LocalMoEError(
-                    f"a chat message's 'role' and 'content' must be strings, got {type(m['role']).__name__} and {type(m['content']).__name__}"
+                    f"a chat message's 'role' and 'content' must be strings, got {type(m['role']).__name__} "
+                    f"and {type(m['content']).__name__}"
                 )
         context = dict(
             messages=messages,

@@ -923,7 +923,8 @@ def step_train(args, tokens: dict) -> dict:
                 same, other = replica_similarity(model, args.upcycle_groups)
                 extra = f" | replica cos {same:.2f} (others {other:.2f})"
             log(
-                f"step {state['step']:6d} | {state['phase']} | ce {ce.item():.3f} | aux {aux.item():.3f} | z {z.item():.2f} "
+                f"step {state['step']:6d} | {state['phase']} | ce {ce.item():.3f} | aux {aux.item():.3f} | z "
+                f"{z.item():.2f} "
                 f"| max expert share {max_share:.2f} | lr {opt.param_groups[0]['lr']:.2e} | {tps:,.0f} tok/s "
                 f"| {state['elapsed_s'] / 60:.1f} min | ETA {left / 60:.1f} min{extra}"
             )

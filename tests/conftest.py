@@ -49,9 +49,8 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
             yarn_log_mul=0.707,
             expert_weights_scale=1.0,
         )
-    if (
-        arch == "glm4moe"
-    ):  # GLM-4.5-Air's structure in small: partial rotary, biases, 1 dense layer, sigmoid + bias, one MTP block
+    if arch == "glm4moe":
+        # GLM-4.5-Air's structure in small: partial rotary, biases, 1 dense layer, sigmoid + bias, one MTP block
         kw.update(
             n_layer=3,
             head_dim=64,
@@ -65,19 +64,18 @@ def arch_config(arch: str, **overrides) -> SynthConfig:
             expert_weights_scale=1.5,
             n_nextn=1,
         )
-    if (
-        arch == "gpt-oss"
-    ):  # gpt-oss-20b's structure in small: 64-wide heads, a window of 8 on layers 0 and 2, sinks, biases, YaRN
+    if arch == "gpt-oss":
+        # gpt-oss-20b's structure in small: 64-wide heads, a window of 8 on layers 0 and 2, sinks, biases, YaRN
         kw.update(n_layer=3, head_dim=64, n_swa=8, rope_base=150000.0, rms_eps=1e-5, yarn_factor=4.0, yarn_orig_ctx=32)
-    if (
-        arch == "qwen35moe"
-    ):  # Qwen3.6-35B-A3B's structure in small: 3 DeltaNet layers (2 key heads tiled over 4 value heads) then gated
-        # attention with partial rotary; M-RoPE sections (1, 1, 1, 1) leave every 4th pair to the text's zero fourth axis
+    if arch == "qwen35moe":
+        # Qwen3.6-35B-A3B's structure in small: 3 DeltaNet layers (2 key heads tiled over 4 value heads) then gated
+        # attention with partial rotary; M-RoPE sections (1, 1, 1, 1) leave every 4th pair to the text's zero fourth
+        # axis
         kw.update(n_layer=4, head_dim=64, qk_rope=16, rope_sections=(1, 1, 1, 1), n_ff_exp=128, n_ff_shexp=192)
-    if (
-        arch == "gemma4"
-    ):  # Gemma 4 26B-A4B's structure in small: windowed layers 0, 1 (window 32, 2 KV heads of 64, base 1e4),
-        # layers 2, 3 global (1 KV head of 128, no attn_v, base 1e6, a quarter of the pairs rotated), a dense GeGLU MLP of 192 beside the experts
+    if arch == "gemma4":
+        # Gemma 4 26B-A4B's structure in small: windowed layers 0, 1 (window 32, 2 KV heads of 64, base 1e4),
+        # layers 2, 3 global (1 KV head of 128, no attn_v, base 1e6, a quarter of the pairs rotated), a dense GeGLU
+        # MLP of 192 beside the experts
         kw.update(
             n_layer=4,
             head_dim=64,

@@ -175,7 +175,8 @@ def test_every_miss_policy_trace_calibrate_and_serve_run_on_gpt_oss(make_model, 
             substituted[on_miss] = sum(s.substitutions.values())
             rt.scheduler.check()
         assert {tick.layer for tick, _, _ in load_trace(trace).steps} == {0, 1, 2}
-    # (whether a buddy qualifies depends on the calibration's entropy threshold: tests/test_fallback.py checks its rules)
+    # (whether a buddy qualifies depends on the calibration's entropy threshold: tests/test_fallback.py checks its
+    # rules)
     assert substituted["fetch"] == substituted["cpu"] == 0 and substituted["drop"] > 0 and substituted["little"] > 0
     with served(path, "gpt-oss") as url:
         reply = httpx.post(

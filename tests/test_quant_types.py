@@ -90,7 +90,8 @@ def test_perplexity_matches_llama_cpp(quantized, heldout_windows, ftype, kernel)
         assert "vnni" not in backends
     # `pytest tests/test_quant_types.py -s` prints the measured rows (docs/models.md)
     print(
-        f"\n| {ftype} | {kernel} ({', '.join(sorted(backends))}) | {ref:.3f} | {ours:.3f} | {ours / ref - 1:+.2%} | {', '.join(sorted(q.name for q in qtypes))} |"
+        f"\n| {ftype} | {kernel} ({', '.join(sorted(backends))}) | {ref:.3f} | {ours:.3f} | "
+        f"{ours / ref - 1:+.2%} | {', '.join(sorted(q.name for q in qtypes))} |"
     )
     assert ours == pytest.approx(ref, rel=5e-3), (
         f"{ftype} ({kernel}): localmoe {ours:.3f}, llama.cpp {ref:.3f}; types {sorted(q.name for q in qtypes)}"

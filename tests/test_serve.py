@@ -703,11 +703,14 @@ def test_load_concurrent_streams_and_disconnects(demo):
         figures.append((np.percentile(lat, 50), np.percentile(lat, 95), tokens / wall, wall))
         rss.append(demo.rss())
     print(
-        f"\nalone: {CLIENTS * REQUESTS} requests of {N} tokens one at a time: p50 {np.percentile(alone, 50):.2f} s, p95 {np.percentile(alone, 95):.2f} s, {alone_tps:.1f} tok/s"
+        f"\nalone: {CLIENTS * REQUESTS} requests of {N} tokens one at a time: p50 "
+        f"{np.percentile(alone, 50):.2f} s, p95 {np.percentile(alone, 95):.2f} s, {alone_tps:.1f} tok/s"
     )
     for i, (p50, p95, tps, wall) in enumerate(figures):
         print(
-            f"\nload round {i + 1}: {CLIENTS} clients x {REQUESTS} streamed requests of {N} tokens + 2 disconnects: p50 {p50:.2f} s, p95 {p95:.2f} s, {tps:.1f} tok/s over {wall:.1f} s; server RSS {rss[i] / 2**20:.0f} MiB"
+            f"\nload round {i + 1}: {CLIENTS} clients x {REQUESTS} streamed requests of {N} tokens + 2 "
+            f"disconnects: p50 {p50:.2f} s, p95 {p95:.2f} s, {tps:.1f} tok/s over {wall:.1f} s; server RSS "
+            f"{rss[i] / 2**20:.0f} MiB"
         )
     growth = max(rss) - rss[0]
     assert growth < 16 << 20, f"server memory grew by {growth / 2**20:.1f} MiB across rounds"

@@ -472,7 +472,10 @@ class ChatApp(App[None]):
             del self.history[: msg.dropped]
             n_ctx = getattr(self.rt, "n_ctx", "?")
             self.notify(
-                f"the conversation is longer than the {n_ctx}-token context: the {msg.dropped} oldest messages were left out",
+                (
+                    f"the conversation is longer than the {n_ctx}-token context: the {msg.dropped} oldest messages "
+                    "were left out"
+                ),
                 severity="warning",
             )
         self.history += [{"role": "user", "content": p.text}, {"role": "assistant", "content": p.reply}]

@@ -27,7 +27,10 @@ ARCH = ArchSpec(
     shared_expert="plain",
     dense_leading=True,
     rope_scalings=("none", "linear", "yarn"),
-    checked="logits vs llama.cpp: F32 and Q8_0, q_lora_rank 0 and > 0, softmax and sigmoid+bias+groups routing, YaRN (tests/test_deepseek2.py)",
+    checked=(
+        "logits vs llama.cpp: F32 and Q8_0, q_lora_rank 0 and > 0, softmax and sigmoid+bias+groups routing, YaRN "
+        "(tests/test_deepseek2.py)"
+    ),
 )
 
 

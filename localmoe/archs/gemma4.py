@@ -40,7 +40,10 @@ ARCH = ArchSpec(
     sliding_window=True,
     expert_act="geglu",
     swa_shapes=True,
-    checked="logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M over 200 positions (window 32), prefill and token by token (tests/test_gemma4.py)",
+    checked=(
+        "logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M over 200 positions (window 32), prefill and token by token "
+        "(tests/test_gemma4.py)"
+    ),
 )
 
 
@@ -59,7 +62,8 @@ def _one_per_kind(values: list, swa: tuple[bool, ...], kind: bool, what: str) ->
     got = {v for v, w in zip(values, swa) if w == kind}
     if len(got) > 1:
         raise LocalMoEError(
-            f"gemma4: {what} differs among the {'windowed' if kind else 'global'} layers ({sorted(got)}); localmoe reads one value per kind of layer"
+            f"gemma4: {what} differs among the {'windowed' if kind else 'global'} layers ({sorted(got)}); "
+            "localmoe reads one value per kind of layer"
         )
     return got.pop() if got else None
 
@@ -75,11 +79,14 @@ def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
     )
     if int(get(names.SHARED_KV_LAYERS, 0) or 0) > 0:
         raise LocalMoEError(
-            f"gemma4: layers that share an earlier layer's KV cache ({names.SHARED_KV_LAYERS} = {get(names.SHARED_KV_LAYERS, 0)}, the small dense Gemma 4s) are not supported; localmoe runs Gemma 4 26B-A4B"
+            f"gemma4: layers that share an earlier layer's KV cache ({names.SHARED_KV_LAYERS} = "
+            f"{get(names.SHARED_KV_LAYERS, 0)}, the small dense Gemma 4s) are not supported; localmoe runs "
+            "Gemma 4 26B-A4B"
         )
     if int(get(names.EMBEDDING_LENGTH_PER_LAYER, 0) or 0) > 0 or tensor_shape(names.PER_LAYER_TOKEN_EMBD) is not None:
         raise LocalMoEError(
-            "gemma4: per-layer embeddings (the small dense Gemma 4 E2B/E4B) are not supported; localmoe runs Gemma 4 26B-A4B"
+            "gemma4: per-layer embeddings (the small dense Gemma 4 E2B/E4B) are not supported; localmoe runs "
+            "Gemma 4 26B-A4B"
         )
     kv = _per_layer(get(names.HEAD_COUNT_KV, get(names.HEAD_COUNT, 0)), n_layer, names.HEAD_COUNT_KV)
     n_head_kv, n_head_kv_swa = (
@@ -105,7 +112,9 @@ def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
         shape = tensor_shape(names.ROPE_FREQS)
         if shape is None or tuple(shape) != (n_rot // 2,):
             raise LocalMoEError(
-                f"gemma4: tensor '{names.ROPE_FREQS}' is {'missing' if shape is None else f'of shape {shape}'}; the global layers need {n_rot // 2} RoPE frequency factors"
+                f"gemma4: tensor '{names.ROPE_FREQS}' is "
+                f"{'missing' if shape is None else f'of shape {shape}'}; the global layers need {n_rot // 2} "
+                "RoPE frequency factors"
             )
     return {
         "n_swa": int(n_swa),

@@ -28,7 +28,10 @@ ARCH = ArchSpec(
     router_bias=True,
     expert_bias=True,
     expert_act="swiglu_oai",
-    checked="logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M, MXFP4_MOE; sinks, windowed layers and YaRN in every case (tests/test_oracle.py, tests/test_gpt_oss.py)",
+    checked=(
+        "logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M, MXFP4_MOE; sinks, windowed layers and YaRN in every case "
+        "(tests/test_oracle.py, tests/test_gpt_oss.py)"
+    ),
 )
 
 

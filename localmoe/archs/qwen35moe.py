@@ -44,7 +44,8 @@ def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
     n_v, n_k, inner = need(names.SSM_TIME_STEP_RANK), need(names.SSM_GROUP_COUNT), need(names.SSM_INNER_SIZE)
     if n_k <= 0 or n_v % n_k or inner % n_v:
         raise LocalMoEError(
-            f"qwen35moe: {n_v} value heads of {inner} values in all do not fit {n_k} key heads; the file is inconsistent"
+            f"qwen35moe: {n_v} value heads of {inner} values in all do not fit {n_k} key heads; the file is "
+            "inconsistent"
         )
     shape = DeltaNetShape(
         d_conv=need(names.SSM_CONV_KERNEL),
@@ -55,7 +56,8 @@ def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
     )
     if shape.d_k != shape.d_v:
         raise LocalMoEError(
-            f"qwen35moe: DeltaNet key heads of {shape.d_k} and value heads of {shape.d_v} differ, which llama.cpp does not run either"
+            f"qwen35moe: DeltaNet key heads of {shape.d_k} and value heads of {shape.d_v} differ, which "
+            "llama.cpp does not run either"
         )
     n_layer = int(get(names.BLOCK_COUNT, 0)) - int(get(names.NEXTN_PREDICT_LAYERS, 0) or 0)
     interval = int(get(names.FULL_ATTENTION_INTERVAL, 4) or 4)

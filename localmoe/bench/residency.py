@@ -41,7 +41,10 @@ def replay_table(
 def format_replay(trace: Trace, rows: list[dict[str, Any]]) -> str:
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     budgets = list(dict.fromkeys(r["budget_share"] for r in rows))
-    head = f"trace: {trace.model}, {trace.n_tokens} tokens × {trace.n_layer} layers, {trace.n_expert} experts, top-{trace.top_k}\n"
+    head = (
+        f"trace: {trace.model}, {trace.n_tokens} tokens × {trace.n_layer} layers, {trace.n_expert} experts, "
+        f"top-{trace.top_k}\n"
+    )
     lines = [head, "| budget (of expert bytes) | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
     for b in budgets:
         cells = [next(r for r in rows if r["budget_share"] == b and r["policy"] == p)["hit_rate"] for p in policies]
@@ -118,7 +121,10 @@ def format_strategies(results: list[StrategyResult], gpu_mem: int) -> str:
     base = next((r.decode_tps for r in results if r.strategy.startswith("fetch")), 0.0)
     lines = [
         f"GPU budget {gpu_mem / 2**20:.1f} MiB, clock {results[0].clock}",
-        "| strategy | decode tok/s | vs fetch+lru | prompt tok/s | hit rate | MiB to GPU | CPU experts | prefetch precision | prefetch recall |",
+        (
+            "| strategy | decode tok/s | vs fetch+lru | prompt tok/s | hit rate | MiB to GPU | CPU experts | "
+            "prefetch precision | prefetch recall |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -129,7 +135,8 @@ def format_strategies(results: list[StrategyResult], gpu_mem: int) -> str:
             else ("-", "-")
         )
         lines.append(
-            f"| {r.strategy} | {r.decode_tps:.1f} | {ratio:.2f}× | {r.prompt_tps:.1f} | {r.hit_rate:.1%} | {r.bytes_to_gpu / 2**20:.1f} | {r.cpu_experts} | {pf[0]} | {pf[1]} |"
+            f"| {r.strategy} | {r.decode_tps:.1f} | {ratio:.2f}× | {r.prompt_tps:.1f} | {r.hit_rate:.1%} | "
+            f"{r.bytes_to_gpu / 2**20:.1f} | {r.cpu_experts} | {pf[0]} | {pf[1]} |"
         )
     return "\n".join(lines)
 

@@ -43,8 +43,10 @@ from ..gguf.qtypes import TYPES as QTYPES
 
 LLAMA_CPP = "llama.cpp"
 REBUILD_HINT = (  # a build for another CPU (a cached wheel) or llama.cpp's AMX path on some Xeons
-    "rebuild llama-cpp-python for this CPU and without AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
-    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install --force-reinstall --no-cache-dir llama-cpp-python"
+    "rebuild llama-cpp-python for this CPU and without AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile "
+    "-mno-amx-int8 -mno-amx-bf16' "
+    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install --force-reinstall "
+    "--no-cache-dir llama-cpp-python"
 )
 
 
@@ -298,7 +300,8 @@ class LlamaCppCrashed(LocalMoEError):
         name = os.path.basename(path)
         if sig not in NATIVE_CRASHES:  # ended from outside: the OOM killer, Ctrl-C, a timeout
             super().__init__(
-                f"llama.cpp was stopped by {sig} while running {name} (out of memory?); free memory or try a smaller model"
+                f"llama.cpp was stopped by {sig} while running {name} (out of memory?); free memory or try a "
+                "smaller model"
             )
         else:
             buffers = " with plain CPU buffers" if plain_buffers else ""
@@ -358,7 +361,10 @@ class LlamaCppRounds:
                 raise
             self.plain_buffers, self.fell_back = True, crash.signal
             print(
-                f"warning: llama.cpp crashed ({self.fell_back}) with its default buffers; measuring it with plain CPU buffers (--llama-plain-buffers)",
+                (
+                    f"warning: llama.cpp crashed ({self.fell_back}) with its default buffers; measuring it with "
+                    "plain CPU buffers (--llama-plain-buffers)"
+                ),
                 file=sys.stderr,
             )
             self.runs, self.colds = [], []  # earlier rounds' runs dropped
@@ -525,10 +531,15 @@ def format_table(res: BenchResult) -> str:
     """A Markdown table: one row per engine, ratios against the baseline in the last columns."""
     c = res.config
     lines = [
-        f"model: {os.path.basename(res.model)}   threads: {c.threads}   prompt: {c.prompt_tokens} tokens   decode: {c.decode_tokens} tokens   "
+        f"model: {os.path.basename(res.model)}   threads: {c.threads}   prompt: {c.prompt_tokens} tokens   "
+        f"decode: {c.decode_tokens} tokens   "
         f"runs: {c.rounds} round(s) × {c.reps} (+{c.warmup} warm-up each), engines in turn; medians",
         "",
-        "| engine | load s | load + 1st token s | cold decode tok/s | prompt tok/s | decode tok/s | peak RSS GiB | MB/token | decode GB/s | prompt ×base | decode ×base | cold decode ×base | syncs/token | launches/token | clock |",
+        (
+            "| engine | load s | load + 1st token s | cold decode tok/s | prompt tok/s | decode tok/s | peak RSS "
+            "GiB | MB/token | decode GB/s | prompt ×base | decode ×base | cold decode ×base | syncs/token | "
+            "launches/token | clock |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in res.rows:
@@ -554,7 +565,9 @@ def format_table(res: BenchResult) -> str:
         cold = f"{r.cold_decode_tps:.2f}" if r.cold_decode_tps is not None else ""
         rss = f"{r.peak_rss_bytes / 2**30:.2f}" if r.peak_rss_bytes else ""
         lines.append(
-            f"| {name} | {load} | {first} | {cold} | {r.prompt_tps:.1f} | {r.decode_tps:.2f} | {rss} | {r.bytes_per_token / 1e6:.1f} | {r.bandwidth_gbs:.2f} | {rp} | {rd} | {rc} | {syncs} | {launches} | {r.clock} |"
+            f"| {name} | {load} | {first} | {cold} | {r.prompt_tps:.1f} | {r.decode_tps:.2f} | {rss} | "
+            f"{r.bytes_per_token / 1e6:.1f} | {r.bandwidth_gbs:.2f} | {rp} | {rd} | {rc} | {syncs} | "
+            f"{launches} | {r.clock} |"
         )
     return "\n".join(lines)
 
@@ -656,7 +669,8 @@ def _time_calls(ws: list[Any], x: Any, m: int) -> float:
 
 def format_kernel_table(rows: list[dict[str, Any]], threads: int) -> str:
     lines = [
-        f"x [T, 2048] @ W.T, W [1536, 2048] (an expert's fused gate+up), {threads} threads; µs per call (GB/s of file bytes); "
+        f"x [T, 2048] @ W.T, W [1536, 2048] (an expert's fused gate+up), {threads} threads; µs per call (GB/s "
+        "of file bytes); "
         "ggml-rows: the ggml backend without its graph path (the per-row driver at every T)",
         "",
         "| type | backend | packed/file bytes | "
@@ -680,5 +694,6 @@ if __name__ == "__main__":
             sys.exit(f"error: {exc}")
     else:
         sys.exit(
-            "usage: python -m localmoe.bench.speed llama-worker|localmoe-worker JOB_JSON (internal; use `localmoe bench`)"
+            "usage: python -m localmoe.bench.speed llama-worker|localmoe-worker JOB_JSON (internal; use "
+            "`localmoe bench`)"
         )

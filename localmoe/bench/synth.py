@@ -30,7 +30,8 @@ WRITE_TYPES = {
     "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "Q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
-# What llama.cpp's quantizer may make of a Q8_0 file here: its file types (llama.h's LLAMA_FTYPE_MOSTLY_*) that localmoe reads
+# What llama.cpp's quantizer may make of a Q8_0 file here: its file types (llama.h's LLAMA_FTYPE_MOSTLY_*) that
+# localmoe reads
 LLAMA_FTYPES = {name: int(ftype) for name, ftype in FILE_TYPES.items()}
 
 
@@ -491,9 +492,8 @@ def write_model(
     # rows of std 0.5 (gemma4: after its × √D)
     embd_gain = 1.0 / np.sqrt(D) if arch == "gemma4" else 1.0
     put(names.TOKEN_EMBD, (cfg.n_vocab, D), lambda: mat(cfg.n_vocab, D, gain=float(np.sqrt(D) * embd_gain)) * 0.5)
-    if arch == "gemma4" and not all(
-        _gemma4_swa(cfg)
-    ):  # the global layers' (llama.cpp refuses a tensor it does not load)
+    if arch == "gemma4" and not all(_gemma4_swa(cfg)):
+        # the global layers' (llama.cpp refuses a tensor it does not load)
         put(names.ROPE_FREQS, (cfg.head_dim_global // 2,), lambda: _gemma4_rope_freqs(cfg))
     own_layer = _OWN_LAYERS.get(arch)  # architectures whose layers differ from the llama-style block below
     for i in range(cfg.n_layer):
@@ -771,7 +771,8 @@ def _gpt_oss_keys(w: GGUFWriter, cfg: SynthConfig) -> None:
 
 
 GPT_OSS_GATE_UP_GAIN = 2.5  # the experts' gate and up spread (std of their outputs): the clamped SwiGLU's ±7 is reached
-GPT_OSS_DOWN_POWER = 3.0  # the down projection scaled by 1/gain³: experts move the logits (14% relative) without dominating the residual stream
+# the down projection scaled by 1/gain³: experts move the logits (14% relative) without dominating the residual stream
+GPT_OSS_DOWN_POWER = 3.0
 
 
 def _gpt_oss_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) -> None:

@@ -67,7 +67,10 @@ def per_token(step: Callable[[], None], device: torch.device) -> dict[str, objec
         return {
             "host_syncs": syncs,
             "launches": kernels,
-            "launch_counter": "CUDA profiler: kernels and copies; syncs: torch's sync-debug warnings, the token's logits readback included",
+            "launch_counter": (
+                "CUDA profiler: kernels and copies; syncs: torch's sync-debug warnings, the token's logits "
+                "readback included"
+            ),
         }
     s0, l0 = host_syncs, triton_launches()
     step()

@@ -248,7 +248,8 @@ class GGML:
                 raise GGMLLayoutError(
                     f"llama-cpp-python {self.version}'s libggml does not have the struct layout localmoe reads "
                     f"(type {int(qtype)} reads as '{name}', {t.blck_size} weights in {t.type_size} bytes; expected "
-                    f"'{qtype.name.lower()}', {want_block} in {want_bytes}); install the llama-cpp-python version localmoe pins, or set LOCALMOE_KERNEL=vnni or torch"
+                    f"'{qtype.name.lower()}', {want_block} in {want_bytes}); install the llama-cpp-python "
+                    "version localmoe pins, or set LOCALMOE_KERNEL=vnni or torch"
                 )
             base[qtype] = t
         out: dict[GGMLQuantizationType, TypeKernels] = {}
@@ -263,7 +264,8 @@ class GGML:
                 if vdt not in _ACTIVATION_TYPES or c.nrows not in (1, 2):
                     raise GGMLLayoutError(
                         f"llama-cpp-python {self.version}'s libggml-cpu does not have the struct layout localmoe reads "
-                        f"({qtype.name}: vec_dot_type {c.vec_dot_type}, nrows {c.nrows}); install the llama-cpp-python version localmoe pins, or set LOCALMOE_KERNEL=vnni or torch"
+                        f"({qtype.name}: vec_dot_type {c.vec_dot_type}, nrows {c.nrows}); install the "
+                        "llama-cpp-python version localmoe pins, or set LOCALMOE_KERNEL=vnni or torch"
                     )
                 vdt_traits = self.cpu.ggml_get_type_traits_cpu(int(vdt)).contents
             out[qtype] = TypeKernels(

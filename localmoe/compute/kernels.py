@@ -2,10 +2,10 @@
 
 Every GGUF block type of gguf/blocks.py BLOCK_TYPES is, per group of G weights (G = 32, or 16 for Q6_K), an affine
 code: w = scale · code + zero with an unsigned integer code of 4, 5, 6 or 8 bits (gguf/blocks.py
-decodes it). For the CPU, `repack` decodes a tensor once into that form — codes (4 low bits packed two per byte plus a plane of the 1-2 high
-bits for 5- and 6-bit types; bytes for 8-bit), float16 scales, and float16 zeros (or, for the
-symmetric types, zero = −offset · scale with no zeros stored): about the file's size — and
-`QLinear` multiplies activations by it with one of these backends:
+decodes it). For the CPU, `repack` decodes a tensor once into that form — codes (4 low bits packed two
+per byte plus a plane of the 1-2 high bits for 5- and 6-bit types; bytes for 8-bit), float16 scales,
+and float16 zeros (or, for the symmetric types, zero = −offset · scale with no zeros stored): about the
+file's size — and `QLinear` multiplies activations by it with one of these backends:
 
     "ggml"     ggml's own CPU kernels (the libggml in llama-cpp-python; ggml_backend.py) on the
                rows as they are in the memory-mapped file: no repacking, no copy, every quant
@@ -299,7 +299,8 @@ class QLinear:
         return _vnni_matmul(self, x)
 
 
-GEMV_ROWS = 8  # "triton": up to this many activation rows run the GEMV kernel (one pass over the weight per row), beyond it the GEMM
+# "triton": up to this many activation rows run the GEMV kernel (one pass over the weight per row), beyond it the GEMM
+GEMV_ROWS = 8
 
 
 def _triton_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:

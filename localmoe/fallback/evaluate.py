@@ -144,16 +144,27 @@ def format_table(res: dict[str, Any]) -> str:
     b = res["baseline"]
     fetch = res["policies"].get("fetch", {}).get("decode_tps")
     lines = [
-        f"{res['tokens']} tokens, GPU budget {res['gpu_mem']}, profile {res['profile']} (decode tok/s: modelled; measured on this machine in brackets)",
-        "| policy | perplexity | Δ ppl | top-1 agree | KL | decode tok/s | vs fetch | hit rate | buddy | little | drop |",
+        (
+            f"{res['tokens']} tokens, GPU budget {res['gpu_mem']}, profile {res['profile']} (decode tok/s: "
+            "modelled; measured on this machine in brackets)"
+        ),
+        (
+            "| policy | perplexity | Δ ppl | top-1 agree | KL | decode tok/s | vs fetch | hit rate | buddy | "
+            "little | drop |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| all-resident | {b['perplexity']:.3f} | – | 100% | 0 | {b['decode_tps']:.1f} [{b['decode_tps_measured']:.1f}] | {_ratio(b['decode_tps'], fetch)} | 100% | | | |",
+        (
+            f"| all-resident | {b['perplexity']:.3f} | – | 100% | 0 | {b['decode_tps']:.1f} "
+            f"[{b['decode_tps_measured']:.1f}] | {_ratio(b['decode_tps'], fetch)} | 100% | | | |"
+        ),
     ]
     for name, p in res["policies"].items():
         ratio = _ratio(p["decode_tps"], fetch)
         s = p["substitutions"]
         lines.append(
-            f"| {name} | {p['perplexity']:.3f} | {p['perplexity_change']:+.2%} | {p['top1_agreement']:.1%} | {p['kl']:.4f} | {p['decode_tps']:.1f} [{p['decode_tps_measured']:.1f}] | {ratio} | {p['hit_rate']:.1%} | {s['buddy']} | {s['little']} | {s['drop']} |"
+            f"| {name} | {p['perplexity']:.3f} | {p['perplexity_change']:+.2%} | {p['top1_agreement']:.1%} | "
+            f"{p['kl']:.4f} | {p['decode_tps']:.1f} [{p['decode_tps_measured']:.1f}] | {ratio} | "
+            f"{p['hit_rate']:.1%} | {s['buddy']} | {s['little']} | {s['drop']} |"
         )
     return "\n".join(lines)
 

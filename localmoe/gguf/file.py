@@ -204,7 +204,8 @@ class GGUFModel:
         gate, up, down = parts
         if (gate is None) != (up is None):
             raise LocalMoEError(
-                f"{self.path}: layer {layer} has a bias on only one of the experts' gate and up matrices; the file is inconsistent"
+                f"{self.path}: layer {layer} has a bias on only one of the experts' gate and up matrices; the "
+                "file is inconsistent"
             )
         return (None if gate is None else np.concatenate([gate, up], axis=1)), down
 
@@ -244,7 +245,8 @@ class GGUFModel:
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise LocalMoEError(
-                f"{self.path}: required tensor '{missing[0]}' is missing{more}; the file is incomplete or was converted for another architecture"
+                f"{self.path}: required tensor '{missing[0]}' is missing{more}; the file is incomplete or was "
+                "converted for another architecture"
             )
         # a bias or sink the architecture does not declare would be silently dropped
         undeclared = (
@@ -267,22 +269,26 @@ class GGUFModel:
                     )
             if not spec.arch.sinks and names.split(t)[1:] == (names.ATTN_SINKS, names.WEIGHT):
                 raise LocalMoEError(
-                    f"{self.path}: tensor '{t}' holds attention sinks, which localmoe's {spec.arch.name} does not implement"
+                    f"{self.path}: tensor '{t}' holds attention sinks, which localmoe's {spec.arch.name} does "
+                    "not implement"
                 )
         for t in self.tensors.values():
             if t.qtype not in SUPPORTED_QTYPES:
                 supported = ", ".join(q.name for q in sorted(SUPPORTED_QTYPES))
                 raise LocalMoEError(
-                    f"{self.path}: tensor '{t.name}' has quant type {t.qtype.name}, which localmoe does not support; re-quantize to one of {supported}"
+                    f"{self.path}: tensor '{t.name}' has quant type {t.qtype.name}, which localmoe does not "
+                    f"support; re-quantize to one of {supported}"
                 )
         if not spec.moe_layers:
             raise LocalMoEError(
-                f"{self.path}: every layer is dense (leading_dense_block_count {spec.n_dense_lead} of {spec.n_layer}); localmoe runs MoE models only"
+                f"{self.path}: every layer is dense (leading_dense_block_count {spec.n_dense_lead} of "
+                f"{spec.n_layer}); localmoe runs MoE models only"
             )
         gate = self.view(names.blk(spec.moe_layers[0], names.FFN_GATE_EXPS))
         if gate.shape != (spec.n_expert, spec.n_ff_exp, spec.n_embd):
             raise LocalMoEError(
-                f"{self.path}: expert tensor shape {gate.shape} does not match metadata ({spec.n_expert}, {spec.n_ff_exp}, {spec.n_embd}); the file is inconsistent"
+                f"{self.path}: expert tensor shape {gate.shape} does not match metadata ({spec.n_expert}, "
+                f"{spec.n_ff_exp}, {spec.n_embd}); the file is inconsistent"
             )
 
 
@@ -388,12 +394,14 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
     n_expert = int(m.meta(names.arch_key(arch_name, names.EXPERT_COUNT), 0) or 0)
     if module is None:
         raise LocalMoEError(
-            f"{m.path}: architecture '{arch_name}' is not supported; localmoe runs MoE models of these architectures: {archs.supported_list()}"
+            f"{m.path}: architecture '{arch_name}' is not supported; localmoe runs MoE models of these "
+            f"architectures: {archs.supported_list()}"
         )
     arch: ArchSpec = module.ARCH
     if n_expert <= 0:
         raise LocalMoEError(
-            f"{m.path}: '{arch_name}' model has no experts (dense model); localmoe runs MoE models only ({archs.supported_list()} with expert_count > 0) — use llama.cpp for dense models"
+            f"{m.path}: '{arch_name}' model has no experts (dense model); localmoe runs MoE models only "
+            f"({archs.supported_list()} with expert_count > 0) — use llama.cpp for dense models"
         )
 
     def need(suffix: str) -> Any:
@@ -478,7 +486,8 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
         spec.n_expert % spec.n_expert_groups or not 0 < spec.n_group_used <= spec.n_expert_groups
     ):
         raise LocalMoEError(
-            f"{m.path}: {spec.n_expert} experts do not split into {spec.n_expert_groups} groups with {spec.n_group_used} used"
+            f"{m.path}: {spec.n_expert} experts do not split into {spec.n_expert_groups} groups with "
+            f"{spec.n_group_used} used"
         )
     if spec.n_dense_lead and not arch.dense_leading:
         raise LocalMoEError(f"{m.path}: leading dense layers are not part of {arch_name}")

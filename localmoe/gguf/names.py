@@ -216,7 +216,8 @@ EMBEDDING_LENGTH_PER_LAYER = _suffix(
     Keys.LLM.EMBD_LENGTH_PER_LAYER_INP
 )  # per-layer embeddings (the small dense Gemma 4s)
 FINAL_LOGIT_SOFTCAPPING = _suffix(Keys.LLM.FINAL_LOGIT_SOFTCAPPING)  # logits = c · tanh(logits / c)
-ROPE_FREQS = f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.{WEIGHT}"  # [n_rot/2]: RoPE's θ_i divided by each factor (llama.cpp's freq_factors)
+# [n_rot/2]: RoPE's θ_i divided by each factor (llama.cpp's freq_factors)
+ROPE_FREQS = f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.{WEIGHT}"
 PER_LAYER_TOKEN_EMBD = f"{TENSOR_NAMES[MODEL_TENSOR.PER_LAYER_TOKEN_EMBD]}.{WEIGHT}"
 FFN_POST_NORM = _stem(MODEL_TENSOR.FFN_POST_NORM)  # the norm of the whole FFN's output, before the residual add
 FFN_PRE_NORM_2 = _stem(MODEL_TENSOR.FFN_PRE_NORM_2)  # the routed experts' input norm (the dense MLP's is ffn_norm)

@@ -79,7 +79,8 @@ class DeviceTier:
             at += n
         if parts[0][2] != parts[1][2]:
             raise LocalMoEError(
-                f"layer {layer}: gate and up experts have different quant types ({parts[0][2].name}, {parts[1][2].name}); the GPU tier needs them alike"
+                f"layer {layer}: gate and up experts have different quant types ({parts[0][2].name}, "
+                f"{parts[1][2].name}); the GPU tier needs them alike"
             )
         return ExpertLayout(tuple(parts), at)
 
@@ -159,7 +160,8 @@ class DeviceTier:
                 buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
             except torch.cuda.OutOfMemoryError:
                 raise LocalMoEError(
-                    f"the GPU ran out of memory loading expert {expert} of layer {layer}; give a smaller --gpu-mem (other programs may be using the GPU)"
+                    f"the GPU ran out of memory loading expert {expert} of layer {layer}; give a smaller "
+                    "--gpu-mem (other programs may be using the GPU)"
                 ) from None
             buf.copy_(staging, non_blocking=True)
             event = torch.cuda.Event()

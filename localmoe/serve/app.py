@@ -184,7 +184,10 @@ def create_app(
             prep.iterator.close()
             raise APIError(
                 429,
-                f"the server is busy: {state.queue.capacity} requests are already waiting; retry in {exc.retry_after} s",
+                (
+                    f"the server is busy: {state.queue.capacity} requests are already waiting; retry in "
+                    f"{exc.retry_after} s"
+                ),
                 type="rate_limit_error",
                 code="queue_full",
                 headers={"Retry-After": str(exc.retry_after)},

@@ -65,7 +65,10 @@ def prepare(rt: Runtime, prompt: str | list[dict[str, str]], req: Any, defaults:
         if room <= 0:
             raise APIError(
                 400,
-                f"this model's context holds {n_ctx} tokens and the prompt is {n_prompt} tokens: no room to generate; shorten the prompt",
+                (
+                    f"this model's context holds {n_ctx} tokens and the prompt is {n_prompt} tokens: no room to "
+                    "generate; shorten the prompt"
+                ),
                 param="messages" if isinstance(prompt, list) else "prompt",
                 code="context_length_exceeded",
             )
@@ -73,7 +76,10 @@ def prepare(rt: Runtime, prompt: str | list[dict[str, str]], req: Any, defaults:
     elif n_prompt + limit > n_ctx:
         raise APIError(
             400,
-            f"this model's context holds {n_ctx} tokens; the prompt is {n_prompt} tokens and max_tokens asks for {limit} more ({n_prompt + limit}); shorten the prompt or lower max_tokens",
+            (
+                f"this model's context holds {n_ctx} tokens; the prompt is {n_prompt} tokens and max_tokens asks "
+                f"for {limit} more ({n_prompt + limit}); shorten the prompt or lower max_tokens"
+            ),
             param="max_tokens",
             code="context_length_exceeded",
         )

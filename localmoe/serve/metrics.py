@@ -44,7 +44,10 @@ class ServerMetrics:
         self.completion_tokens = Counter("localmoe_completion_tokens", "Tokens generated (tokens out)", registry=r)
         self.cancel_overrun = Counter(
             "localmoe_cancel_overrun_tokens",
-            "Tokens that were being made when their client disconnected (the worker checks before each next token: at most one per cancelled generation)",
+            (
+                "Tokens that were being made when their client disconnected (the worker checks before each next "
+                "token: at most one per cancelled generation)"
+            ),
             registry=r,
         )
         self.latency = Histogram(
