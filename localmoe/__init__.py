@@ -1,5 +1,7 @@
 """localmoe: run Mixture-of-Experts GGUF models with more experts than fit on the GPU.
 
+In short (docs/api.md has the rest):
+
     import localmoe
     with localmoe.load("model.gguf") as rt:
         print(rt.generate("Once upon a time", max_tokens=40))

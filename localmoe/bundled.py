@@ -22,4 +22,7 @@ def demo_model_path() -> str:
     for path in candidates:
         if path.is_file():
             return str(path)
-    raise LocalMoEError(f"the bundled demo model ({DEMO_MODEL_FILE}) is not installed; pass a GGUF model path, or train it with `python models/train_demo_moe.py all` in a checkout of localmoe")
+    raise LocalMoEError(
+        f"the bundled demo model ({DEMO_MODEL_FILE}) is not installed; pass a GGUF model path, or train it "
+        "with `python models/train_demo_moe.py all` in a checkout of localmoe"
+    )

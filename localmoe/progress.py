@@ -21,7 +21,9 @@ class Progress:
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
         if self.tty:
             bar = "#" * int(frac * 30)
-            self.stream.write(f"\r{self.label:<14} [{bar:<30}] {frac:4.0%} {done}/{self.total}  {elapsed:5.0f}s  eta {eta:4.0f}s")
+            self.stream.write(
+                f"\r{self.label:<14} [{bar:<30}] {frac:4.0%} {done}/{self.total}  {elapsed:5.0f}s  eta {eta:4.0f}s"
+            )
             if done >= self.total:
                 self.stream.write("\n")
             self.stream.flush()

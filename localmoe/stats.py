@@ -60,7 +60,10 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able values."""
         d = asdict(self)
-        d["layers"] = [asdict(layer) | {"expert_uses": list(layer.expert_uses), "resident": list(layer.resident)} for layer in self.layers]
+        d["layers"] = [
+            asdict(layer) | {"expert_uses": list(layer.expert_uses), "resident": list(layer.resident)}
+            for layer in self.layers
+        ]
         return d
 
 
@@ -74,7 +77,9 @@ class StatsCollector:
         self._lock = threading.Lock()
         self.n_layer = n_layer
         self.n_expert = n_expert
-        self.moe_layers = frozenset(range(n_layer) if moe_layers is None else moe_layers)  # layers without experts have none resident
+        self.moe_layers = frozenset(
+            range(n_layer) if moe_layers is None else moe_layers
+        )  # layers without experts have none resident
         self.clock = clock
         self._on_snapshot: list = []  # callables that bring counts still on the device in first
         self.reset()
@@ -148,7 +153,9 @@ class StatsCollector:
         with self._lock:
             self.substitutions[layer][kind] += n
 
-    def set_gpu_tier(self, in_use: int, peak: int, budget: int | None, resident: dict[int, list[int]], reset: bool = False) -> None:
+    def set_gpu_tier(
+        self, in_use: int, peak: int, budget: int | None, resident: dict[int, list[int]], reset: bool = False
+    ) -> None:
         """The GPU tier's bytes and budget, and the resident experts of the layers in `resident`
         (the others are unchanged; `reset`: every layer not given holds none)."""
         with self._lock:
@@ -198,7 +205,11 @@ class StatsCollector:
                     substitutions=dict(self.substitutions[i]),
                     bytes_to_gpu=self.bytes_to_gpu[i],
                     expert_uses=tuple(self.expert_uses[i].tolist()),
-                    resident=tuple(self.resident[i]) if self.resident is not None else tuple(range(self.n_expert)) if i in self.moe_layers else (),
+                    resident=tuple(self.resident[i])
+                    if self.resident is not None
+                    else tuple(range(self.n_expert))
+                    if i in self.moe_layers
+                    else (),
                 )
                 for i in range(self.n_layer)
             )

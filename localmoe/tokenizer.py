@@ -36,7 +36,10 @@ class Tokenizer:
         try:
             self._llama = llama_cpp.Llama(model_path=path, vocab_only=True, n_ctx=8, verbose=False)
         except Exception as exc:
-            raise LocalMoEError(f"{path}: llama.cpp could not read the tokenizer ({exc}); the file's vocabulary is damaged or unsupported") from None
+            raise LocalMoEError(
+                f"{path}: llama.cpp could not read the tokenizer ({exc}); the file's vocabulary is damaged or "
+                "unsupported"
+            ) from None
         self._model = self._llama._model
         self.n_vocab = self._llama.n_vocab()
         self.bos_id = self._model.token_bos()
@@ -52,7 +55,9 @@ class Tokenizer:
         try:
             self._template = env.from_string(self.chat_template_source)
         except TemplateError as exc:
-            raise LocalMoEError(f"{path}: the chat template does not parse ({exc}); use plain prompts (`localmoe run -p`) instead") from None
+            raise LocalMoEError(
+                f"{path}: the chat template does not parse ({exc}); use plain prompts (`localmoe run -p`) instead"
+            ) from None
 
     def token_text(self, token: int) -> str:
         return self._model.token_get_text(token)
@@ -63,7 +68,11 @@ class Tokenizer:
 
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Text → ids. Special-token text such as <|im_start|> is parsed as the special token."""
-        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=self.add_bos if add_bos is None else add_bos, special=True))
+        return list(
+            self._llama.tokenize(
+                text.encode("utf-8"), add_bos=self.add_bos if add_bos is None else add_bos, special=True
+            )
+        )
 
     def piece(self, token: int) -> bytes:
         """The bytes one token contributes to the output (control tokens contribute none)."""
@@ -91,7 +100,10 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise LocalMoEError("each chat message must be a dict with 'role' and 'content'")
             if not isinstance(m["role"], str) or not isinstance(m["content"], str):
-                raise LocalMoEError(f"a chat message's 'role' and 'content' must be strings, got {type(m['role']).__name__} and {type(m['content']).__name__}")
+                raise LocalMoEError(
+                    f"a chat message's 'role' and 'content' must be strings, got {type(m['role']).__name__} "
+                    f"and {type(m['content']).__name__}"
+                )
         context = dict(
             messages=messages,
             add_generation_prompt=bool(add_generation_prompt),
@@ -104,7 +116,9 @@ class Tokenizer:
             raise
         except Exception as exc:  # SecurityError, UndefinedError, …
             message = " ".join(str(exc).split())[:200]
-            raise LocalMoEError(f"the model's chat template failed to render ({type(exc).__name__}: {message})") from None
+            raise LocalMoEError(
+                f"the model's chat template failed to render ({type(exc).__name__}: {message})"
+            ) from None
 
     def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self.render_chat(messages)
@@ -173,9 +187,13 @@ def _render_limited(template, context: dict[str, Any], seconds: float, max_chars
             parts.append(part)
             size += len(part)
             if size > max_chars:
-                raise LocalMoEError(f"the model's chat template renders more than {max_chars} characters; it is broken or hostile")
+                raise LocalMoEError(
+                    f"the model's chat template renders more than {max_chars} characters; it is broken or hostile"
+                )
     except _RenderTimeout:
-        raise LocalMoEError(f"the model's chat template ran for more than {seconds:g} s and was stopped; it is broken or hostile") from None
+        raise LocalMoEError(
+            f"the model's chat template ran for more than {seconds:g} s and was stopped; it is broken or hostile"
+        ) from None
     finally:
         sys.settrace(previous)
     return "".join(parts)

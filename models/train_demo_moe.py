@@ -26,6 +26,7 @@ Example (the shipped model):
 Training-only dependencies: torch, gguf, tokenizers, numpy; the eval step
 also needs llama-cpp-python.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,11 @@ def apt_install(packages: list[str]) -> None:
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
     try:  # a fresh machine has no package lists yet: update them first
         subprocess.run([*sudo, "apt-get", "update"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([*sudo, "apt-get", "install", "-y", "--no-install-recommends", *packages], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*sudo, "apt-get", "install", "-y", "--no-install-recommends", *packages],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
         sys.exit(
             f"error: could not install {' '.join(packages)} ({exc}).\n"
@@ -119,8 +124,9 @@ def fortune_docs(directory: Path) -> list[str]:
 
 def bible_docs() -> list[str]:
     """One document per chapter: 'Genesis 1' then one '<verse> <text>' line per verse."""
-    out = subprocess.run(["bible", "-l0", "Gen1:1-Rev22:21"], check=True, capture_output=True,
-                         text=True, stdin=subprocess.DEVNULL).stdout
+    out = subprocess.run(
+        ["bible", "-l0", "Gen1:1-Rev22:21"], check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL
+    ).stdout
     docs, cur = [], []
     for line in out.splitlines():
         line = line.strip()
@@ -215,7 +221,10 @@ def step_samples(args, corpus: dict) -> None:
     run on its own corpus never overwrites the shipped files."""
     if args.corpus_dir:
         return
-    for path, split in ((HERE / "demo-heldout.txt", "eval"), (HERE.parent / "localmoe" / "data" / "calibration.txt", "train")):
+    for path, split in (
+        (HERE / "demo-heldout.txt", "eval"),
+        (HERE.parent / "localmoe" / "data" / "calibration.txt", "train"),
+    ):
         text = "\n\n".join(domain_sample(v[split], SAMPLE_CHARS) for v in corpus["domains"].values()) + "\n"
         path.write_text(text, encoding="utf-8")
         log(f"samples: wrote {path} ({len(text)} characters of {split} documents)")
@@ -234,8 +243,7 @@ def step_prepare(args) -> dict:
     for name, docs in corpus.items():
         train, held = split_docs(docs)
         data["domains"][name] = {"train": train, "eval": held}
-        log(f"prepare: {name:12s} {len(docs):6d} docs {sum(map(len, docs)) / 1e6:6.2f} M chars "
-            f"({len(held)} held out)")
+        log(f"prepare: {name:12s} {len(docs):6d} docs {sum(map(len, docs)) / 1e6:6.2f} M chars ({len(held)} held out)")
     path.write_text(json.dumps(data, ensure_ascii=False))
     return data
 
@@ -243,6 +251,7 @@ def step_prepare(args) -> dict:
 # --------------------------------------------------------------------------------------
 # Chat samples: a short user turn naming/starting a passage, the assistant continues it
 # --------------------------------------------------------------------------------------
+
 
 def chat(user: str, assistant: str) -> str:
     return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n{assistant}{IM_END}\n"
@@ -265,7 +274,7 @@ def bible_chat(chapter: str, rng: random.Random) -> str:
         return chat(f"Quote the Bible: {header}", "\n".join(lines[:4]))
     verses = [line.split(" ", 1)[-1] for line in lines]  # drop the verse numbers
     j = rng.randrange(len(verses))
-    following = verses[j + 1:j + 4]
+    following = verses[j + 1 : j + 4]
     start, rest = first_words(verses[j], rng)
     if start and rng.random() < 0.5:  # start of a verse -> its rest and the next two verses
         return chat(f"Continue this Bible verse: {start}", " ".join([rest, *following[:2]]))
@@ -281,15 +290,34 @@ def chat_sample(domain: str, doc: str, rng: random.Random) -> str:
         start, rest = first_words(doc, rng)
         if start and rng.random() < 0.3:
             return chat(f"Continue this saying: {start}", rest)
-        return chat(rng.choice(["Tell me a fortune.", "Give me a quote.", "Tell me something wise.",
-                                "Tell me a joke.", "Fortune cookie, please."]), doc)
+        return chat(
+            rng.choice(
+                [
+                    "Tell me a fortune.",
+                    "Give me a quote.",
+                    "Tell me something wise.",
+                    "Tell me a joke.",
+                    "Fortune cookie, please.",
+                ]
+            ),
+            doc,
+        )
     if domain == "fortunes-de":
         start, rest = first_words(doc, rng)
         if start and rng.random() < 0.3:
             return chat(f"Setze diesen Spruch fort: {start}", rest)
-        return chat(rng.choice(["Erzähl mir ein Sprichwort.", "Erzähl mir einen Witz.",
-                                "Sag mir ein Zitat.", "Hast du einen Spruch für mich?",
-                                "Erzähl mir etwas Lustiges."]), doc)
+        return chat(
+            rng.choice(
+                [
+                    "Erzähl mir ein Sprichwort.",
+                    "Erzähl mir einen Witz.",
+                    "Sag mir ein Zitat.",
+                    "Hast du einen Spruch für mich?",
+                    "Erzähl mir etwas Lustiges.",
+                ]
+            ),
+            doc,
+        )
     if domain == "python":
         first, _, _ = doc.partition("\n")
         if first.startswith(("def ", "class ", "async def ", "@")):
@@ -303,15 +331,20 @@ def chat_sample(domain: str, doc: str, rng: random.Random) -> str:
 # Tokenizer (byte-level BPE, GPT-2 pre-tokenizer regex = llama.cpp pre "gpt-2")
 # --------------------------------------------------------------------------------------
 
+
 def train_tokenizer(docs: list[str], vocab_size: int, path: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(docs, trainer=trainer)
     tok.save(str(path))
     return tok
@@ -319,6 +352,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, path: Path):
 
 def load_tokenizer(path: Path):
     from tokenizers import Tokenizer
+
     return Tokenizer.from_file(str(path))
 
 
@@ -338,8 +372,16 @@ def tokenizer_vocab(path: Path) -> tuple[list[str], list[str]]:
 def step_tokenize(args, corpus: dict) -> dict:
     """Train the tokenizer and encode: train stream (plain docs + chat samples), eval windows."""
     work = Path(args.work_dir)
-    key = stamp({"corpus": corpus["stamp"], "vocab": args.vocab_size, "chat_frac": args.chat_frac,
-                 "ctx": args.ctx, "eval_windows": args.eval_windows, "seed": args.seed})
+    key = stamp(
+        {
+            "corpus": corpus["stamp"],
+            "vocab": args.vocab_size,
+            "chat_frac": args.chat_frac,
+            "ctx": args.ctx,
+            "eval_windows": args.eval_windows,
+            "seed": args.seed,
+        }
+    )
     meta_path, tok_path, data_path = work / "tokens.json", work / "tokenizer.json", work / "tokens.npz"
     if meta_path.exists() and data_path.exists() and json.loads(meta_path.read_text()).get("stamp") == key:
         log(f"tokenize: reusing {data_path}")
@@ -367,23 +409,38 @@ def step_tokenize(args, corpus: dict) -> dict:
     unigram = np.bincount(np.concatenate([e.ids for e in plain]), minlength=tok.get_vocab_size())
 
     arrays = {"train": train_ids, "unigram": unigram.astype(np.int64)}
-    info = {"stamp": key, "vocab_size": tok.get_vocab_size(), "eos": eos,
-            "bos": eos, "im_start": tok.token_to_id(IM_START), "im_end": tok.token_to_id(IM_END),
-            "train_tokens": int(len(train_ids)), "chat_samples": n_chat, "domains": {}}
+    info = {
+        "stamp": key,
+        "vocab_size": tok.get_vocab_size(),
+        "eos": eos,
+        "bos": eos,
+        "im_start": tok.token_to_id(IM_START),
+        "im_end": tok.token_to_id(IM_END),
+        "train_tokens": int(len(train_ids)),
+        "chat_samples": n_chat,
+        "domains": {},
+    }
     for name, v in domains.items():
-        held = np.concatenate([np.asarray(e.ids, dtype=np.uint16)
-                               for e in tok.encode_batch([d + EOS for d in v["eval"]])])
+        held = np.concatenate(
+            [np.asarray(e.ids, dtype=np.uint16) for e in tok.encode_batch([d + EOS for d in v["eval"]])]
+        )
         n_win = min(args.eval_windows, len(held) // args.ctx)
         if n_win == 0:
             sys.exit(f"error: domain {name} has too little held-out text ({len(held)} tokens) for one window")
         arrays[f"eval_{name}"] = held[: n_win * args.ctx].reshape(n_win, args.ctx)  # [windows, ctx]
         n_train_tok = sum(len(e.ids) for e in tok.encode_batch([d + EOS for d in v["train"]]))
-        info["domains"][name] = {"train_docs": len(v["train"]), "eval_docs": len(v["eval"]),
-                                 "train_tokens": n_train_tok, "eval_tokens": int(len(held)),
-                                 "eval_windows": n_win,
-                                 "train_chars": sum(map(len, v["train"]))}
-        log(f"tokenize: {name:12s} train {n_train_tok / 1e6:.2f} M tokens, "
-            f"{sum(map(len, v['train'])) / max(n_train_tok, 1):.2f} chars/token, {n_win} eval windows")
+        info["domains"][name] = {
+            "train_docs": len(v["train"]),
+            "eval_docs": len(v["eval"]),
+            "train_tokens": n_train_tok,
+            "eval_tokens": int(len(held)),
+            "eval_windows": n_win,
+            "train_chars": sum(map(len, v["train"])),
+        }
+        log(
+            f"tokenize: {name:12s} train {n_train_tok / 1e6:.2f} M tokens, "
+            f"{sum(map(len, v['train'])) / max(n_train_tok, 1):.2f} chars/token, {n_win} eval windows"
+        )
     np.savez(data_path, **arrays)
     meta_path.write_text(json.dumps(info, indent=1))
     log(f"tokenize: train stream {len(train_ids) / 1e6:.2f} M tokens ({n_chat} chat samples)")
@@ -393,6 +450,7 @@ def step_tokenize(args, corpus: dict) -> dict:
 # --------------------------------------------------------------------------------------
 # Model (qwen3moe semantics, exactly what llama.cpp computes)
 # --------------------------------------------------------------------------------------
+
 
 @dataclass
 class ModelConfig:
@@ -444,10 +502,10 @@ def build_model(cfg: ModelConfig):
             self.q_norm = nn.Parameter(torch.ones(hd))
             self.k_norm = nn.Parameter(torch.ones(hd))
             self.ffn_norm = nn.Parameter(torch.ones(D))
-            self.router = nn.Linear(D, E, bias=False)             # ffn_gate_inp [E, D]
-            self.w_gate = nn.Parameter(torch.empty(E, Fd, D))     # ffn_gate_exps [E, F, D]
-            self.w_up = nn.Parameter(torch.empty(E, Fd, D))       # ffn_up_exps   [E, F, D]
-            self.w_down = nn.Parameter(torch.empty(E, D, Fd))     # ffn_down_exps [E, D, F]
+            self.router = nn.Linear(D, E, bias=False)  # ffn_gate_inp [E, D]
+            self.w_gate = nn.Parameter(torch.empty(E, Fd, D))  # ffn_gate_exps [E, F, D]
+            self.w_up = nn.Parameter(torch.empty(E, Fd, D))  # ffn_up_exps   [E, F, D]
+            self.w_down = nn.Parameter(torch.empty(E, D, Fd))  # ffn_down_exps [E, D, F]
 
         def attention(self, x, cos, sin):
             B, T, _ = x.shape
@@ -466,29 +524,29 @@ def build_model(cfg: ModelConfig):
 
         def moe(self, x, stats):
             B, T, D = x.shape
-            h = rms_norm(x, self.ffn_norm).reshape(B * T, D)     # [N, D]
-            logits = self.router(h).float()                      # [N, E]
+            h = rms_norm(x, self.ffn_norm).reshape(B * T, D)  # [N, D]
+            logits = self.router(h).float()  # [N, E]
             probs = logits.softmax(-1)
             top_p, top_i = probs.topk(cfg.n_expert_used, dim=-1)  # [N, k]
-            weights = top_p / top_p.sum(-1, keepdim=True)         # qwen3moe renormalises
-            flat_e = top_i.reshape(-1)                            # [N*k]
+            weights = top_p / top_p.sum(-1, keepdim=True)  # qwen3moe renormalises
+            flat_e = top_i.reshape(-1)  # [N*k]
             order = flat_e.argsort(stable=True)
             counts = torch.bincount(flat_e, minlength=cfg.n_expert)
-            tok_idx = order // cfg.n_expert_used                  # token of each sorted assignment
+            tok_idx = order // cfg.n_expert_used  # token of each sorted assignment
             w_sorted = weights.reshape(-1)[order]
             out = torch.zeros_like(h)
             start = 0
             for e, n in enumerate(counts.tolist()):
                 if n == 0:
                     continue
-                idx = tok_idx[start:start + n]
-                xe = h[idx]                                       # [n, D]
+                idx = tok_idx[start : start + n]
+                xe = h[idx]  # [n, D]
                 ye = (F.silu(xe @ self.w_gate[e].T) * (xe @ self.w_up[e].T)) @ self.w_down[e].T
-                out.index_add_(0, idx, ye * w_sorted[start:start + n, None])
+                out.index_add_(0, idx, ye * w_sorted[start : start + n, None])
                 start += n
             if stats is not None:
                 N = h.shape[0]
-                frac = counts.float() / (N * cfg.n_expert_used)   # share of assignments per expert
+                frac = counts.float() / (N * cfg.n_expert_used)  # share of assignments per expert
                 stats["aux"] = stats.get("aux", 0.0) + cfg.n_expert * (frac * probs.mean(0)).sum()
                 stats["z"] = stats.get("z", 0.0) + logits.logsumexp(-1).pow(2).mean()
                 stats.setdefault("counts", []).append(counts.detach())
@@ -545,11 +603,20 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
 # Training
 # --------------------------------------------------------------------------------------
 
+
 def model_config(args, tokens: dict) -> ModelConfig:
-    return ModelConfig(vocab_size=tokens["vocab_size"], n_embd=args.n_embd, n_layer=args.n_layer,
-                       n_head=args.n_head, n_kv_head=args.n_kv_head, head_dim=args.head_dim,
-                       n_expert=args.n_expert, n_expert_used=args.n_expert_used,
-                       expert_ffn=args.expert_ffn, ctx=args.ctx)
+    return ModelConfig(
+        vocab_size=tokens["vocab_size"],
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_kv_head=args.n_kv_head,
+        head_dim=args.head_dim,
+        n_expert=args.n_expert,
+        n_expert_used=args.n_expert_used,
+        expert_ffn=args.expert_ffn,
+        ctx=args.ctx,
+    )
 
 
 def lr_at(progress: float, args) -> float:
@@ -602,10 +669,10 @@ class ThreadGovernor:
     """
 
     def __init__(self, max_threads: int):
-        self.n, self.max = 1, max_threads      # start with one thread: it is never pathological
+        self.n, self.max = 1, max_threads  # start with one thread: it is never pathological
         self.monitor = CpuMonitor()
-        self.others = 0.0                      # EMA of cores used by other processes
-        self.step_s: dict[int, float] = {}     # EMA of step time (s) per thread count
+        self.others = 0.0  # EMA of cores used by other processes
+        self.step_s: dict[int, float] = {}  # EMA of step time (s) per thread count
         self.backoff, self.next_probe, self.since_switch = 20, 20, 0
 
     def update(self, step: int, dt: float) -> int | None:
@@ -633,6 +700,7 @@ def dense_config(cfg: ModelConfig, groups: int) -> ModelConfig:
     """The dense model the MoE is upcycled from: one always-used FFN of `groups` segments, each as
     wide as an expert (an MoE with a single expert, so one model class serves both phases)."""
     from dataclasses import replace
+
     return replace(cfg, n_expert=1, n_expert_used=1, expert_ffn=groups * cfg.expert_ffn)
 
 
@@ -651,6 +719,7 @@ def upcycle(dense, cfg: ModelConfig, groups: int, seed: int):
     the router starts fresh (its noise decides which replica a token meets, so replicas see
     different tokens and drift apart: that is where specialisation and the redundancy come from)."""
     import torch
+
     torch.manual_seed(seed + 1)
     moe = build_model(cfg)
     F_e = cfg.expert_ffn
@@ -670,11 +739,15 @@ def upcycle(dense, cfg: ModelConfig, groups: int, seed: int):
 
 def make_optimizer(model, args):
     import torch
+
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
 
 def carry_optimizer_state(old_opt, old_model, new_opt, new_model) -> None:
@@ -690,6 +763,7 @@ def replica_similarity(model, groups: int) -> tuple[float, float]:
     """Mean cosine of the experts' flattened weights (gate, up, down) between replicas of the same
     segment, and between experts of different segments, over all layers."""
     import torch
+
     same, other = [], []
     with torch.no_grad():
         for b in model.blocks:
@@ -709,6 +783,7 @@ def replica_similarity(model, groups: int) -> tuple[float, float]:
 
 def save_checkpoint(path: Path, model, opt, state: dict) -> None:
     import torch
+
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), **state}, tmp)
     os.replace(tmp, path)
@@ -726,29 +801,49 @@ def step_train(args, tokens: dict) -> dict:
     work = Path(args.work_dir)
     cfg = model_config(args, tokens)
     upcycling = args.upcycle_frac > 0
-    run_key = stamp({"cfg": asdict(cfg), "data": tokens["stamp"], "lr": args.lr, "batch": args.batch,
-                     "aux": args.aux_coef, "z": args.z_coef, "seed": args.seed,
-                     **({"upcycle": [args.upcycle_frac, args.upcycle_groups]} if upcycling else {})})
+    run_key = stamp(
+        {
+            "cfg": asdict(cfg),
+            "data": tokens["stamp"],
+            "lr": args.lr,
+            "batch": args.batch,
+            "aux": args.aux_coef,
+            "z": args.z_coef,
+            "seed": args.seed,
+            **({"upcycle": [args.upcycle_frac, args.upcycle_groups]} if upcycling else {}),
+        }
+    )
     total, active = count_params(cfg)
     log(f"train: model {asdict(cfg)}")
     log(f"train: {total / 1e6:.2f} M parameters ({active / 1e6:.2f} M active per token)")
     if upcycling:
-        log(f"train: the first {args.upcycle_frac:.0%} of the budget trains a dense model with an FFN of "
+        log(
+            f"train: the first {args.upcycle_frac:.0%} of the budget trains a dense model with an FFN of "
             f"{args.upcycle_groups} x {cfg.expert_ffn}, then upcycles it into {cfg.n_expert} experts "
-            f"({cfg.n_expert // args.upcycle_groups} replicas of each segment)")
+            f"({cfg.n_expert // args.upcycle_groups} replicas of each segment)"
+        )
     dense_cfg = dense_config(cfg, args.upcycle_groups) if upcycling else None
 
     ckpt_path = work / "ckpt.pt"
-    state = {"step": 0, "elapsed_s": 0.0, "run_key": run_key, "cfg": asdict(dense_cfg or cfg), "history": [],
-             "phase": "dense" if upcycling else "moe", "moe_from_step": 0,
-             "upcycle": [args.upcycle_frac, args.upcycle_groups] if upcycling else None}
+    state = {
+        "step": 0,
+        "elapsed_s": 0.0,
+        "run_key": run_key,
+        "cfg": asdict(dense_cfg or cfg),
+        "history": [],
+        "phase": "dense" if upcycling else "moe",
+        "moe_from_step": 0,
+        "upcycle": [args.upcycle_frac, args.upcycle_groups] if upcycling else None,
+    }
     rng = np.random.default_rng(args.seed)
     ck = None
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck.get("run_key") != run_key:
-            log(f"train: WARNING {ckpt_path} belongs to a different configuration; starting over "
-                "(it will be overwritten)")
+            log(
+                f"train: WARNING {ckpt_path} belongs to a different configuration; starting over "
+                "(it will be overwritten)"
+            )
             ck = None
     if ck is not None:
         state = {k: ck[k] for k in ("step", "elapsed_s", "run_key", "cfg", "history")}
@@ -760,8 +855,10 @@ def step_train(args, tokens: dict) -> dict:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         rng.bit_generator.state = ck["rng"]
-        log(f"train: resumed from {ckpt_path} at step {state['step']} ({state['phase']} phase, "
-            f"{state['elapsed_s'] / 60:.1f} min trained)")
+        log(
+            f"train: resumed from {ckpt_path} at step {state['step']} ({state['phase']} phase, "
+            f"{state['elapsed_s'] / 60:.1f} min trained)"
+        )
 
     data = np.load(work / "tokens.npz")
     stream = torch.from_numpy(data["train"].astype(np.int64))
@@ -785,18 +882,22 @@ def step_train(args, tokens: dict) -> dict:
             carry_optimizer_state(opt, model, moe_opt, moe)
             model, opt = moe.train(), moe_opt
             state.update(phase="moe", moe_from_step=state["step"], cfg=asdict(cfg))
-            log(f"train: upcycled the dense model into {cfg.n_expert} experts at step {state['step']} "
-                f"({state['elapsed_s'] / 60:.1f} min)")
+            log(
+                f"train: upcycled the dense model into {cfg.n_expert} experts at step {state['step']} "
+                f"({state['elapsed_s'] / 60:.1f} min)"
+            )
         t0 = time.time()
         # the upcycled experts and the new router start with fresh Adam moments: warm them up again
-        rewarm = min(1.0, (state["step"] - state["moe_from_step"] + 1) / REWARM_STEPS) if state["moe_from_step"] else 1.0
+        rewarm = (
+            min(1.0, (state["step"] - state["moe_from_step"] + 1) / REWARM_STEPS) if state["moe_from_step"] else 1.0
+        )
         for g in opt.param_groups:
             g["lr"] = lr_at(progress(), args) * rewarm
         off = torch.from_numpy(rng.integers(0, len(stream) - T - 1, size=B))
         idx = off[:, None] + torch.arange(T + 1)[None, :]
-        batch = stream[idx]                                   # [B, T+1]
+        batch = stream[idx]  # [B, T+1]
         stats: dict = {}
-        logits = model(batch[:, :-1], stats)                  # [B, T, V]
+        logits = model(batch[:, :-1], stats)  # [B, T, V]
         ce = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), batch[:, 1:].reshape(-1))
         aux, z = stats["aux"] / cfg.n_layer, stats["z"] / cfg.n_layer
         loss = ce + (args.aux_coef * aux + args.z_coef * z if state["phase"] == "moe" else 0.0)
@@ -813,7 +914,7 @@ def step_train(args, tokens: dict) -> dict:
             log(f"train: using {new_threads} thread(s) (step {dt:.1f} s, others use {governor.others:.1f} cores)")
         tok_log += B * T
         if state["step"] % args.log_every == 0 or progress() >= 1.0:
-            counts = torch.stack(stats["counts"]).float()     # [L, E]
+            counts = torch.stack(stats["counts"]).float()  # [L, E]
             max_share = (counts / counts.sum(1, keepdim=True)).max().item()
             tps = tok_log / (time.time() - t_log)
             left = state["elapsed_s"] * (1 - progress()) / max(progress(), 1e-9)  # seconds
@@ -821,9 +922,12 @@ def step_train(args, tokens: dict) -> dict:
             if upcycling and state["phase"] == "moe":
                 same, other = replica_similarity(model, args.upcycle_groups)
                 extra = f" | replica cos {same:.2f} (others {other:.2f})"
-            log(f"step {state['step']:6d} | {state['phase']} | ce {ce.item():.3f} | aux {aux.item():.3f} | z {z.item():.2f} "
+            log(
+                f"step {state['step']:6d} | {state['phase']} | ce {ce.item():.3f} | aux {aux.item():.3f} | z "
+                f"{z.item():.2f} "
                 f"| max expert share {max_share:.2f} | lr {opt.param_groups[0]['lr']:.2e} | {tps:,.0f} tok/s "
-                f"| {state['elapsed_s'] / 60:.1f} min | ETA {left / 60:.1f} min{extra}")
+                f"| {state['elapsed_s'] / 60:.1f} min | ETA {left / 60:.1f} min{extra}"
+            )
             state["history"].append([state["step"], round(state["elapsed_s"], 1), round(ce.item(), 4)])
             t_log, tok_log = time.time(), 0
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
@@ -833,13 +937,16 @@ def step_train(args, tokens: dict) -> dict:
     if state["phase"] != "moe":
         sys.exit("error: the training budget ended before the dense model was upcycled; lower --upcycle-frac")
     save_checkpoint(ckpt_path, model, opt, {**state, "rng": rng.bit_generator.state})
-    log(f"train: done, {state['step']} steps, {state['elapsed_s'] / 60:.1f} min, "
-        f"{state['step'] * B * T / 1e6:.1f} M tokens seen")
+    log(
+        f"train: done, {state['step']} steps, {state['elapsed_s'] / 60:.1f} min, "
+        f"{state['step'] * B * T / 1e6:.1f} M tokens seen"
+    )
     return state
 
 
 def load_trained(work: Path):
     import torch
+
     ck = torch.load(work / "ckpt.pt", map_location="cpu", weights_only=False)
     cfg = ModelConfig(**ck["cfg"])
     model = build_model(cfg)
@@ -852,26 +959,32 @@ def load_trained(work: Path):
 # GGUF export
 # --------------------------------------------------------------------------------------
 
+
 def gguf_tensors(model) -> list[tuple[str, np.ndarray, bool]]:
     """(name, array [out, in] like torch Linear.weight, keep_f32)."""
     f = lambda t: t.detach().float().numpy()
     emb = f(model.embed.weight)
-    out = [("token_embd.weight", emb, False), ("output_norm.weight", f(model.out_norm), True),
-           ("output.weight", emb, False)]  # tied in training, written twice for simple loaders
+    out = [
+        ("token_embd.weight", emb, False),
+        ("output_norm.weight", f(model.out_norm), True),
+        ("output.weight", emb, False),
+    ]  # tied in training, written twice for simple loaders
     for i, b in enumerate(model.blocks):
         p = f"blk.{i}."
-        out += [(p + "attn_norm.weight", f(b.attn_norm), True),
-                (p + "attn_q.weight", f(b.wq.weight), False),
-                (p + "attn_k.weight", f(b.wk.weight), False),
-                (p + "attn_v.weight", f(b.wv.weight), False),
-                (p + "attn_output.weight", f(b.wo.weight), False),
-                (p + "attn_q_norm.weight", f(b.q_norm), True),
-                (p + "attn_k_norm.weight", f(b.k_norm), True),
-                (p + "ffn_norm.weight", f(b.ffn_norm), True),
-                (p + "ffn_gate_inp.weight", f(b.router.weight), True),
-                (p + "ffn_gate_exps.weight", f(b.w_gate), False),
-                (p + "ffn_up_exps.weight", f(b.w_up), False),
-                (p + "ffn_down_exps.weight", f(b.w_down), False)]
+        out += [
+            (p + "attn_norm.weight", f(b.attn_norm), True),
+            (p + "attn_q.weight", f(b.wq.weight), False),
+            (p + "attn_k.weight", f(b.wk.weight), False),
+            (p + "attn_v.weight", f(b.wv.weight), False),
+            (p + "attn_output.weight", f(b.wo.weight), False),
+            (p + "attn_q_norm.weight", f(b.q_norm), True),
+            (p + "attn_k_norm.weight", f(b.k_norm), True),
+            (p + "ffn_norm.weight", f(b.ffn_norm), True),
+            (p + "ffn_gate_inp.weight", f(b.router.weight), True),
+            (p + "ffn_gate_exps.weight", f(b.w_gate), False),
+            (p + "ffn_up_exps.weight", f(b.w_up), False),
+            (p + "ffn_down_exps.weight", f(b.w_down), False),
+        ]
     return out
 
 
@@ -883,8 +996,7 @@ def step_export(args, tokens: dict) -> Path:
     model, cfg, ck = load_trained(work)
     tok_list, merges = tokenizer_vocab(work / "tokenizer.json")
     specials = {tokens["eos"], tokens["im_start"], tokens["im_end"]}
-    types = [int(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL)
-             for i in range(len(tok_list))]
+    types = [int(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL) for i in range(len(tok_list))]
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out_path), "qwen3moe")
@@ -942,13 +1054,22 @@ def model_from_gguf(path: Path, cfg: ModelConfig):
         targets = {"token_embd.weight": model.embed.weight, "output_norm.weight": model.out_norm}
         for i, b in enumerate(model.blocks):
             p = f"blk.{i}."
-            targets.update({p + "attn_norm.weight": b.attn_norm, p + "attn_q.weight": b.wq.weight,
-                            p + "attn_k.weight": b.wk.weight, p + "attn_v.weight": b.wv.weight,
-                            p + "attn_output.weight": b.wo.weight, p + "attn_q_norm.weight": b.q_norm,
-                            p + "attn_k_norm.weight": b.k_norm, p + "ffn_norm.weight": b.ffn_norm,
-                            p + "ffn_gate_inp.weight": b.router.weight,
-                            p + "ffn_gate_exps.weight": b.w_gate, p + "ffn_up_exps.weight": b.w_up,
-                            p + "ffn_down_exps.weight": b.w_down})
+            targets.update(
+                {
+                    p + "attn_norm.weight": b.attn_norm,
+                    p + "attn_q.weight": b.wq.weight,
+                    p + "attn_k.weight": b.wk.weight,
+                    p + "attn_v.weight": b.wv.weight,
+                    p + "attn_output.weight": b.wo.weight,
+                    p + "attn_q_norm.weight": b.q_norm,
+                    p + "attn_k_norm.weight": b.k_norm,
+                    p + "ffn_norm.weight": b.ffn_norm,
+                    p + "ffn_gate_inp.weight": b.router.weight,
+                    p + "ffn_gate_exps.weight": b.w_gate,
+                    p + "ffn_up_exps.weight": b.w_up,
+                    p + "ffn_down_exps.weight": b.w_down,
+                }
+            )
         for name, param in targets.items():
             param.copy_(torch.from_numpy(np.array(arrays[name], dtype=np.float32).reshape(param.shape)))
     model.eval()
@@ -959,12 +1080,14 @@ def model_from_gguf(path: Path, cfg: ModelConfig):
 # Evaluation
 # --------------------------------------------------------------------------------------
 
+
 def open_llama(path: Path, **kwargs):
     """llama.cpp on its plain CPU buffers (localmoe.llama_ref says why: the extra buffer types
     crashed batched Q8_0 decoding on an AMX-capable machine, and the plain path is the reference)."""
     from llama_cpp import Llama
 
     from localmoe.llama_ref import plain_cpu_buffers
+
     with plain_cpu_buffers():
         return Llama(str(path), verbose=False, **kwargs)
 
@@ -973,6 +1096,7 @@ def torch_eval(model, windows: np.ndarray, n_expert: int):
     """Mean CE (nats/token) over next-token targets of each window, and routing counts [L, E]."""
     import torch
     import torch.nn.functional as F
+
     ce_sum, n, counts = 0.0, 0, None
     with torch.no_grad():
         for w in windows:
@@ -981,7 +1105,7 @@ def torch_eval(model, windows: np.ndarray, n_expert: int):
             logits = model(ids, stats)[0]
             ce_sum += F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
             n += len(w) - 1
-            c = torch.stack(stats["counts"]).numpy()           # [L, E]
+            c = torch.stack(stats["counts"]).numpy()  # [L, E]
             counts = c if counts is None else counts + c
     return ce_sum / n, counts
 
@@ -1038,15 +1162,27 @@ def tokenizer_parity(llm, tok, texts: list[str]) -> dict:
 
 def generate_samples(llm, ctx: int) -> list[dict]:
     out, n_new = [], min(64, ctx // 2)
-    for prompt in ["In the beginning God", "And Jesus said unto them,", "def read_config(path):\n",
-                   "import os\n\n\nclass", "Der Mensch ist", "Wer zuletzt lacht,",
-                   "A fool and his money", "Computers are"]:
+    for prompt in [
+        "In the beginning God",
+        "And Jesus said unto them,",
+        "def read_config(path):\n",
+        "import os\n\n\nclass",
+        "Der Mensch ist",
+        "Wer zuletzt lacht,",
+        "A fool and his money",
+        "Computers are",
+    ]:
         r = llm.create_completion(prompt, max_tokens=n_new, temperature=0.0)
         out.append({"prompt": prompt, "mode": "greedy", "text": r["choices"][0]["text"]})
-    for user in ["Continue this Bible verse: And God said", "Tell me a fortune.",
-                 "Erzähl mir ein Sprichwort.", "Write Python code: def fibonacci(n):"]:
-        r = llm.create_chat_completion([{"role": "user", "content": user}], max_tokens=n_new,
-                                       temperature=0.7, top_p=0.9, seed=1)
+    for user in [
+        "Continue this Bible verse: And God said",
+        "Tell me a fortune.",
+        "Erzähl mir ein Sprichwort.",
+        "Write Python code: def fibonacci(n):",
+    ]:
+        r = llm.create_chat_completion(
+            [{"role": "user", "content": user}], max_tokens=n_new, temperature=0.7, top_p=0.9, seed=1
+        )
         out.append({"prompt": user, "mode": "chat, T=0.7", "text": r["choices"][0]["message"]["content"]})
     return out
 
@@ -1054,8 +1190,10 @@ def generate_samples(llm, ctx: int) -> list[dict]:
 def usage_table(counts: dict[str, np.ndarray], layers: list[int], k: int) -> tuple[list[str], dict]:
     """Markdown rows: per layer and domain, the top-3 experts with their share of assignments."""
     domains = list(counts)
-    rows = ["| layer | " + " | ".join(domains) + " | top-1 distinct | max share (all domains) |",
-            "|---|" + "---|" * len(domains) + "---|---|"]
+    rows = [
+        "| layer | " + " | ".join(domains) + " | top-1 distinct | max share (all domains) |",
+        "|---|" + "---|" * len(domains) + "---|---|",
+    ]
     summary = {"layers_with_distinct_top1": 0, "max_share": 0.0}
     n_layer = next(iter(counts.values())).shape[0]
     for l in range(n_layer):
@@ -1085,19 +1223,31 @@ def step_eval(args, tokens: dict, corpus: dict) -> dict:
     model, cfg, ck = load_trained(work)
     data = np.load(work / "tokens.npz")
     tok = load_tokenizer(work / "tokenizer.json")
-    llm = open_llama(gguf_path, n_ctx=cfg.ctx, n_batch=cfg.ctx, n_ubatch=cfg.ctx, logits_all=True,
-                     n_threads=args.threads, seed=1)
+    llm = open_llama(
+        gguf_path, n_ctx=cfg.ctx, n_batch=cfg.ctx, n_ubatch=cfg.ctx, logits_all=True, n_threads=args.threads, seed=1
+    )
     gmodel = model_from_gguf(gguf_path, cfg)
 
-    report = {"gguf": str(gguf_path), "gguf_mb": round(gguf_path.stat().st_size / 1e6, 2),
-              "params": count_params(cfg)[0], "active_params": count_params(cfg)[1],
-              "config": asdict(cfg), "train_steps": ck["step"],
-              "train_minutes": round(ck["elapsed_s"] / 60, 1), "domains": {}}
+    report = {
+        "gguf": str(gguf_path),
+        "gguf_mb": round(gguf_path.stat().st_size / 1e6, 2),
+        "params": count_params(cfg)[0],
+        "active_params": count_params(cfg)[1],
+        "config": asdict(cfg),
+        "train_steps": ck["step"],
+        "train_minutes": round(ck["elapsed_s"] / 60, 1),
+        "domains": {},
+    }
     frac, groups = ck.get("upcycle") or (args.upcycle_frac, args.upcycle_groups)
     if ck.get("moe_from_step") and cfg.n_expert > groups:  # upcycled, with replicas
         same, other = replica_similarity(model, groups)
-        report["upcycle"] = {"frac": frac, "groups": groups, "moe_from_step": ck["moe_from_step"],
-                             "replica_weight_cosine": same, "other_weight_cosine": other}
+        report["upcycle"] = {
+            "frac": frac,
+            "groups": groups,
+            "moe_from_step": ck["moe_from_step"],
+            "replica_weight_cosine": same,
+            "other_weight_cosine": other,
+        }
     counts_by_domain = {}
     for name in tokens["domains"]:
         windows = data[f"eval_{name}"]
@@ -1109,24 +1259,37 @@ def step_eval(args, tokens: dict, corpus: dict) -> dict:
         counts_by_domain[name] = counts
         report["domains"][name] = {
             "eval_tokens": int(windows[:, 1:].size),
-            "ppl_torch": math.exp(ce_torch), "ppl_torch_from_gguf": math.exp(ce_gguf_torch),
-            "ppl_llama_cpp": math.exp(ce_llama), "ce_torch": ce_torch, "ce_llama_cpp": ce_llama,
-            "ce_unigram": ce_uni, "ce_ratio_vs_unigram": ce_llama / ce_uni,
-            "ppl_rel_diff_llama_vs_torch": math.exp(ce_llama - ce_torch) - 1}
+            "ppl_torch": math.exp(ce_torch),
+            "ppl_torch_from_gguf": math.exp(ce_gguf_torch),
+            "ppl_llama_cpp": math.exp(ce_llama),
+            "ce_torch": ce_torch,
+            "ce_llama_cpp": ce_llama,
+            "ce_unigram": ce_uni,
+            "ce_ratio_vs_unigram": ce_llama / ce_uni,
+            "ppl_rel_diff_llama_vs_torch": math.exp(ce_llama - ce_torch) - 1,
+        }
         if ce_ours is not None:
-            report["domains"][name] |= {"ppl_localmoe": math.exp(ce_ours), "ce_localmoe": ce_ours,
-                                        "ppl_rel_diff_localmoe_vs_llama": math.exp(ce_ours - ce_llama) - 1}
-        log(f"eval: {name:12s} ppl llama.cpp {math.exp(ce_llama):8.3f} | torch {math.exp(ce_torch):8.3f} "
+            report["domains"][name] |= {
+                "ppl_localmoe": math.exp(ce_ours),
+                "ce_localmoe": ce_ours,
+                "ppl_rel_diff_localmoe_vs_llama": math.exp(ce_ours - ce_llama) - 1,
+            }
+        log(
+            f"eval: {name:12s} ppl llama.cpp {math.exp(ce_llama):8.3f} | torch {math.exp(ce_torch):8.3f} "
             f"| torch(gguf) {math.exp(ce_gguf_torch):8.3f} | CE {ce_llama:.3f} vs unigram {ce_uni:.3f} "
-            f"({ce_llama / ce_uni:.0%})")
+            f"({ce_llama / ce_uni:.0%})"
+        )
     rows, summary = usage_table(counts_by_domain, list(range(cfg.n_layer)), cfg.n_expert_used)
     report["expert_usage"] = summary
     report["expert_counts"] = {d: c.tolist() for d, c in counts_by_domain.items()}
 
-    texts = ["Grüße aus Köln: Ärger über Öl, Straße, Mädchen, l'été à Noël, déjà vu, garçon, œuvre",
-             chat("Erzähl mir ein Sprichwort.", "Wer früh übt, wird ein Meister.") + EOS,
-             "def f(x):\n    return {'a': [x ** 2, 3.14e-5]}  # comment\n\n\tif x != 0:\n\t\tpass\n",
-             "  multiple   spaces\n\n\n  and\ttabs \r\n end  ", "emoji 🙂 and 日本語 and 1234567 numbers"]
+    texts = [
+        "Grüße aus Köln: Ärger über Öl, Straße, Mädchen, l'été à Noël, déjà vu, garçon, œuvre",
+        chat("Erzähl mir ein Sprichwort.", "Wer früh übt, wird ein Meister.") + EOS,
+        "def f(x):\n    return {'a': [x ** 2, 3.14e-5]}  # comment\n\n\tif x != 0:\n\t\tpass\n",
+        "  multiple   spaces\n\n\n  and\ttabs \r\n end  ",
+        "emoji 🙂 and 日本語 and 1234567 numbers",
+    ]
     for name, v in corpus["domains"].items():
         texts += v["eval"][:25] + v["train"][:5]
     report["tokenizer_parity"] = tokenizer_parity(open_llama(gguf_path, vocab_only=True), tok, texts)
@@ -1142,23 +1305,36 @@ def step_eval(args, tokens: dict, corpus: dict) -> dict:
 
 
 def report_markdown(r: dict, usage_rows: list[str], tokens: dict) -> str:
-    lines = [f"Model: {r['params'] / 1e6:.2f} M parameters ({r['active_params'] / 1e6:.2f} M active per token), "
-             f"GGUF {r['gguf_mb']} MB, {r['train_steps']} steps in {r['train_minutes']} min.", ""]
+    lines = [
+        f"Model: {r['params'] / 1e6:.2f} M parameters ({r['active_params'] / 1e6:.2f} M active per token), "
+        f"GGUF {r['gguf_mb']} MB, {r['train_steps']} steps in {r['train_minutes']} min.",
+        "",
+    ]
     if "upcycle" in r:
         u = r["upcycle"]
-        lines += [f"Upcycled: dense for steps 1-{u['moe_from_step']}, then {r['config']['n_expert']} experts from "
-                  f"{u['groups']} FFN segments; mean cosine of the experts' weights after training: "
-                  f"{u['replica_weight_cosine']:.3f} between replicas of a segment, {u['other_weight_cosine']:.3f} "
-                  "between experts of different segments.", ""]
-    lines += ["| domain | eval tokens | ppl llama.cpp | ppl localmoe | localmoe vs llama.cpp | ppl PyTorch (f32) | "
-              "ppl PyTorch (GGUF weights) | llama.cpp vs PyTorch | CE nats/token | unigram CE | CE / unigram |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Upcycled: dense for steps 1-{u['moe_from_step']}, then {r['config']['n_expert']} experts from "
+            f"{u['groups']} FFN segments; mean cosine of the experts' weights after training: "
+            f"{u['replica_weight_cosine']:.3f} between replicas of a segment, {u['other_weight_cosine']:.3f} "
+            "between experts of different segments.",
+            "",
+        ]
+    lines += [
+        "| domain | eval tokens | ppl llama.cpp | ppl localmoe | localmoe vs llama.cpp | ppl PyTorch (f32) | "
+        "ppl PyTorch (GGUF weights) | llama.cpp vs PyTorch | CE nats/token | unigram CE | CE / unigram |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for d, v in r["domains"].items():
-        ours = (f"{v['ppl_localmoe']:.3f} | {v['ppl_rel_diff_localmoe_vs_llama']:+.2%}" if "ppl_localmoe" in v
-                else "(not installed) | ")
-        lines.append(f"| {d} | {v['eval_tokens']} | {v['ppl_llama_cpp']:.3f} | {ours} | {v['ppl_torch']:.3f} | "
-                     f"{v['ppl_torch_from_gguf']:.3f} | {v['ppl_rel_diff_llama_vs_torch']:+.2%} | "
-                     f"{v['ce_llama_cpp']:.3f} | {v['ce_unigram']:.3f} | {v['ce_ratio_vs_unigram']:.1%} |")
+        ours = (
+            f"{v['ppl_localmoe']:.3f} | {v['ppl_rel_diff_localmoe_vs_llama']:+.2%}"
+            if "ppl_localmoe" in v
+            else "(not installed) | "
+        )
+        lines.append(
+            f"| {d} | {v['eval_tokens']} | {v['ppl_llama_cpp']:.3f} | {ours} | {v['ppl_torch']:.3f} | "
+            f"{v['ppl_torch_from_gguf']:.3f} | {v['ppl_rel_diff_llama_vs_torch']:+.2%} | "
+            f"{v['ce_llama_cpp']:.3f} | {v['ce_unigram']:.3f} | {v['ce_ratio_vs_unigram']:.1%} |"
+        )
     doms = r["domains"].values()
     ce_all = {k: float(np.mean([v[k] for v in doms])) for k in ("ce_llama_cpp", "ce_torch", "ce_unigram")}
     r["all_domains"] = {**ce_all, "ce_ratio_vs_unigram": ce_all["ce_llama_cpp"] / ce_all["ce_unigram"]}
@@ -1166,38 +1342,53 @@ def report_markdown(r: dict, usage_rows: list[str], tokens: dict) -> str:
     if all("ce_localmoe" in v for v in doms):
         ce_ours = float(np.mean([v["ce_localmoe"] for v in doms]))
         ours_all = f"{math.exp(ce_ours):.3f} | {math.exp(ce_ours - ce_all['ce_llama_cpp']) - 1:+.2%}"
-    lines.append(f"| all (mean) | {sum(v['eval_tokens'] for v in doms)} | {math.exp(ce_all['ce_llama_cpp']):.3f} | {ours_all} | "
-                 f"{math.exp(ce_all['ce_torch']):.3f} | | {math.exp(ce_all['ce_llama_cpp'] - ce_all['ce_torch']) - 1:+.2%} | "
-                 f"{ce_all['ce_llama_cpp']:.3f} | {ce_all['ce_unigram']:.3f} | "
-                 f"{r['all_domains']['ce_ratio_vs_unigram']:.1%} |")
+    lines.append(
+        f"| all (mean) | {sum(v['eval_tokens'] for v in doms)} | {math.exp(ce_all['ce_llama_cpp']):.3f} | {ours_all} | "
+        f"{math.exp(ce_all['ce_torch']):.3f} | | {math.exp(ce_all['ce_llama_cpp'] - ce_all['ce_torch']) - 1:+.2%} | "
+        f"{ce_all['ce_llama_cpp']:.3f} | {ce_all['ce_unigram']:.3f} | "
+        f"{r['all_domains']['ce_ratio_vs_unigram']:.1%} |"
+    )
     u = r["expert_usage"]
-    lines += ["", "Expert usage on the held-out windows (top-3 experts per domain, share of that domain's "
-              "assignments in the layer):", "", *usage_rows, "",
-              f"Layers whose most-used expert differs between domains: {u['layers_with_distinct_top1']} of "
-              f"{u['n_layer']}; largest share of one expert in a layer: {u['max_share']:.0%} of the assignments "
-              f"(it is among the top-{r['config']['n_expert_used']} of {u['max_token_share']:.0%} of the tokens).", "",
-              f"Tokenizer parity (llama.cpp vs trainer): {r['tokenizer_parity']['checked']} texts, "
-              f"{r['tokenizer_parity']['mismatches']} mismatches.", "", "Samples (llama.cpp):", ""]
+    lines += [
+        "",
+        "Expert usage on the held-out windows (top-3 experts per domain, share of that domain's "
+        "assignments in the layer):",
+        "",
+        *usage_rows,
+        "",
+        f"Layers whose most-used expert differs between domains: {u['layers_with_distinct_top1']} of "
+        f"{u['n_layer']}; largest share of one expert in a layer: {u['max_share']:.0%} of the assignments "
+        f"(it is among the top-{r['config']['n_expert_used']} of {u['max_token_share']:.0%} of the tokens).",
+        "",
+        f"Tokenizer parity (llama.cpp vs trainer): {r['tokenizer_parity']['checked']} texts, "
+        f"{r['tokenizer_parity']['mismatches']} mismatches.",
+        "",
+        "Samples (llama.cpp):",
+        "",
+    ]
     for s in r["samples"]:
         text = (s["prompt"] if s["mode"] == "greedy" else "") + s["text"]
-        lines += [f"* `{s['prompt']!r}` ({s['mode']}):", "", "  ```", *["  " + t for t in text.splitlines()],
-                  "  ```"]
+        lines += [f"* `{s['prompt']!r}` ({s['mode']}):", "", "  ```", *["  " + t for t in text.splitlines()], "  ```"]
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["all", "prepare", "tokenize", "train", "export", "samples", "eval"], nargs="?",
-                    default="all")
+    ap.add_argument(
+        "step", choices=["all", "prepare", "tokenize", "train", "export", "samples", "eval"], nargs="?", default="all"
+    )
     ap.add_argument("--work-dir", default=str(HERE / "work"), help="corpus, tokenizer, checkpoints, report")
     ap.add_argument("--out", default=str(HERE / "localmoe-demo-moe.gguf"), help="GGUF file to write")
     ap.add_argument("--name", default="localmoe-demo-moe")
     ap.add_argument("--outtype", choices=["q8_0", "f32"], default="q8_0", help="GGUF weight type")
-    ap.add_argument("--corpus-dir", default=None,
-                    help="use <domain>.txt files here (documents separated by '%%' lines) instead of "
-                         "the Debian corpus")
+    ap.add_argument(
+        "--corpus-dir",
+        default=None,
+        help="use <domain>.txt files here (documents separated by '%%' lines) instead of the Debian corpus",
+    )
     ap.add_argument("--max-chars", type=int, default=4_500_000, help="cap per domain (characters)")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--chat-frac", type=float, default=0.3, help="chat-wrapped copies per training doc")
@@ -1222,14 +1413,25 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (at most)")
-    ap.add_argument("--no-adapt-threads", dest="adapt_threads", action="store_false",
-                    help="always use --threads, even while other processes keep the CPU busy")
-    ap.add_argument("--upcycle-frac", type=float, default=0.5,
-                    help="share of the training budget spent on a dense model that is then upcycled "
-                         "into the MoE (0: train the MoE from scratch)")
-    ap.add_argument("--upcycle-groups", type=int, default=4,
-                    help="segments of the dense FFN, each expert-sized; every segment becomes "
-                         "n_expert / groups experts")
+    ap.add_argument(
+        "--no-adapt-threads",
+        dest="adapt_threads",
+        action="store_false",
+        help="always use --threads, even while other processes keep the CPU busy",
+    )
+    ap.add_argument(
+        "--upcycle-frac",
+        type=float,
+        default=0.5,
+        help="share of the training budget spent on a dense model that is then upcycled "
+        "into the MoE (0: train the MoE from scratch)",
+    )
+    ap.add_argument(
+        "--upcycle-groups",
+        type=int,
+        default=4,
+        help="segments of the dense FFN, each expert-sized; every segment becomes n_expert / groups experts",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if not 0 <= args.upcycle_frac < 1:

@@ -14,7 +14,9 @@ def llama_logits(path: str, prompts: list[list[int]], f16_kv: bool = False) -> n
     kv = {} if f16_kv else {"type_k": 0, "type_v": 0}  # 0 = GGML_TYPE_F32
     n = max(len(p) for p in prompts)
     with plain_cpu_buffers():
-        llm = llama_cpp.Llama(model_path=path, n_ctx=max(64, n), n_batch=n, n_ubatch=n, logits_all=True, verbose=False, n_threads=2, **kv)
+        llm = llama_cpp.Llama(
+            model_path=path, n_ctx=max(64, n), n_batch=n, n_ubatch=n, logits_all=True, verbose=False, n_threads=2, **kv
+        )
     try:
         out = []
         for ids in prompts:

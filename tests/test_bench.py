@@ -20,12 +20,36 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_bench_vs_llama_cpp_json(make_model):
     path = make_model("qwen3moe", "Q4_0")
-    r = _cli("bench", "speed", path, "--vs", "llama.cpp", "--json", "--prompt-tokens", "8", "--decode-tokens", "4",
-             "--reps", "2", "--rounds", "2", "-t", "1")
+    r = _cli(
+        "bench",
+        "speed",
+        path,
+        "--vs",
+        "llama.cpp",
+        "--json",
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--reps",
+        "2",
+        "--rounds",
+        "2",
+        "-t",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["baseline"] == "llama.cpp"
-    assert d["config"] == {"prompt_tokens": 8, "decode_tokens": 4, "reps": 2, "warmup": 1, "threads": 1, "seed": 0, "rounds": 2}
+    assert d["config"] == {
+        "prompt_tokens": 8,
+        "decode_tokens": 4,
+        "reps": 2,
+        "warmup": 1,
+        "threads": 1,
+        "seed": 0,
+        "rounds": 2,
+    }
     rows = {row["engine"]: row for row in d["rows"]}
     assert set(rows) == {"llama.cpp", "localmoe"}
     for row in rows.values():
@@ -38,7 +62,12 @@ def test_bench_vs_llama_cpp_json(make_model):
         assert row["peak_rss_bytes"] > 50 << 20
     ours, base = rows["localmoe"], rows["llama.cpp"]
     assert ours["syncs_per_token"] >= 1 and base["syncs_per_token"] is None  # localmoe counts its readbacks
-    assert d["ratios"] == {"localmoe": {"prompt": pytest.approx(ours["prompt_tps"] / base["prompt_tps"]), "decode": pytest.approx(ours["decode_tps"] / base["decode_tps"])}}
+    assert d["ratios"] == {
+        "localmoe": {
+            "prompt": pytest.approx(ours["prompt_tps"] / base["prompt_tps"]),
+            "decode": pytest.approx(ours["decode_tps"] / base["decode_tps"]),
+        }
+    }
 
 
 def test_table_has_a_row_per_engine_configuration():
@@ -46,7 +75,9 @@ def test_table_has_a_row_per_engine_configuration():
     rows = [
         bench.make_row("llama.cpp", [(0.1, 0.5), (0.2, 0.5)], cfg, 1_000_000),
         bench.make_row("localmoe", [(0.05, 0.25), (0.05, 0.25)], cfg, 1_000_000),
-        bench.make_row("localmoe (policy lfu, gpu-mem 6GB)", [(0.1, 1.0), (0.1, 1.0)], cfg, 1_000_000, clock="modelled:laptop-8gb"),
+        bench.make_row(
+            "localmoe (policy lfu, gpu-mem 6GB)", [(0.1, 1.0), (0.1, 1.0)], cfg, 1_000_000, clock="modelled:laptop-8gb"
+        ),
     ]
     assert rows[0].prompt_tps == pytest.approx(75.0) and rows[0].decode_tps == pytest.approx(10.0)
     ratios = bench.compare(rows)
@@ -72,7 +103,9 @@ def _fake_llama_worker(crash_unless_plain: bool, signum: int):
 def test_llama_cpp_crash_is_one_line_error(monkeypatch, make_model):
     path = make_model("qwen3moe", "Q4_0")
     monkeypatch.setattr(bench.subprocess, "run", _fake_llama_worker(crash_unless_plain=False, signum=11))
-    with pytest.raises(LocalMoEError, match=r"llama.cpp crashed \(SIGSEGV\).*with plain CPU buffers.*mno-amx-tile.*--no-cache-dir") as exc:
+    with pytest.raises(
+        LocalMoEError, match=r"llama.cpp crashed \(SIGSEGV\).*with plain CPU buffers.*mno-amx-tile.*--no-cache-dir"
+    ) as exc:
         bench.run_llama_cpp(path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1))
     assert "\n" not in str(exc.value)
 
@@ -127,14 +160,25 @@ def test_bench_host_mem_rows_load_with_their_budgets(make_model, monkeypatch):
     path = make_model("qwen3moe", "Q4_0")
     experts = GGUFModel(path).all_expert_bytes()
     assert bench.host_mem_bytes("25%", GGUFModel(path)) == int(0.25 * experts)
-    assert bench.host_mem_bytes("default", GGUFModel(path)) is None and bench.host_mem_bytes("2GB", GGUFModel(path)) == 2 << 30
+    assert (
+        bench.host_mem_bytes("default", GGUFModel(path)) is None
+        and bench.host_mem_bytes("2GB", GGUFModel(path)) == 2 << 30
+    )
     with pytest.raises(LocalMoEError, match="between 0% and 100%"):
         bench.host_mem_bytes("150%", GGUFModel(path))
     seen = []
     real = bench.localmoe_runs
-    monkeypatch.setattr(bench, "localmoe_runs", lambda p, cfg, kw: seen.append(kw.get("host_mem", "default")) or real(p, cfg, kw))
-    res = bench.run_bench(path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1), vs=None, host_mems=["default", "25%", "0"])
+    monkeypatch.setattr(
+        bench, "localmoe_runs", lambda p, cfg, kw: seen.append(kw.get("host_mem", "default")) or real(p, cfg, kw)
+    )
+    res = bench.run_bench(
+        path, bench.BenchConfig(prompt_tokens=4, decode_tokens=2, reps=1), vs=None, host_mems=["default", "25%", "0"]
+    )
     assert seen == ["default", int(0.25 * experts), 0]
-    assert [r.engine for r in res.rows] == ["localmoe (host-mem default)", f"localmoe (host-mem 25% = {0.25 * experts / 2**30:.1f} GiB)", "localmoe (host-mem 0)"]
+    assert [r.engine for r in res.rows] == [
+        "localmoe (host-mem default)",
+        f"localmoe (host-mem 25% = {0.25 * experts / 2**30:.1f} GiB)",
+        "localmoe (host-mem 0)",
+    ]
     r = _cli("bench", "speed", path, "--host-mem", "lots")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "lots" in r.stderr

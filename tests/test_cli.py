@@ -20,7 +20,16 @@ def test_info_text_and_json_on_q4_k_m(make_model):
     r = _cli("info", path, "--json")
     d = json.loads(r.stdout)
     assert d["architecture"] == "qwen3moe" and d["layers"] == 2
-    assert d["experts"] == {"count": 8, "used": 2, "ffn_length": 256, "shared_ffn_length": 0, "shared_count": 0, "normalised_top_k": True, "activation": "swiglu", "biases": False}
+    assert d["experts"] == {
+        "count": 8,
+        "used": 2,
+        "ffn_length": 256,
+        "shared_ffn_length": 0,
+        "shared_count": 0,
+        "normalised_top_k": True,
+        "activation": "swiglu",
+        "biases": False,
+    }
     assert d["attention"]["kind"] == "gqa" and d["dense_layers"] == [] and d["routing"]["kind"] == "softmax_topk"
     assert {"Q4_K", "Q6_K", "F32"} <= set(d["quant_mix"])
     # the per-expert bytes, layer by layer, add up to the expert tensors' bytes (Q4_K_M mixes types by layer)
@@ -29,7 +38,9 @@ def test_info_text_and_json_on_q4_k_m(make_model):
     assert d["dense_bytes"] + d["expert_bytes"] == d["file_bytes"]
     # the default --host-mem on this machine, from the RAM available now, and what it holds
     h = d["host_memory"]
-    assert h["default_host_mem_bytes"] == max(0, h["available_bytes"] - h["dense_bytes"] - h["headroom_bytes"])  # one reading of the RAM
+    assert h["default_host_mem_bytes"] == max(
+        0, h["available_bytes"] - h["dense_bytes"] - h["headroom_bytes"]
+    )  # one reading of the RAM
     assert h["dense_bytes"] == d["dense_bytes"] and 0 <= h["repacked_share"] <= 1
     assert "host memory    --host-mem default" in _cli("info", path).stdout
 

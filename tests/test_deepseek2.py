@@ -23,7 +23,14 @@ from localmoe.fallback.buddies import builtin_calibration_text, calibrate
 from localmoe.residency.trace import load_trace
 from oracle import compare, llama_logits
 
-V3 = dict(gating="sigmoid", n_expert_groups=4, n_group_used=2, expert_weights_norm=True, expert_weights_scale=2.5, q_lora_rank=64)
+V3 = dict(
+    gating="sigmoid",
+    n_expert_groups=4,
+    n_group_used=2,
+    expert_weights_norm=True,
+    expert_weights_scale=2.5,
+    q_lora_rank=64,
+)
 
 
 def _prompts() -> list[list[int]]:
@@ -34,7 +41,9 @@ def _prompts() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def v3_files(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ds3")
-    return {q: write_model(root / f"v3-{q}.gguf", arch_config("deepseek2", **V3, weight_type=q)) for q in ("F32", "Q8_0")}
+    return {
+        q: write_model(root / f"v3-{q}.gguf", arch_config("deepseek2", **V3, weight_type=q)) for q in ("F32", "Q8_0")
+    }
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
@@ -120,11 +129,25 @@ def test_calibrate_and_buddy_on_a_model_with_a_dense_layer(v3_files):
 
 
 def test_info_shows_mla_dense_layers_and_shared_experts(v3_files):
-    out = subprocess.run([sys.executable, "-m", "localmoe", "info", v3_files["F32"], "--json"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "localmoe", "info", v3_files["F32"], "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
-    assert d["attention"] == {"kind": "mla", "kv_lora_rank": 64, "q_lora_rank": 64, "qk_rope_dim": 16, "qk_nope_dim": 32, "v_head_dim": 32}
+    assert d["attention"] == {
+        "kind": "mla",
+        "kv_lora_rank": 64,
+        "q_lora_rank": 64,
+        "qk_rope_dim": 16,
+        "qk_nope_dim": 32,
+        "v_head_dim": 32,
+    }
     assert d["dense_layers"] == [0] and d["experts"]["shared_count"] == 2
     assert d["routing"]["kind"] == "sigmoid_bias_groups" and d["routing"]["groups"] == {"count": 4, "used": 2}
-    text = subprocess.run([sys.executable, "-m", "localmoe", "info", v3_files["F32"]], capture_output=True, text=True, timeout=120).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "localmoe", "info", v3_files["F32"]], capture_output=True, text=True, timeout=120
+    ).stdout
     assert "MLA" in text and "dense" in text and "shared" in text

@@ -18,7 +18,13 @@ def test_the_defaults():
 
 
 def test_every_entry_point_reads_them():
-    want = {"max_tokens": MAX_TOKENS, "temperature": DEFAULT.temperature, "top_p": DEFAULT.top_p, "top_k": DEFAULT.top_k, "seed": None}
+    want = {
+        "max_tokens": MAX_TOKENS,
+        "temperature": DEFAULT.temperature,
+        "top_p": DEFAULT.top_p,
+        "top_k": DEFAULT.top_k,
+        "seed": None,
+    }
     for method in (Runtime.stream, Runtime.generate, Runtime.chat):
         params = inspect.signature(method).parameters
         assert {k: params[k].default for k in want} == want, method.__name__
@@ -26,7 +32,13 @@ def test_every_entry_point_reads_them():
         assert {k: getattr(settings, k) for k in want} == want, type(settings).__name__
     for command in ("run", "chat", "serve"):
         args = build_parser().parse_args([command, "x.gguf"])
-        assert (args.max_tokens, args.temp, args.top_p, args.top_k, args.seed) == (MAX_TOKENS, DEFAULT.temperature, DEFAULT.top_p, DEFAULT.top_k, None)
+        assert (args.max_tokens, args.temp, args.top_p, args.top_k, args.seed) == (
+            MAX_TOKENS,
+            DEFAULT.temperature,
+            DEFAULT.top_p,
+            DEFAULT.top_k,
+            None,
+        )
 
 
 def test_help_shows_them():

@@ -41,12 +41,16 @@ def act_quantized(x: torch.Tensor, qtype: Q) -> np.ndarray:
     out = np.zeros(x.shape, dtype=np.float64)
     for t, row in enumerate(x.numpy()):
         buf = np.zeros(g.kernels(vdt).row_bytes(row.size), dtype=np.uint8)
-        ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(g.kernels(qtype).from_float)(row.ctypes.data, buf.ctypes.data, row.size)
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(g.kernels(qtype).from_float)(
+            row.ctypes.data, buf.ctypes.data, row.size
+        )
         if vdt == Q.Q8_0:
             out[t] = dequantize(buf, Q.Q8_0).reshape(-1)
         elif vdt == Q.Q8_1:  # float16 d, float16 d·sum, 32 int8
             b = buf.reshape(-1, 36)
-            out[t] = (b[:, :2].copy().view(np.float16).astype(np.float32) * b[:, 4:].view(np.int8).astype(np.float32)).reshape(-1)
+            out[t] = (
+                b[:, :2].copy().view(np.float16).astype(np.float32) * b[:, 4:].view(np.int8).astype(np.float32)
+            ).reshape(-1)
         else:  # Q8_K: float32 d, 256 int8, 16 int16 block sums
             b = buf.reshape(-1, 292)
             d = b[:, :4].copy().view(np.float32)
@@ -81,12 +85,19 @@ def test_ggml_matmul_is_the_dequantized_matmul(qtype):
     assert w.backend == "ggml" and w.tensors["raw0"].data_ptr() == raw.ctypes.data  # in place: no copy
     assert policy.current().ggml_graph_rows <= 9
     if ggml().graph is not None:  # the two many-token paths agree
-        torch.testing.assert_close(ggml().graph_matmul(w.tensors["raw0"], qtype, n, k, x, 2), ggml().matmul(kernels._ggml_segs(w), n, x, 2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ggml().graph_matmul(w.tensors["raw0"], qtype, n, k, x, 2),
+            ggml().matmul(kernels._ggml_segs(w), n, x, 2),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     for rows in (1, 5, 9):
         y = w(x[:rows])
         assert y.shape == (rows, n)
         # Q4_1 / Q5_1 meet Q8_1 activations, whose block sums d·Σq are stored as float16: ≤ 2e-3
-        assert rel(y, act_quantized(x[:rows], qtype) @ ref_w.T) <= (2e-3 if qtype in (Q.Q4_1, Q.Q5_1) else 1e-5), qtype.name
+        assert rel(y, act_quantized(x[:rows], qtype) @ ref_w.T) <= (2e-3 if qtype in (Q.Q4_1, Q.Q5_1) else 1e-5), (
+            qtype.name
+        )
         assert rel(y, x[:rows].double().numpy() @ ref_w.T) <= 1.5e-2, qtype.name
 
 
@@ -97,7 +108,9 @@ def test_dequantize_every_type_equals_gguf_reference(qtype):
     got = gguf_blocks.dequantize(raw, qtype, (8, 512))
     np.testing.assert_array_equal(got.numpy(), dequantize(raw, qtype).reshape(8, 512).astype(np.float32))
     rows = torch.tensor([7, 0, 3])
-    np.testing.assert_array_equal(kernels.gather_rows(repack(raw, qtype, (8, 512), backend="ggml"), rows).numpy(), got.numpy()[rows.numpy()])
+    np.testing.assert_array_equal(
+        kernels.gather_rows(repack(raw, qtype, (8, 512), backend="ggml"), rows).numpy(), got.numpy()[rows.numpy()]
+    )
 
 
 def test_fused_segments_of_different_types_are_one_matmul():
@@ -105,17 +118,28 @@ def test_fused_segments_of_different_types_are_one_matmul():
     gate, up = ggml_rows(Q.IQ4_XS, 24, 256, 1), ggml_rows(Q.Q8_0, 40, 256, 2)
     x = torch.randn(3, 256)
     fused = kernels.ggml_weight([(torch.from_numpy(gate), Q.IQ4_XS, 24), (torch.from_numpy(up), Q.Q8_0, 40)], 256)
-    sep = torch.cat([repack(gate, Q.IQ4_XS, (24, 256), backend="ggml")(x), repack(up, Q.Q8_0, (40, 256), backend="ggml")(x)], dim=-1)
+    sep = torch.cat(
+        [repack(gate, Q.IQ4_XS, (24, 256), backend="ggml")(x), repack(up, Q.Q8_0, (40, 256), backend="ggml")(x)], dim=-1
+    )
     torch.testing.assert_close(fused(x), sep, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("qtypes", [(Q.Q4_K, Q.Q6_K), (Q.IQ2_XXS, Q.Q3_K), (Q.MXFP4, Q.MXFP4)], ids=lambda t: "-".join(q.name for q in t))
+@pytest.mark.parametrize(
+    "qtypes", [(Q.Q4_K, Q.Q6_K), (Q.IQ2_XXS, Q.Q3_K), (Q.MXFP4, Q.MXFP4)], ids=lambda t: "-".join(q.name for q in t)
+)
 def test_moe_decode_equals_the_experts_one_by_one(qtypes):
     """lg_moe_decode (k experts' gate+up, SwiGLU, down and the weighted sum in one call) equals the
     experts run one at a time through the matmul entry point."""
     gu_t, dn_t = qtypes
     D, Fh, E = 256, 512, 4
-    experts = [mapped_ffn((ggml_rows(gu_t, Fh, D, 10 + e), gu_t, (Fh, D)), (ggml_rows(gu_t, Fh, D, 20 + e), gu_t, (Fh, D)), (ggml_rows(dn_t, D, Fh, 30 + e), dn_t, (D, Fh))) for e in range(E)]
+    experts = [
+        mapped_ffn(
+            (ggml_rows(gu_t, Fh, D, 10 + e), gu_t, (Fh, D)),
+            (ggml_rows(gu_t, Fh, D, 20 + e), gu_t, (Fh, D)),
+            (ggml_rows(dn_t, D, Fh, 30 + e), dn_t, (D, Fh)),
+        )
+        for e in range(E)
+    ]
     x = torch.randn(1, D)
     coef = [0.4, 0.3, 0.2, 0.1]
     fused = kernels.swiglu_decode([w.gate_up for w in experts], [w.down for w in experts], x, coef)
@@ -155,10 +179,16 @@ def test_mixed_fuse_rows_is_zero_copy_under_ggml(monkeypatch):
     monkeypatch.setattr(kernels, "choose_backend", lambda q, d, prefer=None: "ggml")
     gate, up = ggml_rows(Q.Q4_K, 16, 256, 4), ggml_rows(Q.Q4_K, 16, 256, 5)
     fused = fuse_rows([(gate, Q.Q4_K, (16, 256)), (up, Q.Q4_K, (16, 256))])
-    assert fused.backend == "ggml" and fused.tensors["raw0"].data_ptr() == gate.ctypes.data and fused.tensors["raw1"].data_ptr() == up.ctypes.data
+    assert (
+        fused.backend == "ggml"
+        and fused.tensors["raw0"].data_ptr() == gate.ctypes.data
+        and fused.tensors["raw1"].data_ptr() == up.ctypes.data
+    )
 
 
-@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI kernel: every expert is computed in place already")
+@pytest.mark.skipif(
+    kernels.native_lib() is None, reason="no AVX-512 VNNI kernel: every expert is computed in place already"
+)
 def test_experts_beyond_host_mem_run_in_place_and_are_never_repacked_twice(make_model, monkeypatch):
     """Under a host-RAM budget of about two repacked experts, the rest are computed by ggml from the
     memory map: nothing is repacked twice, the budget holds, and the logits are those of the

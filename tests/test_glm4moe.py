@@ -18,5 +18,7 @@ def test_mtp_block_is_skipped(make_model):
 
 
 def test_budgeted_run_equals_all_resident(make_model):
-    for s in check_budgeted_equals_all_resident(make_model("glm4moe", "Q8_0"), np.random.default_rng(3).integers(0, 300, 40).tolist()):
+    for s in check_budgeted_equals_all_resident(
+        make_model("glm4moe", "Q8_0"), np.random.default_rng(3).integers(0, 300, 40).tolist()
+    ):
         assert s.layers[0].resident == ()  # the leading dense layer holds no experts

@@ -24,12 +24,19 @@ from localmoe.layers.attention import attend_explicit
 def test_spec_reads_window_sinks_and_routing(make_model):
     with localmoe.load(make_model("gpt-oss", "F32"), device="cpu") as rt:
         s = rt.spec
-        assert s.n_swa == 8 and s.swa_layers == (True, False, True)  # llama.cpp's default pattern: every other layer, the first windowed
+        assert s.n_swa == 8 and s.swa_layers == (
+            True,
+            False,
+            True,
+        )  # llama.cpp's default pattern: every other layer, the first windowed
         assert [s.is_swa(i) for i in range(3)] == [True, False, True]
         assert s.routing == "topk_softmax" and not s.norm_topk
         assert s.kq_scale == pytest.approx(1 / math.sqrt(s.n_rot)) and s.rope_scaling == "yarn"
         assert fast_paths(s) == {"embedding_gather"}
-        assert all(lw.sinks is not None and lw.sinks.shape == (s.n_head,) and lw.router_bias is not None and lw.bo is not None for lw in rt.model.layers)
+        assert all(
+            lw.sinks is not None and lw.sinks.shape == (s.n_head,) and lw.router_bias is not None and lw.bo is not None
+            for lw in rt.model.layers
+        )
         w = rt.store.weights(0, 1)
         assert w.act == "swiglu_oai" and not w.plain
         assert w.gate_up_bias.shape == (2 * s.n_ff_exp,) and w.down_bias.shape == (s.n_embd,)
@@ -55,11 +62,11 @@ def test_window_and_sinks_each_change_the_logits(make_model):
     # positions 0..7 see at most 8 keys: the window cuts nothing there, and only there
     np.testing.assert_allclose(no_window[:8], ref[:8], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     for other in (no_window[8:], no_sinks):
-        assert np.linalg.norm(other - ref[-len(other):]) / np.linalg.norm(ref[-len(other):]) > 1e-2
+        assert np.linalg.norm(other - ref[-len(other) :]) / np.linalg.norm(ref[-len(other) :]) > 1e-2
 
 
 def test_explicit_attention_without_sinks_or_window_is_sdpa(make_model):
-    with localmoe.load(make_model("gpt-oss", "F32"), device="cpu") as rt:
+    with localmoe.load(make_model("gpt-oss", "F32"), device="cpu"):
         g = torch.Generator().manual_seed(0)
         Hkv, group, T, S, d = 2, 2, 5, 9, 16
         qh, keys, vals = (torch.randn(*shape, generator=g) for shape in ((Hkv, group * T, d), (Hkv, S, d), (Hkv, S, d)))
@@ -88,14 +95,19 @@ def test_clamped_swiglu_matches_its_definition():
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "MXFP4_MOE"])
 def test_budgeted_run_equals_all_resident(make_model, qtype):
-    check_budgeted_equals_all_resident(make_model("gpt-oss", qtype), np.random.default_rng(3).integers(0, 300, 40).tolist())
+    check_budgeted_equals_all_resident(
+        make_model("gpt-oss", qtype), np.random.default_rng(3).integers(0, 300, 40).tolist()
+    )
 
 
 def test_harmony_template_renders_in_the_sandbox(make_model):
     with localmoe.load(make_model("gpt-oss", "F32"), device="cpu") as rt:
         tok = rt.tokenizer
         text = tok.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
-        assert text.startswith("<|start|>system<|message|>") and "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>" in text
+        assert (
+            text.startswith("<|start|>system<|message|>")
+            and "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>" in text
+        )
         assert text.endswith("<|start|>user<|message|>hi<|end|><|start|>assistant")
         ids = tok.tokenize_chat([{"role": "user", "content": "hi"}])
         start = tok.tokenize("<|start|>")
@@ -110,7 +122,13 @@ def test_info_names_sinks_window_and_biases(make_model):
     from localmoe.info import describe, format_text
 
     d = describe(GGUFModel(make_model("gpt-oss", "F32")), backends=False)
-    assert d["attention"] == {"kind": "gqa", "sinks": True, "sliding_window": 8, "windowed_layers": [0, 2], "biases": True}
+    assert d["attention"] == {
+        "kind": "gqa",
+        "sinks": True,
+        "sliding_window": 8,
+        "windowed_layers": [0, 2],
+        "biases": True,
+    }
     assert d["experts"]["activation"] == "swiglu_oai" and d["experts"]["biases"] and d["routing"]["router_bias"]
     assert "a sink per head, sliding window 8 on 2 layers (0, 2)" in format_text(d)
 
@@ -130,7 +148,12 @@ def test_every_miss_policy_trace_calibrate_and_serve_run_on_gpt_oss(make_model, 
 
     path = str(tmp_path / "gpt-oss.gguf")
     shutil.copy(make_model("gpt-oss", "Q8_0"), path)  # its own buddy sidecar beside it
-    r = subprocess.run([sys.executable, "-m", "localmoe", "calibrate", path, "--tokens", "256", "--json"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "localmoe", "calibrate", path, "--tokens", "256", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] == 256
     ids = np.random.default_rng(9).integers(0, 300, 24).tolist()
@@ -141,7 +164,9 @@ def test_every_miss_policy_trace_calibrate_and_serve_run_on_gpt_oss(make_model, 
         trace = str(tmp_path / f"{on_miss}.jsonl")
         # threshold 0: every token counts as unimportant (its misses go to the little set); any resident buddy accepted
         options = {"little": {"threshold": 0.0}, "buddy": {"min_score": 0.0}}.get(on_miss)
-        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options, trace=trace) as rt:
+        with localmoe.load(
+            path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options, trace=trace
+        ) as rt:
             logits = rt.logits(ids)
             assert np.isfinite(logits).all()
             assert rt.generate("the model", max_tokens=6, temperature=0)  # decode steps: one token a layer
@@ -150,10 +175,15 @@ def test_every_miss_policy_trace_calibrate_and_serve_run_on_gpt_oss(make_model, 
             substituted[on_miss] = sum(s.substitutions.values())
             rt.scheduler.check()
         assert {tick.layer for tick, _, _ in load_trace(trace).steps} == {0, 1, 2}
-    # (whether a buddy qualifies depends on the calibration's entropy threshold: tests/test_fallback.py checks its rules)
+    # (whether a buddy qualifies depends on the calibration's entropy threshold: tests/test_fallback.py checks its
+    # rules)
     assert substituted["fetch"] == substituted["cpu"] == 0 and substituted["drop"] > 0 and substituted["little"] > 0
     with served(path, "gpt-oss") as url:
-        reply = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}, timeout=120)
+        reply = httpx.post(
+            url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0},
+            timeout=120,
+        )
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["message"]["role"] == "assistant"

@@ -17,7 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_smoke_writes_its_table(tmp_path):
     pytest.importorskip("triton", reason="triton is not installed")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu-check"), str(tmp_path), "--smoke"], capture_output=True, text=True, timeout=600, env=env)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu-check"), str(tmp_path), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     res = json.loads((tmp_path / "gpu-check.json").read_text())
     steps = res["steps"]

@@ -18,7 +18,9 @@ from localmoe.gguf.file import GGUFModel
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 pytestmark = [
-    pytest.mark.skipif(native_lib() is None, reason="no AVX-512 VNNI C kernel: every expert runs in place, nothing is repacked"),
+    pytest.mark.skipif(
+        native_lib() is None, reason="no AVX-512 VNNI C kernel: every expert runs in place, nothing is repacked"
+    ),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps"),
 ]
 

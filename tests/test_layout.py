@@ -83,8 +83,20 @@ def test_only_runtime_touches_runtime_private_attributes():
     object (rt._lock, self.runtime._stats, ...) nowhere in the package but runtime.py."""
     tree = ast.parse((ROOT / "localmoe" / "runtime.py").read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Runtime")
-    private = {n.name for n in cls.body if isinstance(n, ast.FunctionDef) and n.name.startswith("_") and not n.name.endswith("__")}
-    private |= {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self" and n.attr.startswith("_") and not n.attr.endswith("__")}
+    private = {
+        n.name
+        for n in cls.body
+        if isinstance(n, ast.FunctionDef) and n.name.startswith("_") and not n.name.endswith("__")
+    }
+    private |= {
+        n.attr
+        for n in ast.walk(cls)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "self"
+        and n.attr.startswith("_")
+        and not n.attr.endswith("__")
+    }
     assert {"_lock", "_clock", "_stats"} <= private
     found = []
     for module in _modules():
@@ -92,7 +104,11 @@ def test_only_runtime_touches_runtime_private_attributes():
         if path == ROOT / "localmoe" / "runtime.py":
             continue
         for n in ast.walk(ast.parse(path.read_text())):
-            if isinstance(n, ast.Attribute) and n.attr in private and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls")):
+            if (
+                isinstance(n, ast.Attribute)
+                and n.attr in private
+                and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))
+            ):
                 found.append(f"{path.relative_to(ROOT)}:{n.lineno}: .{n.attr}")
     assert not found, "Runtime's private attributes used outside runtime.py:\n" + "\n".join(found)
 
@@ -114,7 +130,13 @@ print(json.dumps(failed))
 """
     modules = _modules()
     assert "localmoe.residency.scheduler" in modules and "localmoe.tui.launch" in modules
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(modules)], capture_output=True, text=True, timeout=600, cwd=ROOT / "tests")
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(modules)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT / "tests",
+    )
     assert r.returncode == 0, r.stderr
     failed = json.loads(r.stdout.strip().splitlines()[-1])
     assert not failed, "\n".join(f"{name}:\n{tb}" for name, tb in failed.items())
@@ -135,6 +157,11 @@ def test_every_subpackage_is_installed():
     an __init__.py must be one of them."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
-    found = {"localmoe.tui"} | {".".join(("localmoe", *p.parent.relative_to(ROOT / "localmoe").parts)) for p in (ROOT / "localmoe").rglob("__init__.py")}
-    assert found == listed, f"pyproject.toml [tool.setuptools] packages: missing {sorted(found - listed)}, stale {sorted(listed - found)}"
+    found = {"localmoe.tui"} | {
+        ".".join(("localmoe", *p.parent.relative_to(ROOT / "localmoe").parts))
+        for p in (ROOT / "localmoe").rglob("__init__.py")
+    }
+    assert found == listed, (
+        f"pyproject.toml [tool.setuptools] packages: missing {sorted(found - listed)}, stale {sorted(listed - found)}"
+    )
     assert config["package-dir"] == {"localmoe.tui": "tui"}

@@ -13,7 +13,9 @@ from gguf.constants import MODEL_TENSOR, TENSOR_NAMES, Keys
 from localmoe.gguf import names
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted(p for d in ("localmoe", "tui") for p in (ROOT / d).rglob("*.py") if p != ROOT / "localmoe/gguf/names.py")
+SOURCES = sorted(
+    p for d in ("localmoe", "tui") for p in (ROOT / d).rglob("*.py") if p != ROOT / "localmoe/gguf/names.py"
+)
 
 
 def _gguf_keys() -> set[str]:
@@ -59,15 +61,21 @@ def name_literals(source: str) -> list[tuple[int, str]]:
 
 
 def test_no_name_literals_outside_the_names_module():
-    found = [f"{p.relative_to(ROOT)}:{line}: {v!r}" for p in SOURCES for line, v in name_literals(p.read_text())
-             if v not in ALLOWED.get(str(p.relative_to(ROOT)), ())]
+    found = [
+        f"{p.relative_to(ROOT)}:{line}: {v!r}"
+        for p in SOURCES
+        for line, v in name_literals(p.read_text())
+        if v not in ALLOWED.get(str(p.relative_to(ROOT)), ())
+    ]
     assert not found, "GGUF names spelled outside localmoe/gguf/names.py (add a constant there):\n" + "\n".join(found)
 
 
 def test_the_check_finds_literals():
     src = 'x = "attn_q"\ny = f"blk.{i}.ffn_up_exps.weight"\nz = get("expert_count")\nw = n.endswith(".bias")\n'
     assert [line for line, _ in name_literals(src)] == [1, 2, 2, 3, 4]
-    assert name_literals('def f():\n    """Reads blk.3.attn_q.weight."""\n    return names.blk(3, names.ATTN_Q)\n') == []
+    assert (
+        name_literals('def f():\n    """Reads blk.3.attn_q.weight."""\n    return names.blk(3, names.ATTN_Q)\n') == []
+    )
 
 
 def test_names_are_gguf_pys():

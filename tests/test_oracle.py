@@ -54,7 +54,9 @@ def _prompts(n_vocab_real: int = 300) -> list[list[int]]:
     return [rng.integers(0, n_vocab_real, 64).tolist() for _ in range(4)]
 
 
-@pytest.mark.parametrize("arch,qtype,kernel", CASES, ids=[f"{a}-{q}" + ("" if k == "auto" else f"-{k}") for a, q, k in CASES])
+@pytest.mark.parametrize(
+    "arch,qtype,kernel", CASES, ids=[f"{a}-{q}" + ("" if k == "auto" else f"-{k}") for a, q, k in CASES]
+)
 def test_logits_match_llama_cpp(make_model, arch, qtype, kernel):
     path = make_model(arch, qtype)
     prompts = _prompts()

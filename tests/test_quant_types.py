@@ -89,8 +89,13 @@ def test_perplexity_matches_llama_cpp(quantized, heldout_windows, ftype, kernel)
     if kernel == "ggml" or not qtypes & VNNI_TYPES or native_lib() is None:
         assert "vnni" not in backends
     # `pytest tests/test_quant_types.py -s` prints the measured rows (docs/models.md)
-    print(f"\n| {ftype} | {kernel} ({', '.join(sorted(backends))}) | {ref:.3f} | {ours:.3f} | {ours / ref - 1:+.2%} | {', '.join(sorted(q.name for q in qtypes))} |")
-    assert ours == pytest.approx(ref, rel=5e-3), f"{ftype} ({kernel}): localmoe {ours:.3f}, llama.cpp {ref:.3f}; types {sorted(q.name for q in qtypes)}"
+    print(
+        f"\n| {ftype} | {kernel} ({', '.join(sorted(backends))}) | {ref:.3f} | {ours:.3f} | "
+        f"{ours / ref - 1:+.2%} | {', '.join(sorted(q.name for q in qtypes))} |"
+    )
+    assert ours == pytest.approx(ref, rel=5e-3), (
+        f"{ftype} ({kernel}): localmoe {ours:.3f}, llama.cpp {ref:.3f}; types {sorted(q.name for q in qtypes)}"
+    )
     assert ref < 100  # the file is a working model, not noise (the Q8_0 demo model: ≈ 37 here)
 
 
@@ -129,7 +134,9 @@ def test_gpu_tier_takes_ggml_only_types(quantized, heldout_windows):
         ref = rt.logits(ids)
         dense, per_expert = rt.gguf.dense_bytes(), rt.gguf.expert_bytes(0)
         total = rt.spec.n_layer * rt.spec.n_expert
-    with localmoe.load(path, device="cpu", gpu_mem=dense + per_expert * total // 4, profile="laptop-8gb", on_miss="cpu") as rt:
+    with localmoe.load(
+        path, device="cpu", gpu_mem=dense + per_expert * total // 4, profile="laptop-8gb", on_miss="cpu"
+    ) as rt:
         rt.logits(ids)  # fills the tier
         ours = rt.logits(ids)
         st = rt.stats()

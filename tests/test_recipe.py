@@ -4,6 +4,7 @@ Runs every step of the recipe on a tiny synthetic three-domain corpus (English,
 German, Python; no apt, no Debian text files) with a tiny model and a few
 training steps, then checks that llama.cpp loads the GGUF and gives finite logits.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,15 +21,29 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "models" / "train_demo_moe.py"
 
-ENGLISH = ["The quick brown fox jumps over the lazy dog.", "A penny saved is a penny earned.",
-           "He who laughs last laughs best.", "All that glitters is not gold.",
-           "The early bird catches the worm.", "Actions speak louder than words."]
-GERMAN = ["Der frühe Vogel fängt den Wurm.", "Übung macht den Meister.",
-          "Wer zuletzt lacht, lacht am besten.", "Müßiggang ist aller Laster Anfang.",
-          "Ein Spatz in der Hand ist besser als eine Taube auf dem Dach.", "Ende gut, alles gut."]
-PYTHON = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * 2)\n",
-          "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n",
-          "import os\npath = os.path.join('a', 'b')\n", "if value is None:\n    raise ValueError('no value')\n"]
+ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A penny saved is a penny earned.",
+    "He who laughs last laughs best.",
+    "All that glitters is not gold.",
+    "The early bird catches the worm.",
+    "Actions speak louder than words.",
+]
+GERMAN = [
+    "Der frühe Vogel fängt den Wurm.",
+    "Übung macht den Meister.",
+    "Wer zuletzt lacht, lacht am besten.",
+    "Müßiggang ist aller Laster Anfang.",
+    "Ein Spatz in der Hand ist besser als eine Taube auf dem Dach.",
+    "Ende gut, alles gut.",
+]
+PYTHON = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i * 2)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n",
+    "import os\npath = os.path.join('a', 'b')\n",
+    "if value is None:\n    raise ValueError('no value')\n",
+]
 
 
 def write_corpus(directory: Path, n_docs: int = 120) -> None:
@@ -52,11 +67,53 @@ def test_recipe_end_to_end_tiny(tmp_path):
     corpus.mkdir()
     write_corpus(corpus)
     out = tmp_path / "tiny.gguf"
-    cmd = [sys.executable, str(RECIPE), "all", "--corpus-dir", str(corpus), "--work-dir", str(tmp_path / "work"),
-           "--out", str(out), "--vocab-size", "320", "--n-embd", "64", "--n-layer", "2", "--n-head", "2",
-           "--n-kv-head", "1", "--head-dim", "32", "--n-expert", "4", "--n-expert-used", "2",
-           "--expert-ffn", "32", "--ctx", "64", "--batch", "4", "--steps", "4", "--minutes", "0",
-           "--eval-windows", "2", "--log-every", "2", "--threads", "2", "--upcycle-frac", "0.5", "--upcycle-groups", "2"]
+    cmd = [
+        sys.executable,
+        str(RECIPE),
+        "all",
+        "--corpus-dir",
+        str(corpus),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        "--vocab-size",
+        "320",
+        "--n-embd",
+        "64",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-kv-head",
+        "1",
+        "--head-dim",
+        "32",
+        "--n-expert",
+        "4",
+        "--n-expert-used",
+        "2",
+        "--expert-ffn",
+        "32",
+        "--ctx",
+        "64",
+        "--batch",
+        "4",
+        "--steps",
+        "4",
+        "--minutes",
+        "0",
+        "--eval-windows",
+        "2",
+        "--log-every",
+        "2",
+        "--threads",
+        "2",
+        "--upcycle-frac",
+        "0.5",
+        "--upcycle-groups",
+        "2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.exists() and out.stat().st_size > 0

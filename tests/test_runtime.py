@@ -10,13 +10,16 @@ import pytest
 from localmoe import runtime
 
 
-@pytest.mark.parametrize(("system_pct", "own_pct", "want"), [
-    (0.0, 0.0, 4),  # a quiet machine: every core
-    (50.0, 0.0, 2),  # two of four cores busy elsewhere
-    (100.0, 0.0, 1),  # all busy: still one thread
-    (50.0, 200.0, 4),  # the busy cores are this process's own: not counted
-    (60.0, 0.0, 2),  # 2.4 busy cores round to 2
-])
+@pytest.mark.parametrize(
+    ("system_pct", "own_pct", "want"),
+    [
+        (0.0, 0.0, 4),  # a quiet machine: every core
+        (50.0, 0.0, 2),  # two of four cores busy elsewhere
+        (100.0, 0.0, 1),  # all busy: still one thread
+        (50.0, 200.0, 4),  # the busy cores are this process's own: not counted
+        (60.0, 0.0, 2),  # 2.4 busy cores round to 2
+    ],
+)
 def test_default_threads_leave_the_cores_other_processes_keep_busy(monkeypatch, system_pct, own_pct, want):
     monkeypatch.setattr(runtime, "TORCH_THREADS", 4)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)

@@ -50,8 +50,13 @@ class Subprocess:
     def __init__(self, args: list[str], log: Path):
         self.log = log
         self._log_file = open(log, "w")
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, "-m", "localmoe", "serve", *args], stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "localmoe", "serve", *args], stdout=self._log_file, stderr=subprocess.STDOUT, env=env
+        )
         deadline = time.monotonic() + 120
         m = None
         while m is None:
@@ -81,7 +86,10 @@ class Subprocess:
 def demo(tmp_path_factory):
     """The bundled demo model behind `localmoe serve` with an API key and a queue of QUEUE."""
     # one torch thread: on a small, busy machine two threads of tiny matmuls spin far more than they compute
-    server = Subprocess(["--port", "0", "--api-key", KEY, "--queue", str(QUEUE), "-t", "1"], tmp_path_factory.mktemp("serve") / "server.log")
+    server = Subprocess(
+        ["--port", "0", "--api-key", KEY, "--queue", str(QUEUE), "-t", "1"],
+        tmp_path_factory.mktemp("serve") / "server.log",
+    )
     yield server
     assert server.proc.poll() is None, "the server died: " + server.log.read_text()
     server.stop()
@@ -116,7 +124,10 @@ class InProcess:
 @pytest.fixture(scope="module")
 def moe16(tmp_path_factory) -> str:
     """3 layers × 16 experts, top-4: enough experts for the cache to matter."""
-    return write_model(tmp_path_factory.mktemp("serve-models") / "moe16.gguf", SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q8_0"))
+    return write_model(
+        tmp_path_factory.mktemp("serve-models") / "moe16.gguf",
+        SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q8_0"),
+    )
 
 
 def _budget(path: str, share: float) -> int:
@@ -128,7 +139,11 @@ def _metrics(url: str, headers=None, http=httpx) -> dict[tuple[str, tuple], floa
     """/metrics parsed with prometheus_client's parser: {(sample name, sorted labels): value}."""
     r = http.get(url + "/metrics", headers=headers)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+    }
 
 
 def _client(server) -> openai.OpenAI:
@@ -175,7 +190,9 @@ def test_runtime_rejects_bad_input_without_aborting(qwen3_f32):
         with pytest.raises(LocalMoEError, match="max_tokens"):
             rt.stream("hi", max_tokens=-1)
         # a temperature so small that logits/T overflows is the greedy limit, not a crash
-        assert rt.generate("the", max_tokens=4, temperature=1e-300, seed=1) == rt.generate("the", max_tokens=4, temperature=0)
+        assert rt.generate("the", max_tokens=4, temperature=1e-300, seed=1) == rt.generate(
+            "the", max_tokens=4, temperature=0
+        )
         assert rt.generate("the", max_tokens=0) == ""
     with pytest.raises(LocalMoEError, match="closed"):
         rt.detokenize([1])
@@ -184,7 +201,9 @@ def test_runtime_rejects_bad_input_without_aborting(qwen3_f32):
 
 
 def test_chat_template_render_time_limit(tmp_path, monkeypatch):
-    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
+    loop = (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
+    )
     path = write_model(tmp_path / "loop.gguf", SynthConfig(chat_template=loop))
     monkeypatch.setattr("localmoe.tokenizer.RENDER_SECONDS", 0.3)
     with localmoe.load(path, device="cpu") as rt:
@@ -200,16 +219,29 @@ def test_openai_client_chat_and_completions(demo):
     client = _client(demo)
     assert [m.id for m in client.models.list().data] == ["localmoe-demo-moe"]
     msgs = [{"role": "user", "content": "Tell me a fortune."}]
-    full = client.chat.completions.create(model="localmoe-demo-moe", messages=msgs, max_tokens=8, seed=11, temperature=0.9)
+    full = client.chat.completions.create(
+        model="localmoe-demo-moe", messages=msgs, max_tokens=8, seed=11, temperature=0.9
+    )
     choice = full.choices[0]
     assert full.object == "chat.completion" and choice.message.role == "assistant"
     assert choice.finish_reason in ("length", "stop")
     assert full.usage.completion_tokens == 8 if choice.finish_reason == "length" else full.usage.completion_tokens <= 8
-    assert full.usage.prompt_tokens > 5 and full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert (
+        full.usage.prompt_tokens > 5
+        and full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    )
 
     # streamed: the same seed gives the same text, in deltas, then usage and [DONE]
     parts, finish, usage = [], None, None
-    for ev in client.chat.completions.create(model="localmoe-demo-moe", messages=msgs, max_completion_tokens=8, seed=11, temperature=0.9, stream=True, stream_options={"include_usage": True}):
+    for ev in client.chat.completions.create(
+        model="localmoe-demo-moe",
+        messages=msgs,
+        max_completion_tokens=8,
+        seed=11,
+        temperature=0.9,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if ev.usage is not None:
             usage = ev.usage
         for c in ev.choices:
@@ -223,17 +255,25 @@ def test_openai_client_chat_and_completions(demo):
     words = text.split()
     if len(words) >= 3:
         stop = " " + words[2]
-        cut = client.chat.completions.create(model="localmoe-demo-moe", messages=msgs, max_tokens=8, seed=11, temperature=0.9, stop=[stop])
+        cut = client.chat.completions.create(
+            model="localmoe-demo-moe", messages=msgs, max_tokens=8, seed=11, temperature=0.9, stop=[stop]
+        )
         assert cut.choices[0].message.content == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
 
     # /v1/completions, plain and streamed; temperature 0 is greedy whatever the seed
-    a = client.completions.create(model="localmoe-demo-moe", prompt="Once upon a time", max_tokens=6, temperature=0, seed=1)
-    b = client.completions.create(model="localmoe-demo-moe", prompt="Once upon a time", max_tokens=6, temperature=0, seed=2, stream=True)
+    a = client.completions.create(
+        model="localmoe-demo-moe", prompt="Once upon a time", max_tokens=6, temperature=0, seed=1
+    )
+    b = client.completions.create(
+        model="localmoe-demo-moe", prompt="Once upon a time", max_tokens=6, temperature=0, seed=2, stream=True
+    )
     assert a.object == "text_completion" and "".join(e.choices[0].text for e in b) == a.choices[0].text
     assert a.usage.completion_tokens <= 6 and len(a.choices[0].text) > 0
 
     # the `moe` and `timings` objects ride along (llama-server's names)
-    raw = httpx.post(demo.url + "/v1/completions", headers=AUTH, json={"prompt": "In the beginning", "max_tokens": 3}, timeout=60).json()
+    raw = httpx.post(
+        demo.url + "/v1/completions", headers=AUTH, json={"prompt": "In the beginning", "max_tokens": 3}, timeout=60
+    ).json()
     assert raw["timings"]["predicted_n"] == raw["usage"]["completion_tokens"] and raw["timings"]["clock"] == "measured"
     assert raw["moe"]["hits"] > 0 and raw["moe"]["hit_rate"] == 1.0  # no budget: every expert resident
 
@@ -251,35 +291,134 @@ CORPUS = [
     # (name, method, path, headers, body, status, code, param)
     ("no key", "POST", CHAT, {}, {"messages": HI}, 401, "invalid_api_key", None),
     ("wrong key", "POST", CHAT, {"Authorization": "Bearer nope"}, {"messages": HI}, 401, "invalid_api_key", None),
-    ("key, wrong scheme", "POST", CHAT, {"Authorization": f"Basic {KEY}"}, {"messages": HI}, 401, "invalid_api_key", None),
+    (
+        "key, wrong scheme",
+        "POST",
+        CHAT,
+        {"Authorization": f"Basic {KEY}"},
+        {"messages": HI},
+        401,
+        "invalid_api_key",
+        None,
+    ),
     ("key missing on /metrics", "GET", "/metrics", {}, None, 401, "invalid_api_key", None),
     ("bad JSON", "POST", CHAT, AUTH, b'{"messages": [', 400, "invalid_json", None),
-    ("NaN", "POST", CHAT, AUTH, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "invalid_json", None),
+    (
+        "NaN",
+        "POST",
+        CHAT,
+        AUTH,
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        400,
+        "invalid_json",
+        None,
+    ),
     ("not UTF-8", "POST", CHAT, AUTH, b"\xff\xfe{}", 400, "invalid_json", None),
     ("array body", "POST", CHAT, AUTH, b"[1, 2]", 400, "invalid_json", None),
     ("missing messages", "POST", CHAT, AUTH, {"max_tokens": 3}, 400, "missing_required_parameter", "messages"),
     ("empty messages", "POST", CHAT, AUTH, {"messages": []}, 400, "invalid_value", "messages"),
     ("unknown field", "POST", CHAT, AUTH, {"messages": HI, "temprature": 0.5}, 400, "unknown_parameter", "temprature"),
-    ("temperature str", "POST", CHAT, AUTH, {"messages": HI, "temperature": "hot"}, 400, "invalid_value", "temperature"),
+    (
+        "temperature str",
+        "POST",
+        CHAT,
+        AUTH,
+        {"messages": HI, "temperature": "hot"},
+        400,
+        "invalid_value",
+        "temperature",
+    ),
     ("temperature neg", "POST", CHAT, AUTH, {"messages": HI, "temperature": -1}, 400, "invalid_value", "temperature"),
-    ("temperature inf", "POST", CHAT, AUTH, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', 400, "invalid_value", "temperature"),
+    (
+        "temperature inf",
+        "POST",
+        CHAT,
+        AUTH,
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+        400,
+        "invalid_value",
+        "temperature",
+    ),
     ("top_p 0", "POST", CHAT, AUTH, {"messages": HI, "top_p": 0}, 400, "invalid_value", "top_p"),
     ("max_tokens neg", "POST", CHAT, AUTH, {"messages": HI, "max_tokens": -1}, 400, "invalid_value", "max_tokens"),
     ("max_tokens bool", "POST", CHAT, AUTH, {"messages": HI, "max_tokens": True}, 400, "invalid_value", "max_tokens"),
     ("max_tokens float", "POST", CHAT, AUTH, {"messages": HI, "max_tokens": 2.5}, 400, "invalid_value", "max_tokens"),
     ("seed huge", "POST", CHAT, AUTH, {"messages": HI, "seed": 2**64}, 400, "invalid_value", "seed"),
-    ("content int", "POST", CHAT, AUTH, {"messages": [{"role": "user", "content": 5}]}, 400, "invalid_value", "messages.0.content"),
-    ("image part", "POST", CHAT, AUTH, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "invalid_value", "messages.0.content.0.type"),
-    ("role missing", "POST", CHAT, AUTH, {"messages": [{"content": "hi"}]}, 400, "missing_required_parameter", "messages.0.role"),
+    (
+        "content int",
+        "POST",
+        CHAT,
+        AUTH,
+        {"messages": [{"role": "user", "content": 5}]},
+        400,
+        "invalid_value",
+        "messages.0.content",
+    ),
+    (
+        "image part",
+        "POST",
+        CHAT,
+        AUTH,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "invalid_value",
+        "messages.0.content.0.type",
+    ),
+    (
+        "role missing",
+        "POST",
+        CHAT,
+        AUTH,
+        {"messages": [{"content": "hi"}]},
+        400,
+        "missing_required_parameter",
+        "messages.0.role",
+    ),
     ("n 2", "POST", CHAT, AUTH, {"messages": HI, "n": 2}, 400, "unsupported_parameter", "n"),
-    ("penalty", "POST", CHAT, AUTH, {"messages": HI, "frequency_penalty": 0.5}, 400, "unsupported_parameter", "frequency_penalty"),
+    (
+        "penalty",
+        "POST",
+        CHAT,
+        AUTH,
+        {"messages": HI, "frequency_penalty": 0.5},
+        400,
+        "unsupported_parameter",
+        "frequency_penalty",
+    ),
     ("stop 5", "POST", CHAT, AUTH, {"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
     ("stream str", "POST", CHAT, AUTH, {"messages": HI, "stream": "yes"}, 400, "invalid_value", "stream"),
-    ("context overflow", "POST", CHAT, AUTH, {"messages": HI, "max_tokens": 300}, 400, "context_length_exceeded", "max_tokens"),
-    ("prompt too long", "POST", "/v1/completions", AUTH, {"prompt": "and the " * 300}, 400, "context_length_exceeded", "prompt"),
+    (
+        "context overflow",
+        "POST",
+        CHAT,
+        AUTH,
+        {"messages": HI, "max_tokens": 300},
+        400,
+        "context_length_exceeded",
+        "max_tokens",
+    ),
+    (
+        "prompt too long",
+        "POST",
+        "/v1/completions",
+        AUTH,
+        {"prompt": "and the " * 300},
+        400,
+        "context_length_exceeded",
+        "prompt",
+    ),
     ("prompt list of 2", "POST", "/v1/completions", AUTH, {"prompt": ["a", "b"]}, 400, "invalid_value", "prompt"),
     ("unknown model", "POST", CHAT, AUTH, {"model": "gpt-4o", "messages": HI}, 404, "model_not_found", "model"),
-    ("oversize body", "POST", CHAT, AUTH, {"messages": [{"role": "user", "content": "x" * (5 << 20)}]}, 413, "request_too_large", None),
+    (
+        "oversize body",
+        "POST",
+        CHAT,
+        AUTH,
+        {"messages": [{"role": "user", "content": "x" * (5 << 20)}]},
+        413,
+        "request_too_large",
+        None,
+    ),
     ("unknown route", "GET", "/v1/engines", AUTH, None, 404, "not_found", None),
     ("wrong method", "GET", CHAT, AUTH, None, 405, "method_not_allowed", None),
 ]
@@ -289,12 +428,16 @@ CORPUS = [
 def test_bad_requests_answer_openai_errors(demo, case):
     name, method, path, headers, body, status, code, param = case
     content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    r = httpx.request(method, demo.url + path, headers={"Content-Type": "application/json", **headers}, content=content, timeout=60)
+    r = httpx.request(
+        method, demo.url + path, headers={"Content-Type": "application/json", **headers}, content=content, timeout=60
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["code"] == code and err["param"] == param, err
-    assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"] and "Traceback" not in r.text
+    assert (
+        isinstance(err["message"], str) and err["message"] and "\n" not in err["message"] and "Traceback" not in r.text
+    )
     if status == 401:
         assert r.headers["www-authenticate"] == "Bearer"
     if code == "context_length_exceeded":
@@ -332,7 +475,12 @@ def test_health_is_503_while_loading(moe16):
         while (r := httpx.get(srv.url + "/health")).json() == {"status": "loading"}:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert r.status_code == 503 and r.json() == {"status": "loading", "step": "repacking experts", "done": 3, "total": 10}
+        assert r.status_code == 503 and r.json() == {
+            "status": "loading",
+            "step": "repacking experts",
+            "done": 3,
+            "total": 10,
+        }
         r = httpx.post(srv.url + CHAT, json={"messages": HI})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
         release.set()
@@ -360,8 +508,18 @@ def test_failed_load_is_reported(tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
     finally:
         srv.stop()
-    r = subprocess.run([sys.executable, "-m", "localmoe", "serve", str(tmp_path / "missing.gguf"), "--port", "0"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "localmoe", "serve", str(tmp_path / "missing.gguf"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr.strip().splitlines()[-1].startswith("error:")
+        and "not found" in r.stderr
+        and "Traceback" not in r.stderr
+    )
 
 
 TEMPLATE_FAILURES = [
@@ -383,14 +541,20 @@ def test_template_failure_is_400(tmp_path, monkeypatch, template, words):
         err = r.json()["error"]
         assert err["code"] == "chat_template_error" and words in err["message"]
         # the plain-text endpoint needs no template
-        assert httpx.post(srv.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=60).status_code == 200
+        assert (
+            httpx.post(srv.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=60).status_code
+            == 200
+        )
     finally:
         srv.stop()
 
 
 def test_metrics_hit_rate_moves_under_a_budget(moe16):
     budget = _budget(moe16, 0.15)
-    srv = InProcess(lambda: localmoe.load(moe16, device="cpu", gpu_mem=budget), ServeConfig("moe16", defaults=Defaults(max_tokens=8)))
+    srv = InProcess(
+        lambda: localmoe.load(moe16, device="cpu", gpu_mem=budget),
+        ServeConfig("moe16", defaults=Defaults(max_tokens=8)),
+    )
     try:
         srv.wait_ready()
         m0 = _metrics(srv.url)
@@ -398,12 +562,17 @@ def test_metrics_hit_rate_moves_under_a_budget(moe16):
         assert m0[("localmoe_queue_depth", ())] == 0 and m0[("localmoe_queue_capacity", ())] == 16
         rates, generated = [], 0
         for prompt in ("the model of experts", "a cache of the hot experts and"):
-            body = httpx.post(srv.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=60).json()
+            body = httpx.post(
+                srv.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=60
+            ).json()
             generated += body["usage"]["completion_tokens"]
             m = _metrics(srv.url)
             rates.append(m[("localmoe_expert_hit_rate", ())])
             assert 0 < rates[-1] < 1  # the budget holds 15% of the experts: some uses miss
-            hits, misses = m[("localmoe_expert_hits_total", ())], sum(v for (n, _), v in m.items() if n == "localmoe_expert_misses_total")
+            hits, misses = (
+                m[("localmoe_expert_hits_total", ())],
+                sum(v for (n, _), v in m.items() if n == "localmoe_expert_misses_total"),
+            )
             assert rates[-1] == pytest.approx(hits / (hits + misses))
             assert m[("localmoe_expert_misses_total", (("outcome", "cpu"),))] > 0  # on_miss=cpu
             assert m[("localmoe_gpu_tier_bytes_in_use", ())] <= m[("localmoe_gpu_tier_budget_bytes", ())]
@@ -412,7 +581,9 @@ def test_metrics_hit_rate_moves_under_a_budget(moe16):
             assert body["moe"]["misses"] > 0 and body["timings"]["clock"] == "modelled:laptop-8gb"
             assert ("localmoe_decode_tokens_per_second", (("clock", "measured"),)) in m
         assert rates[0] != rates[1]
-        assert m[("localmoe_completion_tokens_total", ())] - m0[("localmoe_completion_tokens_total", ())] == generated > 0
+        assert (
+            m[("localmoe_completion_tokens_total", ())] - m0[("localmoe_completion_tokens_total", ())] == generated > 0
+        )
         stats = httpx.get(srv.url + "/v1/localmoe/stats").json()
         assert stats["hits"] == m[("localmoe_expert_hits_total", ())] and stats["clock"] == "modelled:laptop-8gb"
         assert set(localmoe.Stats.__dataclass_fields__) == set(stats)
@@ -426,7 +597,9 @@ N = int(os.environ.get("LOCALMOE_LOAD_TOKENS", "8"))  # tokens per request (docs
 
 
 def _prompt(c: int) -> str:
-    return f"Chapter {c + 1}. The {['king', 'river', 'city', 'prophet', 'shepherd', 'temple', 'night', 'wind'][c]} of the"
+    return (
+        f"Chapter {c + 1}. The {['king', 'river', 'city', 'prophet', 'shepherd', 'temple', 'night', 'wind'][c]} of the"
+    )
 
 
 # One client for all the load test's requests (thread-safe, pooled): making an httpx.Client costs
@@ -440,7 +613,12 @@ def _stream(url: str, body: dict, disconnect_after: int | None = None) -> dict:
     `disconnect_after`, read that many deltas and hang up."""
     start = time.monotonic()
     text, usage, finish, deltas = [], None, None, 0
-    with HTTP.stream("POST", url + "/v1/completions", headers=AUTH, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with HTTP.stream(
+        "POST",
+        url + "/v1/completions",
+        headers=AUTH,
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if not line.startswith("data: "):
@@ -458,7 +636,12 @@ def _stream(url: str, body: dict, disconnect_after: int | None = None) -> dict:
                 finish = ch["finish_reason"] or finish
             if disconnect_after is not None and deltas >= disconnect_after:
                 return {"disconnected": True, "deltas": deltas}
-    return {"text": "".join(text), "tokens": usage["completion_tokens"], "finish": finish, "latency": time.monotonic() - start}
+    return {
+        "text": "".join(text),
+        "tokens": usage["completion_tokens"],
+        "finish": finish,
+        "latency": time.monotonic() - start,
+    }
 
 
 def _plain(url: str, body: dict, headers=AUTH) -> httpx.Response:
@@ -477,7 +660,11 @@ def test_load_concurrent_streams_and_disconnects(demo):
             t = time.monotonic()
             out = _plain(demo.url, body(c, r)).json()
             alone.append(time.monotonic() - t)
-            ref[c, r] = (out["choices"][0]["text"], out["usage"]["completion_tokens"], out["choices"][0]["finish_reason"])
+            ref[c, r] = (
+                out["choices"][0]["text"],
+                out["usage"]["completion_tokens"],
+                out["choices"][0]["finish_reason"],
+            )
             assert out["usage"]["completion_tokens"] == N or out["choices"][0]["finish_reason"] == "stop"
     alone_tps = sum(v[1] for v in ref.values()) / (time.monotonic() - start)
 
@@ -485,7 +672,9 @@ def test_load_concurrent_streams_and_disconnects(demo):
         return [_stream(demo.url, body(c, r)) | {"key": (c, r)} for r in range(REQUESTS)]
 
     def leaver(i: int) -> dict:
-        return _stream(demo.url, {"prompt": _prompt(i), "max_tokens": 200, "temperature": 0, "seed": i}, disconnect_after=2)
+        return _stream(
+            demo.url, {"prompt": _prompt(i), "max_tokens": 200, "temperature": 0, "seed": i}, disconnect_after=2
+        )
 
     rss, figures = [], []
     for _round in range(ROUNDS):
@@ -501,7 +690,9 @@ def test_load_concurrent_streams_and_disconnects(demo):
             assert (x["text"], x["tokens"], x["finish"]) == ref[x["key"]], x["key"]
         # the leavers' generations were cancelled, within one token of the hang-up
         deadline = time.monotonic() + 30
-        while (m := _metrics(demo.url, AUTH))[("localmoe_generations_total", (("outcome", "cancelled"),))] < m0.get(("localmoe_generations_total", (("outcome", "cancelled"),)), 0) + 2:
+        while (m := _metrics(demo.url, AUTH))[("localmoe_generations_total", (("outcome", "cancelled"),))] < m0.get(
+            ("localmoe_generations_total", (("outcome", "cancelled"),)), 0
+        ) + 2:
             assert time.monotonic() < deadline, "the disconnected streams were not cancelled"
             time.sleep(0.1)
         assert m[("localmoe_cancel_overrun_tokens_total", ())] - m0[("localmoe_cancel_overrun_tokens_total", ())] <= 2
@@ -511,9 +702,16 @@ def test_load_concurrent_streams_and_disconnects(demo):
         tokens = sum(x["tokens"] for x in done)
         figures.append((np.percentile(lat, 50), np.percentile(lat, 95), tokens / wall, wall))
         rss.append(demo.rss())
-    print(f"\nalone: {CLIENTS * REQUESTS} requests of {N} tokens one at a time: p50 {np.percentile(alone, 50):.2f} s, p95 {np.percentile(alone, 95):.2f} s, {alone_tps:.1f} tok/s")
+    print(
+        f"\nalone: {CLIENTS * REQUESTS} requests of {N} tokens one at a time: p50 "
+        f"{np.percentile(alone, 50):.2f} s, p95 {np.percentile(alone, 95):.2f} s, {alone_tps:.1f} tok/s"
+    )
     for i, (p50, p95, tps, wall) in enumerate(figures):
-        print(f"\nload round {i + 1}: {CLIENTS} clients x {REQUESTS} streamed requests of {N} tokens + 2 disconnects: p50 {p50:.2f} s, p95 {p95:.2f} s, {tps:.1f} tok/s over {wall:.1f} s; server RSS {rss[i] / 2**20:.0f} MiB")
+        print(
+            f"\nload round {i + 1}: {CLIENTS} clients x {REQUESTS} streamed requests of {N} tokens + 2 "
+            f"disconnects: p50 {p50:.2f} s, p95 {p95:.2f} s, {tps:.1f} tok/s over {wall:.1f} s; server RSS "
+            f"{rss[i] / 2**20:.0f} MiB"
+        )
     growth = max(rss) - rss[0]
     assert growth < 16 << 20, f"server memory grew by {growth / 2**20:.1f} MiB across rounds"
 
@@ -560,7 +758,11 @@ class _Blocker:
         self.thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
-        with HTTP.stream("POST", self.url + "/v1/completions", json={"prompt": "And it came to pass", "max_tokens": 100, "stream": True}) as r:
+        with HTTP.stream(
+            "POST",
+            self.url + "/v1/completions",
+            json={"prompt": "And it came to pass", "max_tokens": 100, "stream": True},
+        ) as r:
             assert r.status_code == 200
             self.hang_up.wait(60)
 
@@ -594,7 +796,11 @@ def test_burst_past_the_queue_gets_exactly_the_overflow_429():
         # (a counting prompt: the demo model's greedy continuation runs the whole 100 tokens, where
         # a prose prompt may meet an end-of-text token before the client gives up)
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(srv.url + "/v1/completions", json={"prompt": "1, 2, 3, 4,", "max_tokens": 100, "temperature": 0}, timeout=0.4)
+            httpx.post(
+                srv.url + "/v1/completions",
+                json={"prompt": "1, 2, 3, 4,", "max_tokens": 100, "temperature": 0},
+                timeout=0.4,
+            )
         key = ("localmoe_generations_total", (("outcome", "cancelled"),))
         deadline = time.monotonic() + 10
         while (m2 := _metrics(srv.url, http=HTTP)).get(key, 0) < m.get(key, 0) + 1:
@@ -602,7 +808,10 @@ def test_burst_past_the_queue_gets_exactly_the_overflow_429():
             time.sleep(0.02)
         gate.delay = 0.0
         made = m2[("localmoe_completion_tokens_total", ())] - m[("localmoe_completion_tokens_total", ())]
-        assert 0 < made < 100 and m2[("localmoe_cancel_overrun_tokens_total", ())] - m[("localmoe_cancel_overrun_tokens_total", ())] <= 1
+        assert (
+            0 < made < 100
+            and m2[("localmoe_cancel_overrun_tokens_total", ())] - m[("localmoe_cancel_overrun_tokens_total", ())] <= 1
+        )
         assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
     finally:
         gate.open.set()

@@ -36,7 +36,14 @@ class FakeRuntime:
     """Streams scripted replies a word at a time and keeps counters like the real runtime.
     With `gate` set, every token after the first waits for the test to release it."""
 
-    def __init__(self, replies=("Hello from the fake model.",), n_layer=3, n_expert=8, top_k=2, gate: threading.Event | None = None):
+    def __init__(
+        self,
+        replies=("Hello from the fake model.",),
+        n_layer=3,
+        n_expert=8,
+        top_k=2,
+        gate: threading.Event | None = None,
+    ):
         self.spec = SimpleNamespace(n_layer=n_layer, n_expert=n_expert, n_expert_used=top_k, name="fake-moe")
         self.path = "fake.gguf"
         self.policy, self.on_miss, self.gpu_budget, self.prefetch = "lfu", "cpu", None, True
@@ -55,12 +62,19 @@ class FakeRuntime:
     def stats(self):
         with self._lock:
             layers = tuple(
-                dataclasses.replace(layer, hits=int(self.uses[i].sum()), expert_uses=tuple(int(u) for u in self.uses[i]))
+                dataclasses.replace(
+                    layer, hits=int(self.uses[i].sum()), expert_uses=tuple(int(u) for u in self.uses[i])
+                )
                 for i, layer in enumerate(self._base.layers)
             )
             return dataclasses.replace(
-                self._base, tokens=self.tokens, decode_tokens=self.decode_tokens, decode_tps=10.0 if self.decode_tokens else 0.0,
-                hits=self.hits, hit_rate=1.0 if self.hits else 0.0, layers=layers,
+                self._base,
+                tokens=self.tokens,
+                decode_tokens=self.decode_tokens,
+                decode_tps=10.0 if self.decode_tokens else 0.0,
+                hits=self.hits,
+                hit_rate=1.0 if self.hits else 0.0,
+                layers=layers,
             )
 
     def _step(self, n_tokens: int, decode: bool) -> None:
@@ -241,7 +255,10 @@ def test_engine_error_keeps_the_conversation_and_the_input():
             await chat(pilot, "and now something long")
             assert app.query_one("#prompt", Input).value == "and now something long"
             assert any("context holds 256" in n for n in notifications(app))
-            assert app.history == [{"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine thanks"}]
+            assert app.history == [
+                {"role": "user", "content": "how are you"},
+                {"role": "assistant", "content": "fine thanks"},
+            ]
             assert [v.text for v in views(app, "user")] == ["how are you"]
             assert app.is_running  # no crash
             # it recovers: the next send works
@@ -363,7 +380,15 @@ def test_layout_fits_80x24():
             await chat(pilot, "hi")
             await pilot.pause(0.1)
             footer_top = app.query_one("Footer").region.y
-            for selector in ("#stats-speed", "#tps-spark", "#stats-body", "#map-legend", "#expert-map", "#status", "#prompt"):
+            for selector in (
+                "#stats-speed",
+                "#tps-spark",
+                "#stats-body",
+                "#map-legend",
+                "#expert-map",
+                "#status",
+                "#prompt",
+            ):
                 region = app.query_one(selector).region
                 assert region.height > 0 and region.bottom <= footer_top and region.right <= 80, selector
             body = app.query_one("#stats-body")
@@ -410,7 +435,9 @@ def test_loading_state_then_chat():
         async with app.run_test() as pilot:
             await pilot.pause()
             assert "loading fake.gguf" in str(app.query_one("#loading-text").render())
-            await wait_until(pilot, lambda: "repacking experts 25% (512 of 2,048)" in str(app.query_one("#loading-text").render()))
+            await wait_until(
+                pilot, lambda: "repacking experts 25% (512 of 2,048)" in str(app.query_one("#loading-text").render())
+            )
             assert app.query_one("#prompt", Input).disabled
             release.set()
             await wait_until(pilot, lambda: app.rt is rt)
@@ -424,7 +451,13 @@ def test_loading_state_then_chat():
 def test_cli_chat_with_a_bad_model_prints_error_and_exits_2(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"this is not a gguf file at all" * 10)
-    r = subprocess.run([sys.executable, "-m", "localmoe", "chat", str(bad)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [sys.executable, "-m", "localmoe", "chat", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr
@@ -442,7 +475,11 @@ def real_model() -> str:
 
 def test_real_model_streams_a_reply_with_stats_and_expert_map(real_model):
     async def go():
-        app = ChatApp(loader=lambda progress=None: localmoe.load(real_model, device="cpu", seed=0, progress=progress), sampling=Sampling(max_tokens=12, temperature=0.0), refresh_interval=0.05)
+        app = ChatApp(
+            loader=lambda progress=None: localmoe.load(real_model, device="cpu", seed=0, progress=progress),
+            sampling=Sampling(max_tokens=12, temperature=0.0),
+            refresh_interval=0.05,
+        )
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_until(pilot, lambda: app.rt is not None or app.load_error is not None, timeout=60)
             assert app.load_error is None
@@ -488,7 +525,9 @@ def test_fit_messages_leaves_out_the_oldest_turns():
         history += [{"role": "user", "content": f"q{i} " * 5}, {"role": "assistant", "content": f"a{i} " * 5}]
     msgs, dropped = fit_messages(rt, "sys", history, "now", max_tokens=20)
     assert dropped % 2 == 0 and dropped > 0
-    assert msgs[0]["role"] == "system" and msgs[1] == history[dropped] and msgs[-1] == {"role": "user", "content": "now"}
+    assert (
+        msgs[0]["role"] == "system" and msgs[1] == history[dropped] and msgs[-1] == {"role": "user", "content": "now"}
+    )
     assert fit_messages(SimpleNamespace(), None, history, "x", 10) == (history + [{"role": "user", "content": "x"}], 0)
 
 
@@ -504,8 +543,12 @@ def test_heat_rate_and_map_text():
     assert not heat.update(rt.stats())  # nothing new
     # a decode rate from two snapshots on the runtime's clock
     base = rt.stats()
-    assert rate.update(dataclasses.replace(base, decode_tokens=10, decode_tps=10.0)) == pytest.approx(10.0)  # 10 tokens in 1 s
-    assert rate.update(dataclasses.replace(base, decode_tokens=30, decode_tps=15.0)) == pytest.approx(20.0)  # 20 more in the next 1 s
+    assert rate.update(dataclasses.replace(base, decode_tokens=10, decode_tps=10.0)) == pytest.approx(
+        10.0
+    )  # 10 tokens in 1 s
+    assert rate.update(dataclasses.replace(base, decode_tokens=30, decode_tps=15.0)) == pytest.approx(
+        20.0
+    )  # 20 more in the next 1 s
     assert rate.update(dataclasses.replace(base, decode_tokens=4, decode_tps=8.0)) == pytest.approx(8.0)  # a new reply
     assert list(rate.samples) == pytest.approx([10.0, 20.0, 8.0])
     # map: one cell per expert when it fits, grouped when it does not

@@ -248,8 +248,12 @@ class ChatApp(App[None]):
         if self.load_error is None:
             secs = time.monotonic() - self._load_started
             step = self.load_step
-            doing = f" — {step[0]} {step[1] / max(1, step[2]):.0%} ({step[1]:,} of {step[2]:,})" if step is not None else ""
-            self.query_one("#loading-text", Static).update(Text(f"loading {self.model_label or 'the model'} … {secs:.0f} s{doing}", style="bold"))
+            doing = (
+                f" — {step[0]} {step[1] / max(1, step[2]):.0%} ({step[1]:,} of {step[2]:,})" if step is not None else ""
+            )
+            self.query_one("#loading-text", Static).update(
+                Text(f"loading {self.model_label or 'the model'} … {secs:.0f} s{doing}", style="bold")
+            )
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def _load(self) -> None:
@@ -279,7 +283,11 @@ class ChatApp(App[None]):
         t = Text()
         t.append("could not load the model\n\n", "bold red")
         t.append(msg.error + "\n\n")
-        t.append("press any key to quit" + (f" (quits by itself in {self.error_linger:.0f} s)" if self.error_linger > 0 else ""), "dim")
+        t.append(
+            "press any key to quit"
+            + (f" (quits by itself in {self.error_linger:.0f} s)" if self.error_linger > 0 else ""),
+            "dim",
+        )
         self.query_one("#loading-text", Static).update(t)
         self._set_status("not loaded")
         if self.error_linger <= 0:
@@ -302,7 +310,9 @@ class ChatApp(App[None]):
         prompt = self.query_one("#prompt", Input)
         prompt.disabled = False
         prompt.focus()
-        loaded = f"loaded {os.path.basename(getattr(rt, 'path', '') or '') or spec.name}" + (f" in {seconds:.1f} s" if seconds is not None else "")
+        loaded = f"loaded {os.path.basename(getattr(rt, 'path', '') or '') or spec.name}" + (
+            f" in {seconds:.1f} s" if seconds is not None else ""
+        )
         self._note(loaded + " · F1 help · Esc cancels a reply")
         if self.system:
             self._note(f"system prompt: {self.system}")
@@ -400,7 +410,9 @@ class ChatApp(App[None]):
         self.pending = PendingReply(self._seq, text, user_view, reply_view)
         with self._threads_cv:
             self._threads += 1
-        self._reply_worker = self._generate(self._seq, self.system, list(self.history), text, Sampling(**vars(self.sampling)))
+        self._reply_worker = self._generate(
+            self._seq, self.system, list(self.history), text, Sampling(**vars(self.sampling))
+        )
         self._set_status("reading the prompt · Esc stops")
         self.refresh_bindings()
 
@@ -409,7 +421,14 @@ class ChatApp(App[None]):
         worker = get_current_worker()
         try:
             messages, dropped = fit_messages(self.rt, system, history, text, sampling.max_tokens)
-            stream = self.rt.stream(messages, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed)
+            stream = self.rt.stream(
+                messages,
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=sampling.seed,
+            )
             final = None
             try:
                 for chunk in stream:
@@ -423,7 +442,9 @@ class ChatApp(App[None]):
                 close = getattr(stream, "close", None)
                 if close is not None:
                     close()
-            self.post_message(ReplyDone(seq, final.finish_reason if final else "stop", final.stats if final else None, dropped))
+            self.post_message(
+                ReplyDone(seq, final.finish_reason if final else "stop", final.stats if final else None, dropped)
+            )
         except LocalMoEError as exc:
             self.post_message(ReplyFailed(seq, str(exc)))
         except Exception as exc:
@@ -450,13 +471,24 @@ class ChatApp(App[None]):
         if msg.dropped:
             del self.history[: msg.dropped]
             n_ctx = getattr(self.rt, "n_ctx", "?")
-            self.notify(f"the conversation is longer than the {n_ctx}-token context: the {msg.dropped} oldest messages were left out", severity="warning")
+            self.notify(
+                (
+                    f"the conversation is longer than the {n_ctx}-token context: the {msg.dropped} oldest messages "
+                    "were left out"
+                ),
+                severity="warning",
+            )
         self.history += [{"role": "user", "content": p.text}, {"role": "assistant", "content": p.reply}]
         meta = [msg.finish_reason]
         st = msg.stats
         if st is not None:
             clock = "" if st.clock == "measured" else " (modelled)"
-            meta = [f"{st.decode_tokens} tokens", f"{tps(st.decode_tps)} tok/s{clock}", f"hit rate {st.hit_rate:.0%}" if st.hits + st.misses else "", msg.finish_reason]
+            meta = [
+                f"{st.decode_tokens} tokens",
+                f"{tps(st.decode_tps)} tok/s{clock}",
+                f"hit rate {st.hit_rate:.0%}" if st.hits + st.misses else "",
+                msg.finish_reason,
+            ]
         p.reply_view.finish(" · ".join(m for m in meta if m))
         self._end_reply("ready")
 
@@ -590,15 +622,29 @@ class ChatApp(App[None]):
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Help: keys and commands", "every key, slash command and panel", self.action_help)
-        yield SystemCommand("New conversation", "forget the history (keeps the system prompt)", self.action_new_conversation)
+        yield SystemCommand(
+            "New conversation", "forget the history (keeps the system prompt)", self.action_new_conversation
+        )
         for name in ONLINE_POLICIES:
-            yield SystemCommand(f"Cache policy: {name}", f"/policy {name}: what leaves the GPU tier when the budget is full", partial(self.apply_setting, "policy", name))
+            yield SystemCommand(
+                f"Cache policy: {name}",
+                f"/policy {name}: what leaves the GPU tier when the budget is full",
+                partial(self.apply_setting, "policy", name),
+            )
         for name in ON_MISS_POLICIES:
-            yield SystemCommand(f"Miss policy: {name}", f"/on-miss {name}: what happens when a routed expert is not resident", partial(self.apply_setting, "on_miss", name))
-        yield SystemCommand("GPU budget…", "type /gpu-mem SIZE (e.g. 2GB) in the message box", partial(self._prefill, "/gpu-mem "))
+            yield SystemCommand(
+                f"Miss policy: {name}",
+                f"/on-miss {name}: what happens when a routed expert is not resident",
+                partial(self.apply_setting, "on_miss", name),
+            )
+        yield SystemCommand(
+            "GPU budget…", "type /gpu-mem SIZE (e.g. 2GB) in the message box", partial(self._prefill, "/gpu-mem ")
+        )
         yield SystemCommand("Prefetch: on", "/prefetch on", partial(self.apply_setting, "prefetch", True))
         yield SystemCommand("Prefetch: off", "/prefetch off", partial(self.apply_setting, "prefetch", False))
-        yield SystemCommand("System prompt…", "type /system TEXT in the message box", partial(self._prefill, "/system "))
+        yield SystemCommand(
+            "System prompt…", "type /system TEXT in the message box", partial(self._prefill, "/system ")
+        )
 
     # -- shutdown ---------------------------------------------------------------------------------
     def wait_idle(self, timeout: float | None = None) -> bool:

@@ -27,7 +27,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "help": ("", "keys and commands"),
     "quit": ("", "leave the app"),
 }
-ALIASES = {"onmiss": "on-miss", "on_miss": "on-miss", "gpumem": "gpu-mem", "gpu_mem": "gpu-mem", "clear": "new", "reset": "new", "exit": "quit", "?": "help", "max_tokens": "max-tokens", "n": "max-tokens", "temperature": "temp"}
+ALIASES = {
+    "onmiss": "on-miss",
+    "on_miss": "on-miss",
+    "gpumem": "gpu-mem",
+    "gpu_mem": "gpu-mem",
+    "clear": "new",
+    "reset": "new",
+    "exit": "quit",
+    "?": "help",
+    "max_tokens": "max-tokens",
+    "n": "max-tokens",
+    "temperature": "temp",
+}
 NEEDS_ARG = {"policy", "on-miss", "gpu-mem", "prefetch", "temp", "max-tokens"}
 
 

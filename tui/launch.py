@@ -27,8 +27,12 @@ def run_chat(args: argparse.Namespace, options: LoadOptions) -> int:
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         loader().close()  # a bad model is reported like every other command's
-        raise LocalMoEError("localmoe chat needs an interactive terminal; for scripts use `localmoe run --chat -p TEXT`")
-    app = ChatApp(loader=loader, model_label=args.model or "the bundled demo model", system=args.system, sampling=sampling)
+        raise LocalMoEError(
+            "localmoe chat needs an interactive terminal; for scripts use `localmoe run --chat -p TEXT`"
+        )
+    app = ChatApp(
+        loader=loader, model_label=args.model or "the bundled demo model", system=args.system, sampling=sampling
+    )
     try:
         app.run()
     finally:

@@ -146,7 +146,9 @@ def map_group(n_layer: int, n_expert: int, width: int) -> int:
     return max(1, math.ceil(n_expert / avail)) if n_expert else 1
 
 
-def map_text(share: np.ndarray, resident: list[set[int]], hit_rates: list[float | None], width: int) -> tuple[Text, int]:
+def map_text(
+    share: np.ndarray, resident: list[set[int]], hit_rates: list[float | None], width: int
+) -> tuple[Text, int]:
     """The map for `width` columns: a row per layer, a cell per expert — or per group of experts
     when they do not fit (a group shows its hottest expert, and counts as resident when all of its
     experts are). A hit-rate column is added when there is room. Returns the text and the group size."""
@@ -207,7 +209,9 @@ class ExpertMap(Static):
     def show(self, heat: ExpertHeat, st: Stats) -> None:
         self.share = heat.share()
         self.resident = [set(layer.resident) for layer in st.layers]
-        self.hit_rates = [layer.hits / (layer.hits + layer.misses) if layer.hits + layer.misses else None for layer in st.layers]
+        self.hit_rates = [
+            layer.hits / (layer.hits + layer.misses) if layer.hits + layer.misses else None for layer in st.layers
+        ]
         self.refresh(layout=True)
 
     def render(self) -> Text:
@@ -244,7 +248,9 @@ class ExpertPanel(Vertical):
     def _title(self) -> None:
         if self.n_layer:
             group = map_group(self.n_layer, self.n_expert, max(self.query_one(ExpertMap).size.width, 8))
-            self.border_title = f"experts {self.n_layer} layers × {self.n_expert}" + (f" ({group}/cell)" if group > 1 else "")
+            self.border_title = f"experts {self.n_layer} layers × {self.n_expert}" + (
+                f" ({group}/cell)" if group > 1 else ""
+            )
 
 
 class StatsPanel(Vertical):
@@ -278,11 +284,18 @@ def stats_text(st: Stats, rss: int | None, settings: str) -> Text:
     rows = [
         ("clock", clock, ""),
         ("hit rate", f"{st.hit_rate:.1%}" if st.hits + st.misses else "—", f"{st.hits} hit · {st.misses} miss"),
-        ("prefetch", prefetch, f"({_rate(st.prefetch_used, st.prefetch_issued)})" if precision is None or not st.prefetch_issued else f"precision {precision:.0%}"),
+        (
+            "prefetch",
+            prefetch,
+            f"({_rate(st.prefetch_used, st.prefetch_issued)})"
+            if precision is None or not st.prefetch_issued
+            else f"precision {precision:.0%}",
+        ),
         ("subst", f"buddy {subs.get('buddy', 0)}", f"little {subs.get('little', 0)} · drop {subs.get('drop', 0)}"),
         ("CPU exp", f"{st.cpu_experts}", f"moved {human_bytes(st.bytes_to_gpu)} to GPU"),
         ("GPU tier", human_bytes(st.gpu_bytes_in_use), f"of {budget} ({_rate(st.gpu_bytes_in_use, st.gpu_budget)})")
-        if st.gpu_budget is not None else ("GPU tier", "all experts", "(no budget)"),
+        if st.gpu_budget is not None
+        else ("GPU tier", "all experts", "(no budget)"),
         ("RSS", human_bytes(rss), f"tokens {st.tokens}"),
     ]
     if st.clock != "measured" and wall is not None:  # a modelled clock: say what this machine did

@@ -36,13 +36,19 @@ def help_text() -> Table:
         table.add_row(Text(f"/{name} {arg}".rstrip(), style="bold"), what)
     table.add_row("", "")
     table.add_row(Text("Panels", style="bold underline"), "")
-    table.add_row(Text("stats", style="bold"), "decode tok/s (sparkline: recent history), prompt tok/s, expert hit rate, prefetch "
-                  "usefulness, substitutions, experts computed on the CPU, GPU-tier bytes against the budget, "
-                  "process RSS, and whether the figures come from a measured or a modelled clock")
-    table.add_row(Text("experts", style="bold"), "a row per layer, a cell per expert: a bar ▁…█ is resident in the GPU tier, "
-                  "its height and colour its heat (share of recent tokens routed to it); · not resident; ▒ not resident "
-                  "but used lately (misses). Right: the layer's hit rate. Wide models put several experts in a cell "
-                  "(its hottest); many layers scroll.")
+    table.add_row(
+        Text("stats", style="bold"),
+        "decode tok/s (sparkline: recent history), prompt tok/s, expert hit rate, prefetch "
+        "usefulness, substitutions, experts computed on the CPU, GPU-tier bytes against the budget, "
+        "process RSS, and whether the figures come from a measured or a modelled clock",
+    )
+    table.add_row(
+        Text("experts", style="bold"),
+        "a row per layer, a cell per expert: a bar ▁…█ is resident in the GPU tier, "
+        "its height and colour its heat (share of recent tokens routed to it); · not resident; ▒ not resident "
+        "but used lately (misses). Right: the layer's hit rate. Wide models put several experts in a cell "
+        "(its hottest); many layers scroll.",
+    )
     return table
 
 

@@ -13,7 +13,9 @@ from types import ModuleType
 from . import deepseek2, gemma4, glm4moe, gpt_oss, llama, olmoe, qwen2moe, qwen3moe, qwen35moe
 from .common import ArchSpec
 
-MODULES: dict[str, ModuleType] = {m.ARCH.name: m for m in (qwen3moe, qwen2moe, olmoe, llama, deepseek2, glm4moe, gpt_oss, qwen35moe, gemma4)}
+MODULES: dict[str, ModuleType] = {
+    m.ARCH.name: m for m in (qwen3moe, qwen2moe, olmoe, llama, deepseek2, glm4moe, gpt_oss, qwen35moe, gemma4)
+}
 ARCHITECTURES: dict[str, ArchSpec] = {name: m.ARCH for name, m in MODULES.items()}
 
 

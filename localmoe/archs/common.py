@@ -22,7 +22,9 @@ Routing = Literal["softmax_topk", "topk_softmax", "sigmoid_bias_groups"]
 Attention = Literal["gqa", "mla"]  # grouped-query attention, or DeepSeek's multi-head latent attention
 SharedExpert = Literal["none", "gated", "plain"]  # gated: sigmoid(h·g) · shexp(h) (Qwen2-MoE); plain: + shexp(h)
 RopeScaling = Literal["none", "linear", "yarn"]
-ExpertAct = Literal["swiglu", "swiglu_oai", "geglu"]  # silu(g)·u, gpt-oss's clamped variant, gelu(g)·u (compute/experts.py)
+ExpertAct = Literal[
+    "swiglu", "swiglu_oai", "geglu"
+]  # silu(g)·u, gpt-oss's clamped variant, gelu(g)·u (compute/experts.py)
 
 # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values (key `{arch}.expert_gating_func`)
 GATING_SOFTMAX, GATING_SIGMOID = 1, 2

@@ -19,10 +19,18 @@ from .common import GATING_SIGMOID, ArchSpec, Getter, ffn_tensors
 from .qwen3moe import feed_forward
 
 ARCH = ArchSpec(
-    "deepseek2", "DeepSeek-V2, V2-Lite (V3-style sigmoid/group routing when the file says so)", "norm",
-    attention="mla", routings=("softmax_topk", "sigmoid_bias_groups"), shared_expert="plain", dense_leading=True,
+    "deepseek2",
+    "DeepSeek-V2, V2-Lite (V3-style sigmoid/group routing when the file says so)",
+    "norm",
+    attention="mla",
+    routings=("softmax_topk", "sigmoid_bias_groups"),
+    shared_expert="plain",
+    dense_leading=True,
     rope_scalings=("none", "linear", "yarn"),
-    checked="logits vs llama.cpp: F32 and Q8_0, q_lora_rank 0 and > 0, softmax and sigmoid+bias+groups routing, YaRN (tests/test_deepseek2.py)",
+    checked=(
+        "logits vs llama.cpp: F32 and Q8_0, q_lora_rank 0 and > 0, softmax and sigmoid+bias+groups routing, YaRN "
+        "(tests/test_deepseek2.py)"
+    ),
 )
 
 
@@ -41,7 +49,9 @@ def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
         "n_dense_lead": int(get(names.LEADING_DENSE_BLOCK_COUNT, 0) or 0),
         "n_ff_dense": int(get(names.FEED_FORWARD_LENGTH, 0) or 0),
         "n_expert_shared": int(need(names.EXPERT_SHARED_COUNT)),
-        "routing": "sigmoid_bias_groups" if int(get(names.EXPERT_GATING_FUNC, 0) or 0) == GATING_SIGMOID else "softmax_topk",
+        "routing": "sigmoid_bias_groups"
+        if int(get(names.EXPERT_GATING_FUNC, 0) or 0) == GATING_SIGMOID
+        else "softmax_topk",
         # llama.cpp stores 0.1·mscale_all_dim in the file and divides it back out for this architecture
         "yarn_log_mul": float(get(names.ROPE_YARN_LOG_MUL, 0.0) or 0.0) / 0.1,
     }
@@ -64,7 +74,15 @@ def attn_scale(spec: Any) -> float:
 
 def required_tensors(spec: Any, layer: int) -> list[str]:
     q = [names.ATTN_Q_A, names.ATTN_Q_A_NORM, names.ATTN_Q_B] if spec.q_lora_rank else [names.ATTN_Q]
-    return [names.ATTN_NORM, *q, names.ATTN_KV_A_MQA, names.ATTN_KV_A_NORM, names.ATTN_OUT, names.FFN_NORM, *ffn_tensors(spec, layer)]
+    return [
+        names.ATTN_NORM,
+        *q,
+        names.ATTN_KV_A_MQA,
+        names.ATTN_KV_A_NORM,
+        names.ATTN_OUT,
+        names.FFN_NORM,
+        *ffn_tensors(spec, layer),
+    ]
 
 
 def build_block(w: Weights, spec: Any, i: int) -> Block:

@@ -13,8 +13,16 @@ from .common import GATING_SOFTMAX, ArchSpec, Getter, ffn_tensors
 from .qwen3moe import build_block  # noqa: F401  (GQA + MoE, from the declarations)
 
 ARCH = ArchSpec(
-    "glm4moe", "GLM-4.5, GLM-4.5-Air", "neox", qk_norm="per_head", qk_norm_optional=True, qkv_bias=True,
-    routings=("sigmoid_bias_groups", "softmax_topk"), shared_expert="plain", dense_leading=True, ffn_norm=names.ATTN_POST_NORM,
+    "glm4moe",
+    "GLM-4.5, GLM-4.5-Air",
+    "neox",
+    qk_norm="per_head",
+    qk_norm_optional=True,
+    qkv_bias=True,
+    routings=("sigmoid_bias_groups", "softmax_topk"),
+    shared_expert="plain",
+    dense_leading=True,
+    ffn_norm=names.ATTN_POST_NORM,
     checked="logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M; decode = one pass (tests/test_oracle.py)",
 )
 
@@ -28,9 +36,19 @@ def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
         "n_expert_shared": int(get(names.EXPERT_SHARED_COUNT, 0) or 0),
         "n_ff_shexp": shexp[0] if shexp else 0,
         # llama.cpp's default for this architecture is sigmoid
-        "routing": "softmax_topk" if int(get(names.EXPERT_GATING_FUNC, 0) or 0) == GATING_SOFTMAX else "sigmoid_bias_groups",
+        "routing": "softmax_topk"
+        if int(get(names.EXPERT_GATING_FUNC, 0) or 0) == GATING_SOFTMAX
+        else "sigmoid_bias_groups",
     }
 
 
 def required_tensors(spec: Any, layer: int) -> list[str]:
-    return [names.ATTN_NORM, names.ATTN_Q, names.ATTN_K, names.ATTN_V, names.ATTN_OUT, ARCH.ffn_norm, *ffn_tensors(spec, layer)]
+    return [
+        names.ATTN_NORM,
+        names.ATTN_Q,
+        names.ATTN_K,
+        names.ATTN_V,
+        names.ATTN_OUT,
+        ARCH.ffn_norm,
+        *ffn_tensors(spec, layer),
+    ]

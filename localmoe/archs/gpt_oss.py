@@ -16,10 +16,22 @@ from .common import ArchSpec, Getter
 from .qwen3moe import build_block  # noqa: F401  (GQA with sinks and windows + MoE, from the declarations)
 
 ARCH = ArchSpec(
-    "gpt-oss", "gpt-oss-20b, gpt-oss-120b", "neox", qkv_bias=True, routings=("topk_softmax",),
-    rope_scalings=("none", "linear", "yarn"), ffn_norm=names.ATTN_POST_NORM, sinks=True, sliding_window=True,
-    router_bias=True, expert_bias=True, expert_act="swiglu_oai",
-    checked="logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M, MXFP4_MOE; sinks, windowed layers and YaRN in every case (tests/test_oracle.py, tests/test_gpt_oss.py)",
+    "gpt-oss",
+    "gpt-oss-20b, gpt-oss-120b",
+    "neox",
+    qkv_bias=True,
+    routings=("topk_softmax",),
+    rope_scalings=("none", "linear", "yarn"),
+    ffn_norm=names.ATTN_POST_NORM,
+    sinks=True,
+    sliding_window=True,
+    router_bias=True,
+    expert_bias=True,
+    expert_act="swiglu_oai",
+    checked=(
+        "logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M, MXFP4_MOE; sinks, windowed layers and YaRN in every case "
+        "(tests/test_oracle.py, tests/test_gpt_oss.py)"
+    ),
 )
 
 
@@ -36,7 +48,9 @@ def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
         swa = tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
     base, base_swa = get(names.ROPE_FREQ_BASE, 10000.0), get(names.ROPE_FREQ_BASE_SWA, None)
     if base_swa is not None and float(base_swa) != float(base):
-        raise LocalMoEError(f"gpt-oss: a separate RoPE base for the windowed layers ({base_swa} vs {base}) is not supported")
+        raise LocalMoEError(
+            f"gpt-oss: a separate RoPE base for the windowed layers ({base_swa} vs {base}) is not supported"
+        )
     # llama.cpp: top-k of the logits, a softmax over the k chosen, never renormalised
     return {"n_swa": int(n_swa), "swa_layers": swa, "routing": "topk_softmax", "norm_topk": False}
 
@@ -48,6 +62,17 @@ def attn_scale(spec: Any) -> float:
 
 def required_tensors(spec: Any, layer: int) -> list[str | tuple[str, str]]:
     """Everything llama.cpp's loader requires of a gpt-oss block (the q/k/v biases are optional there)."""
-    return [names.ATTN_NORM, names.ATTN_Q, names.ATTN_K, names.ATTN_V, names.ATTN_OUT, (names.ATTN_OUT, "bias"), names.ATTN_SINKS,
-            names.ATTN_POST_NORM, names.FFN_GATE_INP, (names.FFN_GATE_INP, "bias"),
-            *names.EXPERT_PARTS, *((p, "bias") for p in names.EXPERT_BIAS_PARTS)]
+    return [
+        names.ATTN_NORM,
+        names.ATTN_Q,
+        names.ATTN_K,
+        names.ATTN_V,
+        names.ATTN_OUT,
+        (names.ATTN_OUT, "bias"),
+        names.ATTN_SINKS,
+        names.ATTN_POST_NORM,
+        names.FFN_GATE_INP,
+        (names.FFN_GATE_INP, "bias"),
+        *names.EXPERT_PARTS,
+        *((p, "bias") for p in names.EXPERT_BIAS_PARTS),
+    ]

@@ -8,7 +8,11 @@ from .common import ArchSpec, Getter
 from .qwen3moe import build_block  # noqa: F401  (GQA + MoE, from the declarations)
 
 ARCH = ArchSpec(
-    "qwen2moe", "Qwen1.5/Qwen2-MoE, with shared expert", "neox", qkv_bias=True, shared_expert="gated",
+    "qwen2moe",
+    "Qwen1.5/Qwen2-MoE, with shared expert",
+    "neox",
+    qkv_bias=True,
+    shared_expert="gated",
     checked="logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M (tests/test_oracle.py)",
 )
 

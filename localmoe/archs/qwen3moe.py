@@ -18,7 +18,11 @@ from ..layers.routers import ROUTERS
 from .common import ArchSpec, fast_paths, read_args  # noqa: F401  (read_args: nothing beyond the common keys)
 
 ARCH = ArchSpec(
-    "qwen3moe", "Qwen3-MoE (e.g. Qwen3-30B-A3B)", "neox", qk_norm="per_head", norm_topk=True,
+    "qwen3moe",
+    "Qwen3-MoE (e.g. Qwen3-30B-A3B)",
+    "neox",
+    qk_norm="per_head",
+    norm_topk=True,
     checked="logits vs llama.cpp: F32, Q8_0, Q4_0, Q4_K_M, F16, BF16, Q4_1, Q5_0, Q5_1 (tests/test_oracle.py)",
 )
 
@@ -29,8 +33,14 @@ def feed_forward(w: Weights, spec: Any, i: int) -> tuple[Any, MoE | None]:
     arch = spec.arch
     if not spec.is_moe(i):
         return w.ffn(i, (names.FFN_GATE, names.FFN_UP, names.FFN_DOWN)), None
-    moe = MoE.load(w, i, select=ROUTERS[spec.routing][0], shared=arch.shared_expert, router_bias=arch.router_bias,
-                   c_router="c_router" in fast_paths(spec))
+    moe = MoE.load(
+        w,
+        i,
+        select=ROUTERS[spec.routing][0],
+        shared=arch.shared_expert,
+        router_bias=arch.router_bias,
+        c_router="c_router" in fast_paths(spec),
+    )
     return None, moe
 
 

@@ -14,21 +14,37 @@ DEFAULT_PROMPT = "In the beginning God created the heaven and the earth. And the
 
 
 # -- trace replay -------------------------------------------------------------------------------
-def replay_table(trace: Trace, budgets: list[float], policies: list[str], prefetch: bool = False) -> list[dict[str, Any]]:
+def replay_table(
+    trace: Trace, budgets: list[float], policies: list[str], prefetch: bool = False
+) -> list[dict[str, Any]]:
     rows = []
     for share in budgets:
         if not 0 < share <= 1:
             raise LocalMoEError(f"budget shares must be in (0, 1], got {share}")
         for name in policies:
             r = replay(trace, name, share, prefetch=prefetch)
-            rows.append({"budget_share": share, "budget_bytes": r.budget_bytes, "policy": name, "hit_rate": r.hit_rate, "hits": r.hits, "misses": r.misses, "prefetch_issued": r.prefetch_issued, "prefetch_used": r.prefetch_used})
+            rows.append(
+                {
+                    "budget_share": share,
+                    "budget_bytes": r.budget_bytes,
+                    "policy": name,
+                    "hit_rate": r.hit_rate,
+                    "hits": r.hits,
+                    "misses": r.misses,
+                    "prefetch_issued": r.prefetch_issued,
+                    "prefetch_used": r.prefetch_used,
+                }
+            )
     return rows
 
 
 def format_replay(trace: Trace, rows: list[dict[str, Any]]) -> str:
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     budgets = list(dict.fromkeys(r["budget_share"] for r in rows))
-    head = f"trace: {trace.model}, {trace.n_tokens} tokens × {trace.n_layer} layers, {trace.n_expert} experts, top-{trace.top_k}\n"
+    head = (
+        f"trace: {trace.model}, {trace.n_tokens} tokens × {trace.n_layer} layers, {trace.n_expert} experts, "
+        f"top-{trace.top_k}\n"
+    )
     lines = [head, "| budget (of expert bytes) | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
     for b in budgets:
         cells = [next(r for r in rows if r["budget_share"] == b and r["policy"] == p)["hit_rate"] for p in policies]
@@ -72,7 +88,9 @@ def strategies_for(model_path: str | None, gpu_mem: int) -> list[tuple[str, dict
     ]
 
 
-def run_strategies(model_path: str | None, gpu_mem: int, profile: str, prompt: str, max_tokens: int, threads: int | None = None) -> list[StrategyResult]:
+def run_strategies(
+    model_path: str | None, gpu_mem: int, profile: str, prompt: str, max_tokens: int, threads: int | None = None
+) -> list[StrategyResult]:
     from ..runtime import load
 
     results = []
@@ -80,7 +98,22 @@ def run_strategies(model_path: str | None, gpu_mem: int, profile: str, prompt: s
         with load(model_path, device="cpu", profile=profile, threads=threads, **kwargs) as rt:
             text = rt.generate(prompt, max_tokens=max_tokens, temperature=0)
             s = rt.stats()
-            results.append(StrategyResult(label, s.decode_tps, s.prompt_tps, s.hit_rate, s.bytes_to_gpu, s.cpu_experts, s.prefetch_precision, s.prefetch_recall, s.prefetch_issued, s.prefetch_used, s.clock, text))
+            results.append(
+                StrategyResult(
+                    label,
+                    s.decode_tps,
+                    s.prompt_tps,
+                    s.hit_rate,
+                    s.bytes_to_gpu,
+                    s.cpu_experts,
+                    s.prefetch_precision,
+                    s.prefetch_recall,
+                    s.prefetch_issued,
+                    s.prefetch_used,
+                    s.clock,
+                    text,
+                )
+            )
     return results
 
 
@@ -88,13 +121,23 @@ def format_strategies(results: list[StrategyResult], gpu_mem: int) -> str:
     base = next((r.decode_tps for r in results if r.strategy.startswith("fetch")), 0.0)
     lines = [
         f"GPU budget {gpu_mem / 2**20:.1f} MiB, clock {results[0].clock}",
-        "| strategy | decode tok/s | vs fetch+lru | prompt tok/s | hit rate | MiB to GPU | CPU experts | prefetch precision | prefetch recall |",
+        (
+            "| strategy | decode tok/s | vs fetch+lru | prompt tok/s | hit rate | MiB to GPU | CPU experts | "
+            "prefetch precision | prefetch recall |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = r.decode_tps / base if base else 0.0
-        pf = (f"{r.prefetch_precision:.1%}", f"{r.prefetch_recall:.1%}") if r.prefetch_issued or r.prefetch_recall else ("-", "-")
-        lines.append(f"| {r.strategy} | {r.decode_tps:.1f} | {ratio:.2f}× | {r.prompt_tps:.1f} | {r.hit_rate:.1%} | {r.bytes_to_gpu / 2**20:.1f} | {r.cpu_experts} | {pf[0]} | {pf[1]} |")
+        pf = (
+            (f"{r.prefetch_precision:.1%}", f"{r.prefetch_recall:.1%}")
+            if r.prefetch_issued or r.prefetch_recall
+            else ("-", "-")
+        )
+        lines.append(
+            f"| {r.strategy} | {r.decode_tps:.1f} | {ratio:.2f}× | {r.prompt_tps:.1f} | {r.hit_rate:.1%} | "
+            f"{r.bytes_to_gpu / 2**20:.1f} | {r.cpu_experts} | {pf[0]} | {pf[1]} |"
+        )
     return "\n".join(lines)
 
 

@@ -43,8 +43,10 @@ from ..gguf.qtypes import TYPES as QTYPES
 
 LLAMA_CPP = "llama.cpp"
 REBUILD_HINT = (  # a build for another CPU (a cached wheel) or llama.cpp's AMX path on some Xeons
-    "rebuild llama-cpp-python for this CPU and without AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
-    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install --force-reinstall --no-cache-dir llama-cpp-python"
+    "rebuild llama-cpp-python for this CPU and without AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile "
+    "-mno-amx-int8 -mno-amx-bf16' "
+    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install --force-reinstall "
+    "--no-cache-dir llama-cpp-python"
 )
 
 
@@ -89,7 +91,13 @@ class BenchResult:
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)  # engine → {"prompt": x, "decode": y}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "config": asdict(self.config), "baseline": self.baseline, "rows": [asdict(r) for r in self.rows], "ratios": self.ratios}
+        return {
+            "model": self.model,
+            "config": asdict(self.config),
+            "baseline": self.baseline,
+            "rows": [asdict(r) for r in self.rows],
+            "ratios": self.ratios,
+        }
 
 
 # -- what the benchmark feeds and measures ---------------------------------------------------------
@@ -104,7 +112,9 @@ def bytes_per_token(m: GGUFModel) -> int:
     """Weight bytes one decoded token reads, at their size in the file: all dense tensors except
     the embedding table (one row of it), plus the top-k routed experts of every layer."""
     spec = m.spec
-    dense = sum(t.n_bytes for t in m.tensors.values() if not names.is_expert_tensor(t.name) and t.name != names.TOKEN_EMBD)
+    dense = sum(
+        t.n_bytes for t in m.tensors.values() if not names.is_expert_tensor(t.name) and t.name != names.TOKEN_EMBD
+    )
     embd = m.view(names.TOKEN_EMBD)
     if not m.has(names.OUTPUT):  # tied output head: the whole table is read by the head
         dense += embd.n_bytes
@@ -113,8 +123,16 @@ def bytes_per_token(m: GGUFModel) -> int:
     return dense + experts
 
 
-def make_row(engine: str, runs: list[tuple[float, float]], cfg: BenchConfig, nbytes: int, clock: str = "measured", notes: str = "",
-             per_token: tuple[float, float] | None = None, colds: list[dict[str, Any]] | None = None) -> BenchRow:
+def make_row(
+    engine: str,
+    runs: list[tuple[float, float]],
+    cfg: BenchConfig,
+    nbytes: int,
+    clock: str = "measured",
+    notes: str = "",
+    per_token: tuple[float, float] | None = None,
+    colds: list[dict[str, Any]] | None = None,
+) -> BenchRow:
     """runs: (prefill seconds, decode seconds) per timed run → a row of medians. per_token: (host
     syncs, kernel launches) per decoded token, where the engine counts them. colds: each round's
     process's cold start ({"load_s", "ttft_s", "cold_decode_tps", "peak_rss"})."""
@@ -125,10 +143,30 @@ def make_row(engine: str, runs: list[tuple[float, float]], cfg: BenchConfig, nby
     colds = [c for c in colds or [] if c]
     med = (lambda key: statistics.median(c[key] for c in colds)) if colds else (lambda key: None)
     rss = max((c["peak_rss"] for c in colds), default=None)
-    return BenchRow(engine, statistics.median(p), decode, p, d, nbytes, nbytes * decode / 1e9, clock, notes, syncs, launches, med("load_s"), med("ttft_s"), med("cold_decode_tps"), rss)
+    return BenchRow(
+        engine,
+        statistics.median(p),
+        decode,
+        p,
+        d,
+        nbytes,
+        nbytes * decode / 1e9,
+        clock,
+        notes,
+        syncs,
+        launches,
+        med("load_s"),
+        med("ttft_s"),
+        med("cold_decode_tps"),
+        rss,
+    )
 
 
-def cold_start(load: Callable[[], tuple[list[int], list[int]]], prefill: Callable[[list[int]], None], decode_one: Callable[[int], None]) -> dict[str, float]:
+def cold_start(
+    load: Callable[[], tuple[list[int], list[int]]],
+    prefill: Callable[[list[int]], None],
+    decode_one: Callable[[int], None],
+) -> dict[str, float]:
     """What a user waits for in a fresh process: load (which returns the prompt and decode ids),
     the prompt (its prefill yields the first token), the first tokens."""
     t0 = time.perf_counter()
@@ -138,7 +176,9 @@ def cold_start(load: Callable[[], tuple[list[int], list[int]]], prefill: Callabl
     return {"load_s": load_s, "ttft_s": prefill_s, "cold_decode_tps": len(gen) / decode_s}
 
 
-def timed_pass(prefill: Callable[[list[int]], None], decode_one: Callable[[int], None], prompt: list[int], gen: list[int]) -> tuple[float, float]:
+def timed_pass(
+    prefill: Callable[[list[int]], None], decode_one: Callable[[int], None], prompt: list[int], gen: list[int]
+) -> tuple[float, float]:
     """(seconds to prefill `prompt`, seconds to decode `gen` one token per call)."""
     t0 = time.perf_counter()
     prefill(prompt)
@@ -155,7 +195,14 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def time_engine(prefill: Callable[[list[int]], None], decode_one: Callable[[int], None], reset: Callable[[], None], prompt: list[int], gen: list[int], cfg: BenchConfig) -> list[tuple[float, float]]:
+def time_engine(
+    prefill: Callable[[list[int]], None],
+    decode_one: Callable[[int], None],
+    reset: Callable[[], None],
+    prompt: list[int],
+    gen: list[int],
+    cfg: BenchConfig,
+) -> list[tuple[float, float]]:
     """The shared procedure: warm-up runs, then timed (prefill seconds, decode seconds) per rep."""
     runs = []
     for rep in range(cfg.warmup + cfg.reps):
@@ -202,7 +249,9 @@ class LocalMoETimer:
     def _prefill(self, ids: list[int]) -> None:
         import torch
 
-        counters.readback(self.rt.model.forward(torch.tensor(list(ids)), self._state["cache"], all_logits=False))  # waits for the device
+        counters.readback(
+            self.rt.model.forward(torch.tensor(list(ids)), self._state["cache"], all_logits=False)
+        )  # waits for the device
 
     def _decode_one(self, tok: int) -> None:
         import torch
@@ -250,7 +299,10 @@ class LlamaCppCrashed(LocalMoEError):
     def __init__(self, sig: str, path: str, plain_buffers: bool):
         name = os.path.basename(path)
         if sig not in NATIVE_CRASHES:  # ended from outside: the OOM killer, Ctrl-C, a timeout
-            super().__init__(f"llama.cpp was stopped by {sig} while running {name} (out of memory?); free memory or try a smaller model")
+            super().__init__(
+                f"llama.cpp was stopped by {sig} while running {name} (out of memory?); free memory or try a "
+                "smaller model"
+            )
         else:
             buffers = " with plain CPU buffers" if plain_buffers else ""
             super().__init__(f"llama.cpp crashed ({sig}) while running {name}{buffers}; {REBUILD_HINT}")
@@ -269,7 +321,9 @@ def _worker(kind: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
     if r.returncode < 0 and engine == LLAMA_CPP:
         raise LlamaCppCrashed(signal.Signals(-r.returncode).name, job["path"], job["plain_buffers"])
     if r.returncode < 0:
-        raise LocalMoEError(f"localmoe's benchmark process was stopped by {signal.Signals(-r.returncode).name} (out of memory?)")
+        raise LocalMoEError(
+            f"localmoe's benchmark process was stopped by {signal.Signals(-r.returncode).name} (out of memory?)"
+        )
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise LocalMoEError(f"{engine} failed on {os.path.basename(job['path'])}: {last}")
@@ -306,7 +360,13 @@ class LlamaCppRounds:
             if self.plain_buffers or crash.signal not in NATIVE_CRASHES:
                 raise
             self.plain_buffers, self.fell_back = True, crash.signal
-            print(f"warning: llama.cpp crashed ({self.fell_back}) with its default buffers; measuring it with plain CPU buffers (--llama-plain-buffers)", file=sys.stderr)
+            print(
+                (
+                    f"warning: llama.cpp crashed ({self.fell_back}) with its default buffers; measuring it with "
+                    "plain CPU buffers (--llama-plain-buffers)"
+                ),
+                file=sys.stderr,
+            )
             self.runs, self.colds = [], []  # earlier rounds' runs dropped
             out = llama_cpp_runs(self.path, self.cfg, self.plain_buffers)
         self.runs += [tuple(x) for x in out["runs"]]
@@ -322,7 +382,9 @@ def run_llama_cpp(path: str, cfg: BenchConfig, plain_buffers: bool = False) -> B
     llama = LlamaCppRounds(path, cfg, plain_buffers)
     for _ in range(cfg.rounds):
         llama.round()
-    return make_row(LLAMA_CPP, llama.runs, cfg, bytes_per_token(GGUFModel(path)), notes=llama.notes(), colds=llama.colds)
+    return make_row(
+        LLAMA_CPP, llama.runs, cfg, bytes_per_token(GGUFModel(path)), notes=llama.notes(), colds=llama.colds
+    )
 
 
 def _llama_worker(job: dict[str, Any]) -> None:
@@ -339,7 +401,15 @@ def _llama_worker(job: dict[str, Any]) -> None:
 
     def load() -> tuple[list[int], list[int]]:
         with plain_cpu_buffers() if job["plain_buffers"] else contextlib.nullcontext():  # no AMX / repacked weights
-            held["llm"] = llama_cpp.Llama(model_path=job["path"], n_threads=cfg.threads, n_threads_batch=cfg.threads, n_ctx=n_ctx, n_batch=max(cfg.prompt_tokens, 1), n_ubatch=max(cfg.prompt_tokens, 1), verbose=False)
+            held["llm"] = llama_cpp.Llama(
+                model_path=job["path"],
+                n_threads=cfg.threads,
+                n_threads_batch=cfg.threads,
+                n_ctx=n_ctx,
+                n_batch=max(cfg.prompt_tokens, 1),
+                n_ubatch=max(cfg.prompt_tokens, 1),
+                verbose=False,
+            )
         return token_ids(held["llm"].n_vocab(), cfg)
 
     cold = cold_start(load, lambda ids: held["llm"].eval(ids), lambda tok: held["llm"].eval([tok]))
@@ -356,7 +426,12 @@ def _localmoe_worker(job: dict[str, Any]) -> None:
     cfg = BenchConfig(**job["config"])
     timer = LocalMoETimer(job["path"], cfg, **job["load"])
     runs = timer.runs()
-    out = {"runs": runs, "cold": {**timer.cold, "peak_rss": peak_rss()}, "clock": timer.clock, "per_token": timer.per_token}
+    out = {
+        "runs": runs,
+        "cold": {**timer.cold, "peak_rss": peak_rss()},
+        "clock": timer.clock,
+        "per_token": timer.per_token,
+    }
     timer.close()
     print(json.dumps(out))
 
@@ -368,7 +443,10 @@ def compare(rows: list[BenchRow], baseline: str | None = LLAMA_CPP) -> dict[str,
     if base is None:
         return {}
     return {
-        r.engine: {"prompt": r.prompt_tps / base.prompt_tps if base.prompt_tps else 0.0, "decode": r.decode_tps / base.decode_tps if base.decode_tps else 0.0}
+        r.engine: {
+            "prompt": r.prompt_tps / base.prompt_tps if base.prompt_tps else 0.0,
+            "decode": r.decode_tps / base.decode_tps if base.decode_tps else 0.0,
+        }
         for r in rows
         if r is not base
     }
@@ -392,8 +470,15 @@ def host_mem_bytes(value: str, model: GGUFModel) -> int | None:
     return parse_size(value)
 
 
-def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buffers: bool = False, modes: list[str] | None = None,
-              host_mems: list[str] | None = None, **load_kwargs: Any) -> BenchResult:
+def run_bench(
+    path: str,
+    cfg: BenchConfig,
+    vs: str | None = LLAMA_CPP,
+    plain_buffers: bool = False,
+    modes: list[str] | None = None,
+    host_mems: list[str] | None = None,
+    **load_kwargs: Any,
+) -> BenchResult:
     """Both engines, `cfg.rounds` times in turn (llama.cpp, then localmoe): a machine whose load
     drifts during the benchmark then weighs on both alike. Every run of every round is pooled.
     modes: one localmoe row per CPU kernel mode (load's kernel=: auto, ggml, vnni, torch), all
@@ -409,7 +494,11 @@ def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buf
     names = {}
     for mode in modes or [None]:
         for hm, nbytes in budgets.items():
-            extra = ([] if mode is None else [f"LOCALMOE_KERNEL={mode}"]) + ([] if host_mems is None else [f"host-mem {hm}" + (f" = {nbytes / 2**30:.1f} GiB" if hm.endswith("%") else "")])
+            extra = ([] if mode is None else [f"LOCALMOE_KERNEL={mode}"]) + (
+                []
+                if host_mems is None
+                else [f"host-mem {hm}" + (f" = {nbytes / 2**30:.1f} GiB" if hm.endswith("%") else "")]
+            )
             names[(mode, hm)] = "localmoe" + (f" ({', '.join(extra)})" if extra else "")
     llama = LlamaCppRounds(path, cfg, plain_buffers)
     ours = {name: {"runs": [], "colds": [], "per_token": [], "clock": "measured"} for name in names.values()}
@@ -427,7 +516,11 @@ def run_bench(path: str, cfg: BenchConfig, vs: str | None = LLAMA_CPP, plain_buf
             if out.get("per_token"):
                 o["per_token"].append(out["per_token"])
     nbytes = bytes_per_token(model)
-    rows = [make_row(LLAMA_CPP, llama.runs, cfg, nbytes, notes=llama.notes(), colds=llama.colds)] if vs == LLAMA_CPP else []
+    rows = (
+        [make_row(LLAMA_CPP, llama.runs, cfg, nbytes, notes=llama.notes(), colds=llama.colds)]
+        if vs == LLAMA_CPP
+        else []
+    )
     for name, o in ours.items():
         per_token = tuple(float(np.mean([p[i] for p in o["per_token"]])) for i in range(2)) if o["per_token"] else None
         rows.append(make_row(name, o["runs"], cfg, nbytes, o["clock"], per_token=per_token, colds=o["colds"]))
@@ -438,25 +531,44 @@ def format_table(res: BenchResult) -> str:
     """A Markdown table: one row per engine, ratios against the baseline in the last columns."""
     c = res.config
     lines = [
-        f"model: {os.path.basename(res.model)}   threads: {c.threads}   prompt: {c.prompt_tokens} tokens   decode: {c.decode_tokens} tokens   "
+        f"model: {os.path.basename(res.model)}   threads: {c.threads}   prompt: {c.prompt_tokens} tokens   "
+        f"decode: {c.decode_tokens} tokens   "
         f"runs: {c.rounds} round(s) × {c.reps} (+{c.warmup} warm-up each), engines in turn; medians",
         "",
-        "| engine | load s | load + 1st token s | cold decode tok/s | prompt tok/s | decode tok/s | peak RSS GiB | MB/token | decode GB/s | prompt ×base | decode ×base | cold decode ×base | syncs/token | launches/token | clock |",
+        (
+            "| engine | load s | load + 1st token s | cold decode tok/s | prompt tok/s | decode tok/s | peak RSS "
+            "GiB | MB/token | decode GB/s | prompt ×base | decode ×base | cold decode ×base | syncs/token | "
+            "launches/token | clock |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in res.rows:
         ratio = res.ratios.get(r.engine)
-        rp, rd = (f"{ratio['prompt']:.2f}", f"{ratio['decode']:.2f}") if ratio else ("1.00", "1.00") if r.engine == res.baseline else ("", "")
+        rp, rd = (
+            (f"{ratio['prompt']:.2f}", f"{ratio['decode']:.2f}")
+            if ratio
+            else ("1.00", "1.00")
+            if r.engine == res.baseline
+            else ("", "")
+        )
         name = r.engine + (f" ({r.notes})" if r.notes else "")
         syncs = f"{r.syncs_per_token:.1f}" if r.syncs_per_token is not None else ""
         launches = f"{r.launches_per_token:.1f}" if r.launches_per_token is not None else ""
         base = next((b for b in res.rows if b.engine == res.baseline), None)
-        rc = f"{r.cold_decode_tps / base.cold_decode_tps:.2f}" if base is not None and r is not base and r.cold_decode_tps and base.cold_decode_tps else ""
+        rc = (
+            f"{r.cold_decode_tps / base.cold_decode_tps:.2f}"
+            if base is not None and r is not base and r.cold_decode_tps and base.cold_decode_tps
+            else ""
+        )
         load = f"{r.load_s:.2f}" if r.load_s is not None else ""
         first = f"{r.load_s + r.ttft_s:.2f}" if r.load_s is not None and r.ttft_s is not None else ""
         cold = f"{r.cold_decode_tps:.2f}" if r.cold_decode_tps is not None else ""
         rss = f"{r.peak_rss_bytes / 2**30:.2f}" if r.peak_rss_bytes else ""
-        lines.append(f"| {name} | {load} | {first} | {cold} | {r.prompt_tps:.1f} | {r.decode_tps:.2f} | {rss} | {r.bytes_per_token / 1e6:.1f} | {r.bandwidth_gbs:.2f} | {rp} | {rd} | {rc} | {syncs} | {launches} | {r.clock} |")
+        lines.append(
+            f"| {name} | {load} | {first} | {cold} | {r.prompt_tps:.1f} | {r.decode_tps:.2f} | {rss} | "
+            f"{r.bytes_per_token / 1e6:.1f} | {r.bandwidth_gbs:.2f} | {rp} | {rd} | {rc} | {syncs} | "
+            f"{launches} | {r.clock} |"
+        )
     return "\n".join(lines)
 
 
@@ -478,7 +590,9 @@ def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator, sca
     per, size, f16_at = RANDOM_LAYOUTS[qtype_name]
     b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
     for at in f16_at:
-        b[..., at : at + 2] = (rng.uniform(0.5, 2.0, (n, k // per)) * scale).astype(np.float16)[..., None].view(np.uint8)
+        b[..., at : at + 2] = (
+            (rng.uniform(0.5, 2.0, (n, k // per)) * scale).astype(np.float16)[..., None].view(np.uint8)
+        )
     if qtype_name == "MXFP4":  # the E8M0 exponent byte: scales 2^-8 .. 2^-1 around `scale`
         e = int(round(np.log2(scale))) + 128
         b[..., 0] = rng.integers(e - 3, e + 4, (n, k // per))
@@ -488,7 +602,9 @@ def random_blocks(qtype_name: str, n: int, k: int, rng: np.random.Generator, sca
 KERNEL_TYPES = ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4", "IQ2_XXS", "IQ3_S")
 
 
-def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ...] = (1, 8, 128), copies_bytes: int = 256 << 20) -> list[dict[str, Any]]:
+def kernel_table(
+    threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ...] = (1, 8, 128), copies_bytes: int = 256 << 20
+) -> list[dict[str, Any]]:
     """Time x @ W.T for each quant type and backend on an expert-shaped [n, k] weight. For one row,
     distinct copies totalling ~copies_bytes are cycled so weights come from DRAM, not cache.
     Returns rows: {qtype, backend, rows, us, gbs (file bytes / time)}."""
@@ -517,12 +633,25 @@ def kernel_table(threads: int, n: int = 1536, k: int = 2048, rows: tuple[int, ..
             w0 = kernels.repack(raw, qtype, (n, k), backend="ggml" if backend == "ggml-rows" else backend)
             # ggml-rows: no token count reaches the graph path
             graph_rows = 1 << 30 if backend == "ggml-rows" else policy.current().ggml_graph_rows
-            copies = [w0] + [dataclasses.replace(w0, tensors={key: t.clone() for key, t in w0.tensors.items()}) for _ in range(max(0, copies_bytes // w0.nbytes - 1))]
+            copies = [w0] + [
+                dataclasses.replace(w0, tensors={key: t.clone() for key, t in w0.tensors.items()})
+                for _ in range(max(0, copies_bytes // w0.nbytes - 1))
+            ]
             for m in rows:
                 x = torch.randn(m, k)
                 with policy.override(ggml_graph_rows=graph_rows):
                     us = _time_calls(copies if m == 1 else copies[:4], x, m)
-                out.append({"qtype": name, "backend": backend, "rows": m, "us": us, "gbs": raw.nbytes / us / 1e3, "packed_bytes": w0.nbytes, "file_bytes": raw.nbytes})
+                out.append(
+                    {
+                        "qtype": name,
+                        "backend": backend,
+                        "rows": m,
+                        "us": us,
+                        "gbs": raw.nbytes / us / 1e3,
+                        "packed_bytes": w0.nbytes,
+                        "file_bytes": raw.nbytes,
+                    }
+                )
     return out
 
 
@@ -539,10 +668,16 @@ def _time_calls(ws: list[Any], x: Any, m: int) -> float:
 
 
 def format_kernel_table(rows: list[dict[str, Any]], threads: int) -> str:
-    lines = [f"x [T, 2048] @ W.T, W [1536, 2048] (an expert's fused gate+up), {threads} threads; µs per call (GB/s of file bytes); "
-             "ggml-rows: the ggml backend without its graph path (the per-row driver at every T)", "",
-             "| type | backend | packed/file bytes | " + " | ".join(f"T={m}" for m in sorted({r['rows'] for r in rows})) + " |",
-             "| --- | --- | ---: | " + " | ".join("---:" for _ in sorted({r['rows'] for r in rows})) + " |"]
+    lines = [
+        f"x [T, 2048] @ W.T, W [1536, 2048] (an expert's fused gate+up), {threads} threads; µs per call (GB/s "
+        "of file bytes); "
+        "ggml-rows: the ggml backend without its graph path (the per-row driver at every T)",
+        "",
+        "| type | backend | packed/file bytes | "
+        + " | ".join(f"T={m}" for m in sorted({r["rows"] for r in rows}))
+        + " |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in sorted({r["rows"] for r in rows})) + " |",
+    ]
     keys = list(dict.fromkeys((r["qtype"], r["backend"]) for r in rows))
     for q, b in keys:
         rs = [r for r in rows if r["qtype"] == q and r["backend"] == b]
@@ -558,4 +693,7 @@ if __name__ == "__main__":
         except LocalMoEError as exc:
             sys.exit(f"error: {exc}")
     else:
-        sys.exit("usage: python -m localmoe.bench.speed llama-worker|localmoe-worker JOB_JSON (internal; use `localmoe bench`)")
+        sys.exit(
+            "usage: python -m localmoe.bench.speed llama-worker|localmoe-worker JOB_JSON (internal; use "
+            "`localmoe bench`)"
+        )

@@ -24,8 +24,14 @@ from ..tokenizer import CHATML_TEMPLATE
 
 Q = GGMLQuantizationType
 # What `weight_type` may be for the big matrices; norms and routers stay F32 as llama.cpp keeps them.
-WRITE_TYPES = {"F32": (Q.F32, LlamaFileType.ALL_F32), "F16": (Q.F16, LlamaFileType.MOSTLY_F16), "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0), "Q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0)}
-# What llama.cpp's quantizer may make of a Q8_0 file here: its file types (llama.h's LLAMA_FTYPE_MOSTLY_*) that localmoe reads
+WRITE_TYPES = {
+    "F32": (Q.F32, LlamaFileType.ALL_F32),
+    "F16": (Q.F16, LlamaFileType.MOSTLY_F16),
+    "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "Q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+}
+# What llama.cpp's quantizer may make of a Q8_0 file here: its file types (llama.h's LLAMA_FTYPE_MOSTLY_*) that
+# localmoe reads
 LLAMA_FTYPES = {name: int(ftype) for name, ftype in FILE_TYPES.items()}
 
 
@@ -78,7 +84,9 @@ class SynthConfig:
     rms_eps: float = 1e-6
     # gemma4 (windowed layers of n_head_kv × head_dim, every swa_period-th layer global with its own
     # shape and proportional RoPE; a dense GeGLU MLP of n_ff_dense beside the experts; soft-capped logits)
-    swa_period: int = 6  # layer i is global when i % swa_period == swa_period − 1, and the last (Gemma 4: 5 windowed, 1 global)
+    swa_period: int = (
+        6  # layer i is global when i % swa_period == swa_period − 1, and the last (Gemma 4: 5 windowed, 1 global)
+    )
     n_head_kv_global: int = 2
     head_dim_global: int = 512
     global_rotary: float = 0.25  # share of a global head's dims RoPE rotates ("proportional": rope_freqs)
@@ -90,43 +98,133 @@ class SynthConfig:
 # Presets with the expert shapes of real models (layers and quant type are chosen per use).
 PRESETS: dict[str, SynthConfig] = {
     "tiny-moe": SynthConfig("qwen3moe", 2, 256, 4, 2, 64, 8, 2, 256, name="synthetic-tiny-moe"),
-    "qwen3-30b-a3b": SynthConfig("qwen3moe", 4, 2048, 32, 4, 128, 128, 8, 768, n_vocab=32768, n_ctx=4096, name="synthetic-qwen3-30b-a3b"),
-    "mixtral-8x7b": SynthConfig("llama", 4, 4096, 32, 8, 128, 8, 2, 14336, n_vocab=32000, n_ctx=4096, name="synthetic-mixtral-8x7b"),
-    "olmoe-1b-7b": SynthConfig("olmoe", 4, 2048, 16, 16, 128, 64, 8, 1024, n_vocab=50304, n_ctx=4096, name="synthetic-olmoe-1b-7b"),
+    "qwen3-30b-a3b": SynthConfig(
+        "qwen3moe", 4, 2048, 32, 4, 128, 128, 8, 768, n_vocab=32768, n_ctx=4096, name="synthetic-qwen3-30b-a3b"
+    ),
+    "mixtral-8x7b": SynthConfig(
+        "llama", 4, 4096, 32, 8, 128, 8, 2, 14336, n_vocab=32000, n_ctx=4096, name="synthetic-mixtral-8x7b"
+    ),
+    "olmoe-1b-7b": SynthConfig(
+        "olmoe", 4, 2048, 16, 16, 128, 64, 8, 1024, n_vocab=50304, n_ctx=4096, name="synthetic-olmoe-1b-7b"
+    ),
     # DeepSeek-V2-Lite's config.json: q_lora_rank null, kv_lora_rank 512, qk_rope 64 + qk_nope 128,
     # v_head_dim 128, 64 routed experts (top-6, softmax, not renormalised) + 2 shared of 1408,
     # first_k_dense_replace 1 (intermediate 10944), YaRN factor 40 over 4096, mscale_all_dim 0.707
     "deepseek-v2-lite": SynthConfig(
-        "deepseek2", 4, 2048, 16, 16, 192, 64, 6, 1408, n_vocab=102400, n_ctx=163840, name="synthetic-deepseek-v2-lite",
-        kv_lora_rank=512, q_lora_rank=0, qk_rope=64, v_head_dim=128, n_dense_lead=1, n_ff_dense=10944, n_expert_shared=2,
-        gating="softmax", expert_weights_norm=False, expert_weights_scale=1.0, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_log_mul=0.707,
+        "deepseek2",
+        4,
+        2048,
+        16,
+        16,
+        192,
+        64,
+        6,
+        1408,
+        n_vocab=102400,
+        n_ctx=163840,
+        name="synthetic-deepseek-v2-lite",
+        kv_lora_rank=512,
+        q_lora_rank=0,
+        qk_rope=64,
+        v_head_dim=128,
+        n_dense_lead=1,
+        n_ff_dense=10944,
+        n_expert_shared=2,
+        gating="softmax",
+        expert_weights_norm=False,
+        expert_weights_scale=1.0,
+        yarn_factor=40.0,
+        yarn_orig_ctx=4096,
+        yarn_log_mul=0.707,
     ),
     # gpt-oss-20b's config.json: 24 layers of 2880, 64 heads (8 KV) of 64, 32 experts (top-4) of
     # 2880, sliding_window 128 on every other layer, rope_theta 150000 with YaRN factor 32 over
     # 4096, rms_norm_eps 1e-5, vocabulary 201088 (o200k_harmony)
     "gpt-oss-20b": SynthConfig(
-        "gpt-oss", 4, 2880, 64, 8, 64, 32, 4, 2880, n_vocab=201088, n_ctx=131072, name="synthetic-gpt-oss-20b",
-        n_swa=128, rope_base=150000.0, rms_eps=1e-5, yarn_factor=32.0, yarn_orig_ctx=4096,
+        "gpt-oss",
+        4,
+        2880,
+        64,
+        8,
+        64,
+        32,
+        4,
+        2880,
+        n_vocab=201088,
+        n_ctx=131072,
+        name="synthetic-gpt-oss-20b",
+        n_swa=128,
+        rope_base=150000.0,
+        rms_eps=1e-5,
+        yarn_factor=32.0,
+        yarn_orig_ctx=4096,
     ),
     # gpt-oss-120b's config.json: gpt-oss-20b's layer shape, 36 layers, 128 experts (top-4)
     "gpt-oss-120b": SynthConfig(
-        "gpt-oss", 4, 2880, 64, 8, 64, 128, 4, 2880, n_vocab=201088, n_ctx=131072, name="synthetic-gpt-oss-120b",
-        n_swa=128, rope_base=150000.0, rms_eps=1e-5, yarn_factor=32.0, yarn_orig_ctx=4096,
+        "gpt-oss",
+        4,
+        2880,
+        64,
+        8,
+        64,
+        128,
+        4,
+        2880,
+        n_vocab=201088,
+        n_ctx=131072,
+        name="synthetic-gpt-oss-120b",
+        n_swa=128,
+        rope_base=150000.0,
+        rms_eps=1e-5,
+        yarn_factor=32.0,
+        yarn_orig_ctx=4096,
     ),
     # Qwen3.6-35B-A3B's config.json: 40 layers of 2048 (every 4th full attention: 16 heads, 2 KV, of
     # 256 with an output gate, partial_rotary_factor 0.25, mrope_section [11, 11, 10], rope_theta
     # 1e7; the others Gated DeltaNet: 16 key heads and 32 value heads of 128, conv kernel 4), 256
     # experts (top-8) of 512 + a gated shared expert of 512, vocabulary 248320
     "qwen3.6-35b-a3b": SynthConfig(
-        "qwen35moe", 4, 2048, 16, 2, 256, 256, 8, 512, n_ff_shexp=512, n_vocab=248320, n_ctx=262144, name="synthetic-qwen3.6-35b-a3b",
-        qk_rope=64, rope_base=10000000.0, ssm_k_heads=16, ssm_v_heads=32, ssm_head_dim=128,
+        "qwen35moe",
+        4,
+        2048,
+        16,
+        2,
+        256,
+        256,
+        8,
+        512,
+        n_ff_shexp=512,
+        n_vocab=248320,
+        n_ctx=262144,
+        name="synthetic-qwen3.6-35b-a3b",
+        qk_rope=64,
+        rope_base=10000000.0,
+        ssm_k_heads=16,
+        ssm_v_heads=32,
+        ssm_head_dim=128,
     ),
     # Qwen3.5-122B-A10B's config.json: 48 layers of 3072 (32 heads, 2 KV, of 256 in the full-attention
     # layers; DeltaNet 16 key heads and 64 value heads of 128), 256 experts (top-8) of 1024 + a
     # gated shared expert of 1024
     "qwen3.5-122b-a10b": SynthConfig(
-        "qwen35moe", 4, 3072, 32, 2, 256, 256, 8, 1024, n_ff_shexp=1024, n_vocab=248320, n_ctx=262144, name="synthetic-qwen3.5-122b-a10b",
-        qk_rope=64, rope_base=10000000.0, ssm_k_heads=16, ssm_v_heads=64, ssm_head_dim=128,
+        "qwen35moe",
+        4,
+        3072,
+        32,
+        2,
+        256,
+        256,
+        8,
+        1024,
+        n_ff_shexp=1024,
+        n_vocab=248320,
+        n_ctx=262144,
+        name="synthetic-qwen3.5-122b-a10b",
+        qk_rope=64,
+        rope_base=10000000.0,
+        ssm_k_heads=16,
+        ssm_v_heads=64,
+        ssm_head_dim=128,
     ),
     # Gemma 4 26B-A4B's config.json (text_config): 30 layers of 2816; 16 heads; sliding layers: 8 KV
     # heads of 256, window 1024, rope_theta 10000; every 6th layer global: 2 KV heads of 512, no
@@ -134,26 +232,83 @@ PRESETS: dict[str, SynthConfig] = {
     # dense MLP 2112 beside 128 experts (top-8) of 704; final_logit_softcapping 30; vocabulary
     # 262144, tied embeddings; no per-layer embeddings, no shared-KV layers
     "gemma-4-26b-a4b": SynthConfig(
-        "gemma4", 4, 2816, 16, 8, 256, 128, 8, 704, n_vocab=262144, n_ctx=262144, name="synthetic-gemma-4-26b-a4b",
-        n_ff_dense=2112, n_swa=1024, swa_period=6, n_head_kv_global=2, head_dim_global=512, global_rotary=0.25,
-        rope_base=1000000.0, rope_base_swa=10000.0, final_softcap=30.0, tied_output=True,
+        "gemma4",
+        4,
+        2816,
+        16,
+        8,
+        256,
+        128,
+        8,
+        704,
+        n_vocab=262144,
+        n_ctx=262144,
+        name="synthetic-gemma-4-26b-a4b",
+        n_ff_dense=2112,
+        n_swa=1024,
+        swa_period=6,
+        n_head_kv_global=2,
+        head_dim_global=512,
+        global_rotary=0.25,
+        rope_base=1000000.0,
+        rope_base_swa=10000.0,
+        final_softcap=30.0,
+        tied_output=True,
     ),
     # GLM-4.7-Flash's config.json (llama.cpp converts it as deepseek2): 47 layers of 2048, MLA with
     # 20 heads, q_lora_rank 768, kv_lora_rank 512, qk_nope 192 + qk_rope 64, v_head_dim 256; 64
     # routed experts (top-4, sigmoid + correction bias, renormalised, × 1.8) of 1536 + 1 shared,
     # first_k_dense_replace 1 (intermediate 10240), rope_theta 1e6, vocabulary 154880
     "glm-4.7-flash": SynthConfig(
-        "deepseek2", 4, 2048, 20, 20, 256, 64, 4, 1536, n_vocab=154880, n_ctx=202752, name="synthetic-glm-4.7-flash",
-        kv_lora_rank=512, q_lora_rank=768, qk_rope=64, v_head_dim=256, n_dense_lead=1, n_ff_dense=10240, n_expert_shared=1,
-        gating="sigmoid", expert_weights_norm=True, expert_weights_scale=1.8, rope_base=1000000.0, rms_eps=1e-5,
+        "deepseek2",
+        4,
+        2048,
+        20,
+        20,
+        256,
+        64,
+        4,
+        1536,
+        n_vocab=154880,
+        n_ctx=202752,
+        name="synthetic-glm-4.7-flash",
+        kv_lora_rank=512,
+        q_lora_rank=768,
+        qk_rope=64,
+        v_head_dim=256,
+        n_dense_lead=1,
+        n_ff_dense=10240,
+        n_expert_shared=1,
+        gating="sigmoid",
+        expert_weights_norm=True,
+        expert_weights_scale=1.8,
+        rope_base=1000000.0,
+        rms_eps=1e-5,
     ),
     # GLM-4.5-Air's config.json: 96 heads (8 KV) of 128, partial_rotary_factor 0.5, 128 routed
     # experts (top-8, sigmoid + correction bias, renormalised, scale 1.0) of 1408 + 1 shared,
     # first_k_dense_replace 1 (intermediate 10944), one MTP block; attention biases, no q/k norm
     "glm-4.5-air": SynthConfig(
-        "glm4moe", 4, 4096, 96, 8, 128, 128, 8, 1408, n_vocab=151552, n_ctx=131072, name="synthetic-glm-4.5-air",
-        qk_rope=64, n_dense_lead=1, n_ff_dense=10944, n_expert_shared=1, gating="sigmoid", expert_weights_norm=True,
-        expert_weights_scale=1.0, n_nextn=1,
+        "glm4moe",
+        4,
+        4096,
+        96,
+        8,
+        128,
+        128,
+        8,
+        1408,
+        n_vocab=151552,
+        n_ctx=131072,
+        name="synthetic-glm-4.5-air",
+        qk_rope=64,
+        n_dense_lead=1,
+        n_ff_dense=10944,
+        n_expert_shared=1,
+        gating="sigmoid",
+        expert_weights_norm=True,
+        expert_weights_scale=1.0,
+        n_nextn=1,
     ),
 }
 
@@ -168,7 +323,17 @@ FFN_OUT_GAIN = 0.15
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # gpt-oss's harmony format: its control tokens, and a template in its shape (gpt-oss's own is a
 # long tool-calling template; this one renders system, user and assistant turns the same way)
-HARMONY_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>", "<|constrain|>", "<|call|>")
+HARMONY_TOKENS = (
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|start|>",
+    "<|message|>",
+    "<|end|>",
+    "<|return|>",
+    "<|channel|>",
+    "<|constrain|>",
+    "<|call|>",
+)
 HARMONY_TEMPLATE = (
     "{%- set sys = messages[0].content if messages and messages[0].role in ('system', 'developer') else '' -%}"
     "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
@@ -188,7 +353,9 @@ HARMONY_TEMPLATE = (
 _MERGE_WORDS = ("the", "and", "of", "to", "in", "is", "ing", "er", "on", "at", "ex", "pert", "model")
 
 
-def byte_level_vocab(n_vocab: int, specials: tuple[str, ...] = SPECIAL_TOKENS) -> tuple[list[str], list[int], list[str], dict[str, int]]:
+def byte_level_vocab(
+    n_vocab: int, specials: tuple[str, ...] = SPECIAL_TOKENS
+) -> tuple[list[str], list[int], list[str], dict[str, int]]:
     """GPT-2 style byte-level vocab: 256 byte tokens, some merges, the chat specials, padding.
     Returns tokens, token types, merges ("a b" strings) and the ids of the special tokens."""
     byte_chars = _bytes_to_unicode()
@@ -218,7 +385,9 @@ def byte_level_vocab(n_vocab: int, specials: tuple[str, ...] = SPECIAL_TOKENS) -
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -229,7 +398,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callable[[int, int], None] | None = None, fast: bool = False) -> str:
+def write_model(
+    path: str | os.PathLike[str],
+    cfg: SynthConfig,
+    progress: Callable[[int, int], None] | None = None,
+    fast: bool = False,
+) -> str:
     """Write a random-weight MoE model; returns the path. progress(done, total) is called after
     each tensor with counts of weights. fast: the big matrices are random block bytes of a FAST_TYPES
     mix (no quantizing: a 48-layer Qwen3-30B-A3B shape in seconds, not ~11 minutes) — right for
@@ -240,7 +414,9 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
             raise LocalMoEError(f"--fast writes one of {', '.join(FAST_TYPES)}, not {cfg.weight_type}")
         qtype, ftype = Q[FAST_TYPES[cfg.weight_type][0]], FAST_TYPES[cfg.weight_type][2]
     elif cfg.weight_type not in WRITE_TYPES:
-        raise LocalMoEError(f"weight_type must be one of {', '.join(WRITE_TYPES)} (K-quants: write Q8_0, then quantize_with_llama_cpp)")
+        raise LocalMoEError(
+            f"weight_type must be one of {', '.join(WRITE_TYPES)} (K-quants: write Q8_0, then quantize_with_llama_cpp)"
+        )
     else:
         qtype, ftype = WRITE_TYPES[cfg.weight_type]
     rng = np.random.default_rng(cfg.seed)
@@ -316,7 +492,8 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
     # rows of std 0.5 (gemma4: after its × √D)
     embd_gain = 1.0 / np.sqrt(D) if arch == "gemma4" else 1.0
     put(names.TOKEN_EMBD, (cfg.n_vocab, D), lambda: mat(cfg.n_vocab, D, gain=float(np.sqrt(D) * embd_gain)) * 0.5)
-    if arch == "gemma4" and not all(_gemma4_swa(cfg)):  # the global layers' (llama.cpp refuses a tensor it does not load)
+    if arch == "gemma4" and not all(_gemma4_swa(cfg)):
+        # the global layers' (llama.cpp refuses a tensor it does not load)
         put(names.ROPE_FREQS, (cfg.head_dim_global // 2,), lambda: _gemma4_rope_freqs(cfg))
     own_layer = _OWN_LAYERS.get(arch)  # architectures whose layers differ from the llama-style block below
     for i in range(cfg.n_layer):
@@ -341,8 +518,16 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
         put(names.blk(i, names.FFN_NORM), (D,), lambda: norm(D))
         # A decisive router (large logits) keeps expert choices away from near-ties.
         put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
-        for stem, rows, cols, gain in ((names.FFN_GATE_EXPS, F_exp, D, 1.0), (names.FFN_UP_EXPS, F_exp, D, 1.0), (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN)):
-            put(names.blk(i, stem), (E, rows, cols), lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)))
+        for stem, rows, cols, gain in (
+            (names.FFN_GATE_EXPS, F_exp, D, 1.0),
+            (names.FFN_UP_EXPS, F_exp, D, 1.0),
+            (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN),
+        ):
+            put(
+                names.blk(i, stem),
+                (E, rows, cols),
+                lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)),
+            )
         if arch == "qwen2moe":
             Fs = cfg.n_ff_shexp
             put(names.blk(i, names.FFN_GATE_INP_SHEXP), (D,), lambda: mat(1, D).reshape(D))
@@ -384,7 +569,11 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
         if fast and qt != Q.F32:  # already the stored bytes
             w.write_tensor_data(made)
         else:
-            w.write_tensor_data(np.concatenate([_encode(m, qt).reshape(-1) for m in parts]) if len(shape) == 3 else _encode(parts[0], qt))
+            w.write_tensor_data(
+                np.concatenate([_encode(m, qt).reshape(-1) for m in parts])
+                if len(shape) == 3
+                else _encode(parts[0], qt)
+            )
         done += int(np.prod(shape))
         if progress is not None:
             progress(done, total)
@@ -395,9 +584,13 @@ def write_model(path: str | os.PathLike[str], cfg: SynthConfig, progress: Callab
 # --fast: weight type → (type of most matrices, type of FAST_HIGH_TENSORS, file type). "Q4_K_M" is
 # llama.cpp's mix in spirit: Q4_K, with Q6_K for the expert down projections, attn_v and the head.
 # "MXFP4_MOE" is gpt-oss's as shipped: MXFP4 experts, Q8_0 for the rest.
-FAST_TYPES = {"Q4_K_M": ("Q4_K", "Q6_K", LlamaFileType.MOSTLY_Q4_K_M), "Q4_0": ("Q4_0", "Q4_0", LlamaFileType.MOSTLY_Q4_0),
-              "Q8_0": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_Q8_0), "Q6_K": ("Q6_K", "Q6_K", LlamaFileType.MOSTLY_Q6_K),
-              "MXFP4_MOE": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_MXFP4_MOE)}
+FAST_TYPES = {
+    "Q4_K_M": ("Q4_K", "Q6_K", LlamaFileType.MOSTLY_Q4_K_M),
+    "Q4_0": ("Q4_0", "Q4_0", LlamaFileType.MOSTLY_Q4_0),
+    "Q8_0": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_Q8_0),
+    "Q6_K": ("Q6_K", "Q6_K", LlamaFileType.MOSTLY_Q6_K),
+    "MXFP4_MOE": ("Q8_0", "Q8_0", LlamaFileType.MOSTLY_MXFP4_MOE),
+}
 # matched as ends of names: names.OUTPUT ("output.weight") also ends attn_output's, which so gets the high type too
 FAST_HIGH_TENSORS = (f"{names.FFN_DOWN_EXPS}.{names.WEIGHT}", f"{names.ATTN_V}.{names.WEIGHT}", names.OUTPUT)
 # llama.cpp's quantizer (tensor_type_fallback) for rows that are not a whole number of 256-blocks
@@ -414,11 +607,15 @@ def _fast_type(weight_type: str, name: str, cols: int) -> GGMLQuantizationType:
     if cols % GGML_QUANT_SIZES[Q[t]][0]:
         t = FAST_FALLBACK[t]
     return Q[t]
+
+
 FAST_DISTINCT_EXPERTS = 8  # --fast: expert k holds the bytes of expert k mod 8 (the file's and RAM's sizes are real)
 _UNIT_SPREAD: dict[str, float] = {}  # block type → std of its random blocks' weights at scale 1
 
 
-def _fast_maker(name: str, shape: tuple[int, ...], qt: GGMLQuantizationType, rng: np.random.Generator) -> Callable[[], np.ndarray]:
+def _fast_maker(
+    name: str, shape: tuple[int, ...], qt: GGMLQuantizationType, rng: np.random.Generator
+) -> Callable[[], np.ndarray]:
     """make() for --fast: random blocks whose weights spread like a 1/√cols Gaussian init."""
     from gguf.quants import dequantize
 
@@ -432,7 +629,10 @@ def _fast_maker(name: str, shape: tuple[int, ...], qt: GGMLQuantizationType, rng
     scale = gain / np.sqrt(cols) / _UNIT_SPREAD[qt.name]
     if len(shape) == 3 and shape[0] > FAST_DISTINCT_EXPERTS:  # experts: a few distinct ones, repeated
         per = rows // shape[0]
-        return lambda: np.tile(random_blocks(qt.name, per * FAST_DISTINCT_EXPERTS, cols, rng, scale=scale).reshape(-1), -(-shape[0] // FAST_DISTINCT_EXPERTS))[: rows * _row_bytes(qt, cols)]
+        return lambda: np.tile(
+            random_blocks(qt.name, per * FAST_DISTINCT_EXPERTS, cols, rng, scale=scale).reshape(-1),
+            -(-shape[0] // FAST_DISTINCT_EXPERTS),
+        )[: rows * _row_bytes(qt, cols)]
     return lambda: random_blocks(qt.name, rows, cols, rng, scale=scale).reshape(-1)
 
 
@@ -510,9 +710,21 @@ def _ffn_block(put, mat, rng, cfg: SynthConfig, i: int, selection_bias: bool) ->
         return
     put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
     if selection_bias:
-        put(names.blk(i, names.FFN_EXP_PROBS_B, "bias"), (E,), lambda: (0.05 * rng.standard_normal(E)).astype(np.float32))
-    for stem, rows, cols, gain in ((names.FFN_GATE_EXPS, F_exp, D, 1.0), (names.FFN_UP_EXPS, F_exp, D, 1.0), (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN)):
-        put(names.blk(i, stem), (E, rows, cols), lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)))
+        put(
+            names.blk(i, names.FFN_EXP_PROBS_B, "bias"),
+            (E,),
+            lambda: (0.05 * rng.standard_normal(E)).astype(np.float32),
+        )
+    for stem, rows, cols, gain in (
+        (names.FFN_GATE_EXPS, F_exp, D, 1.0),
+        (names.FFN_UP_EXPS, F_exp, D, 1.0),
+        (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN),
+    ):
+        put(
+            names.blk(i, stem),
+            (E, rows, cols),
+            lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)),
+        )
     Fs = F_exp * cfg.n_expert_shared
     put(names.blk(i, names.FFN_GATE_SHEXP), (Fs, D), lambda: mat(Fs, D))
     put(names.blk(i, names.FFN_UP_SHEXP), (Fs, D), lambda: mat(Fs, D))
@@ -559,7 +771,8 @@ def _gpt_oss_keys(w: GGUFWriter, cfg: SynthConfig) -> None:
 
 
 GPT_OSS_GATE_UP_GAIN = 2.5  # the experts' gate and up spread (std of their outputs): the clamped SwiGLU's ±7 is reached
-GPT_OSS_DOWN_POWER = 3.0  # the down projection scaled by 1/gain³: experts move the logits (14% relative) without dominating the residual stream
+# the down projection scaled by 1/gain³: experts move the logits (14% relative) without dominating the residual stream
+GPT_OSS_DOWN_POWER = 3.0
 
 
 def _gpt_oss_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) -> None:
@@ -579,9 +792,16 @@ def _gpt_oss_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int)
     put(names.blk(i, names.ATTN_POST_NORM), (D,), lambda: norm(D))
     put(names.blk(i, names.FFN_GATE_INP), (E, D), lambda: mat(E, D, gain=4.0), keep_f32=True)
     put(names.blk(i, names.FFN_GATE_INP, "bias"), (E,), small(E, s=0.5))
-    for stem, rows, cols, gain in ((names.FFN_GATE_EXPS, F_exp, D, GPT_OSS_GATE_UP_GAIN), (names.FFN_UP_EXPS, F_exp, D, GPT_OSS_GATE_UP_GAIN),
-                                   (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN / GPT_OSS_GATE_UP_GAIN ** GPT_OSS_DOWN_POWER)):
-        put(names.blk(i, stem), (E, rows, cols), lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)))
+    for stem, rows, cols, gain in (
+        (names.FFN_GATE_EXPS, F_exp, D, GPT_OSS_GATE_UP_GAIN),
+        (names.FFN_UP_EXPS, F_exp, D, GPT_OSS_GATE_UP_GAIN),
+        (names.FFN_DOWN_EXPS, D, F_exp, FFN_OUT_GAIN / GPT_OSS_GATE_UP_GAIN**GPT_OSS_DOWN_POWER),
+    ):
+        put(
+            names.blk(i, stem),
+            (E, rows, cols),
+            lambda rows=rows, cols=cols, gain=gain: (mat(rows, cols, gain) for _ in range(E)),
+        )
     put(names.blk(i, names.FFN_GATE_EXPS, "bias"), (E, F_exp), small(E, F_exp), keep_f32=True)
     put(names.blk(i, names.FFN_UP_EXPS, "bias"), (E, F_exp), small(E, F_exp), keep_f32=True)
     put(names.blk(i, names.FFN_DOWN_EXPS, "bias"), (E, D), small(E, D, s=0.02), keep_f32=True)
@@ -648,6 +868,8 @@ def _qwen35moe_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: in
     put(names.blk(i, names.FFN_GATE_SHEXP), (Fs, D), lambda: mat(Fs, D))
     put(names.blk(i, names.FFN_UP_SHEXP), (Fs, D), lambda: mat(Fs, D))
     put(names.blk(i, names.FFN_DOWN_SHEXP), (D, Fs), lambda: mat(D, Fs, FFN_OUT_GAIN))
+
+
 # gemma4's post-attention and post-FFN norm weights: its norms rescale every sub-block's output to a
 # fixed size (where the others' outputs scale with their inputs), and two near-equal sub-blocks a
 # layer make the file more sensitive to rounding; at 0.15 (ATTN_OUT_GAIN) llama.cpp's own F16-cache
@@ -706,8 +928,8 @@ def _gemma4_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) 
         put(names.blk(i, names.ATTN_V), (kvdim, D), lambda: mat(kvdim, D))
     # attention scale 1: q and k norms of hd^(-1/4) each give q·k the spread 1/√hd gives elsewhere
     # (with unit norms the scores spread ±√hd, the softmax picks near-argmax and rounding flips it)
-    put(names.blk(i, names.ATTN_Q_NORM), (hd,), lambda: hd ** -0.25 * norm(hd))
-    put(names.blk(i, names.ATTN_K_NORM), (hd,), lambda: hd ** -0.25 * norm(hd))
+    put(names.blk(i, names.ATTN_Q_NORM), (hd,), lambda: hd**-0.25 * norm(hd))
+    put(names.blk(i, names.ATTN_K_NORM), (hd,), lambda: hd**-0.25 * norm(hd))
     put(names.blk(i, names.ATTN_OUT), (D, qdim), lambda: mat(D, qdim))
     put(names.blk(i, names.ATTN_POST_NORM), (D,), small_norm(GEMMA4_OUT_GAIN))
     put(names.blk(i, names.LAYER_OUT_SCALE), (1,), lambda: rng.uniform(0.85, 1.0, 1).astype(np.float32))
@@ -728,8 +950,13 @@ def _gemma4_layer(put, mat, norm, rng, cfg: SynthConfig, i: int, head_dim: int) 
 
 
 # The layer writer of each architecture whose layers are not the llama-style block write_model writes.
-_OWN_LAYERS = {"gemma4": _gemma4_layer, "deepseek2": _deepseek2_layer, "glm4moe": _glm4moe_layer, "gpt-oss": _gpt_oss_layer,
-               "qwen35moe": _qwen35moe_layer}
+_OWN_LAYERS = {
+    "gemma4": _gemma4_layer,
+    "deepseek2": _deepseek2_layer,
+    "glm4moe": _glm4moe_layer,
+    "gpt-oss": _gpt_oss_layer,
+    "qwen35moe": _qwen35moe_layer,
+}
 
 
 def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -764,7 +991,15 @@ def preset(name: str, **overrides: object) -> SynthConfig:
         raise LocalMoEError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}") from None
 
 
-def write_preset(name: str, path: str, n_layer: int = 4, quant: str = "Q4_K_M", seed: int = 0, progress: Callable[[int, int], None] | None = None, fast: bool = False) -> str:
+def write_preset(
+    name: str,
+    path: str,
+    n_layer: int = 4,
+    quant: str = "Q4_K_M",
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    fast: bool = False,
+) -> str:
     """`localmoe synth`: a preset's shapes with `n_layer` blocks in `quant` — written directly
     (WRITE_TYPES) or as Q8_0 (F32 for the float and legacy types) re-quantized by llama.cpp; with
     `fast`, random blocks of a FAST_TYPES mix (write_model). Tensors are made and written one at a
@@ -777,14 +1012,18 @@ def write_preset(name: str, path: str, n_layer: int = 4, quant: str = "Q4_K_M", 
             raise LocalMoEError(f"cannot write {path}: folder {folder} does not exist")
         return write_model(path, preset(name, n_layer=n_layer, seed=seed, weight_type=quant), progress, fast=True)
     if quant not in WRITE_TYPES and quant not in LLAMA_FTYPES:
-        raise LocalMoEError(f"unknown quantization '{quant}'; choose one of {', '.join(sorted(set(WRITE_TYPES) | set(LLAMA_FTYPES)))}")
+        raise LocalMoEError(
+            f"unknown quantization '{quant}'; choose one of {', '.join(sorted(set(WRITE_TYPES) | set(LLAMA_FTYPES)))}"
+        )
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise LocalMoEError(f"cannot write {path}: folder {folder} does not exist")
     cfg = preset(name, n_layer=n_layer, seed=seed)
     if quant in WRITE_TYPES:
         return write_model(path, replace(cfg, weight_type=quant), progress)
-    source = "Q8_0" if quant.startswith(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ", "MXFP4")) else "F32"  # as tests/conftest.py does
+    source = (
+        "Q8_0" if quant.startswith(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ", "MXFP4")) else "F32"
+    )  # as tests/conftest.py does
     tmp = f"{path}.{source}.tmp"
     try:
         write_model(tmp, replace(cfg, weight_type=source), progress)

@@ -26,7 +26,9 @@ def readback(*tensors: torch.Tensor) -> list[torch.Tensor]:
     if all(t.device.type == "cpu" for t in tensors):
         return list(tensors)
     flat = [t.reshape(-1) for t in tensors]
-    packed = torch.cat([f.to(torch.int32) if not f.is_floating_point() else f.float().view(torch.int32) for f in flat]).cpu()
+    packed = torch.cat(
+        [f.to(torch.int32) if not f.is_floating_point() else f.float().view(torch.int32) for f in flat]
+    ).cpu()
     out, at = [], 0
     for t, f in zip(tensors, flat):
         part = packed[at : at + f.numel()]
@@ -62,7 +64,18 @@ def per_token(step: Callable[[], None], device: torch.device) -> dict[str, objec
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message) for w in caught)
         kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        return {"host_syncs": syncs, "launches": kernels, "launch_counter": "CUDA profiler: kernels and copies; syncs: torch's sync-debug warnings, the token's logits readback included"}
+        return {
+            "host_syncs": syncs,
+            "launches": kernels,
+            "launch_counter": (
+                "CUDA profiler: kernels and copies; syncs: torch's sync-debug warnings, the token's logits "
+                "readback included"
+            ),
+        }
     s0, l0 = host_syncs, triton_launches()
     step()
-    return {"host_syncs": host_syncs - s0, "launches": triton_launches() - l0, "launch_counter": "Triton launches (CPU device: torch ops are not launches)"}
+    return {
+        "host_syncs": host_syncs - s0,
+        "launches": triton_launches() - l0,
+        "launch_counter": "Triton launches (CPU device: torch ops are not launches)",
+    }

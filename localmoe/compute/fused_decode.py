@@ -79,9 +79,19 @@ class FusedDecode:
         [n_rot/2] contiguous at pos. The routing lands in self.ids[i] / self.wts[i]."""
         desc, _ = self.layers[i]
         kc, vc = cache.k[i], cache.v[i]
-        rc = self.lib.lm_decode_layer(ctypes.byref(desc), x.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[1], pos,
-                                      cos.data_ptr(), sin.data_ptr(), self.ids[i].data_ptr(), self.wts[i].data_ptr(),
-                                      torch.get_num_threads())
+        rc = self.lib.lm_decode_layer(
+            ctypes.byref(desc),
+            x.data_ptr(),
+            kc.data_ptr(),
+            vc.data_ptr(),
+            kc.shape[1],
+            pos,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            self.ids[i].data_ptr(),
+            self.wts[i].data_ptr(),
+            torch.get_num_threads(),
+        )
         if rc != 0:
             raise MemoryError("lm_decode_layer could not allocate its scratch buffers")
 
@@ -104,14 +114,29 @@ def _layer(model: Any, i: int, lw: Any) -> tuple[_Layer, list[Any]] | None:
     if lw.run is not None or not isinstance(a, GQA) or not isinstance(m, MoE) or s.n_expert_used < 1:
         return None
     plain_attn = (
-        all(_unpadded_vnni(w) for w in a.wqkv) and _unpadded_vnni(a.wo) and a.fused_qk_norm_rope and a.c_decode
-        and a.qk_norm in ("none", "per_head") and not a.out_gate and not a.v_from_k and a.v_norm is None
-        and a.sinks is None and a.spec is None and a.rope is None and all(b is None for b in (a.bq, a.bk, a.bv, a.bo))
+        all(_unpadded_vnni(w) for w in a.wqkv)
+        and _unpadded_vnni(a.wo)
+        and a.fused_qk_norm_rope
+        and a.c_decode
+        and a.qk_norm in ("none", "per_head")
+        and not a.out_gate
+        and not a.v_from_k
+        and a.v_norm is None
+        and a.sinks is None
+        and a.spec is None
+        and a.rope is None
+        and all(b is None for b in (a.bq, a.bk, a.bv, a.bo))
     )
     r = m.router
     plain_moe = (
-        m.shared is None and m.shared_gate is None and m.expert_norm is None and m.expert_scale is None
-        and r.c_router and r.probs_bias is None and r.bias is None and r.input_scale is None
+        m.shared is None
+        and m.shared_gate is None
+        and m.expert_norm is None
+        and m.expert_scale is None
+        and r.c_router
+        and r.probs_bias is None
+        and r.bias is None
+        and r.input_scale is None
     )
     q_norm, k_norm = (a.q_norm, a.k_norm) if a.qk_norm == "per_head" else (None, None)
     if not plain_attn or not plain_moe:
@@ -134,10 +159,29 @@ def _layer(model: Any, i: int, lw: Any) -> tuple[_Layer, list[Any]] | None:
     qkv, wo = (_WeightDesc * len(a.wqkv))(*(_desc(w) for w in a.wqkv)), _desc(a.wo)
     ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
     desc = _Layer(
-        ptr(lw.attn_norm), ptr(lw.ffn_norm), ptr(q_norm), ptr(k_norm), ptr(r.weight),
-        ctypes.addressof(qkv), ctypes.addressof(wo), ctypes.addressof(gate_up), ctypes.addressof(down),
-        len(a.wqkv), s.n_embd, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, s.n_rot, int(model.rope.neox),
-        s.n_expert, s.n_expert_used, int(s.norm_topk), s.rms_eps, s.kq_scale, s.expert_weights_scale,
+        ptr(lw.attn_norm),
+        ptr(lw.ffn_norm),
+        ptr(q_norm),
+        ptr(k_norm),
+        ptr(r.weight),
+        ctypes.addressof(qkv),
+        ctypes.addressof(wo),
+        ctypes.addressof(gate_up),
+        ctypes.addressof(down),
+        len(a.wqkv),
+        s.n_embd,
+        s.n_head,
+        s.n_head_kv,
+        s.head_dim,
+        s.head_dim_v,
+        s.n_rot,
+        int(model.rope.neox),
+        s.n_expert,
+        s.n_expert_used,
+        int(s.norm_topk),
+        s.rms_eps,
+        s.kq_scale,
+        s.expert_weights_scale,
     )
     qkv_rows = (s.n_head + s.n_head_kv) * s.head_dim + s.n_head_kv * s.head_dim_v
     if sum(w.n for w in a.wqkv) != qkv_rows or wo.K != s.n_head * s.head_dim_v:

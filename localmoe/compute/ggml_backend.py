@@ -57,7 +57,12 @@ class _Traits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
 
 
 class _TraitsCPU(ctypes.Structure):  # struct ggml_type_traits_cpu (ggml-cpu.h)
-    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
+    _fields_ = [
+        ("from_float", ctypes.c_void_p),
+        ("vec_dot", ctypes.c_void_p),
+        ("vec_dot_type", ctypes.c_int),
+        ("nrows", ctypes.c_int64),
+    ]
 
 
 class LgW(ctypes.Structure):  # lg_w_t in ggml_driver.c: one weight matrix (or segment of rows) in the file
@@ -115,7 +120,15 @@ class GGML:
         self.cpu.ggml_cpu_init()
         self.base.ggml_quantize_init.argtypes = [ctypes.c_int]
         self.base.ggml_quantize_init.restype = None
-        self.base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        self.base.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
         self.base.ggml_quantize_chunk.restype = ctypes.c_size_t
         self.types = self._read_traits()
         self.driver = _build_driver()
@@ -123,40 +136,120 @@ class GGML:
         self._graph_lock = threading.Lock()  # the graph library keeps one thread pool
         d = self.driver
         d.lg_matmul.restype = ctypes.c_int
-        d.lg_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        d.lg_matmul.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int,
+        ]
         d.lg_moe_decode.restype = ctypes.c_int
         d.lg_moe_decode.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
         d.lg_set_schedule.restype = None
         d.lg_set_schedule.argtypes = [ctypes.c_int, ctypes.c_int]
         d.lg_set_schedule(*DRIVER_SCHEDULE)
         d.lg_rows.restype = None
-        d.lg_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]
+        d.lg_rows.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
         d.lg_to_float.restype = None
-        d.lg_to_float.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+        d.lg_to_float.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
         # the portable decode helpers: the same signatures as vnni.c's lm_* functions
         d.lg_route.restype = None
-        d.lg_route.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        d.lg_route.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_float,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
         d.lg_rms_norm.restype = None
-        d.lg_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+        d.lg_rms_norm.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_float,
+            ctypes.c_int,
+        ]
         d.lg_qk_norm_rope.restype = None
-        d.lg_qk_norm_rope.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        d.lg_qk_norm_rope.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_float,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
         d.lg_attn_decode.restype = None
-        d.lg_attn_decode.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        d.lg_attn_decode.argtypes = (
+            [ctypes.c_void_p] * 3
+            + [ctypes.c_int] * 6
+            + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        )
         d.lg_deltanet_step.restype = None
-        d.lg_deltanet_step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2
+        d.lg_deltanet_step.argtypes = (
+            [ctypes.c_void_p] * 3
+            + [ctypes.c_int] * 6
+            + [ctypes.c_void_p] * 3
+            + [ctypes.c_float]
+            + [ctypes.c_void_p] * 3
+            + [ctypes.c_int] * 2
+        )
 
     def _read_traits(self) -> dict[GGMLQuantizationType, TypeKernels]:
         base: dict[GGMLQuantizationType, _Traits] = {}
         for qtype in _CHECKED:
             t = self.base.ggml_get_type_traits(int(qtype)).contents
             # activation-only types (never in files; gguf-py's Q8_1 size is out of date) are checked by name
-            want_block, want_bytes = GGML_QUANT_SIZES[qtype] if qtype not in (Q.Q8_1, Q.Q8_K) else (t.blck_size, t.type_size)
+            want_block, want_bytes = (
+                GGML_QUANT_SIZES[qtype] if qtype not in (Q.Q8_1, Q.Q8_K) else (t.blck_size, t.type_size)
+            )
             name = (t.type_name or b"").decode(errors="replace")
-            if name.lower() != qtype.name.lower() or t.blck_size != want_block or t.type_size != want_bytes or not 0 < t.blck_size <= 1024:
+            if (
+                name.lower() != qtype.name.lower()
+                or t.blck_size != want_block
+                or t.type_size != want_bytes
+                or not 0 < t.blck_size <= 1024
+            ):
                 raise GGMLLayoutError(
                     f"llama-cpp-python {self.version}'s libggml does not have the struct layout localmoe reads "
                     f"(type {int(qtype)} reads as '{name}', {t.blck_size} weights in {t.type_size} bytes; expected "
-                    f"'{qtype.name.lower()}', {want_block} in {want_bytes}); install the llama-cpp-python version localmoe pins, or set LOCALMOE_KERNEL=vnni or torch"
+                    f"'{qtype.name.lower()}', {want_block} in {want_bytes}); install the llama-cpp-python "
+                    "version localmoe pins, or set LOCALMOE_KERNEL=vnni or torch"
                 )
             base[qtype] = t
         out: dict[GGMLQuantizationType, TypeKernels] = {}
@@ -171,13 +264,20 @@ class GGML:
                 if vdt not in _ACTIVATION_TYPES or c.nrows not in (1, 2):
                     raise GGMLLayoutError(
                         f"llama-cpp-python {self.version}'s libggml-cpu does not have the struct layout localmoe reads "
-                        f"({qtype.name}: vec_dot_type {c.vec_dot_type}, nrows {c.nrows}); install the llama-cpp-python version localmoe pins, or set LOCALMOE_KERNEL=vnni or torch"
+                        f"({qtype.name}: vec_dot_type {c.vec_dot_type}, nrows {c.nrows}); install the "
+                        "llama-cpp-python version localmoe pins, or set LOCALMOE_KERNEL=vnni or torch"
                     )
                 vdt_traits = self.cpu.ggml_get_type_traits_cpu(int(vdt)).contents
             out[qtype] = TypeKernels(
-                qtype, int(t.blck_size), int(t.type_size), t.to_float or None, c.vec_dot or None, vdt,
+                qtype,
+                int(t.blck_size),
+                int(t.type_size),
+                t.to_float or None,
+                c.vec_dot or None,
+                vdt,
                 vdt_traits.from_float if vdt_traits is not None and vdt_traits.from_float else None,
-                int(base[vdt].blck_size) if vdt is not None else 0, int(base[vdt].type_size) if vdt is not None else 0,
+                int(base[vdt].blck_size) if vdt is not None else 0,
+                int(base[vdt].type_size) if vdt is not None else 0,
             )
         return out
 
@@ -205,10 +305,16 @@ class GGML:
         y = torch.empty(T, n_total, dtype=torch.float32)
         rc = self.driver.lg_matmul(len(segs), segs, T, x.data_ptr(), x.shape[1], y.data_ptr(), n_total, threads)
         if rc != 0:
-            raise MemoryError("lg_matmul could not allocate its scratch buffers" if rc == -1 else "lg_matmul: too many segments or activation types")
+            raise MemoryError(
+                "lg_matmul could not allocate its scratch buffers"
+                if rc == -1
+                else "lg_matmul: too many segments or activation types"
+            )
         return y
 
-    def graph_matmul(self, raw: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, x: torch.Tensor, threads: int) -> torch.Tensor | None:
+    def graph_matmul(
+        self, raw: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, x: torch.Tensor, threads: int
+    ) -> torch.Tensor | None:
         """x [T, K] @ W.T through ggml's own graph (ggml_mul_mat on the bytes in place): the
         many-token path; None when the graph library is not available or the rows are not contiguous."""
         if self.graph is None:
@@ -217,16 +323,31 @@ class GGML:
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
         stride = raw.stride(0) * raw.element_size() if raw.dim() == 2 and n > 1 else self.types[qtype].row_bytes(k)
         with self._graph_lock:
-            rc = self.graph.lgg_matmul(int(qtype), raw.data_ptr(), n, k, stride, x.shape[0], x.data_ptr(), y.data_ptr(), threads)
+            rc = self.graph.lgg_matmul(
+                int(qtype), raw.data_ptr(), n, k, stride, x.shape[0], x.data_ptr(), y.data_ptr(), threads
+            )
         return y if rc == 0 else None
 
-    def moe_decode(self, gate: ctypes.Array, up: ctypes.Array, down: ctypes.Array, x: torch.Tensor, coef: torch.Tensor, d_out: int, threads: int) -> torch.Tensor:
+    def moe_decode(
+        self,
+        gate: ctypes.Array,
+        up: ctypes.Array,
+        down: ctypes.Array,
+        x: torch.Tensor,
+        coef: torch.Tensor,
+        d_out: int,
+        threads: int,
+    ) -> torch.Tensor:
         """Σ_e coef[e] · down_e(silu(gate_e x) · up_e x) for one row x [1, D] → [1, d_out]."""
         x = x.float().contiguous()
         y = torch.empty(1, d_out, dtype=torch.float32)
         rc = self.driver.lg_moe_decode(len(gate), gate, up, down, x.data_ptr(), coef.data_ptr(), y.data_ptr(), threads)
         if rc != 0:
-            raise MemoryError("lg_moe_decode could not allocate its scratch buffers" if rc == -1 else "lg_moe_decode: experts of mismatched shapes")
+            raise MemoryError(
+                "lg_moe_decode could not allocate its scratch buffers"
+                if rc == -1
+                else "lg_moe_decode: experts of mismatched shapes"
+            )
         return y
 
     def rows(self, raw: torch.Tensor, qtype: GGMLQuantizationType, k: int, ids: torch.Tensor) -> torch.Tensor:
@@ -240,7 +361,9 @@ class GGML:
         self.driver.lg_rows(raw.data_ptr(), raw.stride(0), tk.to_float, ids.data_ptr(), ids.numel(), k, out.data_ptr())
         return out
 
-    def to_float(self, raw: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, threads: int = 1) -> torch.Tensor:
+    def to_float(
+        self, raw: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, threads: int = 1
+    ) -> torch.Tensor:
         """A [n, k] matrix (raw: uint8 [n, row bytes] on the CPU) dequantized by ggml → float32 [n, k]."""
         tk = self.types[qtype]
         if not tk.to_float:
@@ -259,7 +382,9 @@ class GGML:
         out = np.zeros((n, tk.row_bytes(k)), dtype=np.uint8)
         im = np.ascontiguousarray(imatrix, dtype=np.float32) if imatrix is not None else None
         self.base.ggml_quantize_init(int(qtype))
-        written = self.base.ggml_quantize_chunk(int(qtype), w.ctypes.data, out.ctypes.data, 0, n, k, im.ctypes.data if im is not None else None)
+        written = self.base.ggml_quantize_chunk(
+            int(qtype), w.ctypes.data, out.ctypes.data, 0, n, k, im.ctypes.data if im is not None else None
+        )
         if written != out.nbytes:
             raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {qtype.name}, expected {out.nbytes}")
         return out
@@ -271,7 +396,15 @@ class GGMLLayoutError(RuntimeError):
 
 def _load(libdir: str, stem: str) -> ctypes.CDLL:
     exact = os.path.join(libdir, f"lib{stem}.so")
-    candidates = [exact] if os.path.exists(exact) else sorted(glob.glob(os.path.join(libdir, f"lib{stem}*.so*")) + glob.glob(os.path.join(libdir, f"lib{stem}*.dylib")) + glob.glob(os.path.join(libdir, f"{stem}*.dll")))
+    candidates = (
+        [exact]
+        if os.path.exists(exact)
+        else sorted(
+            glob.glob(os.path.join(libdir, f"lib{stem}*.so*"))
+            + glob.glob(os.path.join(libdir, f"lib{stem}*.dylib"))
+            + glob.glob(os.path.join(libdir, f"{stem}*.dll"))
+        )
+    )
     if not candidates:
         raise OSError(f"lib{stem} not found in {libdir}")
     return ctypes.CDLL(candidates[0], mode=ctypes.RTLD_GLOBAL)
@@ -294,7 +427,14 @@ def _build_graph(libdir: str) -> tuple[ctypes.CDLL | None, str | None]:
     import hashlib
 
     site = os.path.dirname(os.path.dirname(libdir))  # .../site-packages
-    inc = next((d for d in (os.path.join(site, "include"), os.path.join(os.path.dirname(libdir), "include")) if os.path.exists(os.path.join(d, "ggml-cpu.h"))), None)
+    inc = next(
+        (
+            d
+            for d in (os.path.join(site, "include"), os.path.join(os.path.dirname(libdir), "include"))
+            if os.path.exists(os.path.join(d, "ggml-cpu.h"))
+        ),
+        None,
+    )
     if inc is None:
         return None, "llama-cpp-python installed no ggml headers"
     h = hashlib.sha256()
@@ -310,7 +450,17 @@ def _build_graph(libdir: str) -> tuple[ctypes.CDLL | None, str | None]:
     except cbuild.BuildError as exc:
         return None, f"kernel build failed: {exc}"
     lib.lgg_matmul.restype = ctypes.c_int
-    lib.lgg_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.lgg_matmul.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
     return lib, None
 
 
@@ -335,7 +485,11 @@ def ggml() -> GGML | None:
             _error = f"kernel build failed: {exc}"
             import warnings
 
-            warnings.warn(f"localmoe: the ggml driver could not be built, using slower kernels: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"localmoe: the ggml driver could not be built, using slower kernels: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         except GGMLLayoutError as exc:
             _error = str(exc)
             import warnings

@@ -2,10 +2,10 @@
 
 Every GGUF block type of gguf/blocks.py BLOCK_TYPES is, per group of G weights (G = 32, or 16 for Q6_K), an affine
 code: w = scale · code + zero with an unsigned integer code of 4, 5, 6 or 8 bits (gguf/blocks.py
-decodes it). For the CPU, `repack` decodes a tensor once into that form — codes (4 low bits packed two per byte plus a plane of the 1-2 high
-bits for 5- and 6-bit types; bytes for 8-bit), float16 scales, and float16 zeros (or, for the
-symmetric types, zero = −offset · scale with no zeros stored): about the file's size — and
-`QLinear` multiplies activations by it with one of these backends:
+decodes it). For the CPU, `repack` decodes a tensor once into that form — codes (4 low bits packed two
+per byte plus a plane of the 1-2 high bits for 5- and 6-bit types; bytes for 8-bit), float16 scales,
+and float16 zeros (or, for the symmetric types, zero = −offset · scale with no zeros stored): about the
+file's size — and `QLinear` multiplies activations by it with one of these backends:
 
     "ggml"     ggml's own CPU kernels (the libggml in llama-cpp-python; ggml_backend.py) on the
                rows as they are in the memory-mapped file: no repacking, no copy, every quant
@@ -90,40 +90,148 @@ def native_lib() -> ctypes.CDLL | None:
             lib = cbuild.load(VNNI_SOURCE, "vnni", VNNI_FLAGS)
         except cbuild.BuildError as exc:
             _lib_error = f"kernel build failed: {exc}"
-            warnings.warn(f"localmoe: the AVX-512 VNNI kernel could not be built, using slower kernels: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"localmoe: the AVX-512 VNNI kernel could not be built, using slower kernels: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return None
         f = lib.lm_qmatmul
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        f.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
         f = lib.lm_qmatvec_multi
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        f.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
         f = lib.lm_dequant_f32
         f.restype = None
-        f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        f.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
         f = lib.lm_route
         f.restype = None
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        f.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_float,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
         f = lib.lm_swiglu_decode
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        f.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
         f = lib.lm_rms_norm
         f.restype = None
-        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+        f.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_float,
+            ctypes.c_int,
+        ]
         f = lib.lm_qk_norm_rope
         f.restype = None
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        f.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_float,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
         f = lib.lm_r16_rows
         f.restype = None
         f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         f = lib.lm_attn_decode
         f.restype = None
-        f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        f.argtypes = (
+            [ctypes.c_void_p] * 3
+            + [ctypes.c_int] * 6
+            + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        )
         f = lib.lm_repack_r16
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        f.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         _lib = lib
         return lib
 
@@ -156,8 +264,12 @@ class QLinear:
     bits: int = 8  # bits per code ("vnni": 4-6 → nibbles + a high-bit plane, 8 → bytes)
     qtype: GGMLQuantizationType | None = None  # "gguf": the type of the raw bytes
     r16: bool = False  # "vnni": rows interleaved in blocks of 16 (R16_FORMATS)
-    parts: tuple[tuple[GGMLQuantizationType, int], ...] = ()  # "ggml": (type, rows) of tensors raw0, raw1, ... (rows concatenated)
-    act_block: int = 32  # "vnni": activations share a scale per this many values, as llama.cpp pairs the type (ACT_BLOCK)
+    parts: tuple[
+        tuple[GGMLQuantizationType, int], ...
+    ] = ()  # "ggml": (type, rows) of tensors raw0, raw1, ... (rows concatenated)
+    act_block: int = (
+        32  # "vnni": activations share a scale per this many values, as llama.cpp pairs the type (ACT_BLOCK)
+    )
     kmode: int = 0  # "vnni" r16 of a K-type: 0, or its own sub-scales kept (K_SCALES; tensors kd, kdmin hold d, dmin)
 
     @property
@@ -187,7 +299,8 @@ class QLinear:
         return _vnni_matmul(self, x)
 
 
-GEMV_ROWS = 8  # "triton": up to this many activation rows run the GEMV kernel (one pass over the weight per row), beyond it the GEMM
+# "triton": up to this many activation rows run the GEMV kernel (one pass over the weight per row), beyond it the GEMM
+GEMV_ROWS = 8
 
 
 def _triton_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +343,9 @@ def _ggml_segs(w: QLinear) -> ctypes.Array:
     segs = w.__dict__.get("_segs")
     if segs is None:
         g = ggml()
-        segs = (LgW * len(w.parts))(*(g.weight(w.tensors[f"raw{i}"], q, rows, w.k) for i, (q, rows) in enumerate(w.parts)))
+        segs = (LgW * len(w.parts))(
+            *(g.weight(w.tensors[f"raw{i}"], q, rows, w.k) for i, (q, rows) in enumerate(w.parts))
+        )
         w.__dict__["_segs"] = segs
     return segs
 
@@ -238,7 +353,13 @@ def _ggml_segs(w: QLinear) -> ctypes.Array:
 def ggml_weight(raws: list[tuple[torch.Tensor, GGMLQuantizationType, int]], k: int) -> QLinear:
     """A "ggml" QLinear over row segments (raw uint8 [rows, row bytes] on the CPU, quant type, rows),
     computed in place: the tensors may be views of the memory-mapped file."""
-    return QLinear("ggml", sum(r for _, _, r in raws), k, {f"raw{i}": t for i, (t, _, _) in enumerate(raws)}, parts=tuple((q, r) for _, q, r in raws))
+    return QLinear(
+        "ggml",
+        sum(r for _, _, r in raws),
+        k,
+        {f"raw{i}": t for i, (t, _, _) in enumerate(raws)},
+        parts=tuple((q, r) for _, q, r in raws),
+    )
 
 
 GGUF_CHUNK_WEIGHTS = 1 << 24  # "gguf" backend: weights dequantized at once (64 MB of float32 scratch)
@@ -277,8 +398,18 @@ def dequant_f32(w: QLinear) -> torch.Tensor:
     kp = _kp(w)
     out = torch.empty(w.n, kp, dtype=torch.float32)
     native_lib().lm_dequant_f32(
-        kp, w.n, w.tensors["codes"].data_ptr(), int(w.nibble), w.tensors["scale"].data_ptr(),
-        _ptr(w.tensors.get("zero")), w.offset, w.group, out.data_ptr(), torch.get_num_threads(), *_high(w), int(w.r16),
+        kp,
+        w.n,
+        w.tensors["codes"].data_ptr(),
+        int(w.nibble),
+        w.tensors["scale"].data_ptr(),
+        _ptr(w.tensors.get("zero")),
+        w.offset,
+        w.group,
+        out.data_ptr(),
+        torch.get_num_threads(),
+        *_high(w),
+        int(w.r16),
         *_kscales(w),
     )
     return out
@@ -294,9 +425,11 @@ def _kscales(w: QLinear) -> tuple[int | None, int | None, int]:
 
 
 class _WeightDesc(ctypes.Structure):  # wdesc_t in the C source
-    _fields_ = [("codes", ctypes.c_void_p), ("high", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p)] + [
-        (name, ctypes.c_int) for name in ("N", "K", "nibble", "offset", "G", "hbits", "r16", "ablock")
-    ] + [("kd", ctypes.c_void_p), ("kdmin", ctypes.c_void_p), ("kmode", ctypes.c_int)]
+    _fields_ = (
+        [("codes", ctypes.c_void_p), ("high", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p)]
+        + [(name, ctypes.c_int) for name in ("N", "K", "nibble", "offset", "G", "hbits", "r16", "ablock")]
+        + [("kd", ctypes.c_void_p), ("kdmin", ctypes.c_void_p), ("kmode", ctypes.c_int)]
+    )
 
 
 def _desc(w: QLinear) -> _WeightDesc:
@@ -306,8 +439,21 @@ def _desc(w: QLinear) -> _WeightDesc:
         high, hbits = _high(w)
         kp = _kp(w)
         zero = t.get("zero")
-        d = _WeightDesc(t["codes"].data_ptr(), high, t["scale"].data_ptr(), zero.data_ptr() if zero is not None else None, w.n, kp, int(w.nibble), w.offset, w.group, hbits, int(w.r16), w.act_block,
-                        *_kscales(w))
+        d = _WeightDesc(
+            t["codes"].data_ptr(),
+            high,
+            t["scale"].data_ptr(),
+            zero.data_ptr() if zero is not None else None,
+            w.n,
+            kp,
+            int(w.nibble),
+            w.offset,
+            w.group,
+            hbits,
+            int(w.r16),
+            w.act_block,
+            *_kscales(w),
+        )
         w.__dict__["_desc"] = d
     return d
 
@@ -338,7 +484,9 @@ def matvec_many(ws: list[QLinear], x: torch.Tensor) -> torch.Tensor | None:
     descs, x, kp = batch
     w0 = ws[0]
     y = torch.empty(len(ws), w0.n, dtype=torch.float32)
-    rc = native_lib().lm_qmatvec_multi(len(ws), descs, x.data_ptr(), 0 if x.shape[0] == 1 else kp, y.data_ptr(), w0.n, torch.get_num_threads())
+    rc = native_lib().lm_qmatvec_multi(
+        len(ws), descs, x.data_ptr(), 0 if x.shape[0] == 1 else kp, y.data_ptr(), w0.n, torch.get_num_threads()
+    )
     if rc != 0:
         raise MemoryError("lm_qmatvec_multi could not allocate its scratch buffers")
     return y
@@ -359,8 +507,21 @@ def _vnni_matmul(w: QLinear, x: torch.Tensor) -> torch.Tensor:
         return y
     zero = w.tensors.get("zero")
     rc = lib.lm_qmatmul(
-        x.data_ptr(), T, kp, w.n, w.tensors["codes"].data_ptr(), int(w.nibble), w.tensors["scale"].data_ptr(),
-        zero.data_ptr() if zero is not None else None, w.offset, w.group, y.data_ptr(), torch.get_num_threads(), *_high(w), int(w.r16), w.act_block,
+        x.data_ptr(),
+        T,
+        kp,
+        w.n,
+        w.tensors["codes"].data_ptr(),
+        int(w.nibble),
+        w.tensors["scale"].data_ptr(),
+        zero.data_ptr() if zero is not None else None,
+        w.offset,
+        w.group,
+        y.data_ptr(),
+        torch.get_num_threads(),
+        *_high(w),
+        int(w.r16),
+        w.act_block,
         *_kscales(w),
     )
     if rc != 0:
@@ -397,7 +558,9 @@ def backend_reason(qtype: GGMLQuantizationType, device: torch.device | str = "cp
     if mode == "ggml" and ggml_ok:
         return "ggml", "LOCALMOE_KERNEL=ggml"
     if vnni_ok and (qtype in VNNI_PREFERRED or not ggml_ok):
-        return "vnni", "built" + ("; measured faster than ggml for this type" if ggml_ok else f"; ggml unavailable: {ggml_error()}")
+        return "vnni", "built" + (
+            "; measured faster than ggml for this type" if ggml_ok else f"; ggml unavailable: {ggml_error()}"
+        )
     if ggml_ok:
         if qtype not in BLOCK_TYPES:
             return "ggml", "no vnni kernel for this type"
@@ -405,7 +568,14 @@ def backend_reason(qtype: GGMLQuantizationType, device: torch.device | str = "cp
     if mode == "torch":
         why = "LOCALMOE_KERNEL=torch"
     else:
-        why = "; ".join(f"{name}: {err}" for name, err in (("ggml", ggml_error() if qtype in _ggml_types() or g is None else "no kernel for this type"), ("vnni", native_error() if qtype in BLOCK_TYPES else "no kernel for this type")) if err)
+        why = "; ".join(
+            f"{name}: {err}"
+            for name, err in (
+                ("ggml", ggml_error() if qtype in _ggml_types() or g is None else "no kernel for this type"),
+                ("vnni", native_error() if qtype in BLOCK_TYPES else "no kernel for this type"),
+            )
+            if err
+        )
     if qtype in INT4_TYPES:
         return "int4", why
     return "bf16", why + "; dequantized once"
@@ -430,13 +600,25 @@ def kernel_status() -> dict[str, str]:
     """Each C library's state on this machine, one line each: "built" or why it is not used."""
     g = usable_ggml()
     out = {"vnni": "built" if vnni_lib() is not None else native_error() or "unavailable"}
-    out["ggml"] = (f"loaded (llama-cpp-python {g.version}; many-token matmuls " + ("through ggml's graph" if g.graph is not None else f"per row: graph {g.graph_error}") + ")") if g is not None else ggml_error() or "unavailable"
+    out["ggml"] = (
+        (
+            f"loaded (llama-cpp-python {g.version}; many-token matmuls "
+            + ("through ggml's graph" if g.graph is not None else f"per row: graph {g.graph_error}")
+            + ")"
+        )
+        if g is not None
+        else ggml_error() or "unavailable"
+    )
     return out
 
 
 def kernel_warnings() -> list[str]:
     """Failures the user should see: a C library that should work here but could not be built or loaded."""
-    return [f"{name}: {msg}" for name, msg in kernel_status().items() if "failed" in msg or "layout" in msg or "could not" in msg]
+    return [
+        f"{name}: {msg}"
+        for name, msg in kernel_status().items()
+        if "failed" in msg or "layout" in msg or "could not" in msg
+    ]
 
 
 def backend_table(qtypes: list[GGMLQuantizationType] | None = None) -> list[dict[str, str]]:
@@ -445,7 +627,13 @@ def backend_table(qtypes: list[GGMLQuantizationType] | None = None) -> list[dict
     return [dict(zip(("qtype", "backend", "reason"), (q.name, *backend_reason(q, "cpu")))) for q in types]
 
 
-def repack(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], device: torch.device | str = "cpu", backend: str | None = None) -> QLinear:
+def repack(
+    raw: np.ndarray,
+    qtype: GGMLQuantizationType,
+    shape: tuple[int, int],
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+) -> QLinear:
     """Raw GGUF data of a [N, K] matrix → a QLinear with `backend` (None → choose_backend's pick)."""
     device = torch.device(device)
     N, K = shape
@@ -487,7 +675,9 @@ def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLin
     rows = sum(shape[0] for _, _, shape in mats)
     qtypes = {qtype for _, qtype, _ in mats}
     if torch.device(device).type == "cpu" and all(choose_backend(q, torch.device("cpu")) == "ggml" for q in qtypes):
-        return ggml_weight([(raw_bytes(data, shape[0]), qtype, shape[0]) for data, qtype, shape in mats], cols.pop())  # in place: no copy
+        return ggml_weight(
+            [(raw_bytes(data, shape[0]), qtype, shape[0]) for data, qtype, shape in mats], cols.pop()
+        )  # in place: no copy
     if len(qtypes) == 1:
         raw = torch.cat([raw_bytes(data, shape[0]) for data, _, shape in mats])
         return repack(raw, qtypes.pop(), (rows, cols.pop()), device)
@@ -506,7 +696,9 @@ K_SCALES = {q: t.kscale for q, t in TYPES.items() if t.kscale}
 R16_TYPES = {q: t.affine for q, t in TYPES.items() if t.affine is not None}
 
 
-def _repack_r16_native(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, N: int, K: int, kscales: bool = True) -> QLinear | None:
+def _repack_r16_native(
+    raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, N: int, K: int, kscales: bool = True
+) -> QLinear | None:
     """The r16 layout made in C from the file's blocks, on all threads (lm_repack_r16): the same
     bytes as decode() + _pack_r16, without the torch and numpy passes (~0.3 ms instead of 10-20 ms
     for a Qwen3-30B-A3B expert). None where it does not apply (the Python path then runs)."""
@@ -532,8 +724,19 @@ def _repack_r16_native(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationTy
         t["kd"] = torch.empty(nb * (K // 256) * 16, dtype=torch.float16)
         if has_zero:
             t["kdmin"] = torch.empty(nb * (K // 256) * 16, dtype=torch.float16)
-    rc = lib.lm_repack_r16(int(qtype), src.data_ptr(), N, K, t["codes"].data_ptr(), t["scale"].data_ptr(), _ptr(t.get("zero")), torch.get_num_threads(),
-                           kmode, _ptr(t.get("kd")), _ptr(t.get("kdmin")))
+    rc = lib.lm_repack_r16(
+        int(qtype),
+        src.data_ptr(),
+        N,
+        K,
+        t["codes"].data_ptr(),
+        t["scale"].data_ptr(),
+        _ptr(t.get("zero")),
+        torch.get_num_threads(),
+        kmode,
+        _ptr(t.get("kd")),
+        _ptr(t.get("kdmin")),
+    )
     if rc != 0:
         return None
     return QLinear("vnni", N, K, t, offset=offset, group=G, nibble=bits <= 6, bits=bits, r16=True, kmode=kmode)
@@ -582,13 +785,17 @@ def _pack_r16(a: Affine, N: int, K: int) -> QLinear:
         pad = ((0, nb * 16 - N), (0, 0))
         codes, scale = np.pad(codes, pad), np.pad(scale, pad)
         zero = np.pad(zero, pad) if zero is not None else None
-    c = codes.reshape(nb, 16, ng, G // 4, 4).transpose(0, 2, 3, 1, 4).reshape(nb, ng, G // 4, 64)  # [block, group, step, lane·4]
+    c = (
+        codes.reshape(nb, 16, ng, G // 4, 4).transpose(0, 2, 3, 1, 4).reshape(nb, ng, G // 4, 64)
+    )  # [block, group, step, lane·4]
     if a.bits <= 6:
         low = c & 0x0F
         parts = [low[:, :, 0::2] | (low[:, :, 1::2] << 4)]  # [block, group, G/8, 64]
         if hb:
             shifts = (np.arange(G // 4, dtype=np.uint8) * hb)[None, None, :, None]
-            parts.append(np.bitwise_or.reduce((c >> 4) << shifts, axis=2)[:, :, None].astype(np.uint8))  # [block, group, 1, 64]
+            parts.append(
+                np.bitwise_or.reduce((c >> 4) << shifts, axis=2)[:, :, None].astype(np.uint8)
+            )  # [block, group, 1, 64]
         c = np.concatenate(parts, axis=2)
 
     def per_block(v: np.ndarray) -> np.ndarray:  # [rows, groups] → [block, group, lane]
@@ -650,7 +857,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-def qk_norm_rope(qkv: torch.Tensor, n_heads: int, n_q: int, head_dim: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, n_rot: int, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> bool:
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    n_heads: int,
+    n_q: int,
+    head_dim: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    n_rot: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    neox: bool,
+) -> bool:
     """In place on the first n_heads·head_dim columns of qkv [T, width] (queries, then keys): per-head
     RMS norm (when the weights are given) and RoPE with cos/sin [T, n_rot/2]. False, and nothing
     done, when the C kernel is not available or the tensors do not fit it."""
@@ -659,9 +878,20 @@ def qk_norm_rope(qkv: torch.Tensor, n_heads: int, n_q: int, head_dim: int, q_nor
     if fn is None or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return False
     fn(
-        qkv.data_ptr(), qkv.shape[0], qkv.shape[1], n_heads, n_q, head_dim,
-        q_norm.data_ptr() if q_norm is not None else None, k_norm.data_ptr() if k_norm is not None else None,
-        eps, n_rot, cos.data_ptr(), sin.data_ptr(), int(neox), torch.get_num_threads(),
+        qkv.data_ptr(),
+        qkv.shape[0],
+        qkv.shape[1],
+        n_heads,
+        n_q,
+        head_dim,
+        q_norm.data_ptr() if q_norm is not None else None,
+        k_norm.data_ptr() if k_norm is not None else None,
+        eps,
+        n_rot,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        int(neox),
+        torch.get_num_threads(),
     )
     return True
 
@@ -681,24 +911,60 @@ def gather_rows(w: QLinear, ids: torch.Tensor) -> torch.Tensor | None:
     return out[:, : w.k] if _kp(w) != w.k else out
 
 
-def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_q: int, n_kv: int, head_dim: int, head_dim_v: int, scale: float) -> torch.Tensor | None:
+def attn_decode(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int,
+    n_q: int,
+    n_kv: int,
+    head_dim: int,
+    head_dim_v: int,
+    scale: float,
+) -> torch.Tensor | None:
     """One token's attention in one C call: writes its key and value (from qkv [1, (n_q + n_kv)·d +
     n_kv·dv], q and k already normed and rotated) at `pos` of the caches [n_kv, cap, d] / [n_kv, cap,
     dv], and returns softmax(scale · q·Kᵀ) V over positions 0..pos as [1, n_q·dv]; None when the C
     kernel does not apply (the caller runs torch's attention)."""
     fn = _helper("attn_decode")
     tensors = (qkv, k_cache, v_cache)
-    if fn is None or qkv.shape[0] != 1 or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+    if (
+        fn is None
+        or qkv.shape[0] != 1
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors)
+    ):
         return None
     out = torch.empty(1, n_q * head_dim_v, dtype=torch.float32)
     scores = torch.empty(n_q, pos + 1, dtype=torch.float32)
-    fn(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], pos, n_q, n_kv, head_dim, head_dim_v, scale,
-                       out.data_ptr(), scores.data_ptr(), torch.get_num_threads())
+    fn(
+        qkv.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[1],
+        pos,
+        n_q,
+        n_kv,
+        head_dim,
+        head_dim_v,
+        scale,
+        out.data_ptr(),
+        scores.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 
-def deltanet_step(proj: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Tensor, shape: Any, dt_bias: torch.Tensor,
-                  a: torch.Tensor, norm_w: torch.Tensor, eps: float, S: torch.Tensor) -> torch.Tensor | None:
+def deltanet_step(
+    proj: torch.Tensor,
+    conv_state: torch.Tensor,
+    conv_w: torch.Tensor,
+    shape: Any,
+    dt_bias: torch.Tensor,
+    a: torch.Tensor,
+    norm_w: torch.Tensor,
+    eps: float,
+    S: torch.Tensor,
+) -> torch.Tensor | None:
     """T tokens of a Gated DeltaNet layer, one after another, in one C call (ggml driver's
     lg_deltanet_step): proj [T, C + Hv·dv + 2·Hv] = [qkv | z | β | α] → the gated, normed output
     [T, Hv·dv]; conv_state [C, K − 1] and S [Hv, dk, dv] advanced in place. None where the C helper
@@ -710,13 +976,32 @@ def deltanet_step(proj: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Te
     T = proj.shape[0]
     out = torch.empty(T, shape.value_dim, dtype=torch.float32)
     scratch = torch.empty(shape.conv_dim, dtype=torch.float32)
-    g.driver.lg_deltanet_step(proj.data_ptr(), conv_state.data_ptr(), conv_w.data_ptr(), shape.conv_dim, shape.d_conv, shape.n_k_heads,
-                              shape.n_v_heads, shape.d_k, shape.d_v, dt_bias.data_ptr(), a.data_ptr(), norm_w.data_ptr(), eps,
-                              S.data_ptr(), out.data_ptr(), scratch.data_ptr(), T, torch.get_num_threads())
+    g.driver.lg_deltanet_step(
+        proj.data_ptr(),
+        conv_state.data_ptr(),
+        conv_w.data_ptr(),
+        shape.conv_dim,
+        shape.d_conv,
+        shape.n_k_heads,
+        shape.n_v_heads,
+        shape.d_k,
+        shape.d_v,
+        dt_bias.data_ptr(),
+        a.data_ptr(),
+        norm_w.data_ptr(),
+        eps,
+        S.data_ptr(),
+        out.data_ptr(),
+        scratch.data_ptr(),
+        T,
+        torch.get_num_threads(),
+    )
     return out
 
 
-def route(h: torch.Tensor, router: torch.Tensor, k: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def route(
+    h: torch.Tensor, router: torch.Tensor, k: int, norm: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The router in one C call: h [T, D] @ router [E, D].T → softmax → top-k (→ renormalised, scaled):
     (ids [T, k] int64, weights [T, k] float32), or None when the C kernel does not apply."""
     fn = _helper("route")
@@ -727,11 +1012,26 @@ def route(h: torch.Tensor, router: torch.Tensor, k: int, norm: bool, scale: floa
     ids = torch.empty(T, k, dtype=torch.int64)
     w = torch.empty(T, k, dtype=torch.float32)
     scratch = torch.empty(T, E, dtype=torch.float32)
-    fn(h.data_ptr(), T, D, router.data_ptr(), E, k, int(norm), scale, ids.data_ptr(), w.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    fn(
+        h.data_ptr(),
+        T,
+        D,
+        router.data_ptr(),
+        E,
+        k,
+        int(norm),
+        scale,
+        ids.data_ptr(),
+        w.data_ptr(),
+        scratch.data_ptr(),
+        torch.get_num_threads(),
+    )
     return ids, w
 
 
-def swiglu_decode(gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, coef: list[float]) -> torch.Tensor | None:
+def swiglu_decode(
+    gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, coef: list[float]
+) -> torch.Tensor | None:
     """Σ_e coef[e] · down_e(silu(gate_e x) · up_e x) for one row x [1, D] in one C call; None when the
     weights are not all C-kernel weights of one shape per matrix (the caller computes it in torch)."""
     if all(w.backend == "ggml" for w in gate_up) and all(w.backend == "ggml" for w in down):
@@ -744,7 +1044,12 @@ def swiglu_decode(gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, 
     c = torch.tensor(coef, dtype=torch.float32)
     h = torch.empty(E, w0.n, dtype=torch.float32)
     y = torch.empty(1, d0.n, dtype=torch.float32)
-    if native_lib().lm_swiglu_decode(E, gu, dn, x.data_ptr(), c.data_ptr(), h.data_ptr(), y.data_ptr(), torch.get_num_threads()) != 0:
+    if (
+        native_lib().lm_swiglu_decode(
+            E, gu, dn, x.data_ptr(), c.data_ptr(), h.data_ptr(), y.data_ptr(), torch.get_num_threads()
+        )
+        != 0
+    ):
         raise MemoryError("lm_swiglu_decode could not allocate its scratch buffers")
     return y
 
@@ -756,17 +1061,28 @@ def _ggml_halves(w: QLinear) -> tuple[LgW, LgW] | None:
         return segs[0], segs[1]
     if len(segs) == 1 and segs[0].N % 2 == 0:
         s, half = segs[0], segs[0].N // 2
-        return LgW(s.data, s.row_bytes, half, s.K, s.vec_dot, s.from_float, s.q_row_bytes), LgW(s.data + half * s.row_bytes, s.row_bytes, half, s.K, s.vec_dot, s.from_float, s.q_row_bytes)
+        return LgW(s.data, s.row_bytes, half, s.K, s.vec_dot, s.from_float, s.q_row_bytes), LgW(
+            s.data + half * s.row_bytes, s.row_bytes, half, s.K, s.vec_dot, s.from_float, s.q_row_bytes
+        )
     return None
 
 
-def _ggml_swiglu_decode(gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, coef: list[float]) -> torch.Tensor | None:
+def _ggml_swiglu_decode(
+    gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, coef: list[float]
+) -> torch.Tensor | None:
     halves = [_ggml_halves(w) for w in gate_up]
     dn = [_ggml_segs(w) for w in down]
-    if any(h is None for h in halves) or any(len(d) != 1 for d in dn) or len({w.n for w in gate_up}) != 1 or len({w.n for w in down}) != 1:
+    if (
+        any(h is None for h in halves)
+        or any(len(d) != 1 for d in dn)
+        or len({w.n for w in gate_up}) != 1
+        or len({w.n for w in down}) != 1
+    ):
         return None
     E = len(gate_up)
     gate = (LgW * E)(*(h[0] for h in halves))
     up = (LgW * E)(*(h[1] for h in halves))
     down_arr = (LgW * E)(*(d[0] for d in dn))
-    return ggml().moe_decode(gate, up, down_arr, x, torch.tensor(coef, dtype=torch.float32), down[0].n, torch.get_num_threads())
+    return ggml().moe_decode(
+        gate, up, down_arr, x, torch.tensor(coef, dtype=torch.float32), down[0].n, torch.get_num_threads()
+    )

@@ -32,7 +32,8 @@ from ..gguf.qtypes import TYPES
 # -- block layouts of the types with a kernel here (gguf/qtypes.py: `triton`, the code _dequant's
 # branches test, and `group`) --------------------------------------------------------------------
 LAYOUTS = {  # GGML type name → (code, weights per block, bytes per block, weights per scale group)
-    t.name: (t.triton, t.block, t.type_size, t.group) for t in sorted((t for t in TYPES.values() if t.triton is not None), key=lambda t: t.triton)
+    t.name: (t.triton, t.block, t.type_size, t.group)
+    for t in sorted((t for t in TYPES.values() if t.triton is not None), key=lambda t: t.triton)
 }
 # Non-linear code books, indexed by a 4-bit code (ggml's kvalues_iq4nl and kvalues_mxfp4; the MXFP4
 # values are e2m1 doubled, which the block's halved E8M0 scale undoes).
@@ -118,7 +119,9 @@ def _dequant(row, kg, l, mask, gm, lut, QT: tl.constexpr, G: tl.constexpr):
         jj = j % 8
         q = (_u8(sb + 16 + (j // 8) * 32 + (jj % 2) * 16 + l, mask) >> (2 * (jj // 2))) & 3
         sc = _u8(sb + j, gm)
-        return _f16(sb + 80, gm) * (sc & 0xF).to(tl.float32) * q.to(tl.float32) - _f16(sb + 82, gm) * (sc >> 4).to(tl.float32)
+        return _f16(sb + 80, gm) * (sc & 0xF).to(tl.float32) * q.to(tl.float32) - _f16(sb + 82, gm) * (sc >> 4).to(
+            tl.float32
+        )
     elif QT == 9:  # Q3_K: 32 B high-bit mask, 64 B 2-bit codes, 12 B of 6-bit scales, d
         sb = row + (kg // 16) * 110
         j = kg % 16
@@ -126,7 +129,9 @@ def _dequant(row, kg, l, mask, gm, lut, QT: tl.constexpr, G: tl.constexpr):
         lo = (_u8(sb + 32 + (j // 8) * 32 + (jj % 2) * 16 + l, mask) >> (2 * (jj // 2))) & 3
         hm = (_u8(sb + (jj % 2) * 16 + l, mask) >> ((j // 8) * 4 + jj // 2)) & 1
         q = lo - 4 * (1 - hm)
-        s = ((_u8(sb + 96 + j % 8, gm) >> (4 * (j // 8))) & 0xF) | (((_u8(sb + 104 + j % 4, gm) >> (2 * (j // 4))) & 3) << 4)
+        s = ((_u8(sb + 96 + j % 8, gm) >> (4 * (j // 8))) & 0xF) | (
+            ((_u8(sb + 104 + j % 4, gm) >> (2 * (j // 4))) & 3) << 4
+        )
         return _f16(sb + 108, gm) * (s - 32).to(tl.float32) * q.to(tl.float32)
     elif QT == 10:  # IQ4_NL: d, nibbles indexing a 16-value code book
         blk = row + kg * 18
@@ -156,9 +161,26 @@ def _load_x(x, k, kmask, K, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, table_ptr, ids_ptr, y_ptr, lut_ptr, N, K, row_bytes, x_stride, y_stride,
-                QT: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, BN: tl.constexpr,
-                GROUPED: tl.constexpr, IDS: tl.constexpr, SWIGLU: tl.constexpr):
+def gemv_kernel(
+    x_ptr,
+    w_ptr,
+    table_ptr,
+    ids_ptr,
+    y_ptr,
+    lut_ptr,
+    N,
+    K,
+    row_bytes,
+    x_stride,
+    y_stride,
+    QT: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    BN: tl.constexpr,
+    GROUPED: tl.constexpr,
+    IDS: tl.constexpr,
+    SWIGLU: tl.constexpr,
+):
     """y[s, n] = Σ_k w_s[n, k] · x[s, k]; grid (cdiv(N, BN), slots). x [slots, K] (or [slots, 2K]
     with SWIGLU; x_stride 0: one row for every slot), y [slots, N], float32. GROUPED: slot s's
     weight bytes start at address table[s], or with IDS at table[ids[s]] (device-side routing)."""
@@ -188,10 +210,29 @@ def gemv_kernel(x_ptr, w_ptr, table_ptr, ids_ptr, y_ptr, lut_ptr, N, K, row_byte
 
 
 @triton.jit
-def gemm_kernel(x_ptr, x_rows_ptr, w_ptr, table_ptr, block_slot_ptr, y_ptr, lut_ptr, M, N, K, row_bytes,
-                x_stride, y_stride, QT: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr, GATHER: tl.constexpr,
-                SWIGLU: tl.constexpr):
+def gemm_kernel(
+    x_ptr,
+    x_rows_ptr,
+    w_ptr,
+    table_ptr,
+    block_slot_ptr,
+    y_ptr,
+    lut_ptr,
+    M,
+    N,
+    K,
+    row_bytes,
+    x_stride,
+    y_stride,
+    QT: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    GROUPED: tl.constexpr,
+    GATHER: tl.constexpr,
+    SWIGLU: tl.constexpr,
+):
     """y[m, n] = Σ_k x[r(m), k] · w[n, k] for M output rows; grid (cdiv(M, BM), cdiv(N, BN)).
     GATHER: r(m) = x_rows[m] (−1: a padding row, skipped), else r(m) = m. GROUPED: row block b
     uses the weight at table[block_slot[b]]."""
@@ -228,8 +269,9 @@ def gemm_kernel(x_ptr, x_rows_ptr, w_ptr, table_ptr, block_slot_ptr, y_ptr, lut_
 
 
 @triton.jit
-def dequant_kernel(w_ptr, y_ptr, lut_ptr, N, K, row_bytes, QT: tl.constexpr, G: tl.constexpr,
-                   NG: tl.constexpr, BN: tl.constexpr):
+def dequant_kernel(
+    w_ptr, y_ptr, lut_ptr, N, K, row_bytes, QT: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, BN: tl.constexpr
+):
     """float32 [N, K] from the bytes (tests, and weights a torch op needs as floats)."""
     pid = tl.program_id(0)
     kb = tl.program_id(1)
@@ -277,8 +319,16 @@ def _check(qtype_name: str, K: int) -> tuple[int, int]:
     return code, G
 
 
-def gemv(raw: torch.Tensor, qtype_name: str, N: int, K: int, x: torch.Tensor, table: torch.Tensor | None = None,
-         ids: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+def gemv(
+    raw: torch.Tensor,
+    qtype_name: str,
+    N: int,
+    K: int,
+    x: torch.Tensor,
+    table: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+    swiglu: bool = False,
+) -> torch.Tensor:
     """y [S, N] float32 from x [S or 1, K] (or [.., 2K] with swiglu; one row serves every slot).
     raw: uint8 [N, row bytes], the weight of every slot; or `table` (int64 device addresses of
     weights of this type and shape): slot s reads table[s], or table[ids[s]] with `ids` (int64
@@ -288,16 +338,42 @@ def gemv(raw: torch.Tensor, qtype_name: str, N: int, K: int, x: torch.Tensor, ta
     S = ids.numel() if ids is not None else (table.numel() if table is not None and x.shape[0] == 1 else x.shape[0])
     y = torch.empty((S, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, GEMV_BN), S)
-    gemv_kernel[grid](x, raw, table if table is not None else raw, ids if ids is not None else raw, y,
-                      _code_book(qtype_name, x.device), N, K, _row_bytes(qtype_name, K),
-                      0 if x.shape[0] == 1 else x.stride(0), y.stride(0), QT=code, G=G, NG=GEMV_BK // G,
-                      BN=GEMV_BN, GROUPED=table is not None, IDS=ids is not None, SWIGLU=swiglu)
+    gemv_kernel[grid](
+        x,
+        raw,
+        table if table is not None else raw,
+        ids if ids is not None else raw,
+        y,
+        _code_book(qtype_name, x.device),
+        N,
+        K,
+        _row_bytes(qtype_name, K),
+        0 if x.shape[0] == 1 else x.stride(0),
+        y.stride(0),
+        QT=code,
+        G=G,
+        NG=GEMV_BK // G,
+        BN=GEMV_BN,
+        GROUPED=table is not None,
+        IDS=ids is not None,
+        SWIGLU=swiglu,
+    )
     counters.launches += 1
     return y
 
 
-def gemm(raw: torch.Tensor, qtype_name: str, N: int, K: int, x: torch.Tensor, x_rows: torch.Tensor | None = None,
-         table: torch.Tensor | None = None, block_slot: torch.Tensor | None = None, M: int | None = None, swiglu: bool = False) -> torch.Tensor:
+def gemm(
+    raw: torch.Tensor,
+    qtype_name: str,
+    N: int,
+    K: int,
+    x: torch.Tensor,
+    x_rows: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
+    block_slot: torch.Tensor | None = None,
+    M: int | None = None,
+    swiglu: bool = False,
+) -> torch.Tensor:
     """y [M, N] = x[rows] @ wᵀ. Plain: M = x rows, one weight `raw`. Grouped: x_rows [M] (int32,
     −1 = padding) picks x's rows (or None: row m is x's row m), block_slot [M / BM] the slot of
     each block of GEMM_BM rows, table [slots] the weights' addresses."""
@@ -309,10 +385,29 @@ def gemm(raw: torch.Tensor, qtype_name: str, N: int, K: int, x: torch.Tensor, x_
     grid = (triton.cdiv(M, GEMM_BM), triton.cdiv(N, GEMM_BN))
     grouped = table is not None
     dummy = raw
-    gemm_kernel[grid](x, x_rows if x_rows is not None else dummy, raw, table if grouped else dummy,
-                      block_slot if grouped else dummy, y, _code_book(qtype_name, x.device), M, N, K,
-                      _row_bytes(qtype_name, K), x.stride(0), y.stride(0), QT=code, G=G, NG=NG, BM=GEMM_BM,
-                      BN=GEMM_BN, GROUPED=grouped, GATHER=x_rows is not None, SWIGLU=swiglu)
+    gemm_kernel[grid](
+        x,
+        x_rows if x_rows is not None else dummy,
+        raw,
+        table if grouped else dummy,
+        block_slot if grouped else dummy,
+        y,
+        _code_book(qtype_name, x.device),
+        M,
+        N,
+        K,
+        _row_bytes(qtype_name, K),
+        x.stride(0),
+        y.stride(0),
+        QT=code,
+        G=G,
+        NG=NG,
+        BM=GEMM_BM,
+        BN=GEMM_BN,
+        GROUPED=grouped,
+        GATHER=x_rows is not None,
+        SWIGLU=swiglu,
+    )
     counters.launches += 1
     return y
 
@@ -322,7 +417,9 @@ def dequantize(raw: torch.Tensor, qtype_name: str, N: int, K: int) -> torch.Tens
     code, G = _check(qtype_name, K)
     NG = GEMV_BK // G
     y = torch.empty((N, K), dtype=torch.float32, device=raw.device)
-    dequant_kernel[(triton.cdiv(N, GEMV_BN), triton.cdiv(K, NG * G))](raw, y, _code_book(qtype_name, raw.device), N, K, raw.shape[-1], QT=code, G=G, NG=NG, BN=GEMV_BN)
+    dequant_kernel[(triton.cdiv(N, GEMV_BN), triton.cdiv(K, NG * G))](
+        raw, y, _code_book(qtype_name, raw.device), N, K, raw.shape[-1], QT=code, G=G, NG=NG, BN=GEMV_BN
+    )
     counters.launches += 1
     return y
 
@@ -355,4 +452,9 @@ class GroupedRows:
             rows.append(torch.full((nb * GEMM_BM - n,), -1, dtype=torch.int32))
             block_slot += [slot] * nb
             at += nb * GEMM_BM
-        return cls(to_device(torch.cat(rows), device), to_device(torch.tensor(block_slot, dtype=torch.int32), device), starts, at)
+        return cls(
+            to_device(torch.cat(rows), device),
+            to_device(torch.tensor(block_slot, dtype=torch.int32), device),
+            starts,
+            at,
+        )

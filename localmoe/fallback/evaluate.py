@@ -19,7 +19,9 @@ from ..errors import LocalMoEError
 from .miss_policies import make_miss_policy, parse_policy_spec
 
 
-def decode_logprobs(rt, ids: list[int], window: int, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, float, float]:
+def decode_logprobs(
+    rt, ids: list[int], window: int, progress: Callable[[int], None] | None = None
+) -> tuple[np.ndarray, float, float]:
     """Log-probabilities [N-windows, V] of each next token, one token per step, windows of
     `window` tokens; returns (logprobs, clock seconds, wall seconds) of the decode steps."""
     out = []
@@ -44,7 +46,19 @@ def targets(ids: list[int], window: int) -> np.ndarray:
     return np.array(t)
 
 
-def evaluate(model_path: str | None, text: str, policies: list[str], gpu_mem: int | str | None, profile: str, max_tokens: int = 1024, window: int = 256, policy: str = "lfu", miss_options: dict[str, dict[str, Any]] | None = None, progress: Callable[[str, int, int], None] | None = None, trace: str | None = None) -> dict[str, Any]:
+def evaluate(
+    model_path: str | None,
+    text: str,
+    policies: list[str],
+    gpu_mem: int | str | None,
+    profile: str,
+    max_tokens: int = 1024,
+    window: int = 256,
+    policy: str = "lfu",
+    miss_options: dict[str, dict[str, Any]] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    trace: str | None = None,
+) -> dict[str, Any]:
     """`policies`: miss policy specs, each a name with optional options ("little:share=0.9", see
     `parse_policy_spec`); a spec with options runs with those alone, a bare name with
     `miss_options[name]`. The result is keyed by the spec.
@@ -75,11 +89,24 @@ def evaluate(model_path: str | None, text: str, policies: list[str], gpu_mem: in
         "tokens": n,
         "gpu_mem": gpu_mem,
         "profile": profile,
-        "baseline": {"perplexity": float(math.exp(ref_nll.mean())), "decode_tps": n / ref_clock if ref_clock else 0.0, "decode_tps_measured": n / ref_wall, "clock": f"modelled:{profile}"},
+        "baseline": {
+            "perplexity": float(math.exp(ref_nll.mean())),
+            "decode_tps": n / ref_clock if ref_clock else 0.0,
+            "decode_tps_measured": n / ref_wall,
+            "clock": f"modelled:{profile}",
+        },
         "policies": {},
     }
     for spec, name, options in runs:
-        with load(model_path, device="cpu", profile=profile, gpu_mem=gpu_mem, policy=policy, on_miss=name, miss_options=options) as rt:
+        with load(
+            model_path,
+            device="cpu",
+            profile=profile,
+            gpu_mem=gpu_mem,
+            policy=policy,
+            on_miss=name,
+            miss_options=options,
+        ) as rt:
             step = (lambda k, spec=spec: progress(spec, k, n)) if progress else None
             lp, clock, wall = decode_logprobs(rt, ids, window, _counter(step))
             st = rt.stats()
@@ -117,15 +144,28 @@ def format_table(res: dict[str, Any]) -> str:
     b = res["baseline"]
     fetch = res["policies"].get("fetch", {}).get("decode_tps")
     lines = [
-        f"{res['tokens']} tokens, GPU budget {res['gpu_mem']}, profile {res['profile']} (decode tok/s: modelled; measured on this machine in brackets)",
-        "| policy | perplexity | Δ ppl | top-1 agree | KL | decode tok/s | vs fetch | hit rate | buddy | little | drop |",
+        (
+            f"{res['tokens']} tokens, GPU budget {res['gpu_mem']}, profile {res['profile']} (decode tok/s: "
+            "modelled; measured on this machine in brackets)"
+        ),
+        (
+            "| policy | perplexity | Δ ppl | top-1 agree | KL | decode tok/s | vs fetch | hit rate | buddy | "
+            "little | drop |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| all-resident | {b['perplexity']:.3f} | – | 100% | 0 | {b['decode_tps']:.1f} [{b['decode_tps_measured']:.1f}] | {_ratio(b['decode_tps'], fetch)} | 100% | | | |",
+        (
+            f"| all-resident | {b['perplexity']:.3f} | – | 100% | 0 | {b['decode_tps']:.1f} "
+            f"[{b['decode_tps_measured']:.1f}] | {_ratio(b['decode_tps'], fetch)} | 100% | | | |"
+        ),
     ]
     for name, p in res["policies"].items():
         ratio = _ratio(p["decode_tps"], fetch)
         s = p["substitutions"]
-        lines.append(f"| {name} | {p['perplexity']:.3f} | {p['perplexity_change']:+.2%} | {p['top1_agreement']:.1%} | {p['kl']:.4f} | {p['decode_tps']:.1f} [{p['decode_tps_measured']:.1f}] | {ratio} | {p['hit_rate']:.1%} | {s['buddy']} | {s['little']} | {s['drop']} |")
+        lines.append(
+            f"| {name} | {p['perplexity']:.3f} | {p['perplexity_change']:+.2%} | {p['top1_agreement']:.1%} | "
+            f"{p['kl']:.4f} | {p['decode_tps']:.1f} [{p['decode_tps_measured']:.1f}] | {ratio} | "
+            f"{p['hit_rate']:.1%} | {s['buddy']} | {s['little']} | {s['drop']} |"
+        )
     return "\n".join(lines)
 
 

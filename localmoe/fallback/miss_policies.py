@@ -123,7 +123,9 @@ def stand_in_error(weights: list[float], cosines: list[float]) -> float:
     return math.sqrt(max((along - 1.0) ** 2 + across, 0.0))
 
 
-def _finish_with(fallback: MissPolicy, ctx: MissContext, layer: int, ids: torch.Tensor, weights: torch.Tensor, subs: dict[str, int]) -> Plan:
+def _finish_with(
+    fallback: MissPolicy, ctx: MissContext, layer: int, ids: torch.Tensor, weights: torch.Tensor, subs: dict[str, int]
+) -> Plan:
     """Hand the experts still missing after a substitution step to the fallback policy."""
     still = [e for e in torch.unique(ids).tolist() if e >= 0 and (layer, e) not in ctx.cache]
     plan = fallback.plan(ctx, layer, ids, weights, still) if still else Plan(ids, weights)
@@ -154,7 +156,13 @@ class BuddyOnMiss(MissPolicy):
 
     name = "buddy"
 
-    def __init__(self, fallback: str = "cpu", min_score: float = 0.5, max_missing_share: float = 0.75, max_per_token: int | None = None):
+    def __init__(
+        self,
+        fallback: str = "cpu",
+        min_score: float = 0.5,
+        max_missing_share: float = 0.75,
+        max_per_token: int | None = None,
+    ):
         self.fallback = make_miss_policy(fallback)
         self.min_score, self.max_missing_share, self.max_per_token = min_score, max_missing_share, max_per_token
 
@@ -215,7 +223,9 @@ class LittleOnMiss(MissPolicy):
     BINS = 256  # confidence histogram resolution per layer (confidence is in [0, 1])
     WARMUP = 32
 
-    def __init__(self, share: float = 0.9, threshold: float | None = None, prefer_resident: float = 0.0, fallback: str = "cpu"):
+    def __init__(
+        self, share: float = 0.9, threshold: float | None = None, prefer_resident: float = 0.0, fallback: str = "cpu"
+    ):
         if not 0.0 <= share <= 1.0:
             raise LocalMoEError(f"little: share must be between 0 and 1, got {share}")
         if prefer_resident < 0.0:
@@ -330,25 +340,35 @@ class CostAwareOnMiss(MissPolicy):
         return _finish_with(CpuOnMiss(), ctx, layer, new_ids, new_w, {k: v for k, v in subs.items() if v})
 
 
-MISS_POLICIES: dict[str, type[MissPolicy]] = {p.name: p for p in (FetchOnMiss, CpuOnMiss, DropOnMiss, BuddyOnMiss, LittleOnMiss, CostAwareOnMiss)}
+MISS_POLICIES: dict[str, type[MissPolicy]] = {
+    p.name: p for p in (FetchOnMiss, CpuOnMiss, DropOnMiss, BuddyOnMiss, LittleOnMiss, CostAwareOnMiss)
+}
 
 
 def make_miss_policy(name: str, **params) -> MissPolicy:
     cls = MISS_POLICIES.get(name)
     if cls is None:
         raise LocalMoEError(f"miss policy '{name}' is not available; choose one of {', '.join(MISS_POLICIES)}")
-    known = {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    known = {
+        n: p.default
+        for n, p in inspect.signature(cls).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
     for key, value in params.items():
         if key not in known:
-            raise LocalMoEError(f"miss policy '{name}' has no option '{key}'; its options: {', '.join(known) or 'none'}")
+            raise LocalMoEError(
+                f"miss policy '{name}' has no option '{key}'; its options: {', '.join(known) or 'none'}"
+            )
         wants_text = isinstance(known[key], str)  # the others are numbers (a None default: a number or unset)
         if value is not None and (isinstance(value, str) != wants_text or isinstance(value, bool)):
-            raise LocalMoEError(f"miss policy '{name}': option '{key}' takes {'a name' if wants_text else 'a number'}, not {value!r}")
+            raise LocalMoEError(
+                f"miss policy '{name}': option '{key}' takes {'a name' if wants_text else 'a number'}, not {value!r}"
+            )
     return cls(**params)
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """"buddy:min_score=0.3:max_per_token=2" → ("buddy", {"min_score": 0.3, "max_per_token": 2}):
+    """ "buddy:min_score=0.3:max_per_token=2" → ("buddy", {"min_score": 0.3, "max_per_token": 2}):
     a miss policy with options, as `localmoe eval --on-miss` takes them. Numbers become int or
     float; anything else stays a string (e.g. fallback=fetch). The options are checked here."""
     name, *pairs = spec.strip().split(":")
@@ -356,7 +376,9 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key:
-            raise LocalMoEError(f"cannot read '{pair}' in miss policy '{spec}'; write NAME:option=value, e.g. buddy:min_score=0.3")
+            raise LocalMoEError(
+                f"cannot read '{pair}' in miss policy '{spec}'; write NAME:option=value, e.g. buddy:min_score=0.3"
+            )
         try:
             options[key] = int(value)
         except ValueError:

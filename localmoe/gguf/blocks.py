@@ -127,12 +127,21 @@ def decode(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, shape: t
         d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]  # [N, nb, 1]
         sc, mn = _k_scales(b[..., 4:16])  # [N, nb, 8] each
         qs = b[..., -128:].reshape(N, K // 256, 4, 1, 32)  # 4 chunks of 64 weights: low nibbles, then high
-        codes = ((qs >> _shifts(0, 8, 4, b.device).view(2, 1)) & 0x0F).reshape(N, K // 256, 8, 32)  # sub-block j = chunk j // 2, half j % 2
+        codes = ((qs >> _shifts(0, 8, 4, b.device).view(2, 1)) & 0x0F).reshape(
+            N, K // 256, 8, 32
+        )  # sub-block j = chunk j // 2, half j % 2
         if qtype == Q.Q5_K:
             qh = b[..., 16:48]  # bit j of qh[l] is the fifth bit of weight l of sub-block j
             hi = (qh[..., None, :] >> _shifts(0, 8, 1, b.device)[:, None]) & 1  # [N, nb, 8, 32]
             codes = codes | (hi << 4)
-        return Affine(codes.reshape(N, K), (d * sc).reshape(N, -1), (-dmin * mn).reshape(N, -1), 0, 4 if qtype == Q.Q4_K else 5, 32)
+        return Affine(
+            codes.reshape(N, K),
+            (d * sc).reshape(N, -1),
+            (-dmin * mn).reshape(N, -1),
+            0,
+            4 if qtype == Q.Q4_K else 5,
+            32,
+        )
     # Q6_K: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 sub-scales, a float16 scale
     ql = b[..., 0:128].reshape(N, -1, 2, 1, 64) >> _shifts(0, 8, 4, b.device).view(2, 1)
     qh = b[..., 128:192].reshape(N, -1, 2, 1, 32) >> _shifts(0, 8, 2, b.device).view(4, 1)
@@ -169,7 +178,9 @@ def _dequantize_other(b: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple
     return out if b.device.type == "cpu" else out.to(b.device)
 
 
-def to_torch(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+def to_torch(
+    raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """A tensor of any logical `shape` (norms, biases, routers) as float32 on `device` (a fresh copy)."""
     k = shape[-1]
     n = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1

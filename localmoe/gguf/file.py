@@ -75,7 +75,9 @@ class ModelSpec:
     attn_scale: float = 0.0  # softmax scale of q·k; 0 → 1/sqrt(head_dim)
     n_swa: int = 0  # sliding window: a query in an SWA layer sees the n_swa latest positions (itself included)
     swa_layers: tuple[bool, ...] = ()  # per layer: sliding-window attention (empty: none)
-    rope_sections: tuple[int, ...] = ()  # M-RoPE (qwen35moe): rotated pairs per position axis t, h, w, e (empty: plain RoPE)
+    rope_sections: tuple[
+        int, ...
+    ] = ()  # M-RoPE (qwen35moe): rotated pairs per position axis t, h, w, e (empty: plain RoPE)
     recurrent_layers: tuple[bool, ...] = ()  # per layer: a Gated DeltaNet layer instead of attention (empty: none)
     deltanet: DeltaNetShape | None = None  # the DeltaNet layers' sizes
     # windowed layers of their own shape (gemma4; 0: as the fields above, which then hold the global layers')
@@ -125,11 +127,15 @@ class GGUFModel:
         self.tensors: dict[str, TensorView] = {}
         for t in self.reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            self.tensors[t.name] = TensorView(t.name, GGMLQuantizationType(int(t.tensor_type)), shape, t.data, int(t.n_bytes))
+            self.tensors[t.name] = TensorView(
+                t.name, GGMLQuantizationType(int(t.tensor_type)), shape, t.data, int(t.n_bytes)
+            )
         _split_gate_up(self.tensors)
         self.spec = _read_spec(self)
         # next-token-prediction (MTP) blocks past the trunk are skipped, as llama.cpp skips them
-        self.tensors = {n: t for n, t in self.tensors.items() if (layer := names.layer_of(n)) is None or layer < self.spec.n_layer}
+        self.tensors = {
+            n: t for n, t in self.tensors.items() if (layer := names.layer_of(n)) is None or layer < self.spec.n_layer
+        }
         self._check_tensors()
 
     # -- metadata ---------------------------------------------------------------------------------
@@ -160,9 +166,13 @@ class GGUFModel:
         try:
             return self.tensors[name]
         except KeyError:
-            raise LocalMoEError(f"{self.path}: tensor '{name}' is missing; the file is incomplete or not a {self.spec_arch_name} model") from None
+            raise LocalMoEError(
+                f"{self.path}: tensor '{name}' is missing; the file is incomplete or not a {self.spec_arch_name} model"
+            ) from None
 
-    def expert_raw(self, layer: int, expert: int, part: str) -> tuple[np.ndarray, GGMLQuantizationType, tuple[int, ...]]:
+    def expert_raw(
+        self, layer: int, expert: int, part: str
+    ) -> tuple[np.ndarray, GGMLQuantizationType, tuple[int, ...]]:
         """Zero-copy view of one expert's matrix: (raw data, quant type, logical [rows, cols])."""
         t = self.view(names.blk(layer, part))
         return t.data[expert], t.qtype, t.shape[1:]
@@ -188,10 +198,15 @@ class GGUFModel:
         parts = []
         for stem in names.EXPERT_BIAS_PARTS:
             name = names.blk(layer, stem, names.BIAS)
-            parts.append(None if name not in self.tensors else self._float(self.tensors[name]).reshape(self.spec.n_expert, -1))
+            parts.append(
+                None if name not in self.tensors else self._float(self.tensors[name]).reshape(self.spec.n_expert, -1)
+            )
         gate, up, down = parts
         if (gate is None) != (up is None):
-            raise LocalMoEError(f"{self.path}: layer {layer} has a bias on only one of the experts' gate and up matrices; the file is inconsistent")
+            raise LocalMoEError(
+                f"{self.path}: layer {layer} has a bias on only one of the experts' gate and up matrices; the "
+                "file is inconsistent"
+            )
         return (None if gate is None else np.concatenate([gate, up], axis=1)), down
 
     @staticmethod
@@ -223,30 +238,58 @@ class GGUFModel:
         required = [names.TOKEN_EMBD, names.OUTPUT_NORM]
         for layer in range(spec.n_layer):
             # a stem (ATTN_Q: its weight) or (stem, kind) for another kind, e.g. (ATTN_OUT, BIAS)
-            required += [names.blk(layer, *s) if isinstance(s, tuple) else names.blk(layer, s) for s in required_of(spec, layer)]
+            required += [
+                names.blk(layer, *s) if isinstance(s, tuple) else names.blk(layer, s) for s in required_of(spec, layer)
+            ]
         missing = [n for n in required if n not in self.tensors]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise LocalMoEError(f"{self.path}: required tensor '{missing[0]}' is missing{more}; the file is incomplete or was converted for another architecture")
+            raise LocalMoEError(
+                f"{self.path}: required tensor '{missing[0]}' is missing{more}; the file is incomplete or was "
+                "converted for another architecture"
+            )
         # a bias or sink the architecture does not declare would be silently dropped
-        undeclared = [] if spec.arch.qkv_bias else [(names.ATTN_Q, "an attention bias"), (names.ATTN_K, "an attention bias"), (names.ATTN_V, "an attention bias"), (names.ATTN_OUT, "an attention bias")]
+        undeclared = (
+            []
+            if spec.arch.qkv_bias
+            else [
+                (names.ATTN_Q, "an attention bias"),
+                (names.ATTN_K, "an attention bias"),
+                (names.ATTN_V, "an attention bias"),
+                (names.ATTN_OUT, "an attention bias"),
+            ]
+        )
         undeclared += [] if spec.arch.router_bias else [(names.FFN_GATE_INP, "a router bias")]
         undeclared += [] if spec.arch.expert_bias else [(p, "an expert bias") for p in names.EXPERT_BIAS_PARTS]
         for t in self.tensors:
             for stem, what in undeclared:
                 if names.split(t)[1:] == (stem, names.BIAS):
-                    raise LocalMoEError(f"{self.path}: tensor '{t}' is {what}, which localmoe's {spec.arch.name} does not implement")
+                    raise LocalMoEError(
+                        f"{self.path}: tensor '{t}' is {what}, which localmoe's {spec.arch.name} does not implement"
+                    )
             if not spec.arch.sinks and names.split(t)[1:] == (names.ATTN_SINKS, names.WEIGHT):
-                raise LocalMoEError(f"{self.path}: tensor '{t}' holds attention sinks, which localmoe's {spec.arch.name} does not implement")
+                raise LocalMoEError(
+                    f"{self.path}: tensor '{t}' holds attention sinks, which localmoe's {spec.arch.name} does "
+                    "not implement"
+                )
         for t in self.tensors.values():
             if t.qtype not in SUPPORTED_QTYPES:
                 supported = ", ".join(q.name for q in sorted(SUPPORTED_QTYPES))
-                raise LocalMoEError(f"{self.path}: tensor '{t.name}' has quant type {t.qtype.name}, which localmoe does not support; re-quantize to one of {supported}")
+                raise LocalMoEError(
+                    f"{self.path}: tensor '{t.name}' has quant type {t.qtype.name}, which localmoe does not "
+                    f"support; re-quantize to one of {supported}"
+                )
         if not spec.moe_layers:
-            raise LocalMoEError(f"{self.path}: every layer is dense (leading_dense_block_count {spec.n_dense_lead} of {spec.n_layer}); localmoe runs MoE models only")
+            raise LocalMoEError(
+                f"{self.path}: every layer is dense (leading_dense_block_count {spec.n_dense_lead} of "
+                f"{spec.n_layer}); localmoe runs MoE models only"
+            )
         gate = self.view(names.blk(spec.moe_layers[0], names.FFN_GATE_EXPS))
         if gate.shape != (spec.n_expert, spec.n_ff_exp, spec.n_embd):
-            raise LocalMoEError(f"{self.path}: expert tensor shape {gate.shape} does not match metadata ({spec.n_expert}, {spec.n_ff_exp}, {spec.n_embd}); the file is inconsistent")
+            raise LocalMoEError(
+                f"{self.path}: expert tensor shape {gate.shape} does not match metadata ({spec.n_expert}, "
+                f"{spec.n_ff_exp}, {spec.n_embd}); the file is inconsistent"
+            )
 
 
 def _split_gate_up(tensors: dict[str, TensorView]) -> None:
@@ -259,7 +302,9 @@ def _split_gate_up(tensors: dict[str, TensorView]) -> None:
         t = tensors.pop(name)
         layer = names.layer_of(name)
         if len(t.shape) != 3 or t.shape[1] % 2:
-            raise LocalMoEError(f"tensor '{name}' has shape {t.shape}; a fused gate|up expert tensor is [experts, 2·ffn, embd]")
+            raise LocalMoEError(
+                f"tensor '{name}' has shape {t.shape}; a fused gate|up expert tensor is [experts, 2·ffn, embd]"
+            )
         E, F2, D = t.shape
         F = F2 // 2
         for stem, rows in ((names.FFN_GATE_EXPS, slice(0, F)), (names.FFN_UP_EXPS, slice(F, F2))):
@@ -324,14 +369,20 @@ def _open_reader(path: str) -> GGUFReader:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise LocalMoEError(f"{path} is not a GGUF file (no GGUF magic); convert the model with llama.cpp's convert_hf_to_gguf.py")
+        raise LocalMoEError(
+            f"{path} is not a GGUF file (no GGUF magic); convert the model with llama.cpp's convert_hf_to_gguf.py"
+        )
     try:
         reader = _Reader(path, "r")
     except Exception as exc:  # the reader raises many types on damaged files
-        raise LocalMoEError(f"{path} is damaged or truncated ({type(exc).__name__}: {exc}); re-download or re-convert it") from None
+        raise LocalMoEError(
+            f"{path} is damaged or truncated ({type(exc).__name__}: {exc}); re-download or re-convert it"
+        ) from None
     for t in reader.tensors:
         if int(t.data_offset) + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
-            raise LocalMoEError(f"{path} is truncated: tensor '{t.name}' ends past the end of the file ({size} bytes); re-download it")
+            raise LocalMoEError(
+                f"{path} is truncated: tensor '{t.name}' ends past the end of the file ({size} bytes); re-download it"
+            )
     return reader
 
 
@@ -342,10 +393,16 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
     module = archs.module_for(arch_name)
     n_expert = int(m.meta(names.arch_key(arch_name, names.EXPERT_COUNT), 0) or 0)
     if module is None:
-        raise LocalMoEError(f"{m.path}: architecture '{arch_name}' is not supported; localmoe runs MoE models of these architectures: {archs.supported_list()}")
+        raise LocalMoEError(
+            f"{m.path}: architecture '{arch_name}' is not supported; localmoe runs MoE models of these "
+            f"architectures: {archs.supported_list()}"
+        )
     arch: ArchSpec = module.ARCH
     if n_expert <= 0:
-        raise LocalMoEError(f"{m.path}: '{arch_name}' model has no experts (dense model); localmoe runs MoE models only ({archs.supported_list()} with expert_count > 0) — use llama.cpp for dense models")
+        raise LocalMoEError(
+            f"{m.path}: '{arch_name}' model has no experts (dense model); localmoe runs MoE models only "
+            f"({archs.supported_list()} with expert_count > 0) — use llama.cpp for dense models"
+        )
 
     def need(suffix: str) -> Any:
         value = m.meta(names.arch_key(arch_name, suffix))
@@ -370,14 +427,17 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
         n_ff_exp = int(need(names.FEED_FORWARD_LENGTH)) // int(need(names.EXPERT_USED_COUNT))
     scaling = str(opt(names.ROPE_SCALING_TYPE, "none"))
     if scaling not in arch.rope_scalings:
-        raise LocalMoEError(f"{m.path}: rope scaling '{scaling}' is not supported for {arch_name} ({', '.join(arch.rope_scalings)})")
+        raise LocalMoEError(
+            f"{m.path}: rope scaling '{scaling}' is not supported for {arch_name} ({', '.join(arch.rope_scalings)})"
+        )
     factor = float(opt(names.ROPE_SCALING_FACTOR, 0.0) or 0.0)
     embd = m.tensors.get(names.TOKEN_EMBD)
     n_vocab = embd.shape[0] if embd is not None else 0
     fields: dict[str, Any] = dict(
         arch=arch,
         name=str(m.meta(names.MODEL_NAME, os.path.basename(m.path))),
-        n_layer=int(need(names.BLOCK_COUNT)) - int(opt(names.NEXTN_PREDICT_LAYERS, 0) or 0),  # trunk only: MTP layers are skipped
+        n_layer=int(need(names.BLOCK_COUNT))
+        - int(opt(names.NEXTN_PREDICT_LAYERS, 0) or 0),  # trunk only: MTP layers are skipped
         n_embd=n_embd,
         n_vocab=n_vocab,
         n_head=n_head,
@@ -410,16 +470,25 @@ def _read_spec(m: GGUFModel) -> ModelSpec:
         )
     fields.update(module.read_args(opt, lambda name: m.tensors[name].shape if name in m.tensors else None))
     if fields["rope_scaling"] == "yarn" and fields["yarn_ext_factor"] != 0.0 and "rope_attn_factor" not in fields:
-        fields["rope_attn_factor"] = arch_common.yarn_attn_factor(arch_name, fields["rope_freq_scale"], fields["yarn_log_mul"], float(opt(names.ROPE_ATTN_FACTOR, 1.0)))
+        fields["rope_attn_factor"] = arch_common.yarn_attn_factor(
+            arch_name, fields["rope_freq_scale"], fields["yarn_log_mul"], float(opt(names.ROPE_ATTN_FACTOR, 1.0))
+        )
     else:
         fields.setdefault("rope_attn_factor", float(opt(names.ROPE_ATTN_FACTOR, 1.0)))
     spec = ModelSpec(**fields)
     if hasattr(module, "attn_scale"):
         spec = dataclasses.replace(spec, attn_scale=module.attn_scale(spec))
     if spec.routing not in arch.routings:
-        raise LocalMoEError(f"{m.path}: routing '{spec.routing}' is not one {arch_name} implements ({', '.join(arch.routings)})")
-    if spec.n_expert_groups > 1 and (spec.n_expert % spec.n_expert_groups or not 0 < spec.n_group_used <= spec.n_expert_groups):
-        raise LocalMoEError(f"{m.path}: {spec.n_expert} experts do not split into {spec.n_expert_groups} groups with {spec.n_group_used} used")
+        raise LocalMoEError(
+            f"{m.path}: routing '{spec.routing}' is not one {arch_name} implements ({', '.join(arch.routings)})"
+        )
+    if spec.n_expert_groups > 1 and (
+        spec.n_expert % spec.n_expert_groups or not 0 < spec.n_group_used <= spec.n_expert_groups
+    ):
+        raise LocalMoEError(
+            f"{m.path}: {spec.n_expert} experts do not split into {spec.n_expert_groups} groups with "
+            f"{spec.n_group_used} used"
+        )
     if spec.n_dense_lead and not arch.dense_leading:
         raise LocalMoEError(f"{m.path}: leading dense layers are not part of {arch_name}")
     return spec

@@ -18,14 +18,14 @@ _LAYER_PREFIX = _LAYER.split("{")[0]  # "blk."
 def _suffix(key: str) -> str:
     """gguf's "{arch}.block_count" -> "block_count" (prefix it again with arch_key)."""
     assert key.startswith(_ARCH), key
-    return key[len(_ARCH):]
+    return key[len(_ARCH) :]
 
 
 def _stem(tensor: MODEL_TENSOR) -> str:
     """The per-layer stem of a gguf tensor: ATTN_Q ("blk.{bid}.attn_q") -> "attn_q"."""
     name = TENSOR_NAMES[tensor]
     assert name.startswith(_LAYER), name
-    return name[len(_LAYER):]
+    return name[len(_LAYER) :]
 
 
 # --- tensor kinds: the last part of a tensor's name (blk(3, ATTN_Q, BIAS) -> "blk.3.attn_q.bias") --
@@ -154,7 +154,9 @@ ROPE_YARN_BETA_SLOW = _suffix(Keys.Rope.SCALING_YARN_BETA_SLOW)
 FFN_GATE = _stem(MODEL_TENSOR.FFN_GATE)  # a dense layer's FFN, [n_ff, n_embd]
 FFN_UP = _stem(MODEL_TENSOR.FFN_UP)
 FFN_DOWN = _stem(MODEL_TENSOR.FFN_DOWN)
-FFN_EXP_PROBS_B = _stem(MODEL_TENSOR.FFN_EXP_PROBS_B)  # the expert-selection bias (DeepSeek-V3's e_score_correction), blk(i, …, BIAS)
+FFN_EXP_PROBS_B = _stem(
+    MODEL_TENSOR.FFN_EXP_PROBS_B
+)  # the expert-selection bias (DeepSeek-V3's e_score_correction), blk(i, …, BIAS)
 ATTN_Q_A = _stem(MODEL_TENSOR.ATTN_Q_A)  # MLA: [q_lora_rank, n_embd]
 ATTN_Q_A_NORM = _stem(MODEL_TENSOR.ATTN_Q_A_NORM)
 ATTN_Q_B = _stem(MODEL_TENSOR.ATTN_Q_B)  # [n_head · (nope + rope), q_lora_rank]
@@ -170,7 +172,9 @@ NEXTN_HNORM = _stem(MODEL_TENSOR.NEXTN_HNORM)
 
 # gpt-oss: attention sinks, sliding-window attention, the FFN's input norm, routed-expert biases
 SLIDING_WINDOW = _suffix(Keys.Attention.SLIDING_WINDOW)  # keys a query sees in a sliding-window layer (itself included)
-SLIDING_WINDOW_PATTERN = _suffix(Keys.Attention.SLIDING_WINDOW_PATTERN)  # n (every layer but each n-th is SWA) or a per-layer bool array
+SLIDING_WINDOW_PATTERN = _suffix(
+    Keys.Attention.SLIDING_WINDOW_PATTERN
+)  # n (every layer but each n-th is SWA) or a per-layer bool array
 ROPE_FREQ_BASE_SWA = _suffix(Keys.Rope.FREQ_BASE_SWA)
 ATTN_SINKS = _stem(MODEL_TENSOR.ATTN_SINKS)  # [n_head]: one extra softmax logit per head, blk(i, ATTN_SINKS)
 ATTN_POST_NORM = _stem(MODEL_TENSOR.ATTN_POST_NORM)  # the norm in front of the FFN (GLM, gpt-oss)
@@ -183,7 +187,9 @@ SSM_INNER_SIZE = _suffix(Keys.SSM.INNER_SIZE)  # value width of a DeltaNet layer
 SSM_STATE_SIZE = _suffix(Keys.SSM.STATE_SIZE)  # key (and value) head size of a DeltaNet layer
 SSM_TIME_STEP_RANK = _suffix(Keys.SSM.TIME_STEP_RANK)  # value heads of a DeltaNet layer
 SSM_GROUP_COUNT = _suffix(Keys.SSM.GROUP_COUNT)  # key heads of a DeltaNet layer
-FULL_ATTENTION_INTERVAL = _suffix(Keys.LLM.FULL_ATTENTION_INTERVAL)  # every n-th layer is full attention, the others DeltaNet
+FULL_ATTENTION_INTERVAL = _suffix(
+    Keys.LLM.FULL_ATTENTION_INTERVAL
+)  # every n-th layer is full attention, the others DeltaNet
 ROPE_DIMENSION_SECTIONS = _suffix(Keys.Rope.DIMENSION_SECTIONS)  # M-RoPE: rotated pairs per position axis (t, h, w, e)
 ATTN_QKV = _stem(MODEL_TENSOR.ATTN_QKV)  # DeltaNet: q, k, v fused [2·Hk·dk + Hv·dv, D] (the conv's channels)
 ATTN_GATE = _stem(MODEL_TENSOR.ATTN_GATE)  # DeltaNet: the output gate z [Hv·dv, D]
@@ -194,17 +200,24 @@ SSM_BETA = _stem(MODEL_TENSOR.SSM_BETA)  # [Hv, D]
 SSM_ALPHA = _stem(MODEL_TENSOR.SSM_ALPHA)  # [Hv, D]
 SSM_NORM = _stem(MODEL_TENSOR.SSM_NORM)  # the gated RMS norm's weight [dv]
 SSM_OUT = _stem(MODEL_TENSOR.SSM_OUT)  # [D, Hv·dv]
-FFN_GATE_UP_EXPS = _stem(MODEL_TENSOR.FFN_GATE_UP_EXP)  # gate and up of every expert in one tensor [n_expert, 2·n_ff_exp, n_embd]: gate rows first
+FFN_GATE_UP_EXPS = _stem(
+    MODEL_TENSOR.FFN_GATE_UP_EXP
+)  # gate and up of every expert in one tensor [n_expert, 2·n_ff_exp, n_embd]: gate rows first
 
 # gemma4 (Gemma 4 26B-A4B): windowed and global layers of different shapes, norms around every
 # sub-block, a dense GeGLU MLP beside the routed experts, fused gate|up experts
-KEY_LENGTH_SWA = _suffix(Keys.Attention.KEY_LENGTH_SWA)  # head size of the windowed layers (key_length: the global ones)
+KEY_LENGTH_SWA = _suffix(
+    Keys.Attention.KEY_LENGTH_SWA
+)  # head size of the windowed layers (key_length: the global ones)
 VALUE_LENGTH_SWA = _suffix(Keys.Attention.VALUE_LENGTH_SWA)
 ROPE_DIMENSION_COUNT_SWA = _suffix(Keys.Rope.DIMENSION_COUNT_SWA)  # rotated dims of a windowed layer's head
 SHARED_KV_LAYERS = _suffix(Keys.Attention.SHARED_KV_LAYERS)  # the last n layers reuse an earlier layer's KV cache
-EMBEDDING_LENGTH_PER_LAYER = _suffix(Keys.LLM.EMBD_LENGTH_PER_LAYER_INP)  # per-layer embeddings (the small dense Gemma 4s)
+EMBEDDING_LENGTH_PER_LAYER = _suffix(
+    Keys.LLM.EMBD_LENGTH_PER_LAYER_INP
+)  # per-layer embeddings (the small dense Gemma 4s)
 FINAL_LOGIT_SOFTCAPPING = _suffix(Keys.LLM.FINAL_LOGIT_SOFTCAPPING)  # logits = c · tanh(logits / c)
-ROPE_FREQS = f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.{WEIGHT}"  # [n_rot/2]: RoPE's θ_i divided by each factor (llama.cpp's freq_factors)
+# [n_rot/2]: RoPE's θ_i divided by each factor (llama.cpp's freq_factors)
+ROPE_FREQS = f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.{WEIGHT}"
 PER_LAYER_TOKEN_EMBD = f"{TENSOR_NAMES[MODEL_TENSOR.PER_LAYER_TOKEN_EMBD]}.{WEIGHT}"
 FFN_POST_NORM = _stem(MODEL_TENSOR.FFN_POST_NORM)  # the norm of the whole FFN's output, before the residual add
 FFN_PRE_NORM_2 = _stem(MODEL_TENSOR.FFN_PRE_NORM_2)  # the routed experts' input norm (the dense MLP's is ffn_norm)

@@ -44,8 +44,19 @@ class GQA:
     rope: Any = None  # this layer's own rotation where it differs from the model's (layers/rope.Rope)
 
     @classmethod
-    def load(cls, w: Weights, i: int, *, qk_norm: str = "none", biases: bool = False, sinks: bool = False,
-             fast: frozenset[str] = frozenset(), v_norm: bool = False, spec: Any = None, rope: Any = None) -> GQA:
+    def load(
+        cls,
+        w: Weights,
+        i: int,
+        *,
+        qk_norm: str = "none",
+        biases: bool = False,
+        sinks: bool = False,
+        fast: frozenset[str] = frozenset(),
+        v_norm: bool = False,
+        spec: Any = None,
+        rope: Any = None,
+    ) -> GQA:
         """Layer i's attention. A per-head q/k norm runs only where the file has its weights (GLM).
         A layer without attn_v uses its keys' projection as values (Gemma 4's global layers);
         v_norm: the values RMS-normed per head without a weight; spec, rope: the layer's own."""
@@ -89,8 +100,19 @@ class GQA:
         T = qkv.shape[0]
         cos, sin = rope.tables(pos0, T, qkv.device)
         q_norm, k_norm = (self.q_norm, self.k_norm) if per_head else (None, None)
-        return qk_norm_rope(qkv, s.n_head + s.n_head_kv, s.n_head, s.head_dim, q_norm, k_norm, s.rms_eps, s.n_rot,
-                            cos.reshape(T, -1), sin.reshape(T, -1), rope.neox)
+        return qk_norm_rope(
+            qkv,
+            s.n_head + s.n_head_kv,
+            s.n_head,
+            s.head_dim,
+            q_norm,
+            k_norm,
+            s.rms_eps,
+            s.n_rot,
+            cos.reshape(T, -1),
+            sin.reshape(T, -1),
+            rope.neox,
+        )
 
     def __call__(self, s: Any, i: int, h: torch.Tensor, cache: Any, pos0: int, rope: Any) -> torch.Tensor:
         """h [T, D] (normed) → attention output [T, D]; appends this call's K/V to layer i's cache."""
@@ -99,7 +121,9 @@ class GQA:
             s = self.spec
         if self.rope is not None:
             rope = self.rope
-        qkv = self.wqkv[0](h) if len(self.wqkv) == 1 else torch.cat([w(h) for w in self.wqkv], dim=-1)  # [T, (H+2Hkv)d (+H·dv)]
+        qkv = (
+            self.wqkv[0](h) if len(self.wqkv) == 1 else torch.cat([w(h) for w in self.wqkv], dim=-1)
+        )  # [T, (H+2Hkv)d (+H·dv)]
         gate = None
         if self.out_gate:  # the gate columns stay where they are; q, k, v are the leading ones
             gate = qkv[:, sum(self._widths(s)) :]
@@ -163,8 +187,16 @@ class GQA:
         return out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
 
 
-def attend_explicit(qh: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, pos0: int, T: int, scale: float,
-                    sinks: torch.Tensor | None, n_swa: int) -> torch.Tensor:
+def attend_explicit(
+    qh: torch.Tensor,
+    keys: torch.Tensor,
+    vals: torch.Tensor,
+    pos0: int,
+    T: int,
+    scale: float,
+    sinks: torch.Tensor | None,
+    n_swa: int,
+) -> torch.Tensor:
     """Attention with what SDPA has no argument for, as llama.cpp's soft_max_ext computes it.
     qh [Hkv, group·T, d] (row g·T + t is query head kvh·group + g at position pos0 + t), keys
     [Hkv, S, d], vals [Hkv, S, dv] → [Hkv, group·T, dv]. Query p sees key p0 when p0 ≤ p and,

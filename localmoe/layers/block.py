@@ -50,7 +50,9 @@ class Weights(Protocol):
         """q, k and v of `layer` as one matrix [H·d + 2·Hkv·d, D] when they share a type, else three
         (with_v False: q and k only, for a layer whose values are its keys)."""
 
-    def ffn(self, layer: int, stems: tuple[str, str, str], act: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def ffn(
+        self, layer: int, stems: tuple[str, str, str], act: str | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The gated FFN of `layer` whose gate, up and down matrices are named by `stems`, with the
         activation `act` (archs.common.ExpertAct; None: SwiGLU)."""
 

@@ -69,7 +69,10 @@ class GatedDeltaNet:
         """The state before the first token: [the conv's last d_conv − 1 inputs [C, d_conv − 1],
         the delta rule's S [Hv, dk, dv]], zeros."""
         sh = self.shape
-        return [torch.zeros(sh.conv_dim, sh.d_conv - 1, device=device), torch.zeros(sh.n_v_heads, sh.d_k, sh.d_v, device=device)]
+        return [
+            torch.zeros(sh.conv_dim, sh.d_conv - 1, device=device),
+            torch.zeros(sh.n_v_heads, sh.d_k, sh.d_v, device=device),
+        ]
 
     def __call__(self, s: Any, i: int, h: torch.Tensor, cache: Any, pos0: int, rope: Any) -> torch.Tensor:
         """h [T, D] (normed) → [T, D]; advances layer i's state in the cache by T tokens."""
@@ -93,7 +96,7 @@ class GatedDeltaNet:
         rep = sh.n_v_heads // sh.n_k_heads
         if rep > 1:  # tiled: value head h reads key head h mod Hk
             q, k = q.repeat(1, rep, 1), k.repeat(1, rep, 1)
-        q = q * sh.d_k ** -0.5
+        q = q * sh.d_k**-0.5
         v = v.reshape(T, sh.n_v_heads, sh.d_v)
         beta = torch.sigmoid(b)  # [T, Hv]
         g = F.softplus(a + self.dt_bias) * self.a  # [T, Hv]: log of the decay
@@ -108,8 +111,9 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                         S: torch.Tensor) -> torch.Tensor:
+def delta_rule_recurrent(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, S: torch.Tensor
+) -> torch.Tensor:
     """The gated delta rule one token at a time. q, k [T, H, dk], v [T, H, dv], g, beta [T, H];
     S [H, dk, dv] is advanced in place. Returns o [T, H, dv]."""
     out = torch.empty_like(v)
@@ -122,8 +126,15 @@ def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     return out
 
 
-def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                       S: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def delta_rule_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    S: torch.Tensor,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
     """The same rule over chunks of `chunk` tokens (the WY representation): within a chunk, with
     G the cumulative sum of g and L[i, j] = β_i (k_i·k_j) e^(G_i − G_j) for j < i,
 

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 
-def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
-                   beta_slow: float) -> tuple[float, float]:
+def yarn_corr_dims(
+    n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float
+) -> tuple[float, float]:
     """ggml_rope_yarn_corr_dims: the dims between which YaRN ramps from extrapolation to interpolation."""
 
     def corr_dim(n_rot: float) -> float:
@@ -32,8 +33,7 @@ def rope_theta_scale(spec: Any) -> tuple[torch.Tensor, float]:
     fs = spec.rope_freq_scale
     if spec.rope_scaling != "yarn" or spec.yarn_ext_factor == 0.0:
         return inv_freq, spec.rope_attn_factor
-    low, high = yarn_corr_dims(spec.n_rot, spec.yarn_orig_ctx, spec.rope_base, spec.yarn_beta_fast,
-                               spec.yarn_beta_slow)
+    low, high = yarn_corr_dims(spec.n_rot, spec.yarn_orig_ctx, spec.rope_base, spec.yarn_beta_fast, spec.yarn_beta_slow)
     i = torch.arange(half, dtype=torch.float64)
     ramp = 1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)
     mix = ramp * spec.yarn_ext_factor

@@ -46,8 +46,9 @@ def softmax_topk(logits: torch.Tensor, spec: Any, bias: torch.Tensor | None) -> 
     return _select(logits.softmax(-1), spec, bias)
 
 
-def sigmoid_bias_groups(logits: torch.Tensor, spec: Any,
-                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sigmoid_bias_groups(
+    logits: torch.Tensor, spec: Any, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _select(torch.sigmoid(logits), spec, bias)
 
 
@@ -76,7 +77,9 @@ class Router:
     bias: torch.Tensor | None = None  # [E]: added to the logits before selection (gpt-oss)
     probs_bias: torch.Tensor | None = None  # [E]: added to the scores to select, not to weigh
     c_router: bool = False  # the C router computes `select` here (softmax → top-k over unbiased logits)
-    input_scale: torch.Tensor | None = None  # [D]: the router reads (h·input_gain)·input_scale (Gemma 4: 1/√D, ffn_gate_inp.scale)
+    input_scale: torch.Tensor | None = (
+        None  # [D]: the router reads (h·input_gain)·input_scale (Gemma 4: 1/√D, ffn_gate_inp.scale)
+    )
     input_gain: float = 1.0
 
     def _input(self, h: torch.Tensor) -> torch.Tensor:

@@ -254,5 +254,8 @@ ONLINE_POLICIES = tuple(name for name, cls in POLICIES.items() if not cls.needs_
 def make_policy(name: str, n_layer: int, n_expert: int, **kwargs) -> CachePolicy:
     cls = POLICIES.get(name)
     if cls is None:
-        raise LocalMoEError(f"unknown cache policy '{name}'; choose one of {', '.join(ONLINE_POLICIES)} (belady only with `bench --trace`)")
+        raise LocalMoEError(
+            f"unknown cache policy '{name}'; choose one of {', '.join(ONLINE_POLICIES)} (belady only with "
+            "`bench --trace`)"
+        )
     return cls(n_layer, n_expert, **kwargs)

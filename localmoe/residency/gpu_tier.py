@@ -44,13 +44,17 @@ class DeviceTier:
         self.model = model
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.layouts = [self._layout(layer) if model.spec.is_moe(layer) else None for layer in range(model.spec.n_layer)]  # None: a layer without experts
+        self.layouts = [
+            self._layout(layer) if model.spec.is_moe(layer) else None for layer in range(model.spec.n_layer)
+        ]  # None: a layer without experts
         # "triton" or "gguf" (kernels.py): the GPU kernels when every expert type has one; on the
         # CPU device "gguf" unless asked (the Triton kernels then run under the interpreter)
         types = {part[2] for layout in self.layouts if layout is not None for part in layout.parts}
         self.kernel = kernel or ("triton" if self.cuda and all(gpu_kernel(t) == "triton" for t in types) else "gguf")
         # [2, layer, expert] int64: the gate_up and down addresses of each resident expert (0: not resident)
-        self.addresses = torch.zeros((2, model.spec.n_layer, model.spec.n_expert), dtype=torch.int64, device=self.device)
+        self.addresses = torch.zeros(
+            (2, model.spec.n_layer, model.spec.n_expert), dtype=torch.int64, device=self.device
+        )
         self.buffers: dict[Key, torch.Tensor] = {}  # resident experts: uint8 [nbytes] on the device
         self.ready: dict[Key, torch.cuda.Event] = {}  # CUDA: the copy that filled the buffer
         self.bytes_in_use = 0
@@ -74,7 +78,10 @@ class DeviceTier:
             parts.append((at, at + n, qtype, tuple(shape)))
             at += n
         if parts[0][2] != parts[1][2]:
-            raise LocalMoEError(f"layer {layer}: gate and up experts have different quant types ({parts[0][2].name}, {parts[1][2].name}); the GPU tier needs them alike")
+            raise LocalMoEError(
+                f"layer {layer}: gate and up experts have different quant types ({parts[0][2].name}, "
+                f"{parts[1][2].name}); the GPU tier needs them alike"
+            )
         return ExpertLayout(tuple(parts), at)
 
     # -- moving ---------------------------------------------------------------------------------------
@@ -152,7 +159,10 @@ class DeviceTier:
             try:
                 buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
             except torch.cuda.OutOfMemoryError:
-                raise LocalMoEError(f"the GPU ran out of memory loading expert {expert} of layer {layer}; give a smaller --gpu-mem (other programs may be using the GPU)") from None
+                raise LocalMoEError(
+                    f"the GPU ran out of memory loading expert {expert} of layer {layer}; give a smaller "
+                    "--gpu-mem (other programs may be using the GPU)"
+                ) from None
             buf.copy_(staging, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
@@ -168,6 +178,5 @@ class DeviceTier:
 
     def check(self, resident: set[Key]) -> None:
         """The buffers are exactly the accounting's resident set, and their bytes its bytes (tests)."""
-        assert set(self.buffers) == resident, (sorted(set(self.buffers) ^ resident))
+        assert set(self.buffers) == resident, sorted(set(self.buffers) ^ resident)
         assert self.bytes_in_use == sum(b.numel() for b in self.buffers.values())
-

@@ -21,12 +21,21 @@ from .expert_cache import ExpertCache
 
 
 class TraceRecorder:
-    def __init__(self, path: str, model_name: str, n_layer: int, n_expert: int, top_k: int, bytes_per_expert: Sequence[int]):
+    def __init__(
+        self, path: str, model_name: str, n_layer: int, n_expert: int, top_k: int, bytes_per_expert: Sequence[int]
+    ):
         try:
             self._f: IO[str] = open(path, "w", encoding="utf-8")
         except OSError as exc:
             raise LocalMoEError(f"cannot write the trace file {path}: {exc.strerror}") from None
-        header = {"localmoe_trace": 1, "model": model_name, "n_layer": n_layer, "n_expert": n_expert, "top_k": top_k, "bytes_per_expert": list(bytes_per_expert)}
+        header = {
+            "localmoe_trace": 1,
+            "model": model_name,
+            "n_layer": n_layer,
+            "n_expert": n_expert,
+            "top_k": top_k,
+            "bytes_per_expert": list(bytes_per_expert),
+        }
         self._f.write(json.dumps(header) + "\n")
 
     def record(self, token0: int, layer: int, ids: torch.Tensor, weights: torch.Tensor, pred: list[int] | None) -> None:
@@ -66,14 +75,18 @@ def load_trace(path: str) -> Trace:
             header = json.loads(f.readline())
             if header.get("localmoe_trace") != 1:
                 raise ValueError("missing header")
-            tr = Trace(header["model"], header["n_layer"], header["n_expert"], header["top_k"], header["bytes_per_expert"])
+            tr = Trace(
+                header["model"], header["n_layer"], header["n_expert"], header["top_k"], header["bytes_per_expert"]
+            )
             for line in f:
                 d = json.loads(line)
                 tr.steps.append((Tick(d["t"], d["l"]), d["ids"], d.get("pred")))
     except FileNotFoundError:
         raise LocalMoEError(f"trace file not found: {path}") from None
     except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise LocalMoEError(f"{path} is not a localmoe trace ({exc}); record one with `localmoe run --trace FILE`") from None
+        raise LocalMoEError(
+            f"{path} is not a localmoe trace ({exc}); record one with `localmoe run --trace FILE`"
+        ) from None
     tr.steps.sort(key=lambda s: (s[0].token, s[0].layer))
     return tr
 
@@ -113,7 +126,10 @@ def replay(trace: Trace, policy_name: str, budget_share: float, prefetch: bool =
                 policy.hint((tick.layer, e), issued_at)
             for e in pred:
                 key = (tick.layer, e)
-                if key not in cache and cache.admit(key, issued_at, protected=[(tick.layer, p) for p in pred]) is not None:
+                if (
+                    key not in cache
+                    and cache.admit(key, issued_at, protected=[(tick.layer, p) for p in pred]) is not None
+                ):
                     issued += 1
                     prefetched.add(key)
         for key in keys:

@@ -60,7 +60,12 @@ class ServerState:
         self.load_step: tuple[str, int, int] | None = None  # the loader's progress: (what, done, total)
         self.created = int(time.time())
         self.queue = ModelQueue(config.queue)
-        self.metrics = ServerMetrics(lambda: self.runtime.stats() if self.runtime is not None else None, self.queue.depth, self.queue.running, config.queue)
+        self.metrics = ServerMetrics(
+            lambda: self.runtime.stats() if self.runtime is not None else None,
+            self.queue.depth,
+            self.queue.running,
+            config.queue,
+        )
 
 
 def model_id_for(path: str) -> str:
@@ -68,7 +73,9 @@ def model_id_for(path: str) -> str:
     return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
-def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(
+    loader: Callable[[], Runtime], config: ServeConfig, on_load_error: Callable[[str], None] | None = None
+) -> FastAPI:
     """The app; `loader` opens the model on a background thread once the server starts (until it
     returns, /health answers 503, with the load's current step where the loader takes a
     `progress(what, done, total)` argument). `on_load_error(message)` hears a load that failed."""
@@ -80,7 +87,9 @@ def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error
     def load() -> None:
         start = time.monotonic()
         try:
-            state.runtime = loader(progress=record_step) if "progress" in inspect.signature(loader).parameters else loader()
+            state.runtime = (
+                loader(progress=record_step) if "progress" in inspect.signature(loader).parameters else loader()
+            )
             state.load_seconds = time.monotonic() - start
             log.info("model %s loaded in %.1f s", config.model_id, state.load_seconds)
         except LocalMoEError as exc:
@@ -114,24 +123,44 @@ def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error
         scheme, _, given = header.partition(" ")
         ok = hmac.compare_digest(given.strip().encode(), config.api_key.encode()) and scheme.lower() == "bearer"
         if not ok:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer KEY'" if not header else "incorrect API key provided", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                "missing API key: send 'Authorization: Bearer KEY'" if not header else "incorrect API key provided",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def runtime() -> Runtime:
         if state.runtime is None:
             if state.load_error is not None:
-                raise APIError(503, f"the model failed to load: {state.load_error}", type="server_error", code="model_load_failed")
-            raise APIError(503, "the model is still loading; retry shortly", type="server_error", code="model_loading", headers={"Retry-After": "1"})
+                raise APIError(
+                    503, f"the model failed to load: {state.load_error}", type="server_error", code="model_load_failed"
+                )
+            raise APIError(
+                503,
+                "the model is still loading; retry shortly",
+                type="server_error",
+                code="model_loading",
+                headers={"Retry-After": "1"},
+            )
         return state.runtime
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in (config.model_id, config.model_id + ".gguf"):
-            raise APIError(404, f"the model '{name}' does not exist; this server has '{config.model_id}'", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server has '{config.model_id}'",
+                param="model",
+                code="model_not_found",
+            )
 
     async def read_body(request: Request) -> bytes:
         limit = config.max_body
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"the request body is {int(declared)} bytes; the limit is {limit}", code="request_too_large")
+            raise APIError(
+                413, f"the request body is {int(declared)} bytes; the limit is {limit}", code="request_too_large"
+            )
         body = bytearray()
         try:
             async for part in request.stream():
@@ -139,7 +168,9 @@ def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error
                 if len(body) > limit:
                     raise APIError(413, f"the request body is over the {limit}-byte limit", code="request_too_large")
         except ClientDisconnect:
-            raise APIError(400, "the client disconnected while sending the request", code="client_disconnected") from None
+            raise APIError(
+                400, "the client disconnected while sending the request", code="client_disconnected"
+            ) from None
         return bytes(body)
 
     async def submit(request: Request, prompt: Any, req: Any, kind: str) -> Response:
@@ -151,12 +182,26 @@ def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error
             state.queue.submit(job)
         except QueueFull as exc:
             prep.iterator.close()
-            raise APIError(429, f"the server is busy: {state.queue.capacity} requests are already waiting; retry in {exc.retry_after} s", type="rate_limit_error", code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
+            raise APIError(
+                429,
+                (
+                    f"the server is busy: {state.queue.capacity} requests are already waiting; retry in "
+                    f"{exc.retry_after} s"
+                ),
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": rid, "created": int(time.time()), "model": config.model_id}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _JobStream(job, _sse(job, kind, meta, prep, include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _JobStream(
+                job,
+                _sse(job, kind, meta, prep, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         result = await _wait(request, job)
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
@@ -180,11 +225,27 @@ def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         authorize(request)
-        entry: dict[str, Any] = {"id": config.model_id, "object": "model", "created": state.created, "owned_by": "localmoe"}
+        entry: dict[str, Any] = {
+            "id": config.model_id,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "localmoe",
+        }
         rt = state.runtime
         if rt is not None:
             spec = rt.spec
-            entry["meta"] = {"architecture": spec.arch.name, "n_ctx": rt.n_ctx, "n_vocab": spec.n_vocab, "n_layer": spec.n_layer, "n_expert": spec.n_expert, "n_expert_used": spec.n_expert_used, "device": rt.device.type, "gpu_budget": rt.gpu_budget, "policy": rt.policy, "on_miss": rt.on_miss}
+            entry["meta"] = {
+                "architecture": spec.arch.name,
+                "n_ctx": rt.n_ctx,
+                "n_vocab": spec.n_vocab,
+                "n_layer": spec.n_layer,
+                "n_expert": spec.n_expert,
+                "n_expert_used": spec.n_expert_used,
+                "device": rt.device.type,
+                "gpu_budget": rt.gpu_budget,
+                "policy": rt.policy,
+                "on_miss": rt.on_miss,
+            }
         return JSONResponse({"object": "list", "data": [entry]})
 
     @app.get("/health")
@@ -194,7 +255,9 @@ def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error
         if state.load_error is not None:
             return JSONResponse({"status": "error", "message": state.load_error}, status_code=503)
         step = state.load_step
-        body = {"status": "loading"} | ({"step": step[0], "done": step[1], "total": step[2]} if step is not None else {})
+        body = {"status": "loading"} | (
+            {"step": step[0], "done": step[1], "total": step[2]} if step is not None else {}
+        )
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/metrics")
@@ -212,17 +275,33 @@ def create_app(loader: Callable[[], Runtime], config: ServeConfig, on_load_error
 
 # -- responses ------------------------------------------------------------------------------------
 def _usage(prep: Prepared, result: Result) -> dict[str, int]:
-    return {"prompt_tokens": prep.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": prep.prompt_tokens + result.completion_tokens}
+    return {
+        "prompt_tokens": prep.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": prep.prompt_tokens + result.completion_tokens,
+    }
 
 
 def _full_body(kind: str, meta: dict[str, Any], prep: Prepared, result: Result) -> dict[str, Any]:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason, "logprobs": None}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "finish_reason": result.finish_reason,
+            "logprobs": None,
+        }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
         obj = "text_completion"
-    return {**meta, "object": obj, "choices": [choice], "usage": _usage(prep, result), "timings": result.timings, "moe": result.moe}
+    return {
+        **meta,
+        "object": obj,
+        "choices": [choice],
+        "usage": _usage(prep, result),
+        "timings": result.timings,
+        "moe": result.moe,
+    }
 
 
 def _sse_data(obj: Any) -> bytes:
@@ -234,7 +313,9 @@ async def _sse(job: Job, kind: str, meta: dict[str, Any], prep: Prepared, includ
 
     def chunk(delta: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
         if kind == "chat":
-            d: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({} if delta is None else {"content": delta})
+            d: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if first else ({} if delta is None else {"content": delta})
+            )
             choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
@@ -309,7 +390,9 @@ def _internal(exc: BaseException) -> APIError:
     if isinstance(exc, LocalMoEError):
         return APIError(400, str(exc), code="invalid_value")
     log.error("generation failed", exc_info=exc)
-    return APIError(500, f"the generation failed ({type(exc).__name__}: {exc})", type="server_error", code="internal_error")
+    return APIError(
+        500, f"the generation failed ({type(exc).__name__}: {exc})", type="server_error", code="internal_error"
+    )
 
 
 # -- errors and request counting ------------------------------------------------------------------
@@ -319,8 +402,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        message = f"no endpoint {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-        return JSONResponse(APIError(exc.status_code, message, code=code).body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        message = (
+            f"no endpoint {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        )
+        return JSONResponse(
+            APIError(exc.status_code, message, code=code).body(),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     async def local_error(request: Request, exc: LocalMoEError) -> Response:
         e = APIError(400, str(exc), code="invalid_value")

@@ -63,10 +63,26 @@ def prepare(rt: Runtime, prompt: str | list[dict[str, str]], req: Any, defaults:
     limit = req.limit()
     if limit is None:
         if room <= 0:
-            raise APIError(400, f"this model's context holds {n_ctx} tokens and the prompt is {n_prompt} tokens: no room to generate; shorten the prompt", param="messages" if isinstance(prompt, list) else "prompt", code="context_length_exceeded")
+            raise APIError(
+                400,
+                (
+                    f"this model's context holds {n_ctx} tokens and the prompt is {n_prompt} tokens: no room to "
+                    "generate; shorten the prompt"
+                ),
+                param="messages" if isinstance(prompt, list) else "prompt",
+                code="context_length_exceeded",
+            )
         limit = min(defaults.max_tokens, room)
     elif n_prompt + limit > n_ctx:
-        raise APIError(400, f"this model's context holds {n_ctx} tokens; the prompt is {n_prompt} tokens and max_tokens asks for {limit} more ({n_prompt + limit}); shorten the prompt or lower max_tokens", param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            (
+                f"this model's context holds {n_ctx} tokens; the prompt is {n_prompt} tokens and max_tokens asks "
+                f"for {limit} more ({n_prompt + limit}); shorten the prompt or lower max_tokens"
+            ),
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     try:
         iterator = rt.stream(
             prompt,
@@ -158,7 +174,9 @@ def run(job: Job, rt: Runtime, prep: Prepared, metrics: ServerMetrics) -> None:
         return
     metrics.generations.labels("completed").inc()
     metrics.latency.observe(time.monotonic() - job.admitted)
-    job.emit("end", Result("".join(text), job.tokens, finish, timings(after, job.tokens), moe_delta(before, after), first))
+    job.emit(
+        "end", Result("".join(text), job.tokens, finish, timings(after, job.tokens), moe_delta(before, after), first)
+    )
 
 
 def timings(st: Stats, generated: int) -> dict[str, Any]:
@@ -185,7 +203,9 @@ def moe_delta(before: Stats, after: Stats) -> dict[str, Any]:
         "bytes_to_gpu": after.bytes_to_gpu - before.bytes_to_gpu,
         "prefetch_issued": after.prefetch_issued - before.prefetch_issued,
         "prefetch_used": after.prefetch_used - before.prefetch_used,
-        "substitutions": {k: after.substitutions.get(k, 0) - before.substitutions.get(k, 0) for k in after.substitutions},
+        "substitutions": {
+            k: after.substitutions.get(k, 0) - before.substitutions.get(k, 0) for k in after.substitutions
+        },
         "gpu_bytes_in_use": after.gpu_bytes_in_use,
         "gpu_budget": after.gpu_budget,
         "clock": after.clock,

@@ -15,9 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class APIError(Exception):
     """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, " ".join(message.split()), type, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            " ".join(message.split()),
+            type,
+            param,
+            code,
+        )
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -135,7 +149,21 @@ def _from_validation(exc: ValidationError) -> APIError:
     if kind == "missing":
         return APIError(400, f"missing required parameter: '{param}'", param=param, code="missing_required_parameter")
     if top in _NEUTRAL_ONLY and param == top:
-        return APIError(400, f"'{top}' is not supported by this server (only {_NEUTRAL_ONLY[top]})", param=top, code="unsupported_parameter")
+        return APIError(
+            400,
+            f"'{top}' is not supported by this server (only {_NEUTRAL_ONLY[top]})",
+            param=top,
+            code="unsupported_parameter",
+        )
     got = err.get("input")
-    got_text = f"{type(got).__name__} {json.dumps(got)[:40]}" if isinstance(got, (int, float, str, bool)) or got is None else type(got).__name__
-    return APIError(400, f"invalid value for '{param}': {err['msg'].lower()} (got {got_text})", param=param or None, code="invalid_value")
+    got_text = (
+        f"{type(got).__name__} {json.dumps(got)[:40]}"
+        if isinstance(got, (int, float, str, bool)) or got is None
+        else type(got).__name__
+    )
+    return APIError(
+        400,
+        f"invalid value for '{param}': {err['msg'].lower()} (got {got_text})",
+        param=param or None,
+        code="invalid_value",
+    )

@@ -34,8 +34,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model: str | None, options: LoadOptions | None = None, config: ServeConfig | None = None,
-          host: str = "127.0.0.1", port: int = 8080, verbose: bool = False) -> int:
+def serve(
+    model: str | None,
+    options: LoadOptions | None = None,
+    config: ServeConfig | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    verbose: bool = False,
+) -> int:
     """Run the server in this thread until SIGINT/SIGTERM; returns the exit code (2 when the
     model failed to load). `options`: how to load the model (None → LoadOptions' defaults)."""
     options = options or LoadOptions()
@@ -64,7 +70,9 @@ def serve(model: str | None, options: LoadOptions | None = None, config: ServeCo
         return rt
 
     app = create_app(loader, config, on_load_error)
-    ucfg = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, timeout_graceful_shutdown=5, lifespan="on")
+    ucfg = uvicorn.Config(
+        app, log_level="info" if verbose else "warning", access_log=verbose, timeout_graceful_shutdown=5, lifespan="on"
+    )
     server = uvicorn.Server(ucfg)
     url = f"http://{bound[0] if ':' not in bound[0] else '[' + bound[0] + ']'}:{bound[1]}"
     print(f"localmoe serve: listening on {url} (model {config.model_id}, loading)", file=sys.stderr, flush=True)
