@@ -74,7 +74,7 @@ class KVCache:
         """Keep a copy of the recurrent states at the current position (no-op without them)."""
         if not self.states:
             return
-        self._snapshots = [p for p in self._snapshots if p[0] < self.n][-(self.MAX_SNAPSHOTS - 1):]
+        self._snapshots = [p for p in self._snapshots if p[0] < self.n][-(self.MAX_SNAPSHOTS - 1) :]
         self._snapshots.append((self.n, {i: [t.clone() for t in st] for i, st in self.states.items()}))
 
     def rewind(self, n: int) -> int:
@@ -154,7 +154,9 @@ class FileWeights:
 
     def qkv(self, layer: int, with_v: bool = True) -> list[QLinear]:
         """q, k and v (with_v False: q and k only) of `layer`, fused where their types agree."""
-        return self.fuse([self.raw(names.blk(layer, p)) for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V)[: 3 if with_v else 2]])
+        return self.fuse(
+            [self.raw(names.blk(layer, p)) for p in (names.ATTN_Q, names.ATTN_K, names.ATTN_V)[: 3 if with_v else 2]]
+        )
 
     def fuse(self, mats: list[tuple], sources: list[tuple] | None = None) -> list[QLinear]:
         """Matrices with the same columns as one QLinear (their outputs concatenated) when they share
@@ -172,7 +174,9 @@ class FileWeights:
             self._copied(w, ms)
         return ws
 
-    def ffn(self, layer: int, stems: tuple[str, str, str], act: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def ffn(
+        self, layer: int, stems: tuple[str, str, str], act: str | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         w = pack_ffn(*(self.raw(names.blk(layer, p)) for p in stems), device=self.device)
         return FFN(w if act is None else dataclasses.replace(w, act=act, fused_ok=False))
 
@@ -205,7 +209,9 @@ class MoEModel:
         g = usable_ggml()  # (None when the compute policy's kernel mode rules ggml out)
         mappable = g is not None and self.embd.qtype in QUANT_TYPES and g.computes(self.embd.qtype)
         if self.embd_packed is None and mappable:
-            self.embd_mapped = kernels.ggml_weight([(raw_bytes(self.embd.data, self.embd.shape[0]), self.embd.qtype, self.embd.shape[0])], spec.n_embd)
+            self.embd_mapped = kernels.ggml_weight(
+                [(raw_bytes(self.embd.data, self.embd.shape[0]), self.embd.qtype, self.embd.shape[0])], spec.n_embd
+            )
         self.rope = Rope(spec)  # the rotation tables, shared by every layer
 
     # -- pieces -----------------------------------------------------------------------------------

@@ -65,12 +65,16 @@ def default_threads(sample_s: float = 0.1) -> int:
     because each of the kernels' parallel regions waits for its slowest, descheduled thread."""
     import psutil
 
-    cores = min(TORCH_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = min(
+        TORCH_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     me = psutil.Process()
     psutil.cpu_percent(None)
     me.cpu_percent(None)
     time.sleep(sample_s)
-    others = (psutil.cpu_percent(None) * psutil.cpu_count() - me.cpu_percent(None)) / 100  # cores busy with other processes
+    others = (
+        psutil.cpu_percent(None) * psutil.cpu_count() - me.cpu_percent(None)
+    ) / 100  # cores busy with other processes
     return max(1, min(cores, round(cores - others)))
 
 
@@ -152,14 +156,29 @@ class Runtime:
         self.store = ExpertStore(self.gguf, torch.device("cpu"), self.host_mem)
         # every expert the VNNI kernel computes and host_mem holds is repacked now, once (C, all
         # threads), so that no token waits for a repack: the cold start's decode is the warm one's
-        self.store.preload((lambda done, total: progress("repacking experts", done, total)) if progress is not None else None)
+        self.store.preload(
+            (lambda done, total: progress("repacking experts", done, total)) if progress is not None else None
+        )
         self.scheduler: ExpertScheduler | None = None
         self.model = MoEModel(self.gguf, AllResident(self.store, self._stats), self.device)
         cpu_layers = _static_cpu_layers(o.n_cpu_moe, o.cpu_moe, self.spec.n_layer)
-        if self.device.type == "cuda" or self.gpu_budget is not None or profile is not None or trace is not None or cpu_layers is not None:
+        if (
+            self.device.type == "cuda"
+            or self.gpu_budget is not None
+            or profile is not None
+            or trace is not None
+            or cpu_layers is not None
+        ):
             self._start_scheduler(cpu_layers)
         if trace is not None:
-            self.scheduler.trace = TraceRecorder(trace, self.spec.name, self.spec.n_layer, self.spec.n_expert, self.spec.n_expert_used, self.scheduler.bytes_per_expert)
+            self.scheduler.trace = TraceRecorder(
+                trace,
+                self.spec.name,
+                self.spec.n_layer,
+                self.spec.n_expert,
+                self.spec.n_expert_used,
+                self.scheduler.bytes_per_expert,
+            )
         self._cache = KVCache(self.spec, self.n_ctx, self.device)
         self._cache_tokens: list[int] = []  # the ids whose K/V the cache holds, for prefix reuse
         self._lock = threading.Lock()
@@ -177,7 +196,11 @@ class Runtime:
             return need
         smallest = min(self.gguf.expert_bytes(layer) for layer in self.spec.moe_layers)
         if self.gpu_budget < dense + smallest:
-            raise LocalMoEError(f"--gpu-mem {_fmt_bytes(self.gpu_budget)} does not hold the dense weights ({_fmt_bytes(dense)}) plus one expert; give at least {_fmt_bytes(dense + smallest)} (all experts: {_fmt_bytes(dense + sum(per_layer))})")
+            raise LocalMoEError(
+                f"--gpu-mem {_fmt_bytes(self.gpu_budget)} does not hold the dense weights ({_fmt_bytes(dense)}) "
+                f"plus one expert; give at least {_fmt_bytes(dense + smallest)} "
+                f"(all experts: {_fmt_bytes(dense + sum(per_layer))})"
+            )
         self._check_device_room(self.gpu_budget - dense, f"--gpu-mem {_fmt_bytes(self.gpu_budget)}")
         return self.gpu_budget - dense
 
@@ -191,11 +214,23 @@ class Runtime:
             free += self.scheduler.tier.bytes_in_use  # a new configuration replaces the current tier
         room = free - (512 << 20)
         if expert_bytes > room:
-            raise LocalMoEError(f"{what} needs {_fmt_bytes(expert_bytes)} of GPU memory for experts but only {_fmt_bytes(max(room, 0))} is free after the dense weights; give a smaller budget, e.g. --gpu-mem {_fmt_bytes(self.gguf.dense_bytes() + max(room, 0) // 2)}")
+            raise LocalMoEError(
+                f"{what} needs {_fmt_bytes(expert_bytes)} of GPU memory for experts but only "
+                f"{_fmt_bytes(max(room, 0))} is free after the dense weights; give a smaller budget, "
+                f"e.g. --gpu-mem {_fmt_bytes(self.gguf.dense_bytes() + max(room, 0) // 2)}"
+            )
 
     def _start_scheduler(self, cpu_layers: frozenset[int] | None = None) -> None:
         profile = get_profile(self.profile or ("desktop-24gb" if self.device.type == "cuda" else "laptop-8gb"))
-        config = ResidencyConfig(self._expert_budget(cpu_layers), self.policy, self.on_miss, self.prefetch, cpu_layers, tuple(sorted(self.miss_options.items())), all_resident=self.gpu_budget is None)
+        config = ResidencyConfig(
+            self._expert_budget(cpu_layers),
+            self.policy,
+            self.on_miss,
+            self.prefetch,
+            cpu_layers,
+            tuple(sorted(self.miss_options.items())),
+            all_resident=self.gpu_budget is None,
+        )
         table = self._buddy_table()
         tier = DeviceTier(self.gguf, self.device) if self.device.type == "cuda" else None
         try:
@@ -231,7 +266,10 @@ class Runtime:
         path = sidecar_path(self.path)
         if not os.path.exists(path):
             if self.on_miss == "buddy":
-                raise LocalMoEError(f"on_miss='buddy' needs a buddy table and {path} does not exist; run `localmoe calibrate {self.path}` first")
+                raise LocalMoEError(
+                    f"on_miss='buddy' needs a buddy table and {path} does not exist; "
+                    f"run `localmoe calibrate {self.path}` first"
+                )
             return None
         return BuddyTable.load(path, self.path)
 
@@ -310,7 +348,10 @@ class Runtime:
         if not ids:
             raise LocalMoEError("no tokens to evaluate: the prompt is empty")
         if len(ids) > self.n_ctx:
-            raise LocalMoEError(f"the prompt is {len(ids)} tokens but the context holds {self.n_ctx}; shorten it or raise n_ctx (--ctx-size)")
+            raise LocalMoEError(
+                f"the prompt is {len(ids)} tokens but the context holds {self.n_ctx}; "
+                "shorten it or raise n_ctx (--ctx-size)"
+            )
         return ids
 
     # -- generation -------------------------------------------------------------------------------
@@ -341,12 +382,16 @@ class Runtime:
         generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
         return self._stream_locked(ids, max_tokens, params, generator)
 
-    def _stream_locked(self, ids: list[int], max_tokens: int, params: SamplingParams, generator: torch.Generator) -> Iterator[Chunk]:
+    def _stream_locked(
+        self, ids: list[int], max_tokens: int, params: SamplingParams, generator: torch.Generator
+    ) -> Iterator[Chunk]:
         with self._lock:
             self._check_open()
             yield from self._generate_locked(ids, max_tokens, params, generator)
 
-    def _generate_locked(self, ids: list[int], max_tokens: int, params: SamplingParams, generator: torch.Generator) -> Iterator[Chunk]:
+    def _generate_locked(
+        self, ids: list[int], max_tokens: int, params: SamplingParams, generator: torch.Generator
+    ) -> Iterator[Chunk]:
         # Reuse the cached K/V of the longest common prefix (multi-turn chat re-sends its history).
         keep = 0
         for a, b in zip(self._cache_tokens, ids[:-1]):
@@ -382,20 +427,40 @@ class Runtime:
         self._cache_tokens = self._cache_tokens + list(ids)
         return readback(out[-1].float())[0]
 
-    def generate(self, prompt: str, max_tokens: int = MAX_TOKENS, temperature: float = DEFAULT.temperature, top_p: float = DEFAULT.top_p,
-                 top_k: int = DEFAULT.top_k, seed: int | None = None) -> str:
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int = MAX_TOKENS,
+        temperature: float = DEFAULT.temperature,
+        top_p: float = DEFAULT.top_p,
+        top_k: int = DEFAULT.top_k,
+        seed: int | None = None,
+    ) -> str:
         if not isinstance(prompt, str):
             raise LocalMoEError(f"generate() takes a str prompt, got {type(prompt).__name__}; use chat() for messages")
         return "".join(c.text for c in self.stream(prompt, max_tokens, temperature, top_p, top_k, seed))
 
-    def chat(self, messages: list[dict[str, Any]], max_tokens: int = MAX_TOKENS, temperature: float = DEFAULT.temperature, top_p: float = DEFAULT.top_p,
-             top_k: int = DEFAULT.top_k, seed: int | None = None) -> str:
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int = MAX_TOKENS,
+        temperature: float = DEFAULT.temperature,
+        top_p: float = DEFAULT.top_p,
+        top_k: int = DEFAULT.top_k,
+        seed: int | None = None,
+    ) -> str:
         if not isinstance(messages, list):
             raise LocalMoEError("chat() takes a list of {'role': ..., 'content': ...} messages")
         return "".join(c.text for c in self.stream(messages, max_tokens, temperature, top_p, top_k, seed))
 
     # -- live settings ----------------------------------------------------------------------------
-    def configure(self, policy: str | None = None, on_miss: str | None = None, gpu_mem: int | str | None = None, prefetch: bool | None = None) -> None:
+    def configure(
+        self,
+        policy: str | None = None,
+        on_miss: str | None = None,
+        gpu_mem: int | str | None = None,
+        prefetch: bool | None = None,
+    ) -> None:
         """Change the cache policy, miss policy, GPU budget or prefetching between requests
         (the chat app's /policy, /on-miss and /gpu-mem). Raises LocalMoEError on a bad value."""
         self._check_open()
@@ -404,7 +469,9 @@ class Runtime:
                 raise LocalMoEError(f"{name} must be a str, got {type(value).__name__}")
         if prefetch is not None and not isinstance(prefetch, bool):
             raise LocalMoEError(f"prefetch must be True, False or None, got {prefetch!r}")
-        if gpu_mem is not None and (isinstance(gpu_mem, bool) or not isinstance(gpu_mem, (int, str)) or parse_size(gpu_mem) <= 0):
+        if gpu_mem is not None and (
+            isinstance(gpu_mem, bool) or not isinstance(gpu_mem, (int, str)) or parse_size(gpu_mem) <= 0
+        ):
             raise LocalMoEError(f"gpu_mem must be a positive byte count or a size such as '6GB', got {gpu_mem!r}")
         with self._lock, compute_policy.use(self.compute):
             _check_policy_names(policy or self.policy, on_miss or self.on_miss)
@@ -422,7 +489,14 @@ class Runtime:
                     cpu_layers = self.scheduler.config.cpu_layers
                     table = self._buddy_table()
                     params = tuple(sorted(self.miss_options.items())) if self.on_miss == old[1] else ()
-                    self.scheduler.reconfigure(policy=self.policy, on_miss=self.on_miss, prefetch=self.prefetch, expert_budget=self._expert_budget(cpu_layers), miss_params=params, all_resident=self.gpu_budget is None)
+                    self.scheduler.reconfigure(
+                        policy=self.policy,
+                        on_miss=self.on_miss,
+                        prefetch=self.prefetch,
+                        expert_budget=self._expert_budget(cpu_layers),
+                        miss_params=params,
+                        all_resident=self.gpu_budget is None,
+                    )
                     self.scheduler.buddy_table = table
             except LocalMoEError:
                 self.policy, self.on_miss, self.prefetch, self.gpu_budget = old
@@ -475,7 +549,11 @@ def _check_policy_names(policy: str, on_miss: str) -> None:
 
 
 def _check_max_tokens(max_tokens: Any) -> int:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or not 0 <= max_tokens <= MAX_TOKENS_LIMIT:
+    if (
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, numbers.Integral)
+        or not 0 <= max_tokens <= MAX_TOKENS_LIMIT
+    ):
         raise LocalMoEError(f"max_tokens must be a whole number from 0 to {MAX_TOKENS_LIMIT}, got {max_tokens!r}")
     return int(max_tokens)
 

@@ -45,8 +45,16 @@ def test_declarations_decide_the_fast_paths(make_model):
     assert "fused_qk_norm_rope" not in got["qwen2moe"]  # q/k/v biases
     assert "fused_qk_norm_rope" not in got["olmoe"]  # q/k norm over all heads
     assert {"c_router", "c_decode_attention"} <= got["qwen2moe"] & got["olmoe"]
-    assert got["glm4moe"] == {"embedding_gather", "c_decode_attention", "fused_experts"}  # biases; sigmoid routing: no C router
-    assert got["deepseek2"] == {"embedding_gather", "c_router", "fused_experts"}  # MLA: not the GQA kernels; softmax routing (V2): the C router
+    assert got["glm4moe"] == {
+        "embedding_gather",
+        "c_decode_attention",
+        "fused_experts",
+    }  # biases; sigmoid routing: no C router
+    assert got["deepseek2"] == {
+        "embedding_gather",
+        "c_router",
+        "fused_experts",
+    }  # MLA: not the GQA kernels; softmax routing (V2): the C router
     assert got["gpt-oss"] == {"embedding_gather"}  # sinks, windows, biases, top-k then softmax, clamped SwiGLU
 
 
@@ -114,9 +122,14 @@ def _driver_words() -> tuple[set[str], set[str]]:
     """localmoe/model.py's identifiers (names, attributes, definitions, imports) and its string
     constants other than docstrings, lowercased."""
     tree = ast.parse(Path(model_mod.__file__).read_text())
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
-                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
     idents, strings = set(), set()
     for n in ast.walk(tree):
         if isinstance(n, ast.Name):
@@ -136,8 +149,24 @@ def test_the_driver_names_no_attention_routing_or_activation_kind():
     """The forward driver runs whatever blocks the architecture modules build: no attention kind,
     router kind or activation appears in its code (a branch on one would need its name)."""
     kinds = {*get_args(Attention), *get_args(Routing), *get_args(ExpertAct), *get_args(QKNorm)} - {"none"}
-    words = {"gqa", "mla", "swiglu", "geglu", "silu", "gelu", "softmax", "sigmoid", "topk", "sink", "swa", "window",
-             "per_head", "qk_norm", "routing", "shared_expert"}
+    words = {
+        "gqa",
+        "mla",
+        "swiglu",
+        "geglu",
+        "silu",
+        "gelu",
+        "softmax",
+        "sigmoid",
+        "topk",
+        "sink",
+        "swa",
+        "window",
+        "per_head",
+        "qk_norm",
+        "routing",
+        "shared_expert",
+    }
     idents, strings = _driver_words()
     assert "forward" in idents and "cache_rows" in idents  # the walk sees the module's code
     assert not {i for i in idents if any(w in i for w in words)}

@@ -14,7 +14,13 @@ import torch
 
 import localmoe
 from localmoe import LocalMoEError
-from localmoe.fallback.buddies import BuddyTable, builtin_calibration_text, calibrate, sidecar_path, token_activating_entropy
+from localmoe.fallback.buddies import (
+    BuddyTable,
+    builtin_calibration_text,
+    calibrate,
+    sidecar_path,
+    token_activating_entropy,
+)
 from localmoe.bench.synth import SynthConfig, write_model
 from localmoe.layers.moe import routed_experts
 
@@ -23,8 +29,13 @@ CLI = [sys.executable, "-m", "localmoe"]
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> str:
-    path = write_model(tmp_path_factory.mktemp("fb") / "fb.gguf", SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q8_0", seed=5))
-    r = subprocess.run(CLI + ["calibrate", path, "--tokens", "512", "--json"], capture_output=True, text=True, timeout=600)
+    path = write_model(
+        tmp_path_factory.mktemp("fb") / "fb.gguf",
+        SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q8_0", seed=5),
+    )
+    r = subprocess.run(
+        CLI + ["calibrate", path, "--tokens", "512", "--json"], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["sidecar"] == sidecar_path(path) and summary["tokens"] == 512
@@ -51,7 +62,9 @@ def test_buddy_table_is_deterministic_and_has_provenance(calibrated):
 
 
 def test_sidecar_for_another_file_is_refused(calibrated, tmp_path):
-    other = write_model(tmp_path / "other.gguf", SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q8_0", seed=6))
+    other = write_model(
+        tmp_path / "other.gguf", SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q8_0", seed=6)
+    )
     with open(sidecar_path(calibrated)) as src, open(sidecar_path(other), "w") as dst:
         dst.write(src.read())
     with pytest.raises(LocalMoEError, match="another model file"):
@@ -61,9 +74,13 @@ def test_sidecar_for_another_file_is_refused(calibrated, tmp_path):
         localmoe.load(other, device="cpu", gpu_mem=_budget(other, 0.3), on_miss="buddy")
 
 
-@pytest.mark.parametrize("on_miss,options", [("buddy", {"min_score": 0.0}), ("cost", {"min_similarity": -1.0, "quality_budget": 1.0})])
+@pytest.mark.parametrize(
+    "on_miss,options", [("buddy", {"min_score": 0.0}), ("cost", {"min_similarity": -1.0, "quality_budget": 1.0})]
+)
 def test_substitution_only_picks_resident_experts(calibrated, on_miss, options):
-    with localmoe.load(calibrated, device="cpu", gpu_mem=_budget(calibrated, 0.3), on_miss=on_miss, miss_options=options) as rt:
+    with localmoe.load(
+        calibrated, device="cpu", gpu_mem=_budget(calibrated, 0.3), on_miss=on_miss, miss_options=options
+    ) as rt:
         sched = rt.scheduler
         policy = sched.miss_policy
         rng = np.random.default_rng(1)
@@ -86,7 +103,15 @@ def test_substitution_only_picks_resident_experts(calibrated, on_miss, options):
         assert n_subs > 0
 
 
-@pytest.mark.parametrize("on_miss,options", [("buddy", {"min_score": 2.0}), ("little", {"threshold": 2.0}), ("little", {"share": 0.0}), ("cost", {"quality_budget": 0.0})])
+@pytest.mark.parametrize(
+    "on_miss,options",
+    [
+        ("buddy", {"min_score": 2.0}),
+        ("little", {"threshold": 2.0}),
+        ("little", {"share": 0.0}),
+        ("cost", {"quality_budget": 0.0}),
+    ],
+)
 def test_never_thresholds_give_all_resident_logits(calibrated, on_miss, options):
     ids = list(np.random.default_rng(2).integers(0, 300, 32))
     with localmoe.load(calibrated, device="cpu") as rt:
@@ -94,13 +119,17 @@ def test_never_thresholds_give_all_resident_logits(calibrated, on_miss, options)
     every = _budget(calibrated, 1.0)
     with localmoe.load(calibrated, device="cpu", gpu_mem=every, on_miss=on_miss, miss_options=options) as rt:
         np.testing.assert_array_equal(rt.logits(ids), ref)
-    with localmoe.load(calibrated, device="cpu", gpu_mem=_budget(calibrated, 0.2), on_miss=on_miss, miss_options=options) as rt:
+    with localmoe.load(
+        calibrated, device="cpu", gpu_mem=_budget(calibrated, 0.2), on_miss=on_miss, miss_options=options
+    ) as rt:
         np.testing.assert_array_equal(rt.logits(ids), ref)  # "never" also means exact under a budget
         assert sum(rt.stats().substitutions.values()) == 0
 
 
 def test_little_and_drop_substitute_and_are_counted(calibrated):
-    with localmoe.load(calibrated, device="cpu", gpu_mem=_budget(calibrated, 0.2), on_miss="little", miss_options={"threshold": 0.0}) as rt:
+    with localmoe.load(
+        calibrated, device="cpu", gpu_mem=_budget(calibrated, 0.2), on_miss="little", miss_options={"threshold": 0.0}
+    ) as rt:
         rt.generate("the model of", max_tokens=8, temperature=0)
         s = rt.stats()
         assert s.substitutions["little"] > 0
@@ -121,7 +150,14 @@ def _table(similarity: np.ndarray) -> BuddyTable:
     from localmoe.fallback.buddies import LayerCalibration
 
     E = similarity.shape[0]
-    layer = LayerCalibration(np.ones(E), np.zeros((E, E)), similarity.astype(np.float32), np.zeros((E, E), np.float32), 0.0, {i: [] for i in range(E)})
+    layer = LayerCalibration(
+        np.ones(E),
+        np.zeros((E, E)),
+        similarity.astype(np.float32),
+        np.zeros((E, E), np.float32),
+        0.0,
+        {i: [] for i in range(E)},
+    )
     return BuddyTable([layer], {})
 
 
@@ -133,15 +169,26 @@ def test_buddy_caps_a_single_token_and_leaves_a_crowded_batch_to_the_fallback():
     from localmoe.fallback.miss_policies import BuddyOnMiss
 
     E = 8
-    layer = LayerCalibration(np.ones(E), np.zeros((E, E)), np.eye(E, dtype=np.float32), np.zeros((E, E), np.float32), 0.0, {i: [(i + 4, 0.9)] for i in range(4)})
+    layer = LayerCalibration(
+        np.ones(E),
+        np.zeros((E, E)),
+        np.eye(E, dtype=np.float32),
+        np.zeros((E, E), np.float32),
+        0.0,
+        {i: [(i + 4, 0.9)] for i in range(4)},
+    )
     sched = _FakeScheduler(BuddyTable([layer], {}), E, {(0, e) for e in range(4, 8)})
     one = BuddyOnMiss().plan(sched, 0, torch.tensor([[0, 1, 2, 3]]), torch.full((1, 4), 0.25), [0, 1, 2, 3])
     assert one.substitutions == {"buddy": 3} and len(one.where) == 1 and set(one.where.values()) == {"cpu"}
     kept = [e for e in one.ids[0].tolist() if e < 4]
     assert len(kept) == 1 and sorted(set(one.ids[0].tolist()) - set(kept)) == [e + 4 for e in range(4) if e not in kept]
-    uncapped = BuddyOnMiss(max_per_token=4).plan(sched, 0, torch.tensor([[0, 1, 2, 3]]), torch.full((1, 4), 0.25), [0, 1, 2, 3])
+    uncapped = BuddyOnMiss(max_per_token=4).plan(
+        sched, 0, torch.tensor([[0, 1, 2, 3]]), torch.full((1, 4), 0.25), [0, 1, 2, 3]
+    )
     assert uncapped.ids[0].tolist() == [4, 5, 6, 7] and not uncapped.where
-    batch = BuddyOnMiss().plan(sched, 0, torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]), torch.full((2, 4), 0.25), [0, 1, 2, 3])
+    batch = BuddyOnMiss().plan(
+        sched, 0, torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]), torch.full((2, 4), 0.25), [0, 1, 2, 3]
+    )
     assert not batch.substitutions and batch.where == {e: "cpu" for e in range(4)}
 
 
@@ -215,18 +262,52 @@ def test_token_activating_entropy():
 def test_eval_cli_json(calibrated, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the model of experts and the expert model of the model " * 6)
-    r = subprocess.run(CLI + ["eval", calibrated, "--text", str(text), "--on-miss", "fetch,buddy,drop", "--tokens", "40", "--window", "20", "--json"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        CLI
+        + [
+            "eval",
+            calibrated,
+            "--text",
+            str(text),
+            "--on-miss",
+            "fetch,buddy,drop",
+            "--tokens",
+            "40",
+            "--window",
+            "20",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert set(res["policies"]) == {"fetch", "buddy", "drop"}
     assert res["baseline"]["perplexity"] > 0
     fetch = res["policies"]["fetch"]
-    assert fetch["perplexity"] == pytest.approx(res["baseline"]["perplexity"], rel=1e-5) and fetch["top1_agreement"] == 1.0
+    assert (
+        fetch["perplexity"] == pytest.approx(res["baseline"]["perplexity"], rel=1e-5) and fetch["top1_agreement"] == 1.0
+    )
     for p in res["policies"].values():
         assert {"perplexity", "top1_agreement", "kl", "decode_tps", "clock"} <= set(p)
-    for bad, says in [("teleport", "not available"), ("buddy:min_scor=0.3", "no option 'min_scor'"), ("little:share", "cannot read 'share'")]:
-        r = subprocess.run(CLI + ["eval", calibrated, "--text", str(text), "--on-miss", f"fetch,{bad}"], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2 and r.stderr.startswith("error:") and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for bad, says in [
+        ("teleport", "not available"),
+        ("buddy:min_scor=0.3", "no option 'min_scor'"),
+        ("little:share", "cannot read 'share'"),
+    ]:
+        r = subprocess.run(
+            CLI + ["eval", calibrated, "--text", str(text), "--on-miss", f"fetch,{bad}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (
+            r.returncode == 2
+            and r.stderr.startswith("error:")
+            and says in r.stderr
+            and len(r.stderr.strip().splitlines()) == 1
+        )
 
 
 def test_eval_compares_one_policy_with_several_options(calibrated, tmp_path):
@@ -235,24 +316,56 @@ def test_eval_compares_one_policy_with_several_options(calibrated, tmp_path):
     is exactly the all-resident run, although the knob says otherwise."""
     text = tmp_path / "t.txt"
     text.write_text("the model of experts and the expert model of the model " * 6)
-    args = ["eval", calibrated, "--text", str(text), "--tokens", "40", "--window", "20", "--json", "--gpu-mem", str(_budget(calibrated, 0.3))]
+    args = [
+        "eval",
+        calibrated,
+        "--text",
+        str(text),
+        "--tokens",
+        "40",
+        "--window",
+        "20",
+        "--json",
+        "--gpu-mem",
+        str(_budget(calibrated, 0.3)),
+    ]
     specs = ["little", "little:share=0", "little:threshold=0:prefer_resident=0"]
-    r = subprocess.run(CLI + args + ["--on-miss", ",".join(specs), "--little-threshold", "0"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        CLI + args + ["--on-miss", ",".join(specs), "--little-threshold", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["policies"]
     assert list(rows) == specs
     assert rows["little:share=0"]["substitutions"]["little"] == 0 and rows["little:share=0"]["top1_agreement"] == 1.0
-    assert rows["little"]["substitutions"]["little"] > 0 and rows["little:threshold=0:prefer_resident=0"]["substitutions"]["little"] > 0
-    r = subprocess.run(CLI + args + ["--on-miss", "fetch,little", "--little-share", "2"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "share must be between 0 and 1" in r.stderr and "%" not in r.stderr  # refused before any decoding
+    assert (
+        rows["little"]["substitutions"]["little"] > 0
+        and rows["little:threshold=0:prefer_resident=0"]["substitutions"]["little"] > 0
+    )
+    r = subprocess.run(
+        CLI + args + ["--on-miss", "fetch,little", "--little-share", "2"], capture_output=True, text=True, timeout=60
+    )
+    assert (
+        r.returncode == 2 and "share must be between 0 and 1" in r.stderr and "%" not in r.stderr
+    )  # refused before any decoding
 
 
 def test_policy_specs_parse_numbers_and_words():
     from localmoe.fallback.miss_policies import parse_policy_spec
 
-    assert parse_policy_spec("buddy:min_score=0.3:max_per_token=2:fallback=fetch") == ("buddy", {"min_score": 0.3, "max_per_token": 2, "fallback": "fetch"})
+    assert parse_policy_spec("buddy:min_score=0.3:max_per_token=2:fallback=fetch") == (
+        "buddy",
+        {"min_score": 0.3, "max_per_token": 2, "fallback": "fetch"},
+    )
     assert parse_policy_spec(" cost ") == ("cost", {})
-    for bad, says in [("fetch:args=1", "has no option 'args'; its options: none"), ("buddy:min_score=high", "takes a number"), ("buddy:fallback=2", "takes a name"), ("little:share=1.5", "between 0 and 1")]:
+    for bad, says in [
+        ("fetch:args=1", "has no option 'args'; its options: none"),
+        ("buddy:min_score=high", "takes a number"),
+        ("buddy:fallback=2", "takes a name"),
+        ("little:share=1.5", "between 0 and 1"),
+    ]:
         with pytest.raises(LocalMoEError, match=says):
             parse_policy_spec(bad)
 
@@ -269,4 +382,6 @@ def test_stand_in_error_of_one_or_several_experts():
     assert stand_in_error([1.0, 1.0], [0.6, 0.6]) == pytest.approx(math.sqrt(0.16 + 0.32))
     assert stand_in_error([1.0, 1.0, 1.0], [0.0, 0.0, 0.0]) == pytest.approx(math.sqrt(4 / 3))
     assert stand_in_error([], []) == 1.0
-    assert stand_in_error([0.8, 0.2], [0.9, 0.3]) < stand_in_error([0.2, 0.8], [0.9, 0.3])  # weight on the close one helps
+    assert stand_in_error([0.8, 0.2], [0.9, 0.3]) < stand_in_error(
+        [0.2, 0.8], [0.9, 0.3]
+    )  # weight on the close one helps

@@ -65,11 +65,17 @@ def test_spec_reads_the_layer_pattern_and_each_kinds_shape(make_model):
             assert a.v_from_k == (i >= 2)  # the global layers have no attn_v: V = K
             assert lw.attn.cache_rows(s) == (((1, 128), (1, 128)) if i >= 2 else ((2, 64), (2, 64)))
             assert a.rope.n_rot == (128 if i >= 2 else 64)
-            assert lw.moe.expert_scale.shape == (8,) and lw.moe.router.input_scale.shape == (256,) and lw.out_scale.shape == (1,)
+            assert (
+                lw.moe.expert_scale.shape == (8,)
+                and lw.moe.router.input_scale.shape == (256,)
+                and lw.out_scale.shape == (1,)
+            )
         assert m_rope_shared(rt.model)
         # proportional RoPE: a quarter of the global heads' pairs rotate, at the whole head's frequencies
         g = rt.model.layers[2].attn.rope.inv_freq
-        assert torch.allclose(g[:16], 1e6 ** (-torch.arange(16, dtype=torch.float64) * 2 / 128)) and (g[16:] < 1e-30).all()
+        assert (
+            torch.allclose(g[:16], 1e6 ** (-torch.arange(16, dtype=torch.float64) * 2 / 128)) and (g[16:] < 1e-30).all()
+        )
         w = rt.store.weights(0, 3)
         assert w.act == "geglu" and not w.plain
     # the fused gate|up tensor read as two halves of each expert's rows (llama.cpp: the gate first)
@@ -81,7 +87,10 @@ def test_spec_reads_the_layer_pattern_and_each_kinds_shape(make_model):
     up, _, _ = m.expert_raw(0, 5, names.FFN_UP_EXPS)
     np.testing.assert_array_equal(gate, fused.data[5, :F_exp])
     np.testing.assert_array_equal(up, fused.data[5, F_exp:])
-    assert m.expert_bytes(0) == sum(t.n_bytes for t in raw.tensors if t.name.startswith("blk.0.ffn_") and "_exps.weight" in t.name) // 8
+    assert (
+        m.expert_bytes(0)
+        == sum(t.n_bytes for t in raw.tensors if t.name.startswith("blk.0.ffn_") and "_exps.weight" in t.name) // 8
+    )
 
 
 @pytest.mark.parametrize("qtype,kernel", [("F32", "auto"), ("Q8_0", "ggml"), ("Q4_0", "ggml"), ("Q4_K_M", "ggml")])
@@ -124,7 +133,12 @@ def test_the_gelu_table_is_the_f32_floor(make_model):
     table = experts_mod.gelu_ggml
     try:
         with localmoe.load(make_model(ARCH, "F32"), device="cpu") as rt:
-            for name, fn in {"table": table, "table_jit": jitter(table), "exact": exact, "exact_jit": jitter(exact)}.items():
+            for name, fn in {
+                "table": table,
+                "table_jit": jitter(table),
+                "exact": exact,
+                "exact_jit": jitter(exact),
+            }.items():
                 experts_mod.gelu_ggml = fn
                 out[name] = rt.logits(ids)
     finally:
@@ -170,6 +184,7 @@ def test_each_piece_changes_the_logits(make_model):
                 m.spec = spec
                 for lw, s in zip(m.layers, specs):
                     lw.attn.spec = s
+
             return restore
 
         def swap(objs, attr, value):
@@ -178,6 +193,7 @@ def test_each_piece_changes_the_logits(make_model):
                 for o in objs:
                     setattr(o, attr, value(o) if callable(value) else value)
                 return lambda: [setattr(o, attr, v) for o, v in zip(objs, old)]
+
             return undo
 
         globals_ = [lw.attn for i, lw in enumerate(m.layers) if not spec.is_swa(i)]
@@ -187,7 +203,10 @@ def test_each_piece_changes_the_logits(make_model):
             "expert scale": swap([lw.moe for lw in m.layers], "expert_scale", None),
             "output scale": swap(m.layers, "out_scale", None),
             "v norm": swap([lw.attn for lw in m.layers], "v_norm", None),
-            "soft-cap": lambda: (setattr(m, "spec", dataclasses.replace(spec, final_logit_softcap=0.0)), lambda: setattr(m, "spec", spec))[1],
+            "soft-cap": lambda: (
+                setattr(m, "spec", dataclasses.replace(spec, final_logit_softcap=0.0)),
+                lambda: setattr(m, "spec", spec),
+            )[1],
         }
         for name, undo in pieces.items():
             assert moved(undo) > 1e-2, name
@@ -235,7 +254,10 @@ def test_info_shows_the_layer_pattern(make_model):
     d = describe(GGUFModel(make_model(ARCH, "F32")), backends=False)
     assert d["attention"]["windowed_layers"] == [0, 1] and d["attention"]["layer_shapes"]["global"]["layers"] == [2, 3]
     text = format_text(d)
-    assert "layer pattern  windowed: 2 KV heads of 64, RoPE base 10000 on 64 dims; global (2, 3): 1 KV heads of 128, RoPE base 1e+06 on 32 of 128 dims" in text
+    assert (
+        "layer pattern  windowed: 2 KV heads of 64, RoPE base 10000 on 64 dims; "
+        "global (2, 3): 1 KV heads of 128, RoPE base 1e+06 on 32 of 128 dims" in text
+    )
     assert "soft-capped: 30" in text and "GeGLU" in text
 
 
@@ -278,7 +300,12 @@ def test_miss_policies_trace_calibrate_and_serve_run_on_gemma4(make_model, tmp_p
 
     path = str(tmp_path / "gemma4.gguf")
     shutil.copy(make_model("gemma4", "Q8_0"), path)
-    r = subprocess.run([sys.executable, "-m", "localmoe", "calibrate", path, "--tokens", "128", "--json"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "localmoe", "calibrate", path, "--tokens", "128", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] == 128
     with localmoe.load(path, device="cpu") as rt:
@@ -287,13 +314,19 @@ def test_miss_policies_trace_calibrate_and_serve_run_on_gemma4(make_model, tmp_p
     for on_miss in ("drop", "buddy", "little", "cost"):
         trace = str(tmp_path / f"{on_miss}.jsonl")
         options = {"little": {"threshold": 0.0}, "buddy": {"min_score": 0.0}}.get(on_miss)
-        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options, trace=trace) as rt:
+        with localmoe.load(
+            path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options, trace=trace
+        ) as rt:
             assert rt.generate("the model", max_tokens=6, temperature=0)
             s = rt.stats()
             assert s.misses > 0 and s.gpu_bytes_peak <= s.gpu_budget
             rt.scheduler.check()
         assert {tick.layer for tick, _, _ in load_trace(trace).steps} == set(range(n_layer))
     with served(path, "gemma4") as url:
-        reply = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}, timeout=120)
+        reply = httpx.post(
+            url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0},
+            timeout=120,
+        )
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] >= 1

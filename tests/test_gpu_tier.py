@@ -22,7 +22,10 @@ IDS = list(np.random.default_rng(5).integers(0, 300, 40))
 
 @pytest.fixture(scope="module")
 def moe16_q4(tmp_path_factory) -> str:
-    return write_model(tmp_path_factory.mktemp("tier") / "moe16-q4.gguf", SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q4_0"))
+    return write_model(
+        tmp_path_factory.mktemp("tier") / "moe16-q4.gguf",
+        SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q4_0"),
+    )
 
 
 class CheckedScheduler(ExpertScheduler):

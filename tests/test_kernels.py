@@ -191,7 +191,13 @@ def test_c_repack_writes_the_python_layout_byte_for_byte(qtype, rows):
     ours = kernels._repack_r16_native(raw, qtype, rows, 512, kscales=False)  # (the K-types' own scales: see below)
     ref = kernels._pack_vnni(decode(raw, qtype, (rows, 512)), rows, 512)
     assert ours is not None and ref.r16
-    assert (ours.offset, ours.group, ours.nibble, ours.bits, ours.r16) == (ref.offset, ref.group, ref.nibble, ref.bits, ref.r16)
+    assert (ours.offset, ours.group, ours.nibble, ours.bits, ours.r16) == (
+        ref.offset,
+        ref.group,
+        ref.nibble,
+        ref.bits,
+        ref.r16,
+    )
     assert set(ours.tensors) == set(ref.tensors)
     for name, t in ref.tensors.items():
         assert ours.tensors[name].dtype == t.dtype and ours.tensors[name].shape == t.shape, name
@@ -215,7 +221,9 @@ def test_default_backend_per_type():
     assert kernels.choose_backend(Q.F16, cpu) == "bf16"
     has_ggml = ggml() is not None
     fast = "vnni" if kernels.native_lib() is not None else "ggml" if has_ggml else "int4"
-    assert kernels.choose_backend(Q.Q4_K, cpu) == (fast if Q.Q4_K in kernels.VNNI_PREFERRED or fast != "vnni" else "ggml")
+    assert kernels.choose_backend(Q.Q4_K, cpu) == (
+        fast if Q.Q4_K in kernels.VNNI_PREFERRED or fast != "vnni" else "ggml"
+    )
     if has_ggml:  # types the VNNI kernel has no layout for, on any CPU
         assert kernels.backend_reason(Q.IQ4_XS, cpu) == ("ggml", "no vnni kernel for this type")
         with policy.override(kernel="ggml"):  # forced: every quantized type
@@ -250,7 +258,9 @@ def test_failed_kernel_build_reports_the_compiler_message(tmp_path, monkeypatch)
         cbuild.build("broken.c", "broken", ["-O1"])
     assert "broken.c" in str(err.value) and "undeclared_name" in str(err.value) and "\n" not in str(err.value)
     assert "error" in err.value.stderr
-    assert os.listdir(tmp_path / "cache") == ["broken-build.log"]  # the temporary output was removed, the compiler's output kept
+    assert os.listdir(tmp_path / "cache") == [
+        "broken-build.log"
+    ]  # the temporary output was removed, the compiler's output kept
     assert "undeclared_name" in (tmp_path / "cache" / "broken-build.log").read_text()
     os.unlink(tmp_path / "cache" / "broken-build.log")
     (bad / "ok.c").write_text("int f(void) { return 1; }\n")
@@ -283,7 +293,9 @@ def test_a_shared_header_change_rebuilds_the_library(tmp_path, monkeypatch):
 def test_kernel_build_failure_is_visible_in_info(monkeypatch):
     """kernel_status / kernel_warnings (what `info` and `run --verbose` print) carry a build failure."""
     monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_lib_error", "kernel build failed: cc failed on vnni.c: error: unknown type name '__m512i'")
+    monkeypatch.setattr(
+        kernels, "_lib_error", "kernel build failed: cc failed on vnni.c: error: unknown type name '__m512i'"
+    )
     assert kernels.kernel_status()["vnni"].startswith("kernel build failed")
     assert any("__m512i" in w for w in kernels.kernel_warnings())
 
@@ -298,8 +310,17 @@ def test_model_runs_on_the_torch_fallback_kernels(make_model, tmp_path):
     path = make_model("qwen3moe", "Q4_K_M")
     ids = list(range(10, 42))
     out = tmp_path / "fallback.npy"
-    code = f"import numpy, localmoe; rt = localmoe.load({path!r}, device='cpu'); numpy.save({str(out)!r}, rt.logits({ids!r}))"
-    r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "LOCALMOE_KERNEL": "torch"}, capture_output=True, text=True, timeout=300)
+    code = (
+        f"import numpy, localmoe; rt = localmoe.load({path!r}, device='cpu'); "
+        f"numpy.save({str(out)!r}, rt.logits({ids!r}))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**__import__("os").environ, "LOCALMOE_KERNEL": "torch"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     with localmoe.load(path, device="cpu") as rt:
         ours = rt.logits(ids)
@@ -333,7 +354,9 @@ def test_fused_decode_ops_equal_their_torch_definitions(helpers, monkeypatch):
     # per-head norm + RoPE, both pair layouts, on q (4 heads) and k (2 heads) at the start of each row
     T, H, Hkv, d, n_rot = 3, 4, 2, 64, 48
     qn, kn = torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5
-    theta = torch.arange(5, 5 + T, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(n_rot // 2, dtype=torch.float64) * 2 / n_rot)
+    theta = torch.arange(5, 5 + T, dtype=torch.float64)[:, None] * 10000.0 ** (
+        -torch.arange(n_rot // 2, dtype=torch.float64) * 2 / n_rot
+    )
     cos, sin = theta.cos().float(), theta.sin().float()
     for neox in (True, False):
         qkv = torch.randn(T, (H + 2 * Hkv) * d, generator=g)
@@ -372,14 +395,24 @@ def test_fused_decode_ops_equal_their_torch_definitions(helpers, monkeypatch):
     out = kernels.attn_decode(qkv, kc, vc, pos, H, Hkv, d, dv, 0.125)
     assert out is not None and torch.equal(kc, k_want) and torch.equal(vc, v_want)
     q = qkv[0, : H * d].view(H, 1, d)
-    keys, vals = k_want[:, : pos + 1].repeat_interleave(H // Hkv, 0), v_want[:, : pos + 1].repeat_interleave(H // Hkv, 0)
+    keys, vals = (
+        k_want[:, : pos + 1].repeat_interleave(H // Hkv, 0),
+        v_want[:, : pos + 1].repeat_interleave(H // Hkv, 0),
+    )
     want = ((q @ keys.transpose(1, 2)) * 0.125).softmax(-1) @ vals  # [H, 1, dv]
     torch.testing.assert_close(out.view(H, dv), want[:, 0], rtol=1e-5, atol=1e-5)
 
     # the SwiGLU block of k experts for one token: the weighted sum of the experts one by one
     rng = np.random.default_rng(9)
-    experts = [pack_ffn((random_blocks(Q.Q4_K, 128, 256, rng), Q.Q4_K, (128, 256)), (random_blocks(Q.Q4_K, 128, 256, rng), Q.Q4_K, (128, 256)),
-                        (random_blocks(Q.Q8_0, 256, 128, rng), Q.Q8_0, (256, 128)), torch.device("cpu")) for _ in range(3)]
+    experts = [
+        pack_ffn(
+            (random_blocks(Q.Q4_K, 128, 256, rng), Q.Q4_K, (128, 256)),
+            (random_blocks(Q.Q4_K, 128, 256, rng), Q.Q4_K, (128, 256)),
+            (random_blocks(Q.Q8_0, 256, 128, rng), Q.Q8_0, (256, 128)),
+            torch.device("cpu"),
+        )
+        for _ in range(3)
+    ]
     x1 = torch.randn(1, 256, generator=g)
     coef = [0.5, 0.3, 0.2]
     fused = kernels.swiglu_decode([e.gate_up for e in experts], [e.down for e in experts], x1, coef)
@@ -401,8 +434,17 @@ def test_torch_fallback_runs_a_model_whose_head_rows_are_not_a_multiple_of_16(tm
     write_model(path, SynthConfig(weight_type="Q4_0", n_vocab=307))
     ids = list(range(10, 30))
     out = tmp_path / "logits.npy"
-    code = f"import numpy, localmoe; rt = localmoe.load({path!r}, device='cpu'); assert rt.model.output.backend == 'int4'; numpy.save({str(out)!r}, rt.logits({ids!r}))"
-    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOCALMOE_KERNEL": "torch"}, capture_output=True, text=True, timeout=300)
+    code = (
+        f"import numpy, localmoe; rt = localmoe.load({path!r}, device='cpu'); "
+        f"assert rt.model.output.backend == 'int4'; numpy.save({str(out)!r}, rt.logits({ids!r}))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "LOCALMOE_KERNEL": "torch"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     with localmoe.load(path, device="cpu") as rt:
         ours = rt.logits(ids)

@@ -80,7 +80,7 @@ def test_chunked_and_recurrent_delta_rules_agree():
     and same final state over 150 tokens (three chunks, the last padded), from a non-zero state."""
     g = torch.Generator().manual_seed(0)
     T, H, dk, dv = 150, 3, 16, 16
-    q = torch.nn.functional.normalize(torch.randn(T, H, dk, generator=g), dim=-1) * dk ** -0.5
+    q = torch.nn.functional.normalize(torch.randn(T, H, dk, generator=g), dim=-1) * dk**-0.5
     k = torch.nn.functional.normalize(torch.randn(T, H, dk, generator=g), dim=-1)
     v = torch.randn(T, H, dv, generator=g)
     decay = -torch.rand(T, H, generator=g) * 0.2
@@ -117,7 +117,7 @@ def test_the_state_and_the_mrope_axis_each_change_the_logits(make_model):
         plain_rope = rt.logits(ids)
         rt.model.rope = rope
         np.testing.assert_array_equal(rt.logits(ids), ref)
-    rel = lambda other: np.linalg.norm(other - ref[-len(other):]) / np.linalg.norm(ref[-len(other):])  # noqa: E731
+    rel = lambda other: np.linalg.norm(other - ref[-len(other) :]) / np.linalg.norm(ref[-len(other) :])  # noqa: E731
     assert rel(forgetful) > 1e-2
     # the sections reach one pair in four of the one attention layer in four: a smaller move, still
     # thousands of times the F32 file's distance from llama.cpp (3.5e-7) and ten times the oracle's bound
@@ -130,7 +130,6 @@ def test_chat_turns_and_a_served_conversation_equal_one_run(make_model, monkeypa
     carries its state from request to request."""
     import httpx
 
-
     path = make_model("qwen35moe", "F32")
     turn1 = [{"role": "user", "content": "the model of the expert"}]
     resumed_at = []
@@ -138,7 +137,10 @@ def test_chat_turns_and_a_served_conversation_equal_one_run(make_model, monkeypa
     monkeypatch.setattr(KVCache, "rewind", lambda self, n: resumed_at.append(rewind(self, n)) or resumed_at[-1])
     with localmoe.load(path, device="cpu") as rt:
         reply1 = rt.chat(turn1, max_tokens=10, temperature=0)
-        turn2 = turn1 + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "and the expert of the model"}]
+        turn2 = turn1 + [
+            {"role": "assistant", "content": reply1},
+            {"role": "user", "content": "and the expert of the model"},
+        ]
         reply2 = rt.chat(turn2, max_tokens=10, temperature=0)
         first_prompt = len(rt.tokenizer.tokenize_chat(turn1))
     assert resumed_at[-1] >= first_prompt > 0  # the second turn reused the first turn's state
@@ -147,7 +149,11 @@ def test_chat_turns_and_a_served_conversation_equal_one_run(make_model, monkeypa
     with served(path, "qwen35moe") as url:
         said = []
         for messages in (turn1, turn2):
-            r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 10, "temperature": 0}, timeout=120)
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                json={"messages": messages, "max_tokens": 10, "temperature": 0},
+                timeout=120,
+            )
             assert r.status_code == 200, r.text
             said.append(r.json()["choices"][0]["message"]["content"])
         assert said == [reply1, reply2]
@@ -161,7 +167,12 @@ def test_budgeted_run_miss_policies_and_calibrate(make_model, tmp_path):
     path = str(tmp_path / "qwen35moe.gguf")
     shutil.copy(make_model("qwen35moe", "Q8_0"), path)
     check_budgeted_equals_all_resident(path, IDS_200[:24])
-    r = subprocess.run([sys.executable, "-m", "localmoe", "calibrate", path, "--tokens", "128", "--json"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "localmoe", "calibrate", path, "--tokens", "128", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] == 128
     with localmoe.load(path, device="cpu") as rt:
@@ -171,12 +182,19 @@ def test_budgeted_run_miss_policies_and_calibrate(make_model, tmp_path):
     for on_miss in ("drop", "buddy", "little", "cost"):
         options = {"little": {"threshold": 0.0}, "buddy": {"min_score": 0.0}}.get(on_miss)
         trace = str(tmp_path / f"{on_miss}.jsonl")
-        with localmoe.load(path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options, trace=trace) as rt:
+        with localmoe.load(
+            path, device="cpu", gpu_mem=budget, on_miss=on_miss, miss_options=options, trace=trace
+        ) as rt:
             assert rt.generate("the model", max_tokens=6, temperature=0)
             s = rt.stats()
             assert s.misses > 0 and s.gpu_bytes_peak <= s.gpu_budget
             rt.scheduler.check()
-        assert {tick.layer for tick, _, _ in load_trace(trace).steps} == {0, 1, 2, 3}  # the DeltaNet layers' experts too
+        assert {tick.layer for tick, _, _ in load_trace(trace).steps} == {
+            0,
+            1,
+            2,
+            3,
+        }  # the DeltaNet layers' experts too
 
 
 def test_c_helper_equals_the_torch_forms(make_model):

@@ -23,7 +23,10 @@ from localmoe.residency.trace import load_trace, replay
 @pytest.fixture(scope="module")
 def moe16(tmp_path_factory) -> str:
     """3 layers × 16 experts, top-4: enough experts for caching to matter."""
-    return write_model(tmp_path_factory.mktemp("res") / "moe16.gguf", SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q8_0"))
+    return write_model(
+        tmp_path_factory.mktemp("res") / "moe16.gguf",
+        SynthConfig(n_layer=3, n_expert=16, n_expert_used=4, weight_type="Q8_0"),
+    )
 
 
 def _budget(rt_or_path, share: float) -> int:
@@ -91,7 +94,12 @@ def test_cache_never_exceeds_budget(seed, policy, budget_experts, sizes):
 def test_scheduler_budget_holds_under_random_routing(moe16):
     """Drive the live scheduler with random routing at several budgets and miss policies."""
     rng = np.random.default_rng(0)
-    for share, on_miss, policy in [(0.05, "fetch", "lru"), (0.2, "cpu", "reuse"), (0.5, "drop", "least-stale"), (0.12, "cpu", "lfu")]:
+    for share, on_miss, policy in [
+        (0.05, "fetch", "lru"),
+        (0.2, "cpu", "reuse"),
+        (0.5, "drop", "least-stale"),
+        (0.12, "cpu", "lfu"),
+    ]:
         with localmoe.load(moe16, device="cpu", gpu_mem=_budget(moe16, share), on_miss=on_miss, policy=policy) as rt:
             sched = rt.scheduler
             x = torch.randn(1, rt.spec.n_embd)
@@ -103,7 +111,9 @@ def test_scheduler_budget_holds_under_random_routing(moe16):
                     sched.check()
                     assert sched.cache.used_bytes <= sched.cache.budget
                     st_ = rt.stats()
-                    assert sorted(k for k in sched.cache.resident) == sorted((l, e) for l, ls in enumerate(st_.layers) for e in ls.resident)
+                    assert sorted(k for k in sched.cache.resident) == sorted(
+                        (l, e) for l, ls in enumerate(st_.layers) for e in ls.resident
+                    )
 
 
 def test_budget_smaller_than_dense_weights_is_an_error(moe16):
@@ -218,7 +228,12 @@ def test_bench_cli_replays_trace_and_compares_strategies(moe16, tmp_path):
 
     trace = str(tmp_path / "r.jsonl")
     cli = [sys.executable, "-m", "localmoe"]
-    r = subprocess.run(cli + ["run", moe16, "-p", "the model of", "-n", "12", "--temp", "0", "--trace", trace], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        cli + ["run", moe16, "-p", "the model of", "-n", "12", "--temp", "0", "--trace", trace],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     r = subprocess.run(cli + ["bench", "trace", trace, "--json"], capture_output=True, text=True, timeout=300)
     rows = json.loads(r.stdout)
@@ -226,8 +241,9 @@ def test_bench_cli_replays_trace_and_compares_strategies(moe16, tmp_path):
     assert {p for _, p in by} == {*ONLINE_POLICIES, "belady"}
     for share in (0.25, 0.5):
         assert all(by[(share, p)] <= by[(share, "belady")] for p in ONLINE_POLICIES)
-    r = subprocess.run(cli + ["bench", "policies", moe16, "-n", "6", "--json"], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        cli + ["bench", "policies", moe16, "-n", "6", "--json"], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     names = [row["strategy"] for row in out["results"]]

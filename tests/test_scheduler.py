@@ -206,4 +206,3 @@ def test_the_per_layer_entry_is_short():
     """ExpertScheduler.plan orchestrates (its steps are methods); it stays under 50 lines."""
     assert len(inspect.getsource(ExpertScheduler.plan).splitlines()) < 50
     assert len(inspect.getsource(ExpertScheduler.finish).splitlines()) < 50
-

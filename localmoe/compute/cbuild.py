@@ -44,7 +44,9 @@ def cpu_flags() -> set[str]:
 
 
 def cache_dir() -> str:
-    base = os.environ.get("LOCALMOE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "localmoe")
+    base = os.environ.get("LOCALMOE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "localmoe"
+    )
     os.makedirs(base, exist_ok=True)
     return base
 
@@ -93,15 +95,21 @@ def build(source: str, stem: str, flags: list[str], libs: list[str] | None = Non
         raise BuildError(f"the C source {path} is missing ({exc.strerror}); reinstall localmoe") from None
     cc = os.environ.get("CC", "cc")
     text = _with_local_headers(text)  # the source and the headers of ours it includes
-    key = hashlib.sha256(text + " ".join([cc, *flags, *libs, key_extra, sys.platform, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        text + " ".join([cc, *flags, *libs, key_extra, sys.platform, *sorted(cpu_flags())]).encode()
+    ).hexdigest()[:16]
     try:
         folder = cache_dir()
     except OSError as exc:
-        raise BuildError(f"cannot create the cache directory for the C kernels ({exc}); set LOCALMOE_CACHE to a writable folder") from None
+        raise BuildError(
+            f"cannot create the cache directory for the C kernels ({exc}); set LOCALMOE_CACHE to a writable folder"
+        ) from None
     so = os.path.join(folder, f"{stem}-{key}.so")
     if os.path.exists(so):
         return so
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so.tmp", dir=folder)  # same folder: the rename below never crosses filesystems
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{stem}-", suffix=".so.tmp", dir=folder
+    )  # same folder: the rename below never crosses filesystems
     os.close(fd)
     try:
         cmd = [cc, *flags, "-shared", "-fPIC", path, "-o", tmp, *libs]

@@ -109,7 +109,9 @@ class ExpertEpilogue:
         if self.with_biases:
             key = (layer, str(device))
             if key not in self._biases:
-                self._biases[key] = tuple(None if b is None else torch.from_numpy(b).to(device) for b in self.model.expert_biases(layer))
+                self._biases[key] = tuple(
+                    None if b is None else torch.from_numpy(b).to(device) for b in self.model.expert_biases(layer)
+                )
             gu_all, d_all = self._biases[key]
             gu_b = None if gu_all is None else gu_all[expert]
             d_b = None if d_all is None else d_all[expert]
@@ -134,7 +136,9 @@ def _plus_biases(y: torch.Tensor, biases: list[torch.Tensor | None]) -> torch.Te
     """y [k, n] + each row's bias (rows without one: + 0)."""
     if all(b is None for b in biases):
         return y
-    return y + torch.stack([torch.zeros(y.shape[1], dtype=y.dtype, device=y.device) if b is None else b.to(y.dtype) for b in biases])
+    return y + torch.stack(
+        [torch.zeros(y.shape[1], dtype=y.dtype, device=y.device) if b is None else b.to(y.dtype) for b in biases]
+    )
 
 
 def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float]) -> torch.Tensor:
@@ -147,7 +151,9 @@ def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float
         if y is not None:
             return y
     kinds = {w.gate_up.backend for w in ws}
-    if len(kinds) > 1 and len(ws) > 1:  # e.g. repacked (vnni) experts beside ones computed in place (ggml): one call per kind
+    if (
+        len(kinds) > 1 and len(ws) > 1
+    ):  # e.g. repacked (vnni) experts beside ones computed in place (ggml): one call per kind
         out = None
         for kind in kinds:
             sel = [i for i, w in enumerate(ws) if w.gate_up.backend == kind]
@@ -172,13 +178,23 @@ def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float
 def grouped_ready(ws: list[ExpertWeights]) -> bool:
     """The experts can run as one group: plain (the grouped kernels fuse silu(g)·u and add no
     biases), Triton-backed, one quant type and shape per matrix."""
-    if not ws or not all(w.plain for w in ws) or any(w.gate_up.backend != "triton" or w.down.backend != "triton" for w in ws):
+    if (
+        not ws
+        or not all(w.plain for w in ws)
+        or any(w.gate_up.backend != "triton" or w.down.backend != "triton" for w in ws)
+    ):
         return False
     g, d = ws[0].gate_up, ws[0].down
-    return all((w.gate_up.qtype, w.gate_up.n, w.gate_up.k, w.down.qtype, w.down.n, w.down.k) == (g.qtype, g.n, g.k, d.qtype, d.n, d.k) for w in ws)
+    return all(
+        (w.gate_up.qtype, w.gate_up.n, w.gate_up.k, w.down.qtype, w.down.n, w.down.k)
+        == (g.qtype, g.n, g.k, d.qtype, d.n, d.k)
+        for w in ws
+    )
 
 
-def grouped_swiglu(ws: list[ExpertWeights], x: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def grouped_swiglu(
+    ws: list[ExpertWeights], x: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """Σ_s weight_s · expert_s(x[tokens_s]) → [T, D] for grouped_ready experts `ws`, rows[s] =
     (token indices [n] int64, router weights [n] float32) on the host. Decode (T = 1): 3 launches
     — gate+up of every expert, down of every expert with the SwiGLU read in, the weighted sum —
@@ -188,7 +204,13 @@ def grouped_swiglu(ws: list[ExpertWeights], x: torch.Tensor, rows: list[tuple[to
 
     g, d = ws[0].gate_up, ws[0].down
     dev = x.device
-    ptrs = to_device(torch.tensor([[w.gate_up.tensors["raw"].data_ptr() for w in ws], [w.down.tensors["raw"].data_ptr() for w in ws]], dtype=torch.int64), dev)
+    ptrs = to_device(
+        torch.tensor(
+            [[w.gate_up.tensors["raw"].data_ptr() for w in ws], [w.down.tensors["raw"].data_ptr() for w in ws]],
+            dtype=torch.int64,
+        ),
+        dev,
+    )
     raw = g.tensors["raw"]
     T = x.shape[0]
     if T == 1:
@@ -197,7 +219,9 @@ def grouped_swiglu(ws: list[ExpertWeights], x: torch.Tensor, rows: list[tuple[to
         y = tg.gemv(raw, d.qtype.name, d.n, d.k, gu, table=ptrs[1], swiglu=True)  # [S, D]
         return coef[None] @ y
     plan = tg.GroupedRows.build([(s, tok) for s, (tok, _) in enumerate(rows)], dev)
-    gu = tg.gemm(raw, g.qtype.name, g.n, g.k, x, x_rows=plan.rows, table=ptrs[0], block_slot=plan.block_slot, M=plan.n_rows)
+    gu = tg.gemm(
+        raw, g.qtype.name, g.n, g.k, x, x_rows=plan.rows, table=ptrs[0], block_slot=plan.block_slot, M=plan.n_rows
+    )
     y = tg.gemm(raw, d.qtype.name, d.n, d.k, gu, table=ptrs[1], block_slot=plan.block_slot, M=plan.n_rows, swiglu=True)
     dst = torch.zeros(plan.n_rows, dtype=torch.int64)
     wt = torch.zeros(plan.n_rows, dtype=torch.float32)
@@ -209,7 +233,9 @@ def grouped_swiglu(ws: list[ExpertWeights], x: torch.Tensor, rows: list[tuple[to
     return torch.zeros_like(x).index_add_(0, dst, y * wt[:, None])
 
 
-def resident_decode(addresses: torch.Tensor, like: ExpertWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def resident_decode(
+    addresses: torch.Tensor, like: ExpertWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Every expert of the layer resident, decode: the routing never leaves the device. addresses
     [2, E] int64 (each expert's gate_up and down bytes on the device; compute/gpu_tier.py), `like`
     any of the layer's experts (types and shapes), ids/weights [1, k] on the device → [1, D]:
@@ -278,7 +304,12 @@ class ExpertStore:
         # is computed in place instead of evicting one (no repacking twice). Experts whose matrices
         # would get different backends (a ggml-only gate/up type beside a vnni down type) run all
         # on ggml: one decode call, no copy.
-        if backend == "ggml" or (ggml_ok and (backend != "vnni" or self._cached_bytes + 1.11 * self.model.expert_bytes(layer) > self.host_cache_bytes)):
+        if backend == "ggml" or (
+            ggml_ok
+            and (
+                backend != "vnni" or self._cached_bytes + 1.11 * self.model.expert_bytes(layer) > self.host_cache_bytes
+            )
+        ):
             w = self._mapped[key] = self.epilogue.attach(mapped_ffn(*raws), layer, expert, self.device)
             return w
         w = self.epilogue.attach(pack_ffn(*raws, device=self.device), layer, expert, self.device)
@@ -290,7 +321,9 @@ class ExpertStore:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= old.nbytes
                 evicted = True
-            if not evicted and backend == "vnni" and self.device.type == "cpu":  # kept for good, a copy: its bytes in the file are not read again
+            if (
+                not evicted and backend == "vnni" and self.device.type == "cpu"
+            ):  # kept for good, a copy: its bytes in the file are not read again
                 self.model.release([r[0] for r in raws])
         return w
 
@@ -322,4 +355,3 @@ class ExpertStore:
                 if progress is not None and (done % 64 == 0 or done == total):
                     progress(done, total)
         return len(self._cache)
-

@@ -11,8 +11,8 @@ layer when the plan is built (`FusedDecode.build`): the plain GQA attention (its
 in one matrix or one per type, no biases, no sinks, no output gate, a per-head or no q/k norm, the
 model's own RoPE), the plain MoE block (the C router's softmax → top-k, no shared expert, no
 per-expert scale) and every expert of the layer repacked for the VNNI kernel and resident in the
-host store (residency/resident.AllResident: the trivial plan, no residency decisions to make). Any other layer runs the Python
-path, as before.
+host store (residency/resident.AllResident: the trivial plan, no residency decisions to make).
+Any other layer runs the Python path, as before.
 """
 
 from __future__ import annotations

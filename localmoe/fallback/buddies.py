@@ -123,10 +123,15 @@ class BuddyTable:
             if doc.get("localmoe_buddies") != FORMAT:
                 raise ValueError("unknown format")
         except (OSError, ValueError, json.JSONDecodeError) as exc:
-            raise LocalMoEError(f"{path} is not a readable buddy table ({exc}); re-run `localmoe calibrate {model_path}`") from None
+            raise LocalMoEError(
+                f"{path} is not a readable buddy table ({exc}); re-run `localmoe calibrate {model_path}`"
+            ) from None
         want = fingerprint(model_path)
         if doc["provenance"].get("model_fingerprint") != want:
-            raise LocalMoEError(f"{path} was calibrated for another model file (fingerprint differs); re-run `localmoe calibrate {model_path}` or delete the sidecar")
+            raise LocalMoEError(
+                f"{path} was calibrated for another model file (fingerprint differs); "
+                f"re-run `localmoe calibrate {model_path}` or delete the sidecar"
+            )
         layers = [
             LayerCalibration(
                 usage=np.array(d["usage"]),
@@ -210,7 +215,9 @@ class _SeenRouter:
         return getattr(self.inner, name)
 
 
-def calibrate(rt, text: str, max_tokens: int = 4096, samples: int = 64, window: int = 256, seed: int = 0, progress=None) -> BuddyTable:
+def calibrate(
+    rt, text: str, max_tokens: int = 4096, samples: int = 64, window: int = 256, seed: int = 0, progress=None
+) -> BuddyTable:
     """Run `rt`'s model over `text` (at most `max_tokens` tokens, in windows) and build the table."""
     from ..model import KVCache
 
@@ -237,7 +244,16 @@ def calibrate(rt, text: str, max_tokens: int = 4096, samples: int = 64, window: 
         for moe in moes:
             moe.router = moe.router.inner
     layers = [_finish_layer(rt, recorder, layer) for layer in range(rt.spec.n_layer)]
-    return BuddyTable(layers, {"model_fingerprint": fingerprint(rt.path), "model_file": os.path.basename(rt.path), "model_size": os.path.getsize(rt.path), "tokens": len(ids), "samples_per_expert": samples})
+    return BuddyTable(
+        layers,
+        {
+            "model_fingerprint": fingerprint(rt.path),
+            "model_file": os.path.basename(rt.path),
+            "model_size": os.path.getsize(rt.path),
+            "tokens": len(ids),
+            "samples_per_expert": samples,
+        },
+    )
 
 
 @torch.inference_mode()
@@ -274,4 +290,6 @@ def _finish_layer(rt, rec: _Recorder, layer: int) -> LayerCalibration:
     tae = np.concatenate(rec.tae[layer]) if rec.tae[layer] else np.zeros(1)
     coact = rec.coact[layer].copy()
     np.fill_diagonal(coact, 0)
-    return LayerCalibration(rec.usage[layer].copy(), coact, sim, corr, float(np.percentile(tae, TAE_PERCENTILE)), buddies)
+    return LayerCalibration(
+        rec.usage[layer].copy(), coact, sim, corr, float(np.percentile(tae, TAE_PERCENTILE)), buddies
+    )

@@ -32,8 +32,9 @@ class Residency(Protocol):
         """ids [k]: the experts `layer`'s router picks on the stream after the previous attention."""
 
 
-def routed_experts(residency: Residency, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                   weights: torch.Tensor) -> torch.Tensor:
+def routed_experts(
+    residency: Residency, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """x [T, D] (the experts' input); ids, weights [T, k] → Σ router weight · expert(x) [T, D]:
     residency's plan, executed by compute."""
     plan = residency.plan(layer, ids, weights)
@@ -47,12 +48,17 @@ class MoE:
     router: Router
     shared: Callable[[torch.Tensor], torch.Tensor] | None = None  # the shared expert: [T, D] → [T, D]
     shared_gate: torch.Tensor | None = None  # [D]: y += sigmoid(h·g) · shared(h) (Qwen2-MoE)
-    expert_norm: torch.Tensor | None = None  # [D]: the routed experts see h·expert_norm, the router h (Gemma 4's pre_ffw_norm_2)
-    expert_scale: torch.Tensor | None = None  # [E]: expert e's output × expert_scale[e], folded into its routing weight (Gemma 4)
+    expert_norm: torch.Tensor | None = (
+        None  # [D]: the routed experts see h·expert_norm, the router h (Gemma 4's pre_ffw_norm_2)
+    )
+    expert_scale: torch.Tensor | None = (
+        None  # [E]: expert e's output × expert_scale[e], folded into its routing weight (Gemma 4)
+    )
 
     @classmethod
-    def load(cls, w: Any, i: int, *, select: RouteFn, shared: str = "none", router_bias: bool = False,
-             c_router: bool = False) -> MoE:
+    def load(
+        cls, w: Any, i: int, *, select: RouteFn, shared: str = "none", router_bias: bool = False, c_router: bool = False
+    ) -> MoE:
         """Layer i's MoE block (w: layers.block.Weights). shared: archs.common.SharedExpert ("none",
         "plain", "gated"); router_bias: the logits carry ffn_gate_inp.bias; c_router: the C router
         may run. A selection bias (exp_probs_b) is read wherever the file has one."""

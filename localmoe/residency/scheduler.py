@@ -58,7 +58,9 @@ class ResidencyConfig:
     policy: str = "lfu"
     on_miss: str = "cpu"
     prefetch: bool = True
-    cpu_layers: frozenset[int] | None = None  # static placement (--n-cpu-moe): these layers' experts stay on the CPU, nothing moves
+    cpu_layers: frozenset[int] | None = (
+        None  # static placement (--n-cpu-moe): these layers' experts stay on the CPU, nothing moves
+    )
     miss_params: tuple[tuple[str, object], ...] = ()  # keyword parameters of the miss policy (thresholds, fallback)
     all_resident: bool = False  # no budget: every expert resident from the start
 
@@ -75,7 +77,14 @@ class _OpenLayer:
 
 
 class ExpertScheduler:
-    def __init__(self, store: ExpertStore, stats: StatsCollector, config: ResidencyConfig, profile: HardwareProfile, tier: DeviceTier | None = None):
+    def __init__(
+        self,
+        store: ExpertStore,
+        stats: StatsCollector,
+        config: ResidencyConfig,
+        profile: HardwareProfile,
+        tier: DeviceTier | None = None,
+    ):
         gguf = store.model
         self.tier = tier  # the physical GPU tier (CUDA); None: the GPU tier is modelled on the CPU device
         spec = gguf.spec
@@ -111,13 +120,21 @@ class ExpertScheduler:
     def _configure(self, config: ResidencyConfig) -> None:
         self.config = config
         self.policy = make_policy(config.policy, self.n_layer, self.n_expert, top_k=self.top_k)
-        self.miss_policy = StaticPlacement() if config.cpu_layers is not None else make_miss_policy(config.on_miss, **dict(config.miss_params))
+        self.miss_policy = (
+            StaticPlacement()
+            if config.cpu_layers is not None
+            else make_miss_policy(config.on_miss, **dict(config.miss_params))
+        )
         self.cache = ExpertCache(config.expert_budget, self.bytes_per_expert, self.policy)
         if self.tier is not None:
             self.tier.clear()
-        if config.cpu_layers is not None or config.all_resident:  # static placement: every expert of the GPU layers, fixed
+        if (
+            config.cpu_layers is not None or config.all_resident
+        ):  # static placement: every expert of the GPU layers, fixed
             cpu_layers = config.cpu_layers or frozenset()
-            self.preload([(layer, e) for layer in self.spec.moe_layers if layer not in cpu_layers for e in range(self.n_expert)])
+            self.preload(
+                [(layer, e) for layer in self.spec.moe_layers if layer not in cpu_layers for e in range(self.n_expert)]
+            )
         self._arrival.clear()
         self._prefetched.clear()
         self._publish(reset=True)  # a new cache: every layer's resident set is new
@@ -129,7 +146,10 @@ class ExpertScheduler:
         for key in keys:
             if self.cache.admit(key, tick) is None:
                 need = sum(self.bytes_per_expert[layer] for layer, _ in keys)
-                raise LocalMoEError(f"this placement needs {need / 2**30:.2f} GiB of GPU memory for the experts it keeps on the GPU; raise --gpu-mem or move more layers to the CPU with --n-cpu-moe")
+                raise LocalMoEError(
+                    f"this placement needs {need / 2**30:.2f} GiB of GPU memory for the experts it keeps on the GPU; "
+                    "raise --gpu-mem or move more layers to the CPU with --n-cpu-moe"
+                )
             if self.tier is not None:
                 self.tier.upload(key)
 
@@ -139,10 +159,17 @@ class ExpertScheduler:
         prefetch setting keeps the warm cache."""
         fields = {**self.config.__dict__, **{k: v for k, v in changes.items() if v is not None}}
         config = ResidencyConfig(**fields)
-        keeps_cache = all(getattr(config, f) == getattr(self.config, f) for f in ("expert_budget", "policy", "cpu_layers", "all_resident"))
+        keeps_cache = all(
+            getattr(config, f) == getattr(self.config, f)
+            for f in ("expert_budget", "policy", "cpu_layers", "all_resident")
+        )
         if keeps_cache:
             self.config = config
-            self.miss_policy = StaticPlacement() if config.cpu_layers is not None else make_miss_policy(config.on_miss, **dict(config.miss_params))
+            self.miss_policy = (
+                StaticPlacement()
+                if config.cpu_layers is not None
+                else make_miss_policy(config.on_miss, **dict(config.miss_params))
+            )
             return
         table, old = self.buddy_table, self.config
         try:
@@ -170,7 +197,9 @@ class ExpertScheduler:
         """Fiddler's choice for one missing expert: copy + GPU compute vs CPU compute."""
         nbytes, flops = self.bytes_per_expert[layer], self.flops_per_row * rows
         p = self.profile
-        return p.copy_seconds(nbytes) + p.gpu_seconds(nbytes, flops) < p.cpu_seconds(nbytes, flops) + 2 * p.pcie_latency_s
+        return (
+            p.copy_seconds(nbytes) + p.gpu_seconds(nbytes, flops) < p.cpu_seconds(nbytes, flops) + 2 * p.pcie_latency_s
+        )
 
     def miss_context(self) -> MissContext:
         """What the miss policy sees: the resident set, the expert count, the cost model, the buddy table."""
@@ -284,8 +313,9 @@ class ExpertScheduler:
         attn_end = tl.run_gpu(dense, ready=tl.now)
         return attn_end + p.sync_latency_s
 
-    def _place(self, layer: int, rows: Rows, decided: dict[int, str], tick: Tick, protected: list[Key],
-               routed: float) -> dict[int, str]:
+    def _place(
+        self, layer: int, rows: Rows, decided: dict[int, str], tick: Tick, protected: list[Key], routed: float
+    ) -> dict[int, str]:
         """Steps 3–5 for each routed expert: where it runs (RESIDENT, FETCHED, STREAMED or CPU),
         loading what must be loaded (evicting by the cache policy, never `protected`) and charging
         the link, the GPU and the CPU on the timeline; ends the layer's modelled time.
@@ -354,8 +384,14 @@ class ExpertScheduler:
         """Every expert resident on a Triton tier and nothing to record per layer on the host: the
         layer runs from device-side routing."""
         c = self.config
-        return (self.tier is not None and self.tier.kernel == "triton" and c.all_resident and c.cpu_layers is None and self.trace is None
-                and self.store.epilogue.fused_ok)
+        return (
+            self.tier is not None
+            and self.tier.kernel == "triton"
+            and c.all_resident
+            and c.cpu_layers is None
+            and self.trace is None
+            and self.store.epilogue.fused_ok
+        )
 
     def _device_plan(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> ExpertPlan:
         """One decode token, every expert resident: compute runs 3 launches from the device-side ids,
@@ -444,10 +480,11 @@ class ExpertScheduler:
 
     def _publish(self, reset: bool = False) -> None:
         """Tell the stats the tier's bytes and the resident experts of the layers that changed."""
-        self.stats.set_gpu_tier(self.cache.used_bytes, self.cache.peak_bytes, self.cache.budget, self.cache.take_dirty(), reset=reset)
+        self.stats.set_gpu_tier(
+            self.cache.used_bytes, self.cache.peak_bytes, self.cache.budget, self.cache.take_dirty(), reset=reset
+        )
 
     def check(self) -> None:
         self.cache.check()
         if self.tier is not None:
             self.tier.check(set(self.cache.resident))
-
