@@ -140,7 +140,7 @@ def yarn_attn_factor(arch_name: str, freq_scale: float, log_mul: float, file_att
 def required_tensors(spec: Any, layer: int) -> list[str]:
     """Per-layer tensor stems (with blk()) a GQA file of `spec.arch` must hold."""
     arch: ArchSpec = spec.arch
-    stems = [names.ATTN_NORM, names.ATTN_Q, names.ATTN_K, names.ATTN_V, names.ATTN_OUT, arch.ffn_norm]
+    stems = [*names.GQA_PARTS, arch.ffn_norm]
     if arch.qk_norm != "none" and not arch.qk_norm_optional:
         stems += [names.ATTN_Q_NORM, names.ATTN_K_NORM]
     stems += ffn_tensors(spec, layer)

@@ -44,11 +44,7 @@ def read_args(get: Getter, tensor_shape) -> dict[str, Any]:
 
 def required_tensors(spec: Any, layer: int) -> list[str]:
     return [
-        names.ATTN_NORM,
-        names.ATTN_Q,
-        names.ATTN_K,
-        names.ATTN_V,
-        names.ATTN_OUT,
+        *names.GQA_PARTS,
         ARCH.ffn_norm,
         *ffn_tensors(spec, layer),
     ]

@@ -63,11 +63,7 @@ def attn_scale(spec: Any) -> float:
 def required_tensors(spec: Any, layer: int) -> list[str | tuple[str, str]]:
     """Everything llama.cpp's loader requires of a gpt-oss block (the q/k/v biases are optional there)."""
     return [
-        names.ATTN_NORM,
-        names.ATTN_Q,
-        names.ATTN_K,
-        names.ATTN_V,
-        names.ATTN_OUT,
+        *names.GQA_PARTS,
         (names.ATTN_OUT, "bias"),
         names.ATTN_SINKS,
         names.ATTN_POST_NORM,

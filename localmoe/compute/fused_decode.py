@@ -64,9 +64,6 @@ class FusedDecode:
         lib = vnni_lib()  # (None where the compute policy rules the VNNI kernel out)
         if lib is None or model.device.type != "cpu" or type(model.experts) is not AllResident:
             return None
-        f = lib.lm_decode_layer
-        f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int]
         layers = {}
         for i, lw in enumerate(model.layers):
             got = _layer(model, i, lw)

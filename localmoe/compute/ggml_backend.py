@@ -27,7 +27,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..gguf.qtypes import GGML_TYPES
-from . import cbuild
+from . import cbuild, cdecl
 from .policy import current
 
 Q = GGMLQuantizationType
@@ -135,100 +135,9 @@ class GGML:
         self.graph, self.graph_error = _build_graph(libdir)
         self._graph_lock = threading.Lock()  # the graph library keeps one thread pool
         d = self.driver
-        d.lg_matmul.restype = ctypes.c_int
-        d.lg_matmul.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_int,
-        ]
-        d.lg_moe_decode.restype = ctypes.c_int
-        d.lg_moe_decode.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
-        d.lg_set_schedule.restype = None
-        d.lg_set_schedule.argtypes = [ctypes.c_int, ctypes.c_int]
+        cdecl.declare(d, cdecl.GGML_DRIVER, "lg_")
+        cdecl.declare(d, cdecl.DECODE_HELPERS, "lg_")  # the portable decode helpers: vnni.c's lm_* signatures
         d.lg_set_schedule(*DRIVER_SCHEDULE)
-        d.lg_rows.restype = None
-        d.lg_rows.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-        ]
-        d.lg_to_float.restype = None
-        d.lg_to_float.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        # the portable decode helpers: the same signatures as vnni.c's lm_* functions
-        d.lg_route.restype = None
-        d.lg_route.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_float,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        d.lg_rms_norm.restype = None
-        d.lg_rms_norm.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_float,
-            ctypes.c_int,
-        ]
-        d.lg_qk_norm_rope.restype = None
-        d.lg_qk_norm_rope.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_float,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        d.lg_attn_decode.restype = None
-        d.lg_attn_decode.argtypes = (
-            [ctypes.c_void_p] * 3
-            + [ctypes.c_int] * 6
-            + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        )
-        d.lg_deltanet_step.restype = None
-        d.lg_deltanet_step.argtypes = (
-            [ctypes.c_void_p] * 3
-            + [ctypes.c_int] * 6
-            + [ctypes.c_void_p] * 3
-            + [ctypes.c_float]
-            + [ctypes.c_void_p] * 3
-            + [ctypes.c_int] * 2
-        )
 
     def _read_traits(self) -> dict[GGMLQuantizationType, TypeKernels]:
         base: dict[GGMLQuantizationType, _Traits] = {}
@@ -449,18 +358,7 @@ def _build_graph(libdir: str) -> tuple[ctypes.CDLL | None, str | None]:
         lib = cbuild.load(GRAPH_SOURCE, "ggml_graph", ["-O2", f"-I{inc}"], libs, key_extra=h.hexdigest())
     except cbuild.BuildError as exc:
         return None, f"kernel build failed: {exc}"
-    lib.lgg_matmul.restype = ctypes.c_int
-    lib.lgg_matmul.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
+    cdecl.declare(lib, cdecl.GGML_GRAPH, "lgg_")
     return lib, None
 
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from . import cbuild
+from . import cbuild, cdecl
 from .counters import to_device
 from .ggml_backend import LgW, ggml, ggml_error, usable_ggml
 from .policy import current as policy
@@ -96,142 +96,8 @@ def native_lib() -> ctypes.CDLL | None:
                 stacklevel=2,
             )
             return None
-        f = lib.lm_qmatmul
-        f.restype = ctypes.c_int
-        f.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        f = lib.lm_qmatvec_multi
-        f.restype = ctypes.c_int
-        f.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        f = lib.lm_dequant_f32
-        f.restype = None
-        f.argtypes = [
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        f = lib.lm_route
-        f.restype = None
-        f.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_float,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        f = lib.lm_swiglu_decode
-        f.restype = ctypes.c_int
-        f.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        f = lib.lm_rms_norm
-        f.restype = None
-        f.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_float,
-            ctypes.c_int,
-        ]
-        f = lib.lm_qk_norm_rope
-        f.restype = None
-        f.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_float,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        f = lib.lm_r16_rows
-        f.restype = None
-        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        f = lib.lm_attn_decode
-        f.restype = None
-        f.argtypes = (
-            [ctypes.c_void_p] * 3
-            + [ctypes.c_int] * 6
-            + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        )
-        f = lib.lm_repack_r16
-        f.restype = ctypes.c_int
-        f.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
+        cdecl.declare(lib, cdecl.VNNI, "lm_")
+        cdecl.declare(lib, cdecl.DECODE_HELPERS, "lm_")
         _lib = lib
         return lib
 

@@ -119,6 +119,9 @@ FFN_DOWN_SHEXP = _stem(MODEL_TENSOR.FFN_DOWN_SHEXP)
 # The three matrices of one routed expert, in the order an expert's buffer packs them.
 EXPERT_PARTS = (FFN_GATE_EXPS, FFN_UP_EXPS, FFN_DOWN_EXPS)
 
+# A grouped-query attention block's tensors: its input norm, the q, k, v and output projections.
+GQA_PARTS = (ATTN_NORM, ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)
+
 
 def is_expert_tensor(name: str) -> bool:
     """True for routed-expert weight tensors (the ones that live in the expert tiers; their biases,

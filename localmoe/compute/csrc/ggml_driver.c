@@ -216,28 +216,20 @@ void lg_route(const float *x, int T, int D, const float *W, int E, int k, int no
 }
 
 void lg_rms_norm(const float *x, float *y, int rows, int n, const float *w, float eps, int nthreads) {
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
-    for (int r = 0; r < rows; r++) rms_norm_row(x + (size_t)r * n, y + (size_t)r * n, n, w, eps);
+    rms_norm_rows(x, y, rows, n, w, eps, nthreads);
 }
 
 void lg_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, const float *qw, const float *kw,
                      float eps, int n_rot, const float *cosv, const float *sinv, int neox, int nthreads) {
-    int half = n_rot / 2;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
-    for (int r = 0; r < rows; r++)
-        qk_norm_rope_row(buf + (size_t)r * stride, nh, nq, d, qw, kw, eps, half, cosv + (size_t)r * half,
-                         sinv + (size_t)r * half, neox);
+    qk_norm_rope_rows(buf, rows, stride, nh, nq, d, qw, kw, eps, n_rot, cosv, sinv, neox, nthreads);
 }
 
 // One new token's attention against the KV cache (see lm_attn_decode in vnni.c): appends its key and
 // value at `pos`, then out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos] per query head (GQA).
 void lg_attn_decode(const float *qkv, float *kc, float *vc, int cap, int pos, int nq, int nkv, int d, int dv,
                     float scale, float *out, float *scores, int nthreads) {
-    const float *q = qkv, *kn = qkv + (size_t)nq * d, *vn = kn + (size_t)nkv * d;
-    for (int h = 0; h < nkv; h++) {
-        memcpy(kc + ((size_t)h * cap + pos) * d, kn + (size_t)h * d, (size_t)d * sizeof(float));
-        memcpy(vc + ((size_t)h * cap + pos) * dv, vn + (size_t)h * dv, (size_t)dv * sizeof(float));
-    }
+    const float *q = qkv;
+    append_kv(qkv, kc, vc, cap, pos, nq, nkv, d, dv);
     int S = pos + 1, group = nq / nkv;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
     for (int h = 0; h < nq; h++) {

@@ -377,8 +377,7 @@ void lm_route(const float *x, int T, int D, const float *W, int E, int k, int no
 
 // Row-wise RMS norm: y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (w has n values).
 void lm_rms_norm(const float *x, float *y, int rows, int n, const float *w, float eps, int nthreads) {
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
-    for (int r = 0; r < rows; r++) rms_norm_row(x + (size_t)r * n, y + (size_t)r * n, n, w, eps);
+    rms_norm_rows(x, y, rows, n, w, eps, nthreads);
 }
 
 // In place on the q and k heads at the start of each of `rows` token rows (row stride `stride`
@@ -387,11 +386,7 @@ void lm_rms_norm(const float *x, float *y, int rows, int n, const float *w, floa
 // [rows, n_rot / 2]: neox pairs (i, i + n_rot / 2), otherwise adjacent pairs (2i, 2i + 1).
 void lm_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, const float *qw, const float *kw,
                      float eps, int n_rot, const float *cosv, const float *sinv, int neox, int nthreads) {
-    int half = n_rot / 2;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows >= 16)
-    for (int r = 0; r < rows; r++)
-        qk_norm_rope_row(buf + (size_t)r * stride, nh, nq, d, qw, kw, eps, half, cosv + (size_t)r * half,
-                         sinv + (size_t)r * half, neox);
+    qk_norm_rope_rows(buf, rows, stride, nh, nq, d, qw, kw, eps, n_rot, cosv, sinv, neox, nthreads);
 }
 
 // The routed experts of one decode token: y = sum_e c[e] * down_e(silu(gate_e x) * up_e x), with every
@@ -444,11 +439,8 @@ static inline __m512 exp512(__m512 x) {
 // nkv)): out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos]. out: [nq, dv].
 void lm_attn_decode(const float *qkv, float *kc, float *vc, int cap, int pos, int nq, int nkv, int d, int dv,
                     float scale, float *out, float *scores, int nthreads) {
-    const float *q = qkv, *kn = qkv + (size_t)nq * d, *vn = kn + (size_t)nkv * d;
-    for (int h = 0; h < nkv; h++) {
-        memcpy(kc + ((size_t)h * cap + pos) * d, kn + (size_t)h * d, (size_t)d * sizeof(float));
-        memcpy(vc + ((size_t)h * cap + pos) * dv, vn + (size_t)h * dv, (size_t)dv * sizeof(float));
-    }
+    const float *q = qkv;
+    append_kv(qkv, kc, vc, cap, pos, nq, nkv, d, dv);
     int S = pos + 1, group = nq / nkv;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
     for (int h = 0; h < nq; h++) {
