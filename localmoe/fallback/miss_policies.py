@@ -2,7 +2,7 @@
 
 A miss policy sees one layer's routing and a `MissContext` (which experts are resident, the expert
 count, the cost model, the buddy table: what the scheduler hands it, not the scheduler) and returns
-a `Plan`: possibly changed routing (a substitute expert, a dropped slot) and, for each missing expert
+a `MissPlan`: possibly changed routing (a substitute expert, a dropped slot) and, for each missing expert
 still to run, where it runs — `FETCH` (load it over PCIe, wait, compute on the GPU) or `CPU`
 (compute it on the CPU from the quantized weights, beside the GPU's work). Buddy and little-expert
 fallback plug in here as further policies.
@@ -39,7 +39,10 @@ class MissContext:
 
 
 @dataclass
-class Plan:
+class MissPlan:
+    """A miss policy's answer for one layer: the routing to run and where each missing expert runs.
+    The scheduler turns it, with the resident set, into compute's ExpertPlan (compute/plan.py)."""
+
     ids: torch.Tensor  # [T, k] expert to run per slot; -1 = dropped
     weights: torch.Tensor  # [T, k]
     where: dict[int, str] = field(default_factory=dict)  # missing expert id → FETCH | CPU
@@ -49,7 +52,9 @@ class Plan:
 class MissPolicy:
     name = "base"
 
-    def plan(self, ctx: MissContext, layer: int, ids: torch.Tensor, weights: torch.Tensor, missing: list[int]) -> Plan:
+    def plan(
+        self, ctx: MissContext, layer: int, ids: torch.Tensor, weights: torch.Tensor, missing: list[int]
+    ) -> MissPlan:
         raise NotImplementedError
 
 
@@ -59,7 +64,7 @@ class FetchOnMiss(MissPolicy):
     name = "fetch"
 
     def plan(self, ctx, layer, ids, weights, missing):
-        return Plan(ids, weights, {e: FETCH for e in missing})
+        return MissPlan(ids, weights, {e: FETCH for e in missing})
 
 
 class CpuOnMiss(MissPolicy):
@@ -73,7 +78,7 @@ class CpuOnMiss(MissPolicy):
         for e in missing:
             rows = int((ids == e).sum())
             where[e] = FETCH if ctx.fetch_is_faster(layer, rows) else CPU
-        return Plan(ids, weights, where)
+        return MissPlan(ids, weights, where)
 
 
 class DropOnMiss(MissPolicy):
@@ -94,16 +99,16 @@ class StaticPlacement(MissPolicy):
     BATCH_TO_GPU = 32
 
     def plan(self, ctx, layer, ids, weights, missing):
-        return Plan(ids, weights, {e: FETCH if ids.shape[0] >= self.BATCH_TO_GPU else CPU for e in missing})
+        return MissPlan(ids, weights, {e: FETCH if ids.shape[0] >= self.BATCH_TO_GPU else CPU for e in missing})
 
 
-def drop_experts(ids: torch.Tensor, weights: torch.Tensor, drop: list[int]) -> Plan:
+def drop_experts(ids: torch.Tensor, weights: torch.Tensor, drop: list[int]) -> MissPlan:
     mask = torch.isin(ids, torch.tensor(drop, dtype=ids.dtype)) if drop else torch.zeros_like(ids, dtype=torch.bool)
     kept = weights.masked_fill(mask, 0.0)
     total, kept_sum = weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
     scale = torch.where(kept_sum > 0, total / kept_sum.clamp(min=1e-12), torch.zeros_like(total))
     n = int(mask.sum())
-    return Plan(ids.masked_fill(mask, -1), kept * scale, {}, {"drop": n} if n else {})
+    return MissPlan(ids.masked_fill(mask, -1), kept * scale, {}, {"drop": n} if n else {})
 
 
 def stand_in_error(weights: list[float], cosines: list[float]) -> float:
@@ -125,10 +130,10 @@ def stand_in_error(weights: list[float], cosines: list[float]) -> float:
 
 def _finish_with(
     fallback: MissPolicy, ctx: MissContext, layer: int, ids: torch.Tensor, weights: torch.Tensor, subs: dict[str, int]
-) -> Plan:
+) -> MissPlan:
     """Hand the experts still missing after a substitution step to the fallback policy."""
     still = [e for e in torch.unique(ids).tolist() if e >= 0 and (layer, e) not in ctx.cache]
-    plan = fallback.plan(ctx, layer, ids, weights, still) if still else Plan(ids, weights)
+    plan = fallback.plan(ctx, layer, ids, weights, still) if still else MissPlan(ids, weights)
     for kind, n in subs.items():
         plan.substitutions[kind] = plan.substitutions.get(kind, 0) + n
     return plan
