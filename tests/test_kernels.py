@@ -204,6 +204,28 @@ def test_c_repack_writes_the_python_layout_byte_for_byte(qtype, rows):
         assert torch.equal(ours.tensors[name].view(torch.uint8), t.view(torch.uint8)), name
 
 
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("gate_rows", [32, 37])
+def test_fused_rows_repack_each_part_in_place_as_the_joined_copy(qtype, gate_rows):
+    """fuse_rows repacks gate and up each from its own place into its share of one layout
+    (_repack_r16_parts): the same bytes as repacking a joined copy of their rows. A first part that
+    is not a whole number of 16-row blocks cannot start the next one's blocks: the joined copy then."""
+    rng = np.random.default_rng(int(qtype) + gate_rows)
+    gate, up = random_blocks(qtype, gate_rows, 512, rng), random_blocks(qtype, 21, 512, rng)
+    joined = kernels.repack(np.concatenate([gate, up]), qtype, (gate_rows + 21, 512))
+    parts = kernels._repack_r16_parts([(gate, gate_rows), (up, 21)], qtype, 512)
+    assert (parts is None) == (gate_rows % 16 != 0)
+    fused = fuse_rows([(gate, qtype, (gate_rows, 512)), (up, qtype, (21, 512))])
+    assert fused.act_block == joined.act_block  # the activations' rounding as llama.cpp pairs the type
+    for got in [fused] + ([parts] if parts is not None else []):
+        assert got.backend == "vnni" and got.n == gate_rows + 21
+        assert set(got.tensors) == set(joined.tensors)
+        for name, t in joined.tensors.items():
+            assert got.tensors[name].shape == t.shape, name
+            assert torch.equal(got.tensors[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
 def test_fused_rows_equal_separate_matmuls():
     rng = np.random.default_rng(5)
     gate, up = random_blocks(Q.Q4_K, 32, 256, rng), random_blocks(Q.Q4_K, 32, 256, rng)

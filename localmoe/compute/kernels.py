@@ -545,8 +545,14 @@ def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLin
             [(raw_bytes(data, shape[0]), qtype, shape[0]) for data, qtype, shape in mats], cols.pop()
         )  # in place: no copy
     if len(qtypes) == 1:
+        qtype, K = qtypes.pop(), cols.pop()
+        if torch.device(device).type == "cpu" and choose_backend(qtype, torch.device("cpu")) == "vnni":
+            packed = _repack_r16_parts([(data, shape[0]) for data, _, shape in mats], qtype, K)
+            if packed is not None:  # each matrix repacked from the file into its rows: no joined copy first
+                packed.act_block = ACT_BLOCK.get(qtype, 32)
+                return packed
         raw = torch.cat([raw_bytes(data, shape[0]) for data, _, shape in mats])
-        return repack(raw, qtypes.pop(), (rows, cols.pop()), device)
+        return repack(raw, qtype, (rows, K), device)
     w = torch.cat([dequantize(*m) for m in mats])
     return QLinear("bf16", rows, cols.pop(), {"w": w.to(device=device, dtype=torch.bfloat16)})
 
@@ -568,43 +574,62 @@ def _repack_r16_native(
     """The r16 layout made in C from the file's blocks, on all threads (lm_repack_r16): the same
     bytes as decode() + _pack_r16, without the torch and numpy passes (~0.3 ms instead of 10-20 ms
     for a Qwen3-30B-A3B expert). None where it does not apply (the Python path then runs)."""
+    return _repack_r16_parts([(raw, N)], qtype, K, kscales)
+
+
+def _repack_r16_parts(
+    parts: list[tuple[np.ndarray | torch.Tensor, int]], qtype: GGMLQuantizationType, K: int, kscales: bool = True
+) -> QLinear | None:
+    """_repack_r16_native of matrices stacked by rows — parts: (raw data, rows) in order, e.g. an
+    expert's gate then up — each repacked from where it lies (the memory-mapped file) straight into
+    its share of one output: no copy of the file's bytes first. Every part but the last must have a
+    whole number of 16-row blocks (its r16 blocks then start where the next part's begin); None
+    where that or anything else does not apply."""
     lib = vnni_lib()
     if lib is None or not policy().row_blocks or qtype not in R16_TYPES:
         return None
     bits, G, offset, has_zero = R16_TYPES[qtype]
     per = BLOCK_SIZES[qtype][0]
-    if K % per or (bits, G) not in R16_FORMATS:
+    if K % per or (bits, G) not in R16_FORMATS or any(rows % 16 for _, rows in parts[:-1]):
         return None
-    src = raw_bytes(raw, N)
-    if src.device.type != "cpu":
+    srcs = [(raw_bytes(raw, rows), rows) for raw, rows in parts]
+    if any(src.device.type != "cpu" for src, _ in srcs):
         return None
-    src = src.contiguous()
-    nb, ng = -(-N // 16), K // G
+    N = sum(rows for _, rows in parts)
+    nb, ng, nsb = -(-N // 16), K // G, K // 256
     bpg = G // 8 * 64 + (64 if bits in (5, 6) else 0) if bits <= 6 else G // 4 * 64
     kmode = K_SCALES.get(qtype, 0) if kscales else 0
     per_group = torch.uint8 if kmode else torch.float16  # a K-type's sub-scale byte, or a float16 scale
-    t = {"codes": torch.empty(nb, ng * bpg, dtype=torch.uint8), "scale": torch.empty(nb * ng * 16, dtype=per_group)}
+    # each tensor's elements per 16-row block, so a part starting at block b writes from b · this on
+    t = {"codes": torch.empty(nb * ng * bpg, dtype=torch.uint8), "scale": torch.empty(nb * ng * 16, dtype=per_group)}
+    per_block = {"codes": ng * bpg, "scale": ng * 16, "zero": ng * 16, "kd": nsb * 16, "kdmin": nsb * 16}
     if has_zero:
         t["zero"] = torch.empty(nb * ng * 16, dtype=per_group)
     if kmode:
-        t["kd"] = torch.empty(nb * (K // 256) * 16, dtype=torch.float16)
+        t["kd"] = torch.empty(nb * nsb * 16, dtype=torch.float16)
         if has_zero:
-            t["kdmin"] = torch.empty(nb * (K // 256) * 16, dtype=torch.float16)
-    rc = lib.lm_repack_r16(
-        int(qtype),
-        src.data_ptr(),
-        N,
-        K,
-        t["codes"].data_ptr(),
-        t["scale"].data_ptr(),
-        _ptr(t.get("zero")),
-        torch.get_num_threads(),
-        kmode,
-        _ptr(t.get("kd")),
-        _ptr(t.get("kdmin")),
-    )
-    if rc != 0:
-        return None
+            t["kdmin"] = torch.empty(nb * nsb * 16, dtype=torch.float16)
+    block = 0
+    for src, rows in srcs:
+        src = src.contiguous()  # a view of the file's rows already is: no copy
+        at = {name: tensor[block * per_block[name] :] for name, tensor in t.items()}
+        rc = lib.lm_repack_r16(
+            int(qtype),
+            src.data_ptr(),
+            rows,
+            K,
+            at["codes"].data_ptr(),
+            at["scale"].data_ptr(),
+            _ptr(at.get("zero")),
+            torch.get_num_threads(),
+            kmode,
+            _ptr(at.get("kd")),
+            _ptr(at.get("kdmin")),
+        )
+        if rc != 0:
+            return None
+        block += rows // 16
+    t["codes"] = t["codes"].view(nb, ng * bpg)
     return QLinear("vnni", N, K, t, offset=offset, group=G, nibble=bits <= 6, bits=bits, r16=True, kmode=kmode)
 
 
