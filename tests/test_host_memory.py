@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import localmoe
 from localmoe.bench.synth import SynthConfig, write_model
@@ -93,3 +94,27 @@ def test_a_budget_for_a_quarter_of_the_experts_computes_the_rest_in_place(wide_q
         in_place = rt.logits(ids)
     # the same model: the in-place experts are ggml's, the repacked ones the VNNI kernel's
     assert np.linalg.norm(budgeted - in_place) / np.linalg.norm(in_place) < 3e-2
+
+
+def test_a_load_repacks_experts_side_by_side_into_the_same_bytes(wide_q4_0, monkeypatch):
+    """With two threads, preload repacks a layer's experts one per thread (ExpertStore._pack, one C
+    thread each) instead of one at a time on both: the same layouts, byte for byte."""
+    from localmoe.compute.experts import ExpertStore
+
+    side_by_side = []
+    real = ExpertStore._pack
+    monkeypatch.setattr(ExpertStore, "_pack", lambda self, *a: side_by_side.append(a) or real(self, *a))
+    stores = []
+    for threads in (1, 2):
+        side_by_side.clear()
+        with localmoe.load(wide_q4_0, device="cpu", threads=threads) as rt:
+            n_all = rt.spec.n_expert * len(rt.spec.moe_layers)
+            assert len(side_by_side) == (n_all if threads == 2 else 0)
+            assert len(rt.store._cache) == n_all
+            stores.append(dict(rt.store._cache))
+    one, two = stores
+    assert one.keys() == two.keys()
+    for key, w in one.items():
+        for part in ("gate_up", "down"):
+            a, b = getattr(w, part).tensors, getattr(two[key], part).tensors
+            assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), (key, part)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -118,9 +121,12 @@ class ExpertEpilogue:
         return dataclasses.replace(w, act=self.act, gate_up_bias=gu_b, down_bias=d_b, fused_ok=self.fused_ok)
 
 
-def pack_ffn(gate: RawMatrix, up: RawMatrix, down: RawMatrix, device: torch.device) -> ExpertWeights:
-    """Repack one FFN's three GGUF matrices (raw data, quant type, [rows, cols]) once."""
-    return ExpertWeights(fuse_rows([gate, up], device), repack(*down, device=device))
+def pack_ffn(
+    gate: RawMatrix, up: RawMatrix, down: RawMatrix, device: torch.device, threads: int | None = None
+) -> ExpertWeights:
+    """Repack one FFN's three GGUF matrices (raw data, quant type, [rows, cols]) once (threads: for
+    the C repack; None → torch's thread count)."""
+    return ExpertWeights(fuse_rows([gate, up], device, threads), repack(*down, device=device, threads=threads))
 
 
 def swiglu_expert(w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
@@ -289,7 +295,10 @@ class ExpertStore:
             self._layer_backend[layer] = got
         return got
 
-    def weights(self, layer: int, expert: int) -> ExpertWeights:
+    def weights(self, layer: int, expert: int, packed: ExpertWeights | None = None) -> ExpertWeights:
+        """The expert's weights: computed in place from the file, or repacked once into host RAM where
+        `host_cache_bytes` holds them. packed: pack_ffn's result for this expert, made beforehand
+        (ExpertStore.preload repacks several side by side), used instead of repacking here."""
         key = (layer, expert)
         w = self._mapped.get(key)
         if w is not None:
@@ -312,7 +321,7 @@ class ExpertStore:
         ):
             w = self._mapped[key] = self.epilogue.attach(mapped_ffn(*raws), layer, expert, self.device)
             return w
-        w = self.epilogue.attach(pack_ffn(*raws, device=self.device), layer, expert, self.device)
+        w = self.epilogue.attach(packed or pack_ffn(*raws, device=self.device), layer, expert, self.device)
         if w.nbytes <= self.host_cache_bytes:
             self._cache[key] = w
             self._cached_bytes += w.nbytes
@@ -342,16 +351,35 @@ class ExpertStore:
 
     def preload(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Repack, once and up front, every expert that the VNNI kernel computes and `host_cache_bytes`
-        holds (in C on all threads: kernels.lm_repack_r16), so no decode step ever repacks; the
-        rest are computed in place from the memory map by ggml. progress(done, total) in experts.
-        Returns the number of experts repacked."""
+        holds (in C: kernels.lm_repack_r16), so no decode step ever repacks; the rest are computed
+        in place from the memory map by ggml. progress(done, total) in experts. Returns the number
+        of experts repacked.
+
+        Where the budget holds a whole layer, its experts are repacked side by side, one per thread
+        (torch's thread count), each on one C thread: one parallel region per matrix made each of
+        the 12,000 calls of the 48-layer Qwen3-30B-A3B load wait for whichever thread the scheduler
+        had put aside (docs/speed.md: 112 s against 68 s on one thread under a busy loop)."""
         layers = self.repacked_layers()
-        total = len(layers) * self.model.spec.n_expert
-        done = 0
-        for layer in layers:
-            for expert in range(self.model.spec.n_expert):
-                self.weights(layer, expert)
-                done += 1
-                if progress is not None and (done % 64 == 0 or done == total):
-                    progress(done, total)
+        n_expert = self.model.spec.n_expert
+        total, done = len(layers) * n_expert, 0
+        workers = torch.get_num_threads()
+        planned = float(self._cached_bytes)  # the budget as a whole layer's experts would fill it (≤ 1.11× the file's)
+        side = ThreadPoolExecutor(workers, thread_name_prefix="localmoe-repack") if workers > 1 else nullcontext()
+        with side as pool:
+            for layer in layers:
+                planned += 1.11 * n_expert * self.model.expert_bytes(layer)
+                todo = [e for e in range(n_expert) if (layer, e) not in self._cache and (layer, e) not in self._mapped]
+                side_by_side = pool is not None and planned <= self.host_cache_bytes
+                packs = iter(pool.map(partial(self._pack, layer), todo)) if side_by_side else iter(())
+                waiting = set(todo) if side_by_side else set()
+                for expert in range(n_expert):
+                    self.weights(layer, expert, next(packs) if expert in waiting else None)
+                    done += 1
+                    if progress is not None and (done % 64 == 0 or done == total):
+                        progress(done, total)
         return len(self._cache)
+
+    def _pack(self, layer: int, expert: int) -> ExpertWeights:
+        """pack_ffn of one expert from the file, on one C thread (preload runs several side by side)."""
+        raws = [self.model.expert_raw(layer, expert, p) for p in names.EXPERT_PARTS]
+        return pack_ffn(*raws, device=self.device, threads=1)

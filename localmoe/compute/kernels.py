@@ -499,8 +499,11 @@ def repack(
     shape: tuple[int, int],
     device: torch.device | str = "cpu",
     backend: str | None = None,
+    threads: int | None = None,
 ) -> QLinear:
-    """Raw GGUF data of a [N, K] matrix → a QLinear with `backend` (None → choose_backend's pick)."""
+    """Raw GGUF data of a [N, K] matrix → a QLinear with `backend` (None → choose_backend's pick).
+    threads: for the C repack (None → torch's thread count; a load repacking experts side by side
+    gives each 1)."""
     device = torch.device(device)
     N, K = shape
     backend = backend or choose_backend(qtype, device)
@@ -514,7 +517,7 @@ def repack(
     if qtype not in BLOCK_TYPES:
         raise ValueError(f"backend {backend} needs a block-quantized type, not {qtype.name}")
     if backend == "vnni":
-        packed = _repack_r16_native(raw, qtype, N, K) or _pack_vnni(decode(raw, qtype, shape), N, K)
+        packed = _repack_r16_parts([(raw, N)], qtype, K, threads=threads) or _pack_vnni(decode(raw, qtype, shape), N, K)
         packed.act_block = ACT_BLOCK.get(qtype, 32)
         return packed
     if backend == "int4":
@@ -531,7 +534,7 @@ ACT_BLOCK = {q: t.act_block for q, t in TYPES.items() if t.act_block != 32}
 RawMatrix = tuple[np.ndarray, GGMLQuantizationType, tuple[int, int]]  # (GGUF data, quant type, [rows, cols])
 
 
-def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLinear:
+def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu", threads: int | None = None) -> QLinear:
     """Stack matrices with the same columns into one QLinear (one matmul for, e.g., gate and up).
     The same quant type: the raw rows are concatenated and repacked. Mixed types (no llama.cpp
     mix does this for gate/up; callers check): dequantized into one bfloat16 matrix."""
@@ -547,12 +550,12 @@ def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu") -> QLin
     if len(qtypes) == 1:
         qtype, K = qtypes.pop(), cols.pop()
         if torch.device(device).type == "cpu" and choose_backend(qtype, torch.device("cpu")) == "vnni":
-            packed = _repack_r16_parts([(data, shape[0]) for data, _, shape in mats], qtype, K)
+            packed = _repack_r16_parts([(data, shape[0]) for data, _, shape in mats], qtype, K, threads=threads)
             if packed is not None:  # each matrix repacked from the file into its rows: no joined copy first
                 packed.act_block = ACT_BLOCK.get(qtype, 32)
                 return packed
         raw = torch.cat([raw_bytes(data, shape[0]) for data, _, shape in mats])
-        return repack(raw, qtype, (rows, K), device)
+        return repack(raw, qtype, (rows, K), device, threads=threads)
     w = torch.cat([dequantize(*m) for m in mats])
     return QLinear("bf16", rows, cols.pop(), {"w": w.to(device=device, dtype=torch.bfloat16)})
 
@@ -578,7 +581,11 @@ def _repack_r16_native(
 
 
 def _repack_r16_parts(
-    parts: list[tuple[np.ndarray | torch.Tensor, int]], qtype: GGMLQuantizationType, K: int, kscales: bool = True
+    parts: list[tuple[np.ndarray | torch.Tensor, int]],
+    qtype: GGMLQuantizationType,
+    K: int,
+    kscales: bool = True,
+    threads: int | None = None,
 ) -> QLinear | None:
     """_repack_r16_native of matrices stacked by rows — parts: (raw data, rows) in order, e.g. an
     expert's gate then up — each repacked from where it lies (the memory-mapped file) straight into
@@ -621,7 +628,7 @@ def _repack_r16_parts(
             at["codes"].data_ptr(),
             at["scale"].data_ptr(),
             _ptr(at.get("zero")),
-            torch.get_num_threads(),
+            threads or torch.get_num_threads(),
             kmode,
             _ptr(at.get("kd")),
             _ptr(at.get("kdmin")),
