@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import partial
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -271,6 +271,10 @@ class ExpertStore:
     that budget is full, further experts are computed by ggml from the file rather than evicting
     and repacking again (with no ggml at all, the repacked experts form an LRU as before)."""
 
+    # the repacked layout's bytes per byte of the file, at most (≈ 1 for every type); the budget
+    # checks count an expert at this much before it is repacked
+    LAYOUT_BYTES_PER_FILE_BYTE = 1.11
+
     def __init__(self, model: ExpertFile, device: torch.device, host_cache_bytes: int):
         self.model = model
         self.device = device
@@ -307,17 +311,14 @@ class ExpertStore:
         if w is not None:
             self._cache.move_to_end(key)
             return w
-        raws = [self.model.expert_raw(layer, expert, p) for p in names.EXPERT_PARTS]
+        raws = self._raws(layer, expert)
         backend, ggml_ok = self.backend(layer)
-        # the repacked layout is ≈ the file's bytes (≤ 1.11×): an expert that would not fit the budget
+        # the repacked layout is ≈ the file's bytes (_layout_bytes): an expert that would not fit the budget
         # is computed in place instead of evicting one (no repacking twice). Experts whose matrices
         # would get different backends (a ggml-only gate/up type beside a vnni down type) run all
         # on ggml: one decode call, no copy.
         if backend == "ggml" or (
-            ggml_ok
-            and (
-                backend != "vnni" or self._cached_bytes + 1.11 * self.model.expert_bytes(layer) > self.host_cache_bytes
-            )
+            ggml_ok and (backend != "vnni" or self._cached_bytes + self._layout_bytes(layer) > self.host_cache_bytes)
         ):
             w = self._mapped[key] = self.epilogue.attach(mapped_ffn(*raws), layer, expert, self.device)
             return w
@@ -363,11 +364,11 @@ class ExpertStore:
         n_expert = self.model.spec.n_expert
         total, done = len(layers) * n_expert, 0
         workers = torch.get_num_threads()
-        planned = float(self._cached_bytes)  # the budget as a whole layer's experts would fill it (≤ 1.11× the file's)
+        planned = float(self._cached_bytes)  # the budget as whole layers' experts would fill it (_layout_bytes)
         side = ThreadPoolExecutor(workers, thread_name_prefix="localmoe-repack") if workers > 1 else nullcontext()
         with side as pool:
             for layer in layers:
-                planned += 1.11 * n_expert * self.model.expert_bytes(layer)
+                planned += n_expert * self._layout_bytes(layer)
                 todo = [e for e in range(n_expert) if (layer, e) not in self._cache and (layer, e) not in self._mapped]
                 side_by_side = pool is not None and planned <= self.host_cache_bytes
                 packs = iter(pool.map(partial(self._pack, layer), todo)) if side_by_side else iter(())
@@ -381,5 +382,12 @@ class ExpertStore:
 
     def _pack(self, layer: int, expert: int) -> ExpertWeights:
         """pack_ffn of one expert from the file, on one C thread (preload runs several side by side)."""
-        raws = [self.model.expert_raw(layer, expert, p) for p in names.EXPERT_PARTS]
-        return pack_ffn(*raws, device=self.device, threads=1)
+        return pack_ffn(*self._raws(layer, expert), device=self.device, threads=1)
+
+    def _raws(self, layer: int, expert: int) -> list[RawMatrix]:
+        """The expert's gate, up and down as the file holds them (views of the memory map)."""
+        return [self.model.expert_raw(layer, expert, p) for p in names.EXPERT_PARTS]
+
+    def _layout_bytes(self, layer: int) -> float:
+        """An expert of `layer` in the repacked layout, at most (LAYOUT_BYTES_PER_FILE_BYTE)."""
+        return self.LAYOUT_BYTES_PER_FILE_BYTE * self.model.expert_bytes(layer)

@@ -549,7 +549,7 @@ def fuse_rows(mats: list[RawMatrix], device: torch.device | str = "cpu", threads
         )  # in place: no copy
     if len(qtypes) == 1:
         qtype, K = qtypes.pop(), cols.pop()
-        if torch.device(device).type == "cpu" and choose_backend(qtype, torch.device("cpu")) == "vnni":
+        if choose_backend(qtype, torch.device(device)) == "vnni":  # (a CPU backend: never picked for a GPU)
             packed = _repack_r16_parts([(data, shape[0]) for data, _, shape in mats], qtype, K, threads=threads)
             if packed is not None:  # each matrix repacked from the file into its rows: no joined copy first
                 packed.act_block = ACT_BLOCK.get(qtype, 32)
