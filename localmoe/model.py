@@ -293,16 +293,19 @@ class MoEModel:
         if fused is not None:
             x = x.contiguous()
             cos, sin = (t.reshape(-1).contiguous() for t in self.rope.tables(pos0, 1, x.device))
-        for i, lw in enumerate(self.layers):
-            if fused is not None and i in fused.layers:  # the whole layer in one C call, the same steps as below
-                fused.run(i, x, cache, pos0, cos, sin)
+        i = 0
+        while i < len(self.layers):
+            if fused is not None and i in fused.spans:  # a run of whole layers in one C call, the same steps as below
+                i = fused.run(i, x, cache, pos0, cos, sin)
                 continue
+            lw = self.layers[i]
             if lw.run is not None:  # a block with its own order of operations (layers/block.py)
                 x = lw.run(self, i, x, cache, pos0)
-                continue
-            x = x + self.attention(i, rms_norm(x, lw.attn_norm, s.rms_eps), cache, pos0)
-            self.predict_next(i, x)
-            x = x + self.moe(i, self.ffn_input(i, x))
+            else:
+                x = x + self.attention(i, rms_norm(x, lw.attn_norm, s.rms_eps), cache, pos0)
+                self.predict_next(i, x)
+                x = x + self.moe(i, self.ffn_input(i, x))
+            i += 1
         if fused is not None:
             fused.count(self.experts.stats, list(fused.layers))
         cache.n = pos0 + T

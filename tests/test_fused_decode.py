@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import localmoe
+import localmoe.compute.fused_decode as FD
 import localmoe.model as M
+from conftest import arch_config
+from localmoe.bench.synth import write_model
 from localmoe.compute.kernels import native_lib
 
 pytestmark = pytest.mark.skipif(native_lib() is None, reason="no AVX-512 VNNI C kernel: nothing to fuse")
@@ -76,3 +79,20 @@ def test_experts_in_place_keep_their_layer_on_the_python_path(make_model):
         for layer in fused.layers:
             assert all(rt.store.repacked(layer, e) is not None for e in range(rt.spec.n_expert))
     assert torch.equal(got, ref)
+
+
+def test_fused_layers_in_separate_runs_equal_the_python_path(tmp_path, monkeypatch):
+    """Fused layers between Python-path ones: each run of consecutive fused layers is one C call
+    (lm_decode_layers) and the logits and routing counts are still the Python path's."""
+    plain = FD._layer
+    monkeypatch.setattr(FD, "_layer", lambda model, i, lw: None if i == 1 else plain(model, i, lw))
+    path = str(tmp_path / "five-layers.gguf")
+    write_model(path, arch_config("qwen3moe", weight_type="Q4_0", n_layer=5))
+    ids = np.random.default_rng(4).integers(0, 200, 30).tolist()
+    with localmoe.load(path, device="cpu") as rt:
+        ref, ref_uses = _decode(rt, ids, fused=False)
+        got, uses = _decode(rt, ids, fused=True)
+        spans = {first: run for first, (run, _) in rt.model._fused.spans.items()}
+    assert spans == {0: [0], 2: list(range(2, rt.spec.n_layer))}
+    assert torch.equal(got, ref)
+    np.testing.assert_array_equal(uses, ref_uses)

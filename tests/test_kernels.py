@@ -510,3 +510,31 @@ def test_k_types_keep_their_own_scales_at_the_files_size(qtype):
     x = torch.from_numpy(np.random.default_rng(22).standard_normal((3, k), dtype=np.float32))
     assert rel_err(own(x), f16(x).double().numpy()) <= 1e-3
     assert rel_err(kernels.dequant_f32(own)[:, :k], reference(raw, qtype, rows, k)) <= 1e-6
+
+
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
+def test_swiglu_decode_silu_where_its_exponential_overflows():
+    """The decode SiLU (vectorised e^x in vnni.c) at gate values of ±100s, where e^−g overflows to
+    inf or underflows below float32: silu's limits, g and −0, as torch computes them."""
+    from localmoe.compute.experts import pack_ffn, swiglu_expert
+
+    rng = np.random.default_rng(11)
+    experts = [
+        pack_ffn(
+            (random_blocks(Q.Q8_0, 64, 256, rng), Q.Q8_0, (64, 256)),
+            (random_blocks(Q.Q8_0, 64, 256, rng), Q.Q8_0, (64, 256)),
+            (random_blocks(Q.Q8_0, 256, 64, rng), Q.Q8_0, (256, 64)),
+            torch.device("cpu"),
+        )
+        for _ in range(2)
+    ]
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
+    gates = experts[0].gate_up(x)[0, :64]
+    x = x * (400.0 / gates.abs().max())  # the largest gate value ≈ ±400
+    gates = experts[0].gate_up(x)[0, :64]
+    assert gates.max() > 90 and gates.min() < -90  # e^−g beyond float32 both ways
+    coef = [0.6, 0.4]
+    fused = kernels.swiglu_decode([e.gate_up for e in experts], [e.down for e in experts], x, coef)
+    assert fused is not None and torch.isfinite(fused).all()
+    loop = sum(c * swiglu_expert(e, x) for c, e in zip(coef, experts))
+    torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-4 * float(loop.abs().max()))

@@ -31,7 +31,7 @@ VNNI = {
     "swiglu_decode": "i ippppppi",  # E, gate_up descs, down descs, x, coef, h, y, nthreads
     "r16_rows": "v ppip",  # desc, ids, T, out
     "repack_r16": "i ipiipppiipp",  # qtype, raw, N, K, codes, scale, zero, nthreads, kmode, kd, kdmin
-    "decode_layer": "i ppppiippppi",  # layer, x, kc, vc, cap, pos, cos, sin, ids, wts, nthreads
+    "decode_layers": "i ippppiippppi",  # n, layers, x, kcs, vcs, cap, pos, cos, sin, ids, wts, nthreads
 }
 
 # csrc/ggml_driver.c's own (lg_NAME)

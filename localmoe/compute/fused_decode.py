@@ -4,7 +4,8 @@ The Python decode path calls a dozen C helpers per layer (RMS norm, the QKV matv
 RoPE, attention over the cache, Wo, RMS norm, the router, the routed experts) with Python and torch
 allocations between them: ~0.1-0.15 ms a layer, 5-7 ms of a 48-layer Qwen3-30B-A3B token whose
 weights take ~50 ms to read. lm_decode_layer makes the same calls, in the same order, on the same
-buffers, so the logits are the same to the bit (tests/test_fused_decode.py).
+buffers, so the logits are the same to the bit (tests/test_fused_decode.py). A run of consecutive
+fused layers is one call from Python (lm_decode_layers): ~20 µs a call, ~1 ms of a 48-layer token.
 
 It applies to a layer only where that layer is exactly what the C calls compute, checked once per
 layer when the plan is built (`FusedDecode.build`): the plain GQA attention (its q, k, v weights
@@ -55,6 +56,16 @@ class FusedDecode:
         s = model.spec
         self.ids = torch.empty(s.n_layer, max(s.n_expert_used, 1), dtype=torch.int64)  # [L, k]: this token's routing
         self.wts = torch.empty(s.n_layer, max(s.n_expert_used, 1), dtype=torch.float32)
+        # runs of consecutive fused layers, each decoded in one C call: first layer → (its layers, their descriptors)
+        runs: list[list[int]] = []
+        for i in sorted(layers):
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        self.spans = {
+            run[0]: (run, (ctypes.c_void_p * len(run))(*(ctypes.addressof(layers[i][0]) for i in run))) for run in runs
+        }
 
     @classmethod
     def build(cls, model: Any) -> FusedDecode | None:
@@ -71,35 +82,40 @@ class FusedDecode:
                 layers[i] = got
         return cls(model, lib, layers) if layers else None
 
-    def run(self, i: int, x: torch.Tensor, cache: Any, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Layer i on x [1, D] (contiguous float32, updated in place) at position pos; cos/sin
-        [n_rot/2] contiguous at pos. The routing lands in self.ids[i] / self.wts[i]."""
-        desc, _ = self.layers[i]
-        kc, vc = cache.k[i], cache.v[i]
-        rc = self.lib.lm_decode_layer(
-            ctypes.byref(desc),
+    def run(self, first: int, x: torch.Tensor, cache: Any, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> int:
+        """The run of fused layers that starts at layer `first` (a key of self.spans), on x [1, D]
+        (contiguous float32, updated in place) at position pos; cos/sin [n_rot/2] contiguous at pos.
+        The routing lands in self.ids / self.wts at those layers' rows. Returns the layer after the run."""
+        run, descs = self.spans[first]
+        n = len(run)
+        kcs = (ctypes.c_void_p * n)(*(cache.k[i].data_ptr() for i in run))
+        vcs = (ctypes.c_void_p * n)(*(cache.v[i].data_ptr() for i in run))
+        k = self.ids.shape[1]
+        rc = self.lib.lm_decode_layers(
+            n,
+            descs,
             x.data_ptr(),
-            kc.data_ptr(),
-            vc.data_ptr(),
-            kc.shape[1],
+            kcs,
+            vcs,
+            cache.k[first].shape[1],
             pos,
             cos.data_ptr(),
             sin.data_ptr(),
-            self.ids[i].data_ptr(),
-            self.wts[i].data_ptr(),
+            self.ids.data_ptr() + first * k * self.ids.element_size(),
+            self.wts.data_ptr() + first * k * self.wts.element_size(),
             torch.get_num_threads(),
         )
         if rc != 0:
             raise MemoryError("lm_decode_layer could not allocate its scratch buffers")
+        return run[-1] + 1
 
     def count(self, stats: Any, layers: list[int]) -> None:
         """Record this token's routed uses of `layers` (all resident: hits) in the stats."""
         s = self.model.spec
-        uses = np.zeros((s.n_layer, s.n_expert), dtype=np.int64)
-        ids = self.ids.numpy()
-        for i in layers:
-            np.add.at(uses[i], ids[i], 1)
-        stats.add_uses(uses)
+        ids = self.ids.numpy()[layers]  # [len(layers), k]
+        # (layer, expert) as one index: one bincount, not an np.add.at per layer
+        flat = (np.asarray(layers, dtype=np.int64)[:, None] * s.n_expert + ids).reshape(-1)
+        stats.add_uses(np.bincount(flat, minlength=s.n_layer * s.n_expert).reshape(s.n_layer, s.n_expert))
 
 
 def _layer(model: Any, i: int, lw: Any) -> tuple[_Layer, list[Any]] | None:
@@ -111,7 +127,8 @@ def _layer(model: Any, i: int, lw: Any) -> tuple[_Layer, list[Any]] | None:
     if lw.run is not None or not isinstance(a, GQA) or not isinstance(m, MoE) or s.n_expert_used < 1:
         return None
     plain_attn = (
-        all(_unpadded_vnni(w) for w in a.wqkv)
+        len(a.wqkv) in (1, 3)  # lm_decode_layer's q | k | v pass takes one weight or one per type
+        and all(_unpadded_vnni(w) for w in a.wqkv)
         and _unpadded_vnni(a.wo)
         and a.fused_qk_norm_rope
         and a.c_decode

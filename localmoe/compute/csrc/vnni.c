@@ -312,7 +312,8 @@ typedef struct {
     int kmode;   // (job_t's)
 } wdesc_t;
 
-int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, float *y, int y_stride, int nthreads) {
+// lm_qmatvec_multi with weight e's output at ys[e] (outputs of different lengths, e.g. q | k | v).
+static int qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, float *const *ys, int nthreads) {
     job_t *jobs = calloc(E, sizeof(job_t));
     int *start = malloc((E + 1) * sizeof(int));
     int8_t **bufs = calloc(E, sizeof(int8_t *));
@@ -324,7 +325,7 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
         if (!bufs[e]) { ok = 0; break; }
         int8_t *xq = bufs[e];
         job_t j = {1, K, w[e].N, w[e].G, w[e].nibble, w[e].offset, w[e].codes, w[e].scale, w[e].zero,
-                   xq, (float *)(xq + nq), (float *)(xq + nq + nd), y + (size_t)e * y_stride, w[e].high, w[e].hbits, w[e].r16, w[e].ablock,
+                   xq, (float *)(xq + nq), (float *)(xq + nq + nd), ys[e], w[e].high, w[e].hbits, w[e].r16, w[e].ablock,
                    w[e].kd, w[e].kdmin, w[e].kmode};
         jobs[e] = j;
     }
@@ -354,6 +355,15 @@ int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, floa
     for (int e = 0; bufs && e < E; e++) free(bufs[e]);
     free(bufs); free(start); free(jobs);
     return ok ? 0 : -1;
+}
+
+int lm_qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, float *y, int y_stride, int nthreads) {
+    float **ys = malloc((size_t)E * sizeof(float *));
+    if (!ys) return -1;
+    for (int e = 0; e < E; e++) ys[e] = y + (size_t)e * y_stride;
+    int rc = qmatvec_multi(E, w, x, x_stride, ys, nthreads);
+    free(ys);
+    return rc;
 }
 
 // The router of T tokens: logits = W x (W float32 [E, D]), softmax over the E experts, the k largest
@@ -389,35 +399,10 @@ void lm_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, co
     qk_norm_rope_rows(buf, rows, stride, nh, nq, d, qw, kw, eps, n_rot, cosv, sinv, neox, nthreads);
 }
 
-// The routed experts of one decode token: y = sum_e c[e] * down_e(silu(gate_e x) * up_e x), with every
-// expert's gate+up rows in one parallel pass and every down row in another. h: scratch [E, 2 F].
-int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x, const float *c, float *h, float *y, int nthreads) {
-    int F = gu[0].N / 2, D = dn[0].N;
-    float *act = malloc((size_t)E * dn[0].K * sizeof(float)), *out = malloc((size_t)E * D * sizeof(float));
-    if (!act || !out) { free(act); free(out); return -1; }
-    int rc = lm_qmatvec_multi(E, gu, x, 0, h, 2 * F, nthreads);
-    if (rc == 0) {
-        for (int e = 0; e < E; e++) {
-            const float *g = h + (size_t)e * 2 * F, *u = g + F;
-            float *a = act + (size_t)e * dn[0].K;
-            for (int i = 0; i < F; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-            for (int i = F; i < dn[0].K; i++) a[i] = 0.f;  // padding columns of the down weights
-        }
-        rc = lm_qmatvec_multi(E, dn, act, dn[0].K, out, D, nthreads);
-    }
-    if (rc == 0)
-        for (int i = 0; i < D; i++) {
-            float s = 0.f;
-            for (int e = 0; e < E; e++) s += c[e] * out[(size_t)e * D + i];
-            y[i] = s;
-        }
-    free(act); free(out);
-    return rc;
-}
-
-// e^x for 16 floats (x <= 0 here): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor
-// polynomial (relative error < 2e-7), times 2^n. Scalar expf made a decode step's softmax cost more
-// than its dot products.
+// e^x for 16 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
+// error < 2e-7), times 2^n; x below -87 counts as -87 (e^x then < 2e-38), x above 88.7 gives inf, as
+// expf does. Scalar expf made a decode step's softmax cost more than its dot products, and the
+// experts' SiLU 1.3 ms of a 48-layer token (docs/speed.md).
 static inline __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -431,6 +416,37 @@ static inline __m512 exp512(__m512 x) {
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(y, n);
+}
+
+// The routed experts of one decode token: y = sum_e c[e] * down_e(silu(gate_e x) * up_e x), with every
+// expert's gate+up rows in one parallel pass and every down row in another. h: scratch [E, 2 F].
+int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x, const float *c, float *h, float *y, int nthreads) {
+    int F = gu[0].N / 2, D = dn[0].N;
+    float *act = malloc((size_t)E * dn[0].K * sizeof(float)), *out = malloc((size_t)E * D * sizeof(float));
+    if (!act || !out) { free(act); free(out); return -1; }
+    int rc = lm_qmatvec_multi(E, gu, x, 0, h, 2 * F, nthreads);
+    if (rc == 0) {
+        for (int e = 0; e < E; e++) {
+            const float *g = h + (size_t)e * 2 * F, *u = g + F;
+            float *a = act + (size_t)e * dn[0].K;
+            int i = 0;
+            for (; i + 16 <= F; i += 16) {  // silu(g) · u = g / (1 + e^-g) · u
+                __m512 gv = _mm512_loadu_ps(g + i), e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), _mm512_loadu_ps(u + i)));
+            }
+            for (; i < F; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+            for (int i = F; i < dn[0].K; i++) a[i] = 0.f;  // padding columns of the down weights
+        }
+        rc = lm_qmatvec_multi(E, dn, act, dn[0].K, out, D, nthreads);
+    }
+    if (rc == 0)
+        for (int i = 0; i < D; i++) {
+            float s = 0.f;
+            for (int e = 0; e < E; e++) s += c[e] * out[(size_t)e * D + i];
+            y[i] = s;
+        }
+    free(act); free(out);
+    return rc;
 }
 
 // Attention of one new token (decode) against the KV cache, after q/k norm and RoPE: appends its
@@ -788,8 +804,8 @@ static int matvec1(const wdesc_t *w, const float *x, float *y, int nthreads) {
 
 // x [D] updated in place; the layer's cache kc [nkv, cap, d], vc [nkv, cap, dv] gets position pos;
 // cosv/sinv [n_rot / 2] at pos; ids [k] / wts [k] receive the routing. 0, or -1 when out of memory.
-int lm_decode_layer(const lm_layer_t *L, float *x, float *kc, float *vc, int cap, int pos, const float *cosv,
-                    const float *sinv, int64_t *ids, float *wts, int nthreads) {
+static int lm_decode_layer(const lm_layer_t *L, float *x, float *kc, float *vc, int cap, int pos, const float *cosv,
+                           const float *sinv, int64_t *ids, float *wts, int nthreads) {
     int D = L->D, nqkv = 0, k = L->k, F2 = L->gate_up[0].N;
     for (int j = 0; j < L->n_qkv; j++) nqkv += L->qkv[j].N;
     size_t n = (size_t)D + nqkv + (size_t)L->nq * L->dv + D + (size_t)L->nq * (pos + 1) + L->E + (size_t)k * F2 + D;
@@ -800,9 +816,9 @@ int lm_decode_layer(const lm_layer_t *L, float *x, float *kc, float *vc, int cap
     float *rscratch = scores + (size_t)L->nq * (pos + 1), *gu = rscratch + L->E, *y = gu + (size_t)k * F2;
     int rc;
     lm_rms_norm(x, h, 1, D, L->attn_rms, L->eps, nthreads);
-    rc = 0;
-    for (int j = 0, at = 0; rc == 0 && j < L->n_qkv; at += L->qkv[j].N, j++)  // q | k | v (one weight, or one per type)
-        rc = matvec1(&L->qkv[j], h, qkv + at, nthreads);
+    float *qkv_at[3];  // q | k | v (one weight, or one per type) in one parallel pass, x quantized once
+    for (int j = 0, at = 0; j < L->n_qkv; at += L->qkv[j].N, j++) qkv_at[j] = qkv + at;
+    rc = qmatvec_multi(L->n_qkv, L->qkv, h, 0, qkv_at, nthreads);
     if (rc == 0) {
         lm_qk_norm_rope(qkv, 1, nqkv, L->nq + L->nkv, L->nq, L->d, L->q_rms, L->k_rms, L->eps, L->n_rot, cosv, sinv,
                         L->neox, nthreads);
@@ -820,4 +836,17 @@ int lm_decode_layer(const lm_layer_t *L, float *x, float *kc, float *vc, int cap
         for (int i = 0; i < D; i++) x[i] = x[i] + y[i];
     free(buf); free(sel);
     return rc;
+}
+
+// n consecutive layers of one decode token in one call (x updated in place): lm_decode_layer on each
+// in turn, layer j with its caches kc[j], vc[j] and routing ids [j, k], wts [j, k]. One call per
+// token instead of one per layer: a call from Python costs ~20 us, ~1 ms of a 48-layer token.
+int lm_decode_layers(int n, const lm_layer_t *const *L, float *x, float *const *kc, float *const *vc, int cap, int pos,
+                     const float *cosv, const float *sinv, int64_t *ids, float *wts, int nthreads) {
+    for (int j = 0; j < n; j++) {
+        int rc = lm_decode_layer(L[j], x, kc[j], vc[j], cap, pos, cosv, sinv, ids + (size_t)j * L[j]->k,
+                                 wts + (size_t)j * L[j]->k, nthreads);
+        if (rc != 0) return rc;
+    }
+    return 0;
 }
