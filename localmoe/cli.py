@@ -712,7 +712,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from .progress import Progress
     from .bench.synth import write_preset
 
-    bar = Progress("writing", 1)
+    bar = Progress("writing weights", 1)  # counted in weights, not bytes (bench/synth.py write_model)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
