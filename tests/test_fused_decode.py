@@ -96,3 +96,23 @@ def test_fused_layers_in_separate_runs_equal_the_python_path(tmp_path, monkeypat
     assert spans == {0: [0], 2: list(range(2, rt.spec.n_layer))}
     assert torch.equal(got, ref)
     np.testing.assert_array_equal(uses, ref_uses)
+
+
+def test_phase_timers_count_each_step_of_a_fused_decode(make_model):
+    """vnni.c's per-step timers (scripts/token-profile) advance in every step while fused layers
+    decode, and together stay within the wall time of those tokens."""
+    import time
+
+    path = make_model("qwen3moe", "Q4_0")
+    with localmoe.load(path, device="cpu") as rt:
+        cache = M.KVCache(rt.spec, 64, torch.device("cpu"))
+        rt.model.forward(torch.tensor([1, 2, 3]), cache, all_logits=False)
+        before, t0 = FD.phase_seconds(), time.perf_counter()
+        for t in range(4, 20):
+            rt.model.forward(torch.tensor([t]), cache, all_logits=False)
+        wall = time.perf_counter() - t0
+        after = FD.phase_seconds()
+        assert rt.model._fused is not None
+    spent = {name: after[name] - before[name] for name in FD.PHASES}
+    assert all(s > 0 for s in spent.values()), spent
+    assert sum(spent.values()) <= wall

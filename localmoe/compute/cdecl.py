@@ -32,6 +32,7 @@ VNNI = {
     "r16_rows": "v ppip",  # desc, ids, T, out
     "repack_r16": "i ipiipppiipp",  # qtype, raw, N, K, codes, scale, zero, nthreads, kmode, kd, kdmin
     "decode_layers": "i ippppiippppi",  # n, layers, x, kcs, vcs, cap, pos, cos, sin, ids, wts, nthreads
+    "phase_seconds": "v p",  # out [len(fused_decode.PHASES)] float64
 }
 
 # csrc/ggml_driver.c's own (lg_NAME)

@@ -27,6 +27,23 @@ import torch
 from .kernels import QLinear, _desc, _kp, _WeightDesc, vnni_lib
 
 
+# The steps of a decode token whose seconds vnni.c sums over the process (its PH_* order): a
+# layer's RMS norm and q | k | v pass, q/k norm and RoPE, attention over the cache, Wo, the residual
+# add and the FFN's RMS norm, the router, then the routed experts' gate | up, SiLU, down.
+PHASES = ("norm + qkv", "q/k norm + rope", "attention", "wo", "add + norm", "router", "gate|up", "silu", "down")
+
+
+def phase_seconds() -> dict[str, float] | None:
+    """Seconds each decode step (PHASES) has taken in this process so far, or None without the
+    VNNI kernel. Differences around a stream give a token's breakdown (scripts/token-profile)."""
+    lib = vnni_lib()
+    if lib is None:
+        return None
+    out = (ctypes.c_double * len(PHASES))()
+    lib.lm_phase_seconds(out)
+    return dict(zip(PHASES, out))
+
+
 class _Layer(ctypes.Structure):  # lm_layer_t in vnni.c
     _fields_ = (
         [(name, ctypes.c_void_p) for name in ("attn_rms", "ffn_rms", "q_rms", "k_rms", "router")]

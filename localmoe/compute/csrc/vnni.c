@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common.h"  // the router's softmax/top-k, RMS norm, q/k norm + RoPE: shared with ggml_driver.c
 
@@ -418,13 +419,29 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
+// Seconds spent in each step of a decode token (lm_decode_layer's, and lm_swiglu_decode's wherever
+// it runs), summed over the process: scripts/token-profile reads them around a stream
+// (compute/fused_decode.PHASES names them, in this order). One clock read a step: ~0.05% of a token.
+enum { PH_QKV, PH_ROPE, PH_ATTN, PH_WO, PH_NORM, PH_ROUTE, PH_GATE_UP, PH_ACT, PH_DOWN, PH_N };
+static double phase_s[PH_N];
+void lm_phase_seconds(double *out) { memcpy(out, phase_s, sizeof phase_s); }
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+// the time since t to step ph; t becomes now
+#define LAP(ph, t) do { double now_ = now_s(); phase_s[ph] += now_ - (t); (t) = now_; } while (0)
+
 // The routed experts of one decode token: y = sum_e c[e] * down_e(silu(gate_e x) * up_e x), with every
 // expert's gate+up rows in one parallel pass and every down row in another. h: scratch [E, 2 F].
 int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x, const float *c, float *h, float *y, int nthreads) {
     int F = gu[0].N / 2, D = dn[0].N;
     float *act = malloc((size_t)E * dn[0].K * sizeof(float)), *out = malloc((size_t)E * D * sizeof(float));
     if (!act || !out) { free(act); free(out); return -1; }
+    double t = now_s();
     int rc = lm_qmatvec_multi(E, gu, x, 0, h, 2 * F, nthreads);
+    LAP(PH_GATE_UP, t);
     if (rc == 0) {
         for (int e = 0; e < E; e++) {
             const float *g = h + (size_t)e * 2 * F, *u = g + F;
@@ -437,7 +454,9 @@ int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x
             for (; i < F; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
             for (int i = F; i < dn[0].K; i++) a[i] = 0.f;  // padding columns of the down weights
         }
+        LAP(PH_ACT, t);
         rc = lm_qmatvec_multi(E, dn, act, dn[0].K, out, D, nthreads);
+        LAP(PH_DOWN, t);
     }
     if (rc == 0)
         for (int i = 0; i < D; i++) {
@@ -815,20 +834,27 @@ static int lm_decode_layer(const lm_layer_t *L, float *x, float *kc, float *vc, 
     float *h = buf, *qkv = h + D, *att = qkv + nqkv, *o = att + (size_t)L->nq * L->dv, *scores = o + D;
     float *rscratch = scores + (size_t)L->nq * (pos + 1), *gu = rscratch + L->E, *y = gu + (size_t)k * F2;
     int rc;
+    double t = now_s();
     lm_rms_norm(x, h, 1, D, L->attn_rms, L->eps, nthreads);
     float *qkv_at[3];  // q | k | v (one weight, or one per type) in one parallel pass, x quantized once
     for (int j = 0, at = 0; j < L->n_qkv; at += L->qkv[j].N, j++) qkv_at[j] = qkv + at;
     rc = qmatvec_multi(L->n_qkv, L->qkv, h, 0, qkv_at, nthreads);
+    LAP(PH_QKV, t);
     if (rc == 0) {
         lm_qk_norm_rope(qkv, 1, nqkv, L->nq + L->nkv, L->nq, L->d, L->q_rms, L->k_rms, L->eps, L->n_rot, cosv, sinv,
                         L->neox, nthreads);
+        LAP(PH_ROPE, t);
         lm_attn_decode(qkv, kc, vc, cap, pos, L->nq, L->nkv, L->d, L->dv, L->kq_scale, att, scores, nthreads);
+        LAP(PH_ATTN, t);
         rc = matvec1(L->wo, att, o, nthreads);
+        LAP(PH_WO, t);
     }
     if (rc == 0) {
         for (int i = 0; i < D; i++) x[i] = x[i] + o[i];
         lm_rms_norm(x, h, 1, D, L->ffn_rms, L->eps, nthreads);
+        LAP(PH_NORM, t);
         lm_route(h, 1, D, L->router, L->E, k, L->norm_topk, L->w_scale, ids, wts, rscratch, nthreads);
+        LAP(PH_ROUTE, t);
         for (int j = 0; j < k; j++) { sel[j] = L->gate_up[ids[j]]; sel[k + j] = L->down[ids[j]]; }
         rc = lm_swiglu_decode(k, sel, sel + k, h, wts, gu, y, nthreads);
     }
