@@ -114,7 +114,7 @@ class FusedDecode:
             x.data_ptr(),
             kcs,
             vcs,
-            cache.k[first].shape[1],
+            cache.k[first].shape[1],  # every layer's capacity (KVCache.reserve grows them together)
             pos,
             cos.data_ptr(),
             sin.data_ptr(),
