@@ -32,6 +32,19 @@ def random_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndar
     return bench.random_blocks(qtype.name, n, k, rng)
 
 
+def random_ffns(n: int, gate_up: Q, down: Q, n_ff: int, d: int, rng: np.random.Generator) -> list:
+    """n experts of random blocks, repacked (pack_ffn): gate and up [n_ff, d] of one type, down [d, n_ff]."""
+    from localmoe.compute.experts import pack_ffn
+
+    def raw(qtype: Q, rows: int, cols: int):
+        return random_blocks(qtype, rows, cols, rng), qtype, (rows, cols)
+
+    return [
+        pack_ffn(raw(gate_up, n_ff, d), raw(gate_up, n_ff, d), raw(down, d, n_ff), torch.device("cpu"))
+        for _ in range(n)
+    ]
+
+
 def random_matrix(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     w = rng.standard_normal((n, k), dtype=np.float32)
     if qtype == Q.F32:
@@ -367,7 +380,7 @@ def test_fused_decode_ops_equal_their_torch_definitions(helpers, monkeypatch):
     if helpers == "portable":
         monkeypatch.setattr(kernels, "native_lib", lambda: None)
 
-    from localmoe.compute.experts import pack_ffn, swiglu_expert
+    from localmoe.compute.experts import swiglu_expert
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 256, generator=g), torch.randn(256, generator=g)
@@ -425,16 +438,7 @@ def test_fused_decode_ops_equal_their_torch_definitions(helpers, monkeypatch):
     torch.testing.assert_close(out.view(H, dv), want[:, 0], rtol=1e-5, atol=1e-5)
 
     # the SwiGLU block of k experts for one token: the weighted sum of the experts one by one
-    rng = np.random.default_rng(9)
-    experts = [
-        pack_ffn(
-            (random_blocks(Q.Q4_K, 128, 256, rng), Q.Q4_K, (128, 256)),
-            (random_blocks(Q.Q4_K, 128, 256, rng), Q.Q4_K, (128, 256)),
-            (random_blocks(Q.Q8_0, 256, 128, rng), Q.Q8_0, (256, 128)),
-            torch.device("cpu"),
-        )
-        for _ in range(3)
-    ]
+    experts = random_ffns(3, Q.Q4_K, Q.Q8_0, 128, 256, np.random.default_rng(9))
     x1 = torch.randn(1, 256, generator=g)
     coef = [0.5, 0.3, 0.2]
     fused = kernels.swiglu_decode([e.gate_up for e in experts], [e.down for e in experts], x1, coef)
@@ -516,18 +520,9 @@ def test_k_types_keep_their_own_scales_at_the_files_size(qtype):
 def test_swiglu_decode_silu_where_its_exponential_overflows():
     """The decode SiLU (vectorised e^x in vnni.c) at gate values of ±100s, where e^−g overflows to
     inf or underflows below float32: silu's limits, g and −0, as torch computes them."""
-    from localmoe.compute.experts import pack_ffn, swiglu_expert
+    from localmoe.compute.experts import swiglu_expert
 
-    rng = np.random.default_rng(11)
-    experts = [
-        pack_ffn(
-            (random_blocks(Q.Q8_0, 64, 256, rng), Q.Q8_0, (64, 256)),
-            (random_blocks(Q.Q8_0, 64, 256, rng), Q.Q8_0, (64, 256)),
-            (random_blocks(Q.Q8_0, 256, 64, rng), Q.Q8_0, (256, 64)),
-            torch.device("cpu"),
-        )
-        for _ in range(2)
-    ]
+    experts = random_ffns(2, Q.Q8_0, Q.Q8_0, 64, 256, np.random.default_rng(11))
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
     gates = experts[0].gate_up(x)[0, :64]
     x = x * (400.0 / gates.abs().max())  # the largest gate value ≈ ±400

@@ -421,7 +421,8 @@ static inline __m512 exp512(__m512 x) {
 
 // Seconds spent in each step of a decode token (lm_decode_layer's, and lm_swiglu_decode's wherever
 // it runs), summed over the process: scripts/token-profile reads them around a stream
-// (compute/fused_decode.PHASES names them, in this order). One clock read a step: ~0.05% of a token.
+// (compute/fused_decode.PHASES names them, in this order). One clock read a step, 11 a layer: ~530
+// reads of ~26 ns (measured here) in a 48-layer token, 0.02% of its ~60 ms.
 enum { PH_QKV, PH_ROPE, PH_ATTN, PH_WO, PH_NORM, PH_ROUTE, PH_GATE_UP, PH_ACT, PH_DOWN, PH_N };
 static double phase_s[PH_N];
 void lm_phase_seconds(double *out) { memcpy(out, phase_s, sizeof phase_s); }
