@@ -35,8 +35,8 @@ class Stats:
     tokens: int  # tokens run through the model (prompt + generated)
     prompt_tokens: int  # of the last request
     prompt_tps: float  # prompt tokens per second, last request
-    decode_tokens: int  # generated tokens of the last request
-    decode_tps: float  # generated tokens per second, last request
+    decode_tokens: int  # decode steps of the last request (each samples one token; the first comes from the prompt)
+    decode_tps: float  # decode steps per second, last request
     hits: int
     misses: int
     hit_rate: float

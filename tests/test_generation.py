@@ -106,3 +106,34 @@ def test_incremental_decoder_never_splits_characters():
     data = "ü€😀".encode()
     out = "".join(d.feed(data[i : i + 1]) for i in range(len(data))) + d.flush()
     assert out == "ü€😀"
+
+
+def test_the_last_token_is_not_run_and_the_next_turn_runs_it(qwen3_f32, monkeypatch):
+    """max_tokens reached: the last token's forward (whose logits nothing reads) is skipped, the cache
+    ends before it, and a next turn that re-sends it runs it and replies as a fresh runtime does."""
+    import localmoe.runtime as runtime_mod
+
+    real_sample = runtime_mod.sample
+
+    def no_stop(logits, params, gen):  # never an end-of-generation token, so the reply runs to max_tokens
+        logits = logits.clone()
+        logits[[i for i in range(logits.numel()) if rt.tokenizer.is_eog(i)]] = float("-inf")
+        return real_sample(logits, params, gen)
+
+    monkeypatch.setattr(runtime_mod, "sample", no_stop)
+    with localmoe.load(qwen3_f32, device="cpu") as rt:
+        run = []
+        forward = rt._forward
+        monkeypatch.setattr(rt, "_forward", lambda ids, *a, **k: run.append(len(ids)) or forward(ids, *a, **k))
+        prompt = rt.tokenize("the expert model")
+        chunks = list(rt.stream("the expert model", max_tokens=4, temperature=0))
+        tokens = [c.token for c in chunks if c.token is not None]
+        assert chunks[-1].finish_reason == "length" and len(tokens) == 4
+        assert run == [len(prompt), 1, 1, 1]  # the prompt, then tokens 1-3; token 4 is not run
+        assert rt._cache.n == len(prompt) + 3 and rt.stats().decode_tokens == 3
+        follow = "the expert model" + rt.detokenize(tokens) + " and"
+        run.clear()
+        again = rt.generate(follow, max_tokens=3, temperature=0)
+        assert run[0] < len(rt.tokenize(follow))  # the cached prefix was reused
+    with localmoe.load(qwen3_f32, device="cpu") as fresh:
+        assert again == fresh.generate(follow, max_tokens=3, temperature=0)
