@@ -7,6 +7,7 @@ In short (docs/api.md has the rest):
         print(rt.generate("Once upon a time", max_tokens=40))
 """
 
+from . import openmp  # noqa: F401  first: it sets libgomp's spin count, which counts only before torch loads libgomp
 from .errors import LocalMoEError
 from .options import LoadOptions
 from .runtime import Chunk, Runtime, load

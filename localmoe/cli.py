@@ -10,7 +10,7 @@ import json
 import resource
 import sys
 
-from . import __version__
+from . import __version__, openmp
 from .residency.cache_policies import ONLINE_POLICIES
 from .errors import LocalMoEError
 from .fallback.miss_policies import MISS_POLICIES
@@ -844,6 +844,7 @@ def print_backends(rt, out) -> None:
         + ("" if rt.threads_given else " (the cores not busy with other processes at load)"),
         file=out,
     )
+    print(f"openmp wait    {openmp.describe()}", file=out)
     st = rt.store.summary()
     print(
         f"host memory    {st['repacked']:,} experts repacked at load ({st['repacked_bytes'] / 2**30:.2f} GiB; "

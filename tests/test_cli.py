@@ -49,7 +49,16 @@ def test_run_streams_text_and_verbose_timings(qwen3_f32):
     r = _cli("run", qwen3_f32, "-p", "the expert", "-n", "5", "--temp", "0", "--verbose")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
-    for words in ("prompt eval:", "decode:", "tok/s", "peak memory:", "hit rate", "--host-mem", "by default"):
+    for words in (
+        "prompt eval:",
+        "decode:",
+        "tok/s",
+        "peak memory:",
+        "hit rate",
+        "--host-mem",
+        "by default",
+        "openmp wait",
+    ):
         assert words in r.stderr
     again = _cli("run", qwen3_f32, "-p", "the expert", "-n", "5", "--temp", "0")
     assert again.stdout == r.stdout  # greedy is deterministic

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import openmp
 from ..compute import counters
 from ..gguf import names
 from ..compute.policy import KERNEL_MODES
@@ -314,8 +315,9 @@ def _worker(kind: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
     {load_s, ttft_s, cold_decode_tps, peak_rss}, ...}. A crash raises LlamaCppCrashed (llama.cpp)."""
     engine = LLAMA_CPP if kind == "llama-worker" else "localmoe"
     cmd = [sys.executable, "-m", "localmoe.bench.speed", kind, json.dumps(job)]
+    env = openmp.baseline_env() if engine == LLAMA_CPP else None  # llama.cpp as its users run it
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise LocalMoEError(f"{engine} did not finish the benchmark within {timeout:.0f} s") from None
     if r.returncode < 0 and engine == LLAMA_CPP:
