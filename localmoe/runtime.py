@@ -181,6 +181,7 @@ class Runtime:
             )
         self._cache = KVCache(self.spec, self.n_ctx, self.device)
         self._cache_tokens: list[int] = []  # the ids whose K/V the cache holds, for prefix reuse
+        self.model.plan_decode()
         self._lock = threading.Lock()
         self._seed = seed
         self._closed = False

@@ -37,14 +37,19 @@ def _decode(rt, ids: list[int], fused: bool) -> tuple[torch.Tensor, np.ndarray]:
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K_M"])
-def test_fused_layers_equal_the_python_path(make_model, qtype):
+def test_fused_layers_equal_the_python_path(make_model, qtype, monkeypatch):
     path = make_model("qwen3moe", qtype)
     ids = np.random.default_rng(1).integers(0, 200, 40).tolist()
+    runs = []
+    real_run = FD.FusedDecode.run
+    monkeypatch.setattr(FD.FusedDecode, "run", lambda self, *a: runs.append(a[0]) or real_run(self, *a))
     with localmoe.load(path, device="cpu") as rt:
+        planned = rt.model._fused  # planned at load, so that the first decode step does not
+        assert planned is not None and sorted(planned.layers) == list(range(rt.spec.n_layer))
         ref, ref_uses = _decode(rt, ids, fused=False)
-        assert rt.model._fused is None
+        assert runs == []  # the Python path
         got, uses = _decode(rt, ids, fused=True)
-        assert rt.model._fused is not None and sorted(rt.model._fused.layers) == list(range(rt.spec.n_layer))
+        assert len(runs) == len(ids) - 8 and rt.model._fused is planned  # one run a token, the plan kept
     assert torch.equal(got, ref)
     np.testing.assert_array_equal(uses, ref_uses)
     assert uses.sum() == (len(ids) * rt.spec.n_expert_used) * rt.spec.n_layer
