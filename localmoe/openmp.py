@@ -1,14 +1,14 @@
 """How long an idle OpenMP thread spins before it sleeps: localmoe's default, set before torch loads libgomp.
 
-The kernels (compute/csrc/*.c) and PyTorch run their parallel regions on libgomp's threads. A thread that
-reaches a barrier first spins, then sleeps; libgomp spins 300,000 times by default (about 3 ms, its docs
-say). On a quiet machine the other thread arrives within microseconds either way. When other processes
-keep the cores busy, the spinning thread holds a core while the thread it waits for queues behind it, and
-every region pays for it: a 48-layer Q4_0 decode under a 2-process busy loop, 2 threads, ran at 2.3-3.4
-tok/s with libgomp's default and 5.5-6.4 tok/s with 10,000 spins (about 0.1 ms). 1,000 spins was as
-good under the loop, but its quiet streams looked slower (10.8-15.2 tok/s against the default's
-13.7-20.3, three each): there every wait longer than ~10 us ends in a futex sleep and a wake-up
-(docs/speed.md, "Waiting threads").
+The kernels (compute/csrc/*.c) and PyTorch run their parallel regions on libgomp's threads. A thread
+that reaches a barrier first spins, then sleeps; libgomp spins 300,000 times by default (about 3 ms, by
+its source's estimate of 100,000 spins a millisecond). On a quiet machine the waits are short (10,000
+spins decoded within the default's run-to-run spread). When other processes keep the cores busy, the
+spinning thread holds a core while the thread it waits for queues behind it, and every region pays for
+it: a 48-layer Q4_0 decode under a 2-process busy loop, 2 threads, ran at 2.3-3.4 tok/s with libgomp's
+default and 5.5-6.4 tok/s with 10,000 spins (about 0.1 ms). 1,000 spins was as good under the loop, but
+its quiet streams looked slower (10.8-15.2 tok/s against the default's 13.7-20.3, three each): there
+every wait longer than ~10 us ends in a futex sleep and a wake-up (docs/speed.md, "Waiting threads").
 
 libgomp reads GOMP_SPINCOUNT once, when it is loaded (by `import torch`, or the first kernel), so this
 module sets it on import and `localmoe/__init__.py` imports it first. A value already in the environment
