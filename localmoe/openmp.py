@@ -23,6 +23,7 @@ import sys
 
 SPIN_ENV = "GOMP_SPINCOUNT"  # libgomp's variable: spins before a waiting thread sleeps
 SPIN_COUNT = 10_000  # localmoe's default (about 0.1 ms)
+LIBGOMP_SPIN_COUNT = 300_000  # libgomp's own default, when neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY is set
 DEFAULTS_ENV = "LOCALMOE_OPENMP_DEFAULTS"  # "0": leave libgomp's default
 
 # How the spin count was decided in this process: "localmoe", "user", "libgomp" (opted out) or "late"
@@ -66,10 +67,10 @@ def describe() -> str:
         return f"{value} spins before a waiting thread sleeps ({SPIN_ENV} from the environment)"
     if source == "late":
         return (
-            f"libgomp's default, 300,000 spins (torch was imported before localmoe; set {SPIN_ENV}={SPIN_COUNT} "
-            "before starting Python to wait less on a busy machine)"
+            f"libgomp's default, {LIBGOMP_SPIN_COUNT:,} spins (torch was imported before localmoe; "
+            f"set {SPIN_ENV}={SPIN_COUNT} before starting Python to wait less on a busy machine)"
         )
-    return f"libgomp's default, 300,000 spins ({DEFAULTS_ENV}=0)"
+    return f"libgomp's default, {LIBGOMP_SPIN_COUNT:,} spins ({DEFAULTS_ENV}=0)"
 
 
 apply()
