@@ -16,6 +16,7 @@ from .errors import LocalMoEError
 from .fallback.miss_policies import MISS_POLICIES
 from .residency.profiles import PROFILES
 from .bench.residency import DEFAULT_POLICIES
+from .compute.kernels import KV_TYPES
 from .options import DEFAULTS, LoadOptions
 from .sampling import DEFAULT, MAX_TOKENS
 
@@ -46,6 +47,13 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.n_ctx,
         help="context size in tokens, capped at the model's training context (default %(default)s)",
+    )
+    g.add_argument(
+        "--kv-type",
+        default=d.kv_type,
+        choices=tuple(KV_TYPES),
+        help="element type of the KV cache: f16 (llama.cpp's default, half the memory and the bytes each "
+        "decode step reads) or f32 (exact keys and values; decode runs torch's attention) (default %(default)s)",
     )
     g.add_argument(
         "-t",
@@ -127,6 +135,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     return LoadOptions(
         device=args.device,
         n_ctx=args.ctx_size,
+        kv_type=args.kv_type,
         threads=args.threads,
         gpu_mem=args.gpu_mem,
         policy=args.policy,
@@ -845,6 +854,7 @@ def print_backends(rt, out) -> None:
         file=out,
     )
     print(f"openmp wait    {openmp.describe()}", file=out)
+    print(f"kv cache       {rt.kv_type}, {rt.kv_cache_bytes() / 2**20:,.1f} MiB at {rt.n_ctx:,} positions", file=out)
     st = rt.store.summary()
     print(
         f"host memory    {st['repacked']:,} experts repacked at load ({st['repacked_bytes'] / 2**30:.2f} GiB; "

@@ -30,7 +30,7 @@ from .compute.counters import to_device
 from .compute.experts import pack_ffn
 from .compute.fused_decode import FusedDecode
 from .compute.ggml_backend import usable_ggml
-from .compute.kernels import QLinear, fuse_rows, gather_rows, repack, rms_norm
+from .compute.kernels import KV_DTYPE, QLinear, fuse_rows, gather_rows, repack, rms_norm
 from .gguf import names
 from .gguf.blocks import QUANT_TYPES, dequantize, raw_bytes, to_torch
 from .gguf.file import GGUFModel, ModelSpec, TensorView
@@ -54,11 +54,12 @@ class KVCache:
 
     MAX_SNAPSHOTS = 2
 
-    def __init__(self, spec: ModelSpec, n_ctx: int, device: torch.device):
+    def __init__(self, spec: ModelSpec, n_ctx: int, device: torch.device, kv_dtype: torch.dtype = KV_DTYPE):
         self.spec, self.n_ctx, self.device = spec, n_ctx, device
+        self.kv_dtype = kv_dtype  # the rows of the layers whose attention takes the cache's type (cache_dtype None)
         self.n = 0
         self._cap = 0
-        self.k: list[torch.Tensor] = []  # per layer [heads, cap, width]
+        self.k: list[torch.Tensor] = []  # per layer [heads, cap, width], in the layer's cache_dtype
         self.v: list[torch.Tensor] = []  # per layer [heads, cap, width]
         self.states: dict[int, list[torch.Tensor]] = {}  # recurrent layer → its state tensors (the layer's layout)
         self._snapshots: list[tuple[int, dict[int, list[torch.Tensor]]]] = []  # (position, states), oldest first
@@ -94,15 +95,19 @@ class KVCache:
         self.n = pos
         return pos
 
-    def reserve(self, n_total: int, rows: list[tuple[tuple[int, int], tuple[int, int]]]) -> None:
+    def reserve(
+        self, n_total: int, rows: list[tuple[tuple[int, int], tuple[int, int]]], dtypes: list[torch.dtype | None]
+    ) -> None:
         """Room for n_total positions; rows: per layer ((heads, width) of a key row, (heads, width)
-        of a value row), as the layer's attention lays out its cache (Attention.cache_rows)."""
+        of a value row), as the layer's attention lays out its cache (Attention.cache_rows), in the
+        element type dtypes[layer] (Attention.cache_dtype; None: the cache's kv_dtype)."""
         if n_total <= self._cap:
             return
         cap = min(self.n_ctx, max(n_total, 2 * self._cap, 64))
-        for i, ((hk, wk), (hv, wv)) in enumerate(rows):
-            k = torch.zeros(hk, cap, wk, device=self.device)
-            v = torch.zeros(hv, cap, wv, device=self.device)
+        for i, (((hk, wk), (hv, wv)), dtype) in enumerate(zip(rows, dtypes, strict=True)):
+            dtype = dtype or self.kv_dtype
+            k = torch.zeros(hk, cap, wk, dtype=dtype, device=self.device)
+            v = torch.zeros(hv, cap, wv, dtype=dtype, device=self.device)
             if self._cap:
                 k[:, : self.n] = self.k[i][:, : self.n]
                 if v.numel():
@@ -195,6 +200,7 @@ class MoEModel:
         build = archs.module_for(spec.arch.name).build_block
         self.layers: list[Block] = [build(w, spec, i) for i in range(spec.n_layer)]
         self.cache_rows = [lw.attn.cache_rows(spec) for lw in self.layers]  # KVCache.reserve's layout
+        self.cache_dtypes = [lw.attn.cache_dtype for lw in self.layers]  # and element types
         self.embd: TensorView = model.view(names.TOKEN_EMBD)
         self.output_norm = w.load(names.OUTPUT_NORM)
         self.output = w.linear(names.OUTPUT if model.has(names.OUTPUT) else names.TOKEN_EMBD)  # [V, D]; tied if absent
@@ -290,11 +296,11 @@ class MoEModel:
         """ids [T] at positions cache.n.. → logits [T, V] (or [1, V] for the last token only)."""
         s = self.spec
         T, pos0 = ids.shape[0], cache.n
-        cache.reserve(pos0 + T, self.cache_rows)
+        cache.reserve(pos0 + T, self.cache_rows, self.cache_dtypes)
         x = self.embed(ids)
         if s.embd_scale != 1.0:
             x = x * s.embd_scale
-        fused = self._fused_decode() if T == 1 else None
+        fused = self._fused_decode() if T == 1 and cache.kv_dtype == KV_DTYPE else None  # (the C kernels' cache)
         if fused is not None:
             x = x.contiguous()
             cos, sin = (t.reshape(-1).contiguous() for t in self.rope.tables(pos0, 1, x.device))

@@ -19,6 +19,7 @@ class LoadOptions:
     on_miss: str = "cpu"  # what a missing expert does: fetch, cpu, drop, buddy, little, cost (fallback/)
     prefetch: bool = True  # prefetch the next layer's predicted experts
     n_ctx: int = 4096  # context size in tokens, capped at the model's training context
+    kv_type: str = "f16"  # element type of the attention layers' KV cache (compute/kernels.KV_TYPES): f16 | f32
     seed: int | None = None  # default sampling seed of the runtime; None → a fresh one per request
     profile: str | None = None  # hardware profile of the modelled clock (residency/profiles.py); None → measured
     threads: int | None = None  # CPU threads; None → the physical cores less those busy at load, at least 1

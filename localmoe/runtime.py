@@ -20,6 +20,7 @@ from .residency.cache_policies import ONLINE_POLICIES
 from .compute import policy as compute_policy
 from .compute.counters import readback
 from .compute.experts import ExpertStore
+from .compute.kernels import KV_TYPES
 from .residency.gpu_tier import DeviceTier
 from .fallback.miss_policies import MISS_POLICIES
 from .residency.profiles import get_profile
@@ -140,6 +141,9 @@ class Runtime:
         torch.set_num_threads(self.threads)
         if n_ctx < 1:
             raise LocalMoEError(f"n_ctx must be positive, got {n_ctx}")
+        if o.kv_type not in KV_TYPES:
+            raise LocalMoEError(f"unknown KV cache type {o.kv_type!r}; choose one of {', '.join(KV_TYPES)}")
+        self.kv_type = o.kv_type
 
         self.gguf = GGUFModel(self.path)
         self.spec = self.gguf.spec
@@ -179,7 +183,7 @@ class Runtime:
                 self.spec.n_expert_used,
                 self.scheduler.bytes_per_expert,
             )
-        self._cache = KVCache(self.spec, self.n_ctx, self.device)
+        self._cache = self.new_cache()
         self._cache_tokens: list[int] = []  # the ids whose K/V the cache holds, for prefix reuse
         self.model.plan_decode()
         self._lock = threading.Lock()
@@ -302,7 +306,7 @@ class Runtime:
         """Logits for every position of `ids`, from a fresh context: (len(ids), n_vocab) float32."""
         ids = self._check_ids(ids)
         with self._lock:
-            cache = KVCache(self.spec, self.n_ctx, self.device)
+            cache = self.new_cache()
             start, wall = self._clock(), time.perf_counter()
             out = self._forward(ids, cache, all_logits=True)
             self._stats.record_prompt(len(ids), self._clock() - start, time.perf_counter() - wall)
@@ -315,11 +319,23 @@ class Runtime:
         the steps count in the expert counters of `stats()`, not in its prompt and decode rates."""
         ids = self._check_ids(ids)
         with self._lock:
-            cache = KVCache(self.spec, self.n_ctx, self.device)
+            cache = self.new_cache()
             for token in ids:
                 c0, w0 = self._clock(), time.perf_counter()
                 logits = self._forward([token], cache, all_logits=False)[-1]
                 yield logits, self._clock() - c0, time.perf_counter() - w0
+
+    def new_cache(self) -> KVCache:
+        """An empty context of this runtime's size, device and KV cache type."""
+        return KVCache(self.spec, self.n_ctx, self.device, KV_TYPES[self.kv_type])
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache's rows once the context is full (n_ctx positions; the cache grows to
+        it by doubling). Recurrent states (DeltaNet layers) are not counted: their size is fixed."""
+        total = 0
+        for ((hk, wk), (hv, wv)), dtype in zip(self.model.cache_rows, self.model.cache_dtypes):
+            total += (hk * wk + hv * wv) * self.n_ctx * (dtype or KV_TYPES[self.kv_type]).itemsize
+        return total
 
     def _forward(self, ids: list[int], cache: KVCache, all_logits: bool) -> torch.Tensor:
         with compute_policy.use(self.compute):

@@ -58,6 +58,7 @@ def test_run_streams_text_and_verbose_timings(qwen3_f32):
         "--host-mem",
         "by default",
         "openmp wait",
+        "kv cache       f16, ",
     ):
         assert words in r.stderr
     again = _cli("run", qwen3_f32, "-p", "the expert", "-n", "5", "--temp", "0")

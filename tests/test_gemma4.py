@@ -23,7 +23,6 @@ from localmoe.errors import LocalMoEError
 from localmoe.gguf import names
 from localmoe.gguf.file import GGUFModel
 from localmoe.layers.rope import Rope
-from localmoe.model import KVCache
 from oracle import compare, llama_logits
 
 ARCH = "gemma4"
@@ -36,7 +35,7 @@ def _prompts() -> list[list[int]]:
 
 def _decode(rt, ids: list[int], prefill: int = 8) -> np.ndarray:
     """Logits of every position of ids: `prefill` in one call, then one token per call → [len, V]."""
-    cache = KVCache(rt.spec, rt.n_ctx, rt.device)
+    cache = rt.new_cache()  # (of the runtime's KV type)
     out = [rt.model.forward(torch.tensor(ids[:prefill]), cache)]
     for t in ids[prefill:]:
         out.append(rt.model.forward(torch.tensor([t]), cache))
@@ -107,7 +106,8 @@ def test_logits_match_llama_cpp_past_the_window(make_model, qtype, kernel):
     path = make_model(ARCH, qtype)
     prompts = _prompts()
     ref = llama_logits(path, prompts)
-    with localmoe.load(path, device="cpu", kernel=None if kernel == "auto" else kernel) as rt:
+    # a float32 KV cache, as llama.cpp's reference runs (tests/test_oracle.py's docstring)
+    with localmoe.load(path, device="cpu", kernel=None if kernel == "auto" else kernel, kv_type="f32") as rt:
         prefill = np.concatenate([rt.logits(p) for p in prompts])
         decode = _decode(rt, prompts[0])
     if qtype == "F32":
@@ -131,8 +131,8 @@ def test_the_gelu_table_is_the_f32_floor(make_model):
     exact = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
     out = {}
     table = experts_mod.gelu_ggml
-    try:
-        with localmoe.load(make_model(ARCH, "F32"), device="cpu") as rt:
+    try:  # a float32 KV cache: a half-precision key can round to its next half under the jitter, either GELU
+        with localmoe.load(make_model(ARCH, "F32"), device="cpu", kv_type="f32") as rt:
             for name, fn in {
                 "table": table,
                 "table_jit": jitter(table),

@@ -325,6 +325,44 @@ def test_a_shared_header_change_rebuilds_the_library(tmp_path, monkeypatch):
     assert second != first and ctypes.CDLL(second).f() == 3 and ctypes.CDLL(first).f() == 2
 
 
+def test_kv_cache_halves_converted_by_hand_are_torchs(tmp_path, monkeypatch):
+    """common.h converts the KV cache's halves by hand where the compiler has no _Float16 (this one
+    has: the kernels use it, so the hand conversion is built here on its own, LOCALMOE_KV_BITS):
+    every one of the 65536 halves to float, and floats of every magnitude to half, rounded to
+    nearest even, bit for bit as torch does (NaNs: a NaN)."""
+    from localmoe.compute import cbuild
+
+    monkeypatch.setenv("LOCALMOE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "common.h").write_text(open(cbuild.source_path("common.h")).read())
+    (src / "kv.c").write_text(
+        '#define LOCALMOE_KV_BITS\n#include "common.h"\n'
+        "void to_float(const kv_t *h, float *f, int n) { for (int i = 0; i < n; i++) f[i] = kv_float(h[i]); }\n"
+        "void to_half(const float *f, kv_t *h, int n) { for (int i = 0; i < n; i++) h[i] = kv_half(f[i]); }\n"
+    )
+    monkeypatch.setattr(cbuild, "CSRC", str(src))
+    lib = cbuild.load("kv.c", "kv", ["-O2"])
+    halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    floats = torch.empty(halves.numel(), dtype=torch.float32)
+    lib.to_float(ctypes.c_void_p(halves.data_ptr()), ctypes.c_void_p(floats.data_ptr()), halves.numel())
+    nan = halves.isnan()
+    assert torch.equal(floats[~nan].view(torch.int32), halves[~nan].float().view(torch.int32))
+    assert floats[nan].isnan().all()
+
+    g = torch.Generator().manual_seed(3)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), generator=g, dtype=torch.int64).to(torch.int32)
+    sign = torch.where(torch.rand(1 << 16, generator=g) < 0.5, -1.0, 1.0)
+    near = (2.0 ** (torch.rand(1 << 16, generator=g) * 50 - 32)) * sign  # 2^-32 .. 2^18
+    edges = [0.0, -0.0, 65504.0, 65519.0, 65520.0, 70000.0, float("inf"), -float("inf"), 2**-14, 2**-25]
+    edges = torch.tensor(edges + [2**-24 * 0.5, 2**-24 * 1.5, 1 + 2**-11, 1 + 3 * 2**-11])  # + ties
+    x = torch.cat([bits.view(torch.float32), near, edges, -edges])
+    got = torch.empty(x.numel(), dtype=torch.float16)
+    lib.to_half(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(got.data_ptr()), x.numel())
+    want, nan = x.half(), x.isnan()
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)) and got[nan].isnan().all()
+
+
 def test_kernel_build_failure_is_visible_in_info(monkeypatch):
     """kernel_status / kernel_warnings (what `info` and `run --verbose` print) carry a build failure."""
     monkeypatch.setattr(kernels, "_lib", None)
@@ -420,22 +458,41 @@ def test_fused_decode_ops_equal_their_torch_definitions(helpers, monkeypatch):
         assert torch.equal(ids, ref_i)
         torch.testing.assert_close(wts, ref_w, rtol=1e-5, atol=1e-6)
 
-    # decode attention: appends the token's K/V at `pos`, then softmax(scale q·Kᵀ) V per query head (GQA)
-    H, Hkv, d, dv, cap, pos = 8, 2, 64, 48, 40, 29  # dv ≠ d, and head sizes that are not 128
-    kc, vc = torch.randn(Hkv, cap, d, generator=g), torch.randn(Hkv, cap, dv, generator=g)
-    qkv = torch.randn(1, (H + Hkv) * d + Hkv * dv, generator=g)
-    k_want, v_want = kc.clone(), vc.clone()
-    k_want[:, pos] = qkv[0, H * d : (H + Hkv) * d].view(Hkv, d)
-    v_want[:, pos] = qkv[0, (H + Hkv) * d :].view(Hkv, dv)
-    out = kernels.attn_decode(qkv, kc, vc, pos, H, Hkv, d, dv, 0.125)
-    assert out is not None and torch.equal(kc, k_want) and torch.equal(vc, v_want)
-    q = qkv[0, : H * d].view(H, 1, d)
-    keys, vals = (
-        k_want[:, : pos + 1].repeat_interleave(H // Hkv, 0),
-        v_want[:, : pos + 1].repeat_interleave(H // Hkv, 0),
-    )
-    want = ((q @ keys.transpose(1, 2)) * 0.125).softmax(-1) @ vals  # [H, 1, dv]
-    torch.testing.assert_close(out.view(H, dv), want[:, 0], rtol=1e-5, atol=1e-5)
+    # decode attention: appends the token's K/V at `pos` to the half-precision cache, then
+    # softmax(scale q·Kᵀ) V per query head (GQA) over the cached halves
+    assert kernels.KV_DTYPE == torch.float16
+    for H, Hkv, d, dv, cap, pos in ((8, 2, 64, 48, 40, 29), (4, 1, 128, 128, 300, 257)):  # dv ≠ d; 128, a long cache
+        kc = torch.randn(Hkv, cap, d, generator=g).half()
+        vc = torch.randn(Hkv, cap, dv, generator=g).half()
+        qkv = torch.randn(1, (H + Hkv) * d + Hkv * dv, generator=g) * 4
+        k_want, v_want = kc.clone(), vc.clone()
+        k_want[:, pos] = qkv[0, H * d : (H + Hkv) * d].view(Hkv, d)  # (the assignment rounds as torch does)
+        v_want[:, pos] = qkv[0, (H + Hkv) * d :].view(Hkv, dv)
+        out = kernels.attn_decode(qkv, kc, vc, pos, H, Hkv, d, dv, 0.125)
+        assert out is not None and torch.equal(kc, k_want) and torch.equal(vc, v_want)
+        q = qkv[0, : H * d].view(H, 1, d)
+        keys, vals = (
+            k_want[:, : pos + 1].float().repeat_interleave(H // Hkv, 0),
+            v_want[:, : pos + 1].float().repeat_interleave(H // Hkv, 0),
+        )
+        want = ((q @ keys.transpose(1, 2)) * 0.125).softmax(-1) @ vals  # [H, 1, dv]
+        torch.testing.assert_close(out.view(H, dv), want[:, 0], rtol=1e-5, atol=1e-5)
+    # a float32 cache is not the kernel's: the caller runs torch's attention
+    assert kernels.attn_decode(qkv, kc.float(), vc.float(), pos, H, Hkv, d, dv, 0.125) is None
+    # the append rounds each float to the nearest half (ties to even) as torch's .half(): every
+    # magnitude from below float16's subnormals to beyond its range, ties, signed zeros, infinities
+    mag = torch.rand(4096, generator=g) * 50 - 32  # 2^-32 .. 2^18
+    sign = torch.where(torch.rand(4096, generator=g) < 0.5, -1.0, 1.0)
+    vals = (2.0**mag) * (1 + torch.rand(4096, generator=g)) * sign
+    ties = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 2**-24 * 1.5, 2**-24 * 2.5, 2**-25, 65504.0, 65519.0, 65520.0])
+    special = torch.tensor([0.0, -0.0, 70000.0, -1e30, float("inf"), float("-inf"), 6.1e-5, 5.9e-8])
+    row = torch.cat([vals, ties, -ties, special]).float()
+    D = row.numel()  # one head of D values: its key and value rows are `row`
+    kc, vc = torch.zeros(1, 1, D, dtype=torch.float16), torch.zeros(1, 1, D, dtype=torch.float16)
+    kernels.attn_decode(torch.cat([row, row, row])[None], kc, vc, 0, 1, 1, D, D, 0.125)
+    want = row.half()
+    assert torch.equal(kc[0, 0].view(torch.int16), want.view(torch.int16))  # bit for bit: the zeros' signs too
+    assert torch.equal(vc[0, 0].view(torch.int16), want.view(torch.int16))
 
     # the SwiGLU block of k experts for one token: the weighted sum of the experts one by one
     experts = random_ffns(3, Q.Q4_K, Q.Q8_0, 128, 256, np.random.default_rng(9))

@@ -81,7 +81,9 @@ def test_perplexity_matches_llama_cpp(quantized, heldout_windows, ftype, kernel)
     if path not in _LLAMA_PPL:  # once per file (the two CPU paths share it)
         _LLAMA_PPL[path] = perplexity(np.split(llama_logits(path, heldout_windows), N_WINDOWS), heldout_windows)
     ref = _LLAMA_PPL[path]
-    with localmoe.load(path, device="cpu", n_ctx=N_TOKENS, kernel=None if kernel == "auto" else kernel) as rt:
+    # a float32 KV cache, as llama.cpp's reference runs (tests/test_oracle.py's docstring)
+    opts = dict(n_ctx=N_TOKENS, kernel=None if kernel == "auto" else kernel, kv_type="f32")
+    with localmoe.load(path, device="cpu", **opts) as rt:
         ours = perplexity([rt.logits(w) for w in heldout_windows], heldout_windows)
         backends = {w.backend for lw in rt.model.layers for w in lw.wqkv} | {rt.model.output.backend}
         experts = rt.store.weights(0, 0)

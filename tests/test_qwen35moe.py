@@ -47,7 +47,7 @@ def test_200_positions_match_llama_cpp_in_one_pass_and_token_by_token(make_model
     token at a time (the per-token update) both match llama.cpp."""
     path = make_model("qwen35moe", qtype)
     ref = llama_logits(path, [IDS_200])
-    with localmoe.load(path, device="cpu") as rt:
+    with localmoe.load(path, device="cpu", kv_type="f32") as rt:  # llama.cpp's reference cache (test_oracle.py)
         full = rt.logits(IDS_200)
         steps = np.stack([logits.float().numpy() for logits, _, _ in rt.decode_logits(IDS_200)])
     if qtype == "F32":
@@ -64,12 +64,12 @@ def test_fused_gate_up_experts_match_llama_cpp(tmp_path):
     """A file with ffn_gate_up_exps (gate rows first) runs as llama.cpp runs it, on the default path
     and under a budget (the experts are fetched from the split views of the file)."""
     f32 = write_model(tmp_path / "fused-f32.gguf", arch_config("qwen35moe", gate_up_fused=True))
-    with localmoe.load(f32, device="cpu") as rt:
+    with localmoe.load(f32, device="cpu", kv_type="f32") as rt:  # llama.cpp's reference cache (test_oracle.py)
         assert not any("ffn_gate_up_exps" in n for n in rt.gguf.tensors) and rt.gguf.has("blk.0.ffn_gate_exps.weight")
         rel, agree = compare(rt.logits(IDS_200[:64]), llama_logits(f32, [IDS_200[:64]]))
     assert rel <= 1e-4 and agree == 1.0
     q8 = write_model(tmp_path / "fused-q8.gguf", arch_config("qwen35moe", gate_up_fused=True, weight_type="Q8_0"))
-    with localmoe.load(q8, device="cpu") as rt:
+    with localmoe.load(q8, device="cpu", kv_type="f32") as rt:
         rel, _ = compare(rt.logits(IDS_200[:64]), llama_logits(q8, [IDS_200[:64]]))
     assert rel <= 1e-2
     check_budgeted_equals_all_resident(q8, IDS_200[:24])

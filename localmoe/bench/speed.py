@@ -243,9 +243,7 @@ class LocalMoETimer:
         return self.prompt, self.gen
 
     def _reset(self) -> None:
-        from ..model import KVCache
-
-        self._state["cache"] = KVCache(self.rt.spec, self.rt.n_ctx, self.rt.device)
+        self._state["cache"] = self.rt.new_cache()
 
     def _prefill(self, ids: list[int]) -> None:
         import torch

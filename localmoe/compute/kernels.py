@@ -809,6 +809,15 @@ def gather_rows(w: QLinear, ids: torch.Tensor) -> torch.Tensor | None:
     return out[:, : w.k] if _kp(w) != w.k else out
 
 
+# The KV cache's element types by name (LoadOptions.kv_type, `--kv-type`), and the one the C decode
+# kernels read (csrc/common.h's kv_t): half precision, as llama.cpp's default cache. A decode step reads
+# every cached key and value once a layer; float32 made that 16 MB a token at 48 layers and 80
+# positions and 400 MB at 2048 (docs/speed.md), float16 halves it, and the memory with it. A float32
+# cache (exact keys and values, llama.cpp's `--cache-type-k f32`) decodes through torch's attention.
+KV_TYPES = {"f16": torch.float16, "f32": torch.float32}
+KV_DTYPE = KV_TYPES["f16"]
+
+
 def attn_decode(
     qkv: torch.Tensor,
     k_cache: torch.Tensor,
@@ -821,15 +830,16 @@ def attn_decode(
     scale: float,
 ) -> torch.Tensor | None:
     """One token's attention in one C call: writes its key and value (from qkv [1, (n_q + n_kv)·d +
-    n_kv·dv], q and k already normed and rotated) at `pos` of the caches [n_kv, cap, d] / [n_kv, cap,
-    dv], and returns softmax(scale · q·Kᵀ) V over positions 0..pos as [1, n_q·dv]; None when the C
-    kernel does not apply (the caller runs torch's attention)."""
+    n_kv·dv] float32, q and k already normed and rotated) at `pos` of the caches [n_kv, cap, d] /
+    [n_kv, cap, dv] (KV_DTYPE), and returns softmax(scale · q·Kᵀ) V over positions 0..pos as [1,
+    n_q·dv]; None when the C kernel does not apply (the caller runs torch's attention)."""
     fn = _helper("attn_decode")
-    tensors = (qkv, k_cache, v_cache)
     if (
         fn is None
         or qkv.shape[0] != 1
-        or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors)
+        or qkv.dtype != torch.float32
+        or any(t.dtype != KV_DTYPE for t in (k_cache, v_cache))
+        or any(t.device.type != "cpu" or not t.is_contiguous() for t in (qkv, k_cache, v_cache))
     ):
         return None
     out = torch.empty(1, n_q * head_dim_v, dtype=torch.float32)

@@ -219,8 +219,6 @@ def calibrate(
     rt, text: str, max_tokens: int = 4096, samples: int = 64, window: int = 256, seed: int = 0, progress=None
 ) -> BuddyTable:
     """Run `rt`'s model over `text` (at most `max_tokens` tokens, in windows) and build the table."""
-    from ..model import KVCache
-
     ids = rt.tokenize(text)[:max_tokens]
     if len(ids) < 16:
         raise LocalMoEError("the calibration text is too short (fewer than 16 tokens); give a longer --text")
@@ -236,7 +234,7 @@ def calibrate(
     try:
         for start in range(0, len(ids), window):
             chunk = ids[start : start + window]
-            model.forward(torch.tensor(chunk), KVCache(rt.spec, rt.n_ctx, rt.device), all_logits=False)
+            model.forward(torch.tensor(chunk), rt.new_cache(), all_logits=False)
             if progress:
                 progress(min(start + window, len(ids)), len(ids))
     finally:

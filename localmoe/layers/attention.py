@@ -13,7 +13,7 @@ d head size, dv value head size; query head h reads KV head h // (H / Hkv).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ class GQA:
     v_norm: torch.Tensor | None = None  # [dv]: the values RMS-normed over each head (all ones: without a weight)
     spec: Any = None  # this layer's own shape (heads, head size, RoPE dims) where it differs from the model's
     rope: Any = None  # this layer's own rotation where it differs from the model's (layers/rope.Rope)
+    cache_dtype: ClassVar[torch.dtype | None] = None  # keys and values in the cache's type (LoadOptions.kv_type)
 
     @classmethod
     def load(
@@ -170,8 +171,8 @@ class GQA:
         cache.k[i][:, pos0 : pos0 + T] = k.transpose(0, 1)
         cache.v[i][:, pos0 : pos0 + T] = v.transpose(0, 1)
         S = pos0 + T
-        keys = cache.k[i][:, :S]  # [Hkv, S, d]
-        vals = cache.v[i][:, :S]  # [Hkv, S, dv]
+        # [Hkv, S, d] / [Hkv, S, dv] in the queries' type (the cache's may be float16: its rows as cached)
+        keys, vals = cache.k[i][:, :S].to(q.dtype), cache.v[i][:, :S].to(q.dtype)
         group = s.n_head // s.n_head_kv  # query head h reads KV head h // group
         qh = q.transpose(0, 1).reshape(s.n_head_kv, group * T, s.head_dim)  # [Hkv, group·T, d]: row g·T + t
         if self.sinks is not None or s.is_swa(i):

@@ -64,6 +64,8 @@ class Attention(Protocol):
     def cache_rows(self, s: Any) -> tuple[tuple[int, int], tuple[int, int]]:
         """((heads, width) of a key row, (heads, width) of a value row) of this layer's KV cache."""
 
+    cache_dtype: torch.dtype | None  # the element type of those rows; None: the KV cache's own (LoadOptions.kv_type)
+
 
 @dataclass
 class Block:

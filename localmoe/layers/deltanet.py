@@ -23,7 +23,7 @@ Shapes: T tokens in this call, D = n_embd, C = 2·Hk·dk + Hv·dv conv channels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ class GatedDeltaNet:
     norm: torch.Tensor  # [dv]: the gated RMS norm's weight
     wout: QLinear  # [D, Hv·dv]
     shape: Any  # gguf.file.DeltaNetShape
+    cache_dtype: ClassVar[torch.dtype] = torch.float32  # (no KV rows: cache_rows is empty)
 
     @classmethod
     def load(cls, w: Any, i: int) -> GatedDeltaNet:

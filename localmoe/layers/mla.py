@@ -11,7 +11,7 @@ dims, nope = head_dim − rope, v = head_dim_v.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -31,6 +31,9 @@ class MLA:
     k_b: torch.Tensor  # [H, r, nope]
     v_b: torch.Tensor  # [H, v, r]
     wo: QLinear  # [D, H·v]
+    # the latent rows stay float32: torch's matmuls read them whole every step (no C kernel here), and
+    # half-precision rows would be converted back, all of them, in every layer of every token
+    cache_dtype: ClassVar[torch.dtype] = torch.float32
 
     @classmethod
     def load(cls, w: Weights, i: int) -> MLA:

@@ -88,13 +88,58 @@ static inline void qk_norm_rope_rows(float *buf, int rows, int stride, int nh, i
                          sinv + (size_t)r * half, neox);
 }
 
-// A decode token's key and value (qkv = [q: nq heads x d | k: nkv x d | v: nkv x dv]) written at
-// position pos of a layer's caches k [nkv, cap, d], v [nkv, cap, dv] (both attention kernels' first step).
-static inline void append_kv(const float *qkv, float *kc, float *vc, int cap, int pos, int nq, int nkv, int d, int dv) {
+// The KV cache's element: IEEE half precision, as llama.cpp's default cache (model.KV_DTYPE, torch.float16).
+// Half the bytes of float32: a decode step reads every cached key and value once a layer, 16 MB a token at
+// 48 layers and 80 positions, 400 MB at 2048 in float32 (docs/speed.md). _Float16 where the compiler
+// has it (GCC 12+, Clang 15+; F16C or Arm's fp16 make the conversions one vector instruction), else
+// the bits converted by hand (also with LOCALMOE_KV_BITS defined: tests/test_kernels.py checks them);
+// either way float -> half rounds to nearest even, as torch's .half() does.
+#if defined(__FLT16_MAX__) && !defined(LOCALMOE_KV_BITS)
+typedef _Float16 kv_t;
+static inline float kv_float(kv_t h) { return (float)h; }
+static inline kv_t kv_half(float f) { return (kv_t)f; }
+#else
+typedef uint16_t kv_t;
+static inline float kv_float(kv_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+    float f;
+    if (e == 0x1f) u = sign | 0x7f800000u | (m << 13);       // inf, NaN
+    else if (e) u = sign | ((e + 112u) << 23) | (m << 13);   // normal: rebias 15 -> 127
+    else {                                                    // zero, subnormal: m * 2^-24
+        f = (float)m * 5.9604644775390625e-8f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline kv_t kv_half(float f) {
+    uint32_t u, sign;
+    memcpy(&u, &f, 4);
+    sign = (u >> 16) & 0x8000u;
+    u &= 0x7fffffffu;
+    if (u >= 0x47800000u) return (kv_t)(sign | (u > 0x7f800000u ? 0x7e00u : 0x7c00u));  // >= 65536: inf; NaN
+    if (u < 0x38800000u) {  // below 2^-14: a subnormal half (or zero); the float add rounds to nearest even
+        float v, magic = 0.5f;  // 2^-1: its ulp is 2^-24, the half subnormals' step
+        memcpy(&v, &u, 4);
+        v += magic;
+        memcpy(&u, &v, 4);
+        return (kv_t)(sign | (u - 0x3f000000u));
+    }
+    u += 0xc8000fffu + ((u >> 13) & 1u);  // rebias 127 -> 15 (mod 2^32) and round to nearest even
+    return (kv_t)(sign | (u >> 13));
+}
+#endif
+
+// A decode token's key and value (qkv = [q: nq heads x d | k: nkv x d | v: nkv x dv], float32) written
+// at position pos of a layer's caches k [nkv, cap, d], v [nkv, cap, dv] (kv_t; both attention kernels'
+// first step).
+static inline void append_kv(const float *qkv, kv_t *kc, kv_t *vc, int cap, int pos, int nq, int nkv, int d, int dv) {
     const float *kn = qkv + (size_t)nq * d, *vn = kn + (size_t)nkv * d;
     for (int h = 0; h < nkv; h++) {
-        memcpy(kc + ((size_t)h * cap + pos) * d, kn + (size_t)h * d, (size_t)d * sizeof(float));
-        memcpy(vc + ((size_t)h * cap + pos) * dv, vn + (size_t)h * dv, (size_t)dv * sizeof(float));
+        kv_t *kr = kc + ((size_t)h * cap + pos) * d, *vr = vc + ((size_t)h * cap + pos) * dv;
+        for (int i = 0; i < d; i++) kr[i] = kv_half(kn[(size_t)h * d + i]);
+        for (int i = 0; i < dv; i++) vr[i] = kv_half(vn[(size_t)h * dv + i]);
     }
 }
 

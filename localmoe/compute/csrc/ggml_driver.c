@@ -224,28 +224,42 @@ void lg_qk_norm_rope(float *buf, int rows, int stride, int nh, int nq, int d, co
     qk_norm_rope_rows(buf, rows, stride, nh, nq, d, qw, kw, eps, n_rot, cosv, sinv, neox, nthreads);
 }
 
+// dot16 with b a row of the KV cache (kv_t): the same 16 lanes, each half converted as it is read.
+static float dot16_kv(const float *a, const kv_t *b, int n) {
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * kv_float(b[i + l]);
+    float s = 0.f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    for (; i < n; i++) s += a[i] * kv_float(b[i]);
+    return s;
+}
+
 // One new token's attention against the KV cache (see lm_attn_decode in vnni.c): appends its key and
-// value at `pos`, then out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos] per query head (GQA).
-void lg_attn_decode(const float *qkv, float *kc, float *vc, int cap, int pos, int nq, int nkv, int d, int dv,
+// value at `pos` (the cache in half precision, common.h's kv_t), then out[h] = softmax(scale * q_h .
+// k[0..pos]) @ v[0..pos] per query head (GQA).
+void lg_attn_decode(const float *qkv, kv_t *kc, kv_t *vc, int cap, int pos, int nq, int nkv, int d, int dv,
                     float scale, float *out, float *scores, int nthreads) {
     const float *q = qkv;
     append_kv(qkv, kc, vc, cap, pos, nq, nkv, d, dv);
     int S = pos + 1, group = nq / nkv;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
     for (int h = 0; h < nq; h++) {
-        const float *qh = q + (size_t)h * d, *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
+        const float *qh = q + (size_t)h * d;
+        const kv_t *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
         float *p = scores + (size_t)h * S, mx = -INFINITY, total = 0.f;
         for (int s = 0; s < S; s++) {
-            p[s] = dot16(qh, kh + (size_t)s * d, d) * scale;
+            p[s] = dot16_kv(qh, kh + (size_t)s * d, d) * scale;
             mx = fmaxf(mx, p[s]);
         }
         for (int s = 0; s < S; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
         float *o = out + (size_t)h * dv, inv = 1.f / total;
         for (int i = 0; i < dv; i++) o[i] = 0.f;
         for (int s = 0; s < S; s++) {
-            const float *vr = vh + (size_t)s * dv;
+            const kv_t *vr = vh + (size_t)s * dv;
             float ps = p[s] * inv;
-            for (int i = 0; i < dv; i++) o[i] += ps * vr[i];
+            for (int i = 0; i < dv; i++) o[i] += ps * kv_float(vr[i]);
         }
     }
 }

@@ -471,30 +471,35 @@ int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x
 
 // Attention of one new token (decode) against the KV cache, after q/k norm and RoPE: appends its
 // key and value (from qkv = [q: nq heads x d | k: nkv x d | v: nkv x dv]) at position `pos` of the
-// per-layer cache k [nkv, cap, d], v [nkv, cap, dv], then for each query head h (KV head h / (nq /
-// nkv)): out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos]. out: [nq, dv].
-void lm_attn_decode(const float *qkv, float *kc, float *vc, int cap, int pos, int nq, int nkv, int d, int dv,
+// per-layer cache k [nkv, cap, d], v [nkv, cap, dv] (half precision, common.h's kv_t), then for each
+// query head h (KV head h / (nq / nkv)): out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos]. out:
+// [nq, dv]. The cache's halves become floats as they are loaded (one vcvtph2ps per 16); the heads of a
+// group read their KV head's rows after the first has brought them into L2.
+static inline __m512 load_kv16(const kv_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+void lm_attn_decode(const float *qkv, kv_t *kc, kv_t *vc, int cap, int pos, int nq, int nkv, int d, int dv,
                     float scale, float *out, float *scores, int nthreads) {
     const float *q = qkv;
     append_kv(qkv, kc, vc, cap, pos, nq, nkv, d, dv);
     int S = pos + 1, group = nq / nkv;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
     for (int h = 0; h < nq; h++) {
-        const float *qh = q + (size_t)h * d, *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
+        const float *qh = q + (size_t)h * d;
+        const kv_t *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
         float *p = scores + (size_t)h * S, mx = -INFINITY, total = 0.f;
         for (int s = 0; s < S; s++) {  // four accumulators: the FMA latency chain is d / 64 long, not d / 16
-            const float *kr = kh + (size_t)s * d;
+            const kv_t *kr = kh + (size_t)s * d;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             int i = 0;
             for (; i + 64 <= d; i += 64) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kr + i), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 16), _mm512_loadu_ps(kr + i + 16), a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 32), _mm512_loadu_ps(kr + i + 32), a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 48), _mm512_loadu_ps(kr + i + 48), a3);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load_kv16(kr + i), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 16), load_kv16(kr + i + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 32), load_kv16(kr + i + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 48), load_kv16(kr + i + 48), a3);
             }
-            for (; i + 16 <= d; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), _mm512_loadu_ps(kr + i), a0);
+            for (; i + 16 <= d; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load_kv16(kr + i), a0);
             float dot = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-            for (; i < d; i++) dot += qh[i] * kr[i];
+            for (; i < d; i++) dot += qh[i] * kv_float(kr[i]);
             p[s] = dot * scale;
             mx = fmaxf(mx, p[s]);
         }
@@ -514,19 +519,19 @@ void lm_attn_decode(const float *qkv, float *kc, float *vc, int cap, int pos, in
             for (int c = 0; c < 8; c++) acc[c] = _mm512_setzero_ps();
             for (int s = 0; s < S; s++) {
                 __m512 ps = _mm512_set1_ps(p[s]);
-                const float *vr = vh + (size_t)s * dv + i;
-                for (int c = 0; c < 8; c++) acc[c] = _mm512_fmadd_ps(ps, _mm512_loadu_ps(vr + 16 * c), acc[c]);
+                const kv_t *vr = vh + (size_t)s * dv + i;
+                for (int c = 0; c < 8; c++) acc[c] = _mm512_fmadd_ps(ps, load_kv16(vr + 16 * c), acc[c]);
             }
             for (int c = 0; c < 8; c++) _mm512_storeu_ps(o + i + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
         }
         for (; i + 16 <= dv; i += 16) {
             __m512 acc = _mm512_setzero_ps();
-            for (int s = 0; s < S; s++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), _mm512_loadu_ps(vh + (size_t)s * dv + i), acc);
+            for (int s = 0; s < S; s++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), load_kv16(vh + (size_t)s * dv + i), acc);
             _mm512_storeu_ps(o + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
         }
         for (; i < dv; i++) {
             float acc = 0.f;
-            for (int s = 0; s < S; s++) acc += p[s] * vh[(size_t)s * dv + i];
+            for (int s = 0; s < S; s++) acc += p[s] * kv_float(vh[(size_t)s * dv + i]);
             o[i] = acc * inv;
         }
     }
@@ -824,7 +829,7 @@ static int matvec1(const wdesc_t *w, const float *x, float *y, int nthreads) {
 
 // x [D] updated in place; the layer's cache kc [nkv, cap, d], vc [nkv, cap, dv] gets position pos;
 // cosv/sinv [n_rot / 2] at pos; ids [k] / wts [k] receive the routing. 0, or -1 when out of memory.
-static int lm_decode_layer(const lm_layer_t *L, float *x, float *kc, float *vc, int cap, int pos, const float *cosv,
+static int lm_decode_layer(const lm_layer_t *L, float *x, kv_t *kc, kv_t *vc, int cap, int pos, const float *cosv,
                            const float *sinv, int64_t *ids, float *wts, int nthreads) {
     int D = L->D, nqkv = 0, k = L->k, F2 = L->gate_up[0].N;
     for (int j = 0; j < L->n_qkv; j++) nqkv += L->qkv[j].N;
@@ -868,7 +873,7 @@ static int lm_decode_layer(const lm_layer_t *L, float *x, float *kc, float *vc, 
 // n consecutive layers of one decode token in one call (x updated in place): lm_decode_layer on each
 // in turn, layer j with its caches kc[j], vc[j] and routing ids [j, k], wts [j, k]. One call per
 // token instead of one per layer: a call from Python costs ~20 us, ~1 ms of a 48-layer token.
-int lm_decode_layers(int n, const lm_layer_t *const *L, float *x, float *const *kc, float *const *vc, int cap, int pos,
+int lm_decode_layers(int n, const lm_layer_t *const *L, float *x, kv_t *const *kc, kv_t *const *vc, int cap, int pos,
                      const float *cosv, const float *sinv, int64_t *ids, float *wts, int nthreads) {
     for (int j = 0; j < n; j++) {
         int rc = lm_decode_layer(L[j], x, kc[j], vc[j], cap, pos, cosv, sinv, ids + (size_t)j * L[j]->k,
