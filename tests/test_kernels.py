@@ -461,7 +461,10 @@ def test_fused_decode_ops_equal_their_torch_definitions(helpers, monkeypatch):
     # decode attention: appends the token's K/V at `pos` to the half-precision cache, then
     # softmax(scale q·Kᵀ) V per query head (GQA) over the cached halves
     assert kernels.KV_DTYPE == torch.float16
-    for H, Hkv, d, dv, cap, pos in ((8, 2, 64, 48, 40, 29), (4, 1, 128, 128, 300, 257)):  # dv ≠ d; 128, a long cache
+    # heads per KV head 4, 8, 16 (two blocks of 8) and 6 (blocks of 3: no unrolled case); dv ≠ d; head
+    # sizes that are not multiples of 16; a long cache
+    shapes = ((8, 2, 64, 48, 40, 29), (16, 2, 64, 48, 40, 29), (32, 2, 128, 128, 300, 257), (6, 1, 72, 40, 50, 33))
+    for H, Hkv, d, dv, cap, pos in shapes + ((4, 1, 128, 128, 300, 257),):
         kc = torch.randn(Hkv, cap, d, generator=g).half()
         vc = torch.randn(Hkv, cap, dv, generator=g).half()
         qkv = torch.randn(1, (H + Hkv) * d + Hkv * dv, generator=g) * 4
