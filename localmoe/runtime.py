@@ -550,7 +550,8 @@ def load(path: str | os.PathLike[str] | None = None, options: LoadOptions | None
     on_miss: fetch, cpu, drop, buddy, little or cost. profile: hardware profile of the modelled
     clock (laptop-8gb, desktop-24gb; default laptop-8gb when a budget is set without CUDA).
     n_cpu_moe / cpu_moe: llama.cpp's static placement (experts of the first N layers, or all, stay
-    on the CPU).
+    on the CPU). kv_type: the KV cache's element type, "f16" (default, as llama.cpp's) or "f32"
+    (exact keys and values; decode then runs torch's attention).
     trace: write the routing of every token to this file (JSON lines). miss_options: parameters of
     the miss policy, e.g. {"share": 0.5} for little, {"min_score": 0.4, "fallback": "fetch"} for
     buddy, {"quality_budget": 0.1} for cost (see docs/fallback.md). host_mem: host RAM (bytes or
