@@ -473,106 +473,66 @@ int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x
 // key and value (from qkv = [q: nq heads x d | k: nkv x d | v: nkv x dv]) at position `pos` of the
 // per-layer cache k [nkv, cap, d], v [nkv, cap, dv] (half precision, common.h's kv_t), then for each
 // query head h (KV head h / (nq / nkv)): out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos]. out:
-// [nq, dv]; scores: scratch [nq, pos + 1].
-//
-// The query heads that share a KV head are computed together, up to ATTN_QB at once: each cached
-// key and value is loaded and converted once for all of them (one vcvtph2ps per 16 halves), where a
-// loop over single heads read every row once per head (8 times for Qwen3-30B-A3B's 32 / 4 heads).
-// At 2048 positions a layer's cache is 4 MB, and those re-reads were most of a decode token's
-// attention (docs/speed.md). Blocks are split smaller only when there are fewer than threads.
-#define ATTN_QB 8
+// [nq, dv]. The cache's halves become floats as they are loaded (one vcvtph2ps per 16); the heads of a
+// group read their KV head's rows after the first has brought them into L2.
 static inline __m512 load_kv16(const kv_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-
-// n (<= ATTN_QB) query heads q [n, d] against one KV head's rows k [S, d], v [S, dv] (row strides d,
-// dv): p [n, S] scratch, out [n, dv]. Inlined per n, so that the per-head accumulators stay in registers.
-static inline __attribute__((always_inline)) void attn_heads(const float *q, int n, const kv_t *kh, const kv_t *vh, int S,
-                                                              int d, int dv, float scale, float *p, float *out) {
-    float mx[ATTN_QB], inv[ATTN_QB];
-    for (int j = 0; j < n; j++) mx[j] = -INFINITY;
-    for (int s = 0; s < S; s++) {  // scores: q_j . k_s for the n heads, the key row read once
-        const kv_t *kr = kh + (size_t)s * d;
-        __m512 acc[ATTN_QB];
-        for (int j = 0; j < n; j++) acc[j] = _mm512_setzero_ps();
-        int i = 0;
-        for (; i + 16 <= d; i += 16) {
-            __m512 kv = load_kv16(kr + i);
-            for (int j = 0; j < n; j++) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (size_t)j * d + i), kv, acc[j]);
-        }
-        for (int j = 0; j < n; j++) {
-            float dot = _mm512_reduce_add_ps(acc[j]);
-            for (int t = i; t < d; t++) dot += q[(size_t)j * d + t] * kv_float(kr[t]);
-            p[(size_t)j * S + s] = dot * scale;
-            mx[j] = fmaxf(mx[j], dot * scale);
-        }
-    }
-    for (int j = 0; j < n; j++) {  // softmax of each head's scores, in place
-        float *pj = p + (size_t)j * S;
-        __m512 vmx = _mm512_set1_ps(mx[j]), vt = _mm512_setzero_ps();
-        int s = 0;
-        for (; s + 16 <= S; s += 16) {
-            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pj + s), vmx));
-            _mm512_storeu_ps(pj + s, e);
-            vt = _mm512_add_ps(vt, e);
-        }
-        float total = _mm512_reduce_add_ps(vt);
-        for (; s < S; s++) { pj[s] = expf(pj[s] - mx[j]); total += pj[s]; }
-        inv[j] = 1.f / total;
-    }
-    int i = 0;
-    for (; i + 32 <= dv; i += 32) {  // values, 32 columns (a cache line of halves) at a time, converted once for the n heads
-        __m512 acc[ATTN_QB], acc2[ATTN_QB];
-        for (int j = 0; j < n; j++) acc[j] = acc2[j] = _mm512_setzero_ps();
-        for (int s = 0; s < S; s++) {
-            __m512 v = load_kv16(vh + (size_t)s * dv + i), v2 = load_kv16(vh + (size_t)s * dv + i + 16);
-            for (int j = 0; j < n; j++) {
-                __m512 pj = _mm512_set1_ps(p[(size_t)j * S + s]);
-                acc[j] = _mm512_fmadd_ps(pj, v, acc[j]);
-                acc2[j] = _mm512_fmadd_ps(pj, v2, acc2[j]);
-            }
-        }
-        for (int j = 0; j < n; j++) {
-            _mm512_storeu_ps(out + (size_t)j * dv + i, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv[j])));
-            _mm512_storeu_ps(out + (size_t)j * dv + i + 16, _mm512_mul_ps(acc2[j], _mm512_set1_ps(inv[j])));
-        }
-    }
-    for (; i + 16 <= dv; i += 16) {  // (a last 16 columns)
-        __m512 acc[ATTN_QB];
-        for (int j = 0; j < n; j++) acc[j] = _mm512_setzero_ps();
-        for (int s = 0; s < S; s++) {
-            __m512 v = load_kv16(vh + (size_t)s * dv + i);
-            for (int j = 0; j < n; j++) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)j * S + s]), v, acc[j]);
-        }
-        for (int j = 0; j < n; j++) _mm512_storeu_ps(out + (size_t)j * dv + i, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv[j])));
-    }
-    for (; i < dv; i++)
-        for (int j = 0; j < n; j++) {
-            float acc = 0.f;
-            for (int s = 0; s < S; s++) acc += p[(size_t)j * S + s] * kv_float(vh[(size_t)s * dv + i]);
-            out[(size_t)j * dv + i] = acc * inv[j];
-        }
-}
 
 void lm_attn_decode(const float *qkv, kv_t *kc, kv_t *vc, int cap, int pos, int nq, int nkv, int d, int dv,
                     float scale, float *out, float *scores, int nthreads) {
     const float *q = qkv;
     append_kv(qkv, kc, vc, cap, pos, nq, nkv, d, dv);
     int S = pos + 1, group = nq / nkv;
-    int qb = group < ATTN_QB ? group : ATTN_QB;  // heads per work item: fewer only where items < threads
-    while (qb > 1 && nkv * ((group + qb - 1) / qb) < nthreads) qb = (qb + 1) / 2;
-    int per = (group + qb - 1) / qb;  // work items per KV head
     #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
-    for (int it = 0; it < nkv * per; it++) {
-        int kvh = it / per, h0 = kvh * group + (it % per) * qb, n = kvh * group + group - h0;
-        n = n < qb ? n : qb;
-        const float *qh = q + (size_t)h0 * d;
-        const kv_t *kh = kc + (size_t)kvh * cap * d, *vh = vc + (size_t)kvh * cap * dv;
-        float *p = scores + (size_t)h0 * S, *o = out + (size_t)h0 * dv;
-        switch (n) {  // a constant n per case: attn_heads unrolled with its accumulators in registers
-            case 8: attn_heads(qh, 8, kh, vh, S, d, dv, scale, p, o); break;
-            case 4: attn_heads(qh, 4, kh, vh, S, d, dv, scale, p, o); break;
-            case 2: attn_heads(qh, 2, kh, vh, S, d, dv, scale, p, o); break;
-            case 1: attn_heads(qh, 1, kh, vh, S, d, dv, scale, p, o); break;
-            default: attn_heads(qh, n, kh, vh, S, d, dv, scale, p, o); break;
+    for (int h = 0; h < nq; h++) {
+        const float *qh = q + (size_t)h * d;
+        const kv_t *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
+        float *p = scores + (size_t)h * S, mx = -INFINITY, total = 0.f;
+        for (int s = 0; s < S; s++) {  // four accumulators: the FMA latency chain is d / 64 long, not d / 16
+            const kv_t *kr = kh + (size_t)s * d;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int i = 0;
+            for (; i + 64 <= d; i += 64) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load_kv16(kr + i), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 16), load_kv16(kr + i + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 32), load_kv16(kr + i + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i + 48), load_kv16(kr + i + 48), a3);
+            }
+            for (; i + 16 <= d; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load_kv16(kr + i), a0);
+            float dot = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+            for (; i < d; i++) dot += qh[i] * kv_float(kr[i]);
+            p[s] = dot * scale;
+            mx = fmaxf(mx, p[s]);
+        }
+        __m512 vmx = _mm512_set1_ps(mx), vt = _mm512_setzero_ps();
+        int s = 0;
+        for (; s + 16 <= S; s += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + s), vmx));
+            _mm512_storeu_ps(p + s, e);
+            vt = _mm512_add_ps(vt, e);
+        }
+        total = _mm512_reduce_add_ps(vt);
+        for (; s < S; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
+        float inv = 1.f / total, *o = out + (size_t)h * dv;
+        int i = 0;
+        for (; i + 128 <= dv; i += 128) {  // 8 independent accumulators over positions
+            __m512 acc[8];
+            for (int c = 0; c < 8; c++) acc[c] = _mm512_setzero_ps();
+            for (int s = 0; s < S; s++) {
+                __m512 ps = _mm512_set1_ps(p[s]);
+                const kv_t *vr = vh + (size_t)s * dv + i;
+                for (int c = 0; c < 8; c++) acc[c] = _mm512_fmadd_ps(ps, load_kv16(vr + 16 * c), acc[c]);
+            }
+            for (int c = 0; c < 8; c++) _mm512_storeu_ps(o + i + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        }
+        for (; i + 16 <= dv; i += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int s = 0; s < S; s++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), load_kv16(vh + (size_t)s * dv + i), acc);
+            _mm512_storeu_ps(o + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+        }
+        for (; i < dv; i++) {
+            float acc = 0.f;
+            for (int s = 0; s < S; s++) acc += p[s] * kv_float(vh[(size_t)s * dv + i]);
+            o[i] = acc * inv;
         }
     }
 }
