@@ -105,7 +105,7 @@ class KVCache:
             return
         cap = min(self.n_ctx, max(n_total, 2 * self._cap, 64))
         for i, (((hk, wk), (hv, wv)), dtype) in enumerate(zip(rows, dtypes, strict=True)):
-            dtype = dtype or self.kv_dtype
+            dtype = self.element_type(dtype)
             k = torch.zeros(hk, cap, wk, dtype=dtype, device=self.device)
             v = torch.zeros(hv, cap, wv, dtype=dtype, device=self.device)
             if self._cap:
@@ -117,6 +117,18 @@ class KVCache:
                 self.k.append(k)
                 self.v.append(v)
         self._cap = cap
+
+    def element_type(self, dtype: torch.dtype | None) -> torch.dtype:
+        """A layer's row type: its attention's own (Attention.cache_dtype), else this cache's kv_dtype."""
+        return dtype or self.kv_dtype
+
+    def full_bytes(self, rows: list[tuple[tuple[int, int], tuple[int, int]]], dtypes: list[torch.dtype | None]) -> int:
+        """Bytes of reserve's rows (the same layout and types) once they hold n_ctx positions."""
+        per_position = (
+            (hk * wk + hv * wv) * self.element_type(dtype).itemsize
+            for ((hk, wk), (hv, wv)), dtype in zip(rows, dtypes, strict=True)
+        )
+        return sum(per_position) * self.n_ctx
 
     def clear(self) -> None:
         self.n = 0

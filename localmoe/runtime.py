@@ -332,10 +332,7 @@ class Runtime:
     def kv_cache_bytes(self) -> int:
         """Bytes of the KV cache's rows once the context is full (n_ctx positions; the cache grows to
         it by doubling). Recurrent states (DeltaNet layers) are not counted: their size is fixed."""
-        total = 0
-        for ((hk, wk), (hv, wv)), dtype in zip(self.model.cache_rows, self.model.cache_dtypes):
-            total += (hk * wk + hv * wv) * self.n_ctx * (dtype or KV_TYPES[self.kv_type]).itemsize
-        return total
+        return self.new_cache().full_bytes(self.model.cache_rows, self.model.cache_dtypes)
 
     def _forward(self, ids: list[int], cache: KVCache, all_logits: bool) -> torch.Tensor:
         with compute_policy.use(self.compute):

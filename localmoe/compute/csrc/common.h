@@ -88,7 +88,7 @@ static inline void qk_norm_rope_rows(float *buf, int rows, int stride, int nh, i
                          sinv + (size_t)r * half, neox);
 }
 
-// The KV cache's element: IEEE half precision, as llama.cpp's default cache (model.KV_DTYPE, torch.float16).
+// The KV cache's element: IEEE half precision, as llama.cpp's default cache (compute/kernels.KV_DTYPE, torch.float16).
 // Half the bytes of float32: a decode step reads every cached key and value once a layer, 16 MB a token at
 // 48 layers and 80 positions, 400 MB at 2048 in float32 (docs/speed.md). _Float16 where the compiler
 // has it (GCC 12+, Clang 15+; F16C or Arm's fp16 make the conversions one vector instruction), else
