@@ -55,7 +55,10 @@ def test_declarations_decide_the_fast_paths(make_model):
         "c_router",
         "fused_experts",
     }  # MLA: not the GQA kernels; softmax routing (V2): the C router
-    assert got["gpt-oss"] == {"embedding_gather"}  # sinks, windows, biases, top-k then softmax, clamped SwiGLU
+    # the C attention takes its sinks and windows; biases, sinks and windows: no fused q/k-norm+RoPE; top-k then
+    # softmax: no C router; clamped SwiGLU: no fused experts
+    assert got["gpt-oss"] == {"embedding_gather", "c_decode_attention"}
+    assert got["gemma4"] == {"embedding_gather", "c_decode_attention", "c_router"}  # windows, v norm; GeGLU
 
 
 # the modules that call the C router, the C decode attention and the fused q/k-norm + RoPE
@@ -64,7 +67,7 @@ FAST_CALL_SITES = {"route": routers_mod, "attn_decode": attention_mod, "qk_norm_
 
 class _Spy:
     def __init__(self, fn, allowed: bool):
-        self.fn, self.allowed, self.calls = fn, allowed, 0
+        self.fn, self.allowed, self.calls = fn, allowed, 0  # allowed: False makes a call fail the test
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -73,12 +76,13 @@ class _Spy:
         return self.fn(*args, **kwargs)
 
 
-def _run(gguf: GGUFModel, ids: list[int], monkeypatch, allowed: bool) -> tuple[np.ndarray, dict[str, int]]:
-    """Prefill 16 ids, then decode the rest one by one (decode attention's path) → logits [len-15, V]."""
-    spies = {name: _Spy(getattr(mod, name), allowed) for name, mod in FAST_CALL_SITES.items()}
+def _run(gguf: GGUFModel, ids: list[int], monkeypatch, allowed: set[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """Prefill 16 ids, then decode the rest one by one (decode attention's path) → logits [len-15, V].
+    allowed: the fast calls that may run (FAST_CALL_SITES' and swiglu_decode); any other fails the test."""
+    spies = {name: _Spy(getattr(mod, name), name in allowed) for name, mod in FAST_CALL_SITES.items()}
     for name, spy in spies.items():
         monkeypatch.setattr(FAST_CALL_SITES[name], name, spy)
-    spies["swiglu_decode"] = _Spy(experts_mod.swiglu_decode, allowed)
+    spies["swiglu_decode"] = _Spy(experts_mod.swiglu_decode, "swiglu_decode" in allowed)
     monkeypatch.setattr(experts_mod, "swiglu_decode", spies["swiglu_decode"])
     stats = StatsCollector(gguf.spec.n_layer, gguf.spec.n_expert)
     m = MoEModel(gguf, AllResident(ExpertStore(gguf, torch.device("cpu"), 1 << 30), stats), torch.device("cpu"))
@@ -94,19 +98,22 @@ def test_undeclared_fast_paths_do_not_run_and_the_reference_path_is_right(make_m
     """A qwen3moe file read as an architecture that declares q/k/v biases (none in this file), a
     sliding window (of no length here), expert biases (none here) and expert groups (two of four
     experts each, both used): nothing changes the numbers, but the fused q/k-norm+RoPE, the C
-    decode attention, the C router and the fused expert kernel no longer fit the declarations —
-    they must not run, and the logits must stay right."""
+    router and the fused expert kernel no longer fit the declarations — they must not run, and the
+    logits must stay right. The C decode attention (which takes biased q/k/v once torch added the
+    biases, and windows) still does."""
     path = make_model("qwen3moe", "Q8_0")
     ids = np.random.default_rng(3).integers(0, 300, 24).tolist()
-    base, calls = _run(GGUFModel(path), ids, monkeypatch, allowed=True)
+    every = {*FAST_CALL_SITES, "swiglu_decode"}
+    base, calls = _run(GGUFModel(path), ids, monkeypatch, allowed=every)
     if native_lib() is not None:  # the spies see the fast paths when they are allowed
         assert calls["route"] and calls["attn_decode"] and calls["qk_norm_rope"] and calls["swiglu_decode"]
     other = GGUFModel(path)
     arch = dataclasses.replace(other.spec.arch, qkv_bias=True, sliding_window=True, expert_bias=True)
     other.spec = dataclasses.replace(other.spec, arch=arch, n_expert_groups=2, n_group_used=2)
-    assert fast_paths(other.spec) == {"embedding_gather"}
-    ref, calls = _run(other, ids, monkeypatch, allowed=False)
-    assert calls == {"route": 0, "attn_decode": 0, "qk_norm_rope": 0, "swiglu_decode": 0}
+    assert fast_paths(other.spec) == {"embedding_gather", "c_decode_attention"}
+    ref, calls = _run(other, ids, monkeypatch, allowed={"attn_decode"})
+    n_decoded = len(ids) - 16
+    assert calls == {"route": 0, "attn_decode": n_decoded * other.spec.n_layer, "qk_norm_rope": 0, "swiglu_decode": 0}
     np.testing.assert_allclose(ref, base, rtol=1e-4, atol=1e-4 * np.abs(base).max())
     with localmoe.load(path, device="cpu") as rt:  # and both are the one-pass logits
         full = rt.logits(ids)[15:]

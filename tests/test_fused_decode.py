@@ -4,6 +4,8 @@ every other layer to the Python path."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,25 @@ def test_layers_that_differ_run_the_python_path(make_model):
         got, _ = _decode(rt, ids, fused=True)
         assert rt.model._fused is None
     assert torch.equal(got, ref)
+
+
+def test_windowed_and_sink_layers_run_the_python_path(make_model):
+    """The C decode attention takes windows and sinks (c_decode is set on gpt-oss's and Gemma 4's
+    layers), lm_decode_layer's does not: none of their layers is fused, nor a windowed or sink
+    layer of a file otherwise plain, while its other layers still are."""
+    for arch in ("gpt-oss", "gemma4"):
+        with localmoe.load(make_model(arch, "Q8_0"), device="cpu") as rt:
+            assert all(lw.attn.c_decode for lw in rt.model.layers)
+            assert rt.model._fused is None and FD.FusedDecode.build(rt.model) is None
+    with localmoe.load(make_model("qwen3moe", "Q8_0"), device="cpu") as rt:
+        m, s = rt.model, rt.spec
+        assert sorted(FD.FusedDecode.build(m).layers) == list(range(s.n_layer))
+        m.spec = dataclasses.replace(s, n_swa=8, swa_layers=(True,) + (False,) * (s.n_layer - 1))  # layer 0 windowed
+        assert sorted(FD.FusedDecode.build(m).layers) == list(range(1, s.n_layer))
+        m.spec = s
+        m.layers[0].attn.sinks = torch.zeros(s.n_head)  # layer 0 with sinks
+        assert sorted(FD.FusedDecode.build(m).layers) == list(range(1, s.n_layer))
+        m.layers[0].attn.sinks = None
 
 
 def test_experts_in_place_keep_their_layer_on_the_python_path(make_model):

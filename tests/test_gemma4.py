@@ -58,7 +58,8 @@ def test_spec_reads_the_layer_pattern_and_each_kinds_shape(make_model):
         assert (s.n_head_kv_swa, s.head_dim_swa, s.n_rot_swa, s.rope_base_swa) == (2, 64, 64, 1e4)
         assert s.kq_scale == 1.0 and s.embd_scale == 16.0 and s.final_logit_softcap == 30.0 and s.n_ff_dense == 192
         assert s.routing == "softmax_topk" and s.norm_topk
-        assert fast_paths(s) == {"embedding_gather", "c_router"}  # window: no C attention; GeGLU: no fused experts
+        # the C attention with its windows; v norm and windows: no fused q/k-norm+RoPE; GeGLU: no fused experts
+        assert fast_paths(s) == {"embedding_gather", "c_router", "c_decode_attention"}
         for i, lw in enumerate(rt.model.layers):
             a = lw.attn
             assert a.v_from_k == (i >= 2)  # the global layers have no attn_v: V = K

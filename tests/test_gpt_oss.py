@@ -32,7 +32,7 @@ def test_spec_reads_window_sinks_and_routing(make_model):
         assert [s.is_swa(i) for i in range(3)] == [True, False, True]
         assert s.routing == "topk_softmax" and not s.norm_topk
         assert s.kq_scale == pytest.approx(1 / math.sqrt(s.n_rot)) and s.rope_scaling == "yarn"
-        assert fast_paths(s) == {"embedding_gather"}
+        assert fast_paths(s) == {"embedding_gather", "c_decode_attention"}  # (the C attention: windows and sinks)
         assert all(
             lw.sinks is not None and lw.sinks.shape == (s.n_head,) and lw.router_bias is not None and lw.bo is not None
             for lw in rt.model.layers

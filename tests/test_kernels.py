@@ -507,6 +507,57 @@ def test_fused_decode_ops_equal_their_torch_definitions(helpers, monkeypatch):
     torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not HELPERS, reason="neither the AVX-512 kernel nor the ggml driver is available")
+@pytest.mark.parametrize("helpers", HELPERS)
+def test_decode_attention_window_and_sinks_equal_attend_explicit(helpers, monkeypatch):
+    """The C decode attention with a sliding window and per-head sinks (gpt-oss, Gemma 4) computes
+    what layers/attention.py's attend_explicit (llama.cpp's soft_max_ext) does over the same halves:
+    windows shorter than the context, of one position, of exactly and beyond the context; sinks
+    random, −inf (no mass), and one that takes ~88% of its head's mass. Only the window's rows are
+    read: every other row of the cache the kernel sees is NaN, which would reach the output."""
+    from localmoe.layers.attention import attend_explicit
+
+    if helpers == "portable":
+        monkeypatch.setattr(kernels, "native_lib", lambda: None)
+    g = torch.Generator().manual_seed(1)
+    # heads per KV head 4, 8, 16, 6 and 1; dv ≠ d; head sizes that are not multiples of 16; a long cache
+    shapes = ((8, 2, 64, 48, 40, 29), (16, 2, 64, 48, 40, 29), (32, 2, 128, 128, 300, 257), (6, 1, 72, 40, 50, 33))
+    for H, Hkv, d, dv, cap, pos in shapes + ((4, 4, 64, 64, 20, 11),):
+        group = H // Hkv
+        kc = torch.randn(Hkv, cap, d, generator=g).half()
+        vc = torch.randn(Hkv, cap, dv, generator=g).half()
+        qkv = torch.randn(1, (H + Hkv) * d + Hkv * dv, generator=g) * 4
+        k_want, v_want = kc.clone(), vc.clone()  # the cache after the append, every row clean
+        k_want[:, pos] = qkv[0, H * d : (H + Hkv) * d].view(Hkv, d)
+        v_want[:, pos] = qkv[0, (H + Hkv) * d :].view(Hkv, dv)
+        qh = qkv[0, : H * d].view(Hkv, group, d)  # attend_explicit's rows g·T + t, T = 1
+        keys, vals = k_want[:, : pos + 1].float(), v_want[:, : pos + 1].float()
+        for n_swa in (0, 1, 2, 7, pos, pos + 1, pos + 40):
+            lo = max(0, pos + 1 - n_swa) if n_swa > 0 else 0
+            for kind in ("none", "random", "large"):
+                sinks = None
+                if kind != "none":
+                    sinks = torch.randn(H, generator=g) * 2
+                    sinks[-1] = float("-inf")
+                if kind == "large":  # head 0's sink: the logsumexp of its visible logits + 2, e²/(1 + e²) of its mass
+                    sinks[0] = torch.logsumexp((keys[0, lo:] @ qh[0, 0]) * 0.125, -1) + 2
+                kc_run, vc_run = kc.clone(), vc.clone()
+                for c in (kc_run, vc_run):  # rows outside lo..pos: NaN, so a read of any of them shows
+                    c[:, :lo] = float("nan")
+                    c[:, pos + 1 :] = float("nan")
+                out = kernels.attn_decode(qkv, kc_run, vc_run, pos, H, Hkv, d, dv, 0.125, n_swa=n_swa, sinks=sinks)
+                assert out is not None
+                assert torch.equal(kc_run[:, pos], k_want[:, pos]) and torch.equal(vc_run[:, pos], v_want[:, pos])
+                want = attend_explicit(qh, keys, vals, pos, 1, 0.125, sinks, n_swa)  # [Hkv, group, dv]
+                torch.testing.assert_close(out.view(H, dv), want.reshape(H, dv), rtol=1e-5, atol=1e-5)
+                if kind == "large":  # the sink took its mass: head 0's output ~12% of its sink-free one
+                    free = attend_explicit(qh, keys, vals, pos, 1, 0.125, None, n_swa)[0, 0]
+                    torch.testing.assert_close(out[0, :dv], free * (1 / (1 + np.e**2)), rtol=1e-4, atol=1e-5)
+    # sinks the kernel cannot read as float32 [H]: the caller runs torch's attention
+    for bad in (torch.zeros(H, dtype=torch.float64), torch.zeros(H + 1), torch.zeros(2 * H)[::2]):
+        assert kernels.attn_decode(qkv, kc.clone(), vc.clone(), pos, H, Hkv, d, dv, 0.125, sinks=bad) is None
+
+
 def test_torch_fallback_runs_a_model_whose_head_rows_are_not_a_multiple_of_16(tmp_path):
     """LOCALMOE_KERNEL=torch on a Q4_0 file with a 307-row output head (it crashed in torch's int4
     packing: 'expect N to be dividable by 16'): loads and gives the default path's logits."""

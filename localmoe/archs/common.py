@@ -92,17 +92,19 @@ FAST_PATHS = ("c_router", "c_decode_attention", "fused_qk_norm_rope", "embedding
 
 def fast_paths(spec: Any) -> frozenset[str]:
     """The C fast paths `spec` (a ModelSpec) may take. The C router is softmax → top-k (→ renorm,
-    scale) over unbiased logits of all experts; decode attention and the fused q/k-norm+RoPE assume
-    GQA heads laid out [q | k | v] with no biases, sinks or window; the fused expert kernels (one C
-    call per decode layer, the GPU's device-routed decode) compute silu(g)·u without biases; the
-    embedding gather assumes a plain lookup."""
+    scale) over unbiased logits of all experts; the decode attention takes any GQA layer's [q | k |
+    v] row once its biases, norms and RoPE are applied (by torch where the fused step does not
+    apply), with the layer's sliding window and sinks; the fused q/k-norm+RoPE (which the one-C-call
+    decode layer requires too) assumes GQA heads with no biases, sinks or window and a norm per head
+    or none; the fused expert kernels (one C call per decode layer, the GPU's device-routed decode)
+    compute silu(g)·u without biases; the embedding gather assumes a plain lookup."""
     arch: ArchSpec = spec.arch
     out = {"embedding_gather"}
     if spec.routing == "softmax_topk" and spec.n_expert_groups <= 1 and not arch.router_bias:
         out.add("c_router")
-    if arch.attention == "gqa" and not arch.sinks and not arch.sliding_window:
+    if arch.attention == "gqa":
         out.add("c_decode_attention")
-        if not arch.qkv_bias and arch.qk_norm != "full":
+        if not arch.sinks and not arch.sliding_window and not arch.qkv_bias and arch.qk_norm != "full":
             out.add("fused_qk_norm_rope")
     if arch.expert_act == "swiglu" and not arch.expert_bias:
         out.add("fused_experts")

@@ -18,7 +18,8 @@ DECODE_HELPERS = {
     "route": "v piipiiifpppi",  # x, T, D, W, E, k, norm, scale, ids, wts, scratch, nthreads
     "rms_norm": "v ppiipfi",  # x, y, rows, n, w, eps, nthreads
     "qk_norm_rope": "v piiiiippfippii",  # buf, rows, stride, nh, nq, d, qw, kw, eps, n_rot, cos, sin, neox, nthreads
-    "attn_decode": "v pppiiiiiifppi",  # qkv, kc, vc, cap, pos, nq, nkv, d, dv, scale, out, scores, nthreads
+    # qkv, kc, vc, cap, pos, nq, nkv, d, dv, scale, n_swa, sinks, out, scores, nthreads
+    "attn_decode": "v pppiiiiiifipppi",
 }
 
 # csrc/vnni.c's own (lm_NAME)

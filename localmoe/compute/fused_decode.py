@@ -9,10 +9,11 @@ fused layers is one call from Python (lm_decode_layers): ~20 µs a call, ~1 ms o
 
 It applies to a layer only where that layer is exactly what the C calls compute, checked once per
 layer when the plan is built (`FusedDecode.build`): the plain GQA attention (its q, k, v weights
-in one matrix or one per type, no biases, no sinks, no output gate, a per-head or no q/k norm, the
-model's own RoPE), the plain MoE block (the C router's softmax → top-k, no shared expert, no
-per-expert scale) and every expert of the layer repacked for the VNNI kernel and resident in the
-host store (residency/resident.AllResident: the trivial plan, no residency decisions to make).
+in one matrix or one per type, no biases, no sinks, no sliding window, no output gate, a per-head
+or no q/k norm, the model's own RoPE), the plain MoE block (the C router's softmax → top-k, no
+shared expert, no per-expert scale) and every expert of the layer repacked for the VNNI kernel and
+resident in the host store (residency/resident.AllResident: the trivial plan, no residency
+decisions to make).
 Any other layer runs the Python path, as before.
 """
 
@@ -148,12 +149,13 @@ def _layer(model: Any, i: int, lw: Any) -> tuple[_Layer, list[Any]] | None:
         and all(_unpadded_vnni(w) for w in a.wqkv)
         and _unpadded_vnni(a.wo)
         and a.fused_qk_norm_rope
-        and a.c_decode
+        and a.c_decode  # (granted to windowed and sink layers as well: the checks below keep those out)
         and a.qk_norm in ("none", "per_head")
         and not a.out_gate
         and not a.v_from_k
         and a.v_norm is None
         and a.sinks is None
+        and not s.is_swa(i)  # lm_decode_layer attends over every position (its lm_attn_decode: no window)
         and a.spec is None
         and a.rope is None
         and all(b is None for b in (a.bq, a.bk, a.bv, a.bo))

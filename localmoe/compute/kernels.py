@@ -828,11 +828,16 @@ def attn_decode(
     head_dim: int,
     head_dim_v: int,
     scale: float,
+    n_swa: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """One token's attention in one C call: writes its key and value (from qkv [1, (n_q + n_kv)·d +
     n_kv·dv] float32, q and k already normed and rotated) at `pos` of the caches [n_kv, cap, d] /
-    [n_kv, cap, dv] (KV_DTYPE), and returns softmax(scale · q·Kᵀ) V over positions 0..pos as [1,
-    n_q·dv]; None when the C kernel does not apply (the caller runs torch's attention)."""
+    [n_kv, cap, dv] (KV_DTYPE), and returns softmax(scale · q·Kᵀ) V over positions lo..pos as [1,
+    n_q·dv], as layers/attention.py's attend_explicit: lo = max(0, pos + 1 − n_swa) with a sliding
+    window (n_swa > 0), else 0; sinks [n_q] float32 (or None): one more logit per query head,
+    unscaled, in the softmax's denominator only. None when the C kernel does not apply (the caller
+    runs torch's attention)."""
     fn = _helper("attn_decode")
     if (
         fn is None
@@ -840,10 +845,20 @@ def attn_decode(
         or qkv.dtype != torch.float32
         or any(t.dtype != KV_DTYPE for t in (k_cache, v_cache))
         or any(t.device.type != "cpu" or not t.is_contiguous() for t in (qkv, k_cache, v_cache))
+        or (
+            sinks is not None
+            and (
+                sinks.dtype != torch.float32
+                or sinks.device.type != "cpu"
+                or not sinks.is_contiguous()
+                or sinks.numel() != n_q
+            )
+        )
     ):
         return None
     out = torch.empty(1, n_q * head_dim_v, dtype=torch.float32)
-    scores = torch.empty(n_q, pos + 1, dtype=torch.float32)
+    # [n_q, positions read]: the window's, or the whole context's without one
+    scores = torch.empty(n_q, min(pos + 1, n_swa) if n_swa > 0 else pos + 1, dtype=torch.float32)
     fn(
         qkv.data_ptr(),
         k_cache.data_ptr(),
@@ -855,6 +870,8 @@ def attn_decode(
         head_dim,
         head_dim_v,
         scale,
+        n_swa,
+        sinks.data_ptr() if sinks is not None else None,
         out.data_ptr(),
         scores.data_ptr(),
         torch.get_num_threads(),

@@ -149,10 +149,13 @@ class GQA:
         elif gate is not None:
             qkv = qkv[:, : sum(self._widths(s))]  # (one row: still contiguous, as the C decode needs)
         scale = s.kq_scale
-        # decode: cache append + attention in one C call; otherwise (or without the kernel) torch
+        # decode: cache append + attention (its window and sinks too) in one C call; otherwise (or
+        # without the kernel) torch
         out = None
         if T == 1 and self.c_decode:
-            out = attn_decode(qkv, cache.k[i], cache.v[i], pos0, s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v, scale)
+            n_swa = s.n_swa if s.is_swa(i) else 0  # (0: no window on this layer)
+            heads = (s.n_head, s.n_head_kv, s.head_dim, s.head_dim_v)
+            out = attn_decode(qkv, cache.k[i], cache.v[i], pos0, *heads, scale, n_swa=n_swa, sinks=self.sinks)
         if out is None:
             out = self._sdpa(s, i, qkv, cache, pos0, scale)
         if gate is not None:

@@ -238,22 +238,26 @@ static float dot16_kv(const float *a, const kv_t *b, int n) {
 
 // One new token's attention against the KV cache (see lm_attn_decode in vnni.c): appends its key and
 // value at `pos` (the cache in half precision, common.h's kv_t), then out[h] = softmax(scale * q_h .
-// k[0..pos]) @ v[0..pos] per query head (GQA).
+// k[lo..pos]) @ v[lo..pos] per query head (GQA): lo = max(0, pos + 1 - n_swa) with a sliding window
+// (n_swa > 0), else 0, only those rows read; sinks [nq] or NULL: one more unscaled logit per head, in
+// the softmax's max and denominator only. scores: scratch [nq, pos + 1 - lo].
 void lg_attn_decode(const float *qkv, kv_t *kc, kv_t *vc, int cap, int pos, int nq, int nkv, int d, int dv,
-                    float scale, float *out, float *scores, int nthreads) {
+                    float scale, int n_swa, const float *sinks, float *out, float *scores, int nthreads) {
     const float *q = qkv;
     append_kv(qkv, kc, vc, cap, pos, nq, nkv, d, dv);
-    int S = pos + 1, group = nq / nkv;
+    int lo = n_swa > 0 && pos + 1 > n_swa ? pos + 1 - n_swa : 0;
+    int S = pos + 1 - lo, group = nq / nkv;  // S positions lo..pos; below, s counts from lo
     #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
     for (int h = 0; h < nq; h++) {
         const float *qh = q + (size_t)h * d;
-        const kv_t *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
-        float *p = scores + (size_t)h * S, mx = -INFINITY, total = 0.f;
+        const kv_t *kh = kc + ((size_t)(h / group) * cap + lo) * d, *vh = vc + ((size_t)(h / group) * cap + lo) * dv;
+        float *p = scores + (size_t)h * S, mx = sinks ? sinks[h] : -INFINITY, total = 0.f;
         for (int s = 0; s < S; s++) {
             p[s] = dot16_kv(qh, kh + (size_t)s * d, d) * scale;
             mx = fmaxf(mx, p[s]);
         }
         for (int s = 0; s < S; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
+        if (sinks) total += expf(sinks[h] - mx);  // (a sink of -inf adds 0)
         float *o = out + (size_t)h * dv, inv = 1.f / total;
         for (int i = 0; i < dv; i++) o[i] = 0.f;
         for (int s = 0; s < S; s++) {

@@ -472,21 +472,27 @@ int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x
 // Attention of one new token (decode) against the KV cache, after q/k norm and RoPE: appends its
 // key and value (from qkv = [q: nq heads x d | k: nkv x d | v: nkv x dv]) at position `pos` of the
 // per-layer cache k [nkv, cap, d], v [nkv, cap, dv] (half precision, common.h's kv_t), then for each
-// query head h (KV head h / (nq / nkv)): out[h] = softmax(scale * q_h . k[0..pos]) @ v[0..pos]. out:
+// query head h (KV head h / (nq / nkv)): out[h] = softmax(scale * q_h . k[lo..pos]) @ v[lo..pos]. out:
 // [nq, dv]. The cache's halves become floats as they are loaded (one vcvtph2ps per 16); the heads of a
 // group read their KV head's rows after the first has brought them into L2.
+// As llama.cpp (and layers/attention.py's attend_explicit): a sliding window n_swa > 0 keeps the last
+// n_swa positions, lo = max(0, pos + 1 - n_swa), else lo = 0; only those rows are read, so a windowed
+// layer's work is the window's, not the context's. sinks [nq] or NULL: one more logit per head,
+// unscaled, in the softmax's max and denominator only (it takes probability mass, adds no value).
+// scores: scratch [nq, pos + 1 - lo].
 static inline __m512 load_kv16(const kv_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 
 void lm_attn_decode(const float *qkv, kv_t *kc, kv_t *vc, int cap, int pos, int nq, int nkv, int d, int dv,
-                    float scale, float *out, float *scores, int nthreads) {
+                    float scale, int n_swa, const float *sinks, float *out, float *scores, int nthreads) {
     const float *q = qkv;
     append_kv(qkv, kc, vc, cap, pos, nq, nkv, d, dv);
-    int S = pos + 1, group = nq / nkv;
+    int lo = n_swa > 0 && pos + 1 > n_swa ? pos + 1 - n_swa : 0;
+    int S = pos + 1 - lo, group = nq / nkv;  // S positions lo..pos; below, s counts from lo
     #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
     for (int h = 0; h < nq; h++) {
         const float *qh = q + (size_t)h * d;
-        const kv_t *kh = kc + (size_t)(h / group) * cap * d, *vh = vc + (size_t)(h / group) * cap * dv;
-        float *p = scores + (size_t)h * S, mx = -INFINITY, total = 0.f;
+        const kv_t *kh = kc + ((size_t)(h / group) * cap + lo) * d, *vh = vc + ((size_t)(h / group) * cap + lo) * dv;
+        float *p = scores + (size_t)h * S, mx = sinks ? sinks[h] : -INFINITY, total = 0.f;
         for (int s = 0; s < S; s++) {  // four accumulators: the FMA latency chain is d / 64 long, not d / 16
             const kv_t *kr = kh + (size_t)s * d;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -512,6 +518,7 @@ void lm_attn_decode(const float *qkv, kv_t *kc, kv_t *vc, int cap, int pos, int 
         }
         total = _mm512_reduce_add_ps(vt);
         for (; s < S; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
+        if (sinks) total += expf(sinks[h] - mx);  // (a sink of -inf adds 0)
         float inv = 1.f / total, *o = out + (size_t)h * dv;
         int i = 0;
         for (; i + 128 <= dv; i += 128) {  // 8 independent accumulators over positions
@@ -850,7 +857,7 @@ static int lm_decode_layer(const lm_layer_t *L, float *x, kv_t *kc, kv_t *vc, in
         lm_qk_norm_rope(qkv, 1, nqkv, L->nq + L->nkv, L->nq, L->d, L->q_rms, L->k_rms, L->eps, L->n_rot, cosv, sinv,
                         L->neox, nthreads);
         LAP(PH_ROPE, t);
-        lm_attn_decode(qkv, kc, vc, cap, pos, L->nq, L->nkv, L->d, L->dv, L->kq_scale, att, scores, nthreads);
+        lm_attn_decode(qkv, kc, vc, cap, pos, L->nq, L->nkv, L->d, L->dv, L->kq_scale, 0, NULL, att, scores, nthreads);
         LAP(PH_ATTN, t);
         rc = matvec1(L->wo, att, o, nthreads);
         LAP(PH_WO, t);
