@@ -644,3 +644,51 @@ def test_swiglu_decode_silu_where_its_exponential_overflows():
     assert fused is not None and torch.isfinite(fused).all()
     loop = sum(c * swiglu_expert(e, x) for c, e in zip(coef, experts))
     torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-4 * float(loop.abs().max()))
+
+
+@pytest.mark.skipif(kernels.native_lib() is None, reason="no AVX-512 VNNI C kernel on this machine")
+@pytest.mark.parametrize("row_blocks", [True, False], ids=["r16", "rows"])
+@pytest.mark.parametrize(
+    "gate_up,down,n_ff,d",
+    [(Q.Q4_0, Q.Q4_0, 128, 256), (Q.Q8_0, Q.Q8_0, 96, 96), (Q.Q5_0, Q.Q4_1, 96, 160), (Q.Q4_K, Q.Q6_K, 256, 512)],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+def test_swiglu_prefill_is_the_per_expert_loop(gate_up, down, n_ff, d, row_blocks):
+    """A prompt's routed experts in one C call (lm_swiglu_prefill) against run_plan's loop, one
+    expert at a time (gather, gate|up, torch's SiLU, down, index_add_): uneven token counts — one
+    token, none, more than the C call's 256-row pass, every token — and, with per-row layouts, row
+    lengths the kernel pads. The matmuls are the same products and c · y is rounded before it is
+    added, as index_add_ of y * w rounds it; only the SiLU (the C one's e^x against torch's) may
+    round differently, and the down matmul's int8 activations absorb nearly all of that: measured,
+    every output here equal to the bit (with a fused multiply-add in the sum, ~23% differed, by up to
+    1e-7 of the largest output)."""
+    from localmoe.compute.experts import swiglu_expert, swiglu_prompt
+
+    rng = np.random.default_rng(31)
+    T = 300
+    counts = [1, 0, 20, T, 5, 2, 257]
+    with policy.override(row_blocks=row_blocks):
+        experts = random_ffns(len(counts), gate_up, down, n_ff, d, rng)
+        x = torch.from_numpy(rng.standard_normal((T, d), dtype=np.float32))
+        rows = [
+            (torch.from_numpy(np.sort(rng.choice(T, n, replace=False))), torch.from_numpy(rng.random(n, np.float32)))
+            for n in counts
+        ]
+        got = swiglu_prompt(experts, x, rows)
+        loop = torch.zeros(T, d)
+        for w, (tok, c) in zip(experts, rows):
+            loop.index_add_(0, tok, swiglu_expert(w, x[tok]) * c.unsqueeze(1))
+        assert got is not None
+        scale = float(loop.abs().max())
+        torch.testing.assert_close(got, loop, rtol=1e-5, atol=1e-6 * scale)
+        assert float((got == loop).float().mean()) > 0.99  # (the same products, summed in the same order)
+        # from policy().gemm_rows rows on an expert takes the dequantize + SGEMM path: the caller loops
+        with policy.override(gemm_rows=T):
+            assert swiglu_prompt(experts, x, rows) is None
+        # experts of two shapes, or one that is not plain SwiGLU: the caller loops
+        other = random_ffns(1, gate_up, down, 2 * n_ff, d, rng)
+        assert swiglu_prompt(experts[:1] + other, x, rows[:2]) is None
+        import dataclasses
+
+        oai = dataclasses.replace(experts[0], act="swiglu_oai", fused_ok=False)
+        assert swiglu_prompt([oai], x, rows[:1]) is None

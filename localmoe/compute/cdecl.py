@@ -30,6 +30,8 @@ VNNI = {
     # K, N, codes, nibble, scale, zero, offset, G, out, nthreads, high, hbits, r16, kd, kdmin, kmode
     "dequant_f32": "v iipippiipipiippi",
     "swiglu_decode": "i ippppppi",  # E, gate_up descs, down descs, x, coef, h, y, nthreads
+    # E, gate_up descs, down descs, x, rows (int64), offsets [E + 1] (int), coefs, out, nthreads
+    "swiglu_prefill": "i ipppppppi",
     "r16_rows": "v ppip",  # desc, ids, T, out
     "repack_r16": "i ipiipppiipp",  # qtype, raw, N, K, codes, scale, zero, nthreads, kmode, kd, kdmin
     "decode_layers": "i ippppiippppi",  # n, layers, x, kcs, vcs, cap, pos, cos, sin, ids, wts, nthreads

@@ -21,7 +21,17 @@ import torch.nn.functional as F
 from ..gguf import names
 from ..gguf.blocks import raw_bytes
 from .counters import to_device
-from .kernels import QLinear, RawMatrix, choose_backend, fuse_rows, ggml_weight, matvec_many, repack, swiglu_decode
+from .kernels import (
+    QLinear,
+    RawMatrix,
+    choose_backend,
+    fuse_rows,
+    ggml_weight,
+    matvec_many,
+    repack,
+    swiglu_decode,
+    swiglu_prefill,
+)
 
 ExpertId = tuple[int, int]  # (layer, expert)
 
@@ -178,6 +188,19 @@ def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float
         y = torch.cat([w.down(r[None]) for w, r in zip(ws, h)])
     y = _plus_biases(y, [w.down_bias for w in ws])
     return torch.tensor(weights, dtype=y.dtype)[None] @ y
+
+
+def swiglu_prompt(
+    ws: list[ExpertWeights], x: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor | None:
+    """Σ_s weight · expert_s(x[tokens_s]) → [T, D] for a prompt's routed experts `ws` (rows[s] =
+    (token indices, router weights), summed in the order given) in one C call
+    (kernels.swiglu_prefill), or None where that call does not compute exactly these experts: not
+    all plain (silu(g)·u, no biases, fused_experts declared) or not all VNNI weights of one shape
+    below policy().gemm_rows rows each. The caller then runs swiglu_expert per expert."""
+    if not ws or not all(w.plain for w in ws):
+        return None
+    return swiglu_prefill([w.gate_up for w in ws], [w.down for w in ws], x, rows)
 
 
 # -- grouped execution on the GPU tier (Triton) --------------------------------------------------

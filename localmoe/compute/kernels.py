@@ -979,6 +979,49 @@ def swiglu_decode(
     return y
 
 
+def swiglu_prefill(
+    gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor | None:
+    """Σ_s weight · down_s(silu(gate_s x) · up_s x) over experts s on their token rows, x [T, D] →
+    [T, D], in one C call (vnni.c's lm_swiglu_prefill): rows[s] = (token indices [n] int64, router
+    weights [n] float32), the experts summed in the order given. Each matmul has the products one
+    `_vnni_matmul` per expert and matrix would give; the SiLU is the decode kernel's (vectorised
+    e^x), so the sum differs from the torch loop by float rounding only. None (the caller loops)
+    unless every weight is a VNNI weight of one shape per matrix, x is float32 and no expert has
+    policy().gemm_rows rows or more (those would take the dequantize + SGEMM path)."""
+    lib = vnni_lib()
+    if lib is None or not gate_up or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    counts = [int(tok.numel()) for tok, _ in rows]
+    if max(counts) >= policy().gemm_rows:
+        return None
+    gu_batch, dn_batch = _batch(gate_up, x), _batch(down, None)
+    if gu_batch is None or dn_batch is None:
+        return None
+    (gu, xp, _), (dn, _, _) = gu_batch, dn_batch
+    w0, d0 = gate_up[0], down[0]
+    if w0.n % 2 or d0.k != w0.n // 2 or d0.n != x.shape[1]:
+        return None
+    offsets = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int32)
+    tok = torch.cat([t for t, _ in rows]).to(torch.int64).contiguous()
+    coef = torch.cat([w for _, w in rows]).to(torch.float32).contiguous()
+    out = torch.zeros(x.shape[0], d0.n, dtype=torch.float32)
+    rc = lib.lm_swiglu_prefill(
+        len(gate_up),
+        gu,
+        dn,
+        xp.data_ptr(),
+        tok.data_ptr(),
+        offsets.data_ptr(),
+        coef.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("lm_swiglu_prefill could not allocate its scratch buffers")
+    return out
+
+
 def _ggml_halves(w: QLinear) -> tuple[LgW, LgW] | None:
     """A "ggml" gate+up weight [2F, D] as its gate and up descriptors (rows 0..F, F..2F)."""
     segs = _ggml_segs(w)

@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .counters import readback, to_device
-from .experts import ExpertWeights, grouped_ready, grouped_swiglu, resident_decode, swiglu_expert, swiglu_experts
+from .experts import (
+    ExpertWeights,
+    grouped_ready,
+    grouped_swiglu,
+    resident_decode,
+    swiglu_expert,
+    swiglu_experts,
+    swiglu_prompt,
+)
 
 # Where a routed expert runs (ExpertPlan.where):
 RESIDENT = "resident"  # on the GPU tier already (a hit, or a resident substitute)
@@ -112,10 +120,16 @@ def run_plan(plan: ExpertPlan, x: torch.Tensor) -> torch.Tensor:
         if order:
             return swiglu_experts([plan.source(e) for e in order], x, coefs)
     rows = plan.rows
+    order = sorted(rows)
+    ws = [plan.source(e) for e in order]  # (in the order the loop below read them)
+    if x.shape[0] > 1 and ws:  # a prompt: every expert in one C call where they are all plain VNNI experts
+        out = swiglu_prompt(ws, x, [rows[e] for e in order])
+        if out is not None:
+            return out
     out = torch.zeros_like(x)
-    for e in sorted(rows):
+    for e, wt in zip(order, ws):
         tok, w = rows[e]
-        out.index_add_(0, tok, swiglu_expert(plan.source(e), x[tok]) * w.unsqueeze(1))
+        out.index_add_(0, tok, swiglu_expert(wt, x[tok]) * w.unsqueeze(1))
     return out
 
 

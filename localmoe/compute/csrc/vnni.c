@@ -434,6 +434,19 @@ static inline double now_s(void) {
 // the time since t to step ph; t becomes now
 #define LAP(ph, t) do { double now_ = now_s(); phase_s[ph] += now_ - (t); (t) = now_; } while (0)
 
+// One row of gate | up (g = gu[0..F), u = gu[F..2F)) → a[0..F) = silu(g) · u, and a[F..Kd) = 0 (the
+// padding columns of the down weights).
+static inline void swiglu_row(const float *gu, int F, float *a, int Kd) {
+    const float *g = gu, *u = gu + F;
+    int i = 0;
+    for (; i + 16 <= F; i += 16) {  // silu(g) · u = g / (1 + e^-g) · u
+        __m512 gv = _mm512_loadu_ps(g + i), e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), _mm512_loadu_ps(u + i)));
+    }
+    for (; i < F; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    for (i = F; i < Kd; i++) a[i] = 0.f;
+}
+
 // The routed experts of one decode token: y = sum_e c[e] * down_e(silu(gate_e x) * up_e x), with every
 // expert's gate+up rows in one parallel pass and every down row in another. h: scratch [E, 2 F].
 int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x, const float *c, float *h, float *y, int nthreads) {
@@ -444,17 +457,7 @@ int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x
     int rc = lm_qmatvec_multi(E, gu, x, 0, h, 2 * F, nthreads);
     LAP(PH_GATE_UP, t);
     if (rc == 0) {
-        for (int e = 0; e < E; e++) {
-            const float *g = h + (size_t)e * 2 * F, *u = g + F;
-            float *a = act + (size_t)e * dn[0].K;
-            int i = 0;
-            for (; i + 16 <= F; i += 16) {  // silu(g) · u = g / (1 + e^-g) · u
-                __m512 gv = _mm512_loadu_ps(g + i), e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-                _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), _mm512_loadu_ps(u + i)));
-            }
-            for (; i < F; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-            for (int i = F; i < dn[0].K; i++) a[i] = 0.f;  // padding columns of the down weights
-        }
+        for (int e = 0; e < E; e++) swiglu_row(h + (size_t)e * 2 * F, F, act + (size_t)e * dn[0].K, dn[0].K);
         LAP(PH_ACT, t);
         rc = lm_qmatvec_multi(E, dn, act, dn[0].K, out, D, nthreads);
         LAP(PH_DOWN, t);
@@ -467,6 +470,94 @@ int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x
         }
     free(act); free(out);
     return rc;
+}
+
+// A job for weight w (a wdesc_t) on T rows of quantized activations (xq, dxg, xs as quantize_x
+// writes them) into y [T, w->N].
+static inline job_t desc_job(const wdesc_t *w, int T, const int8_t *xq, const float *dxg, const float *xs, float *y) {
+    job_t j = {T, w->K, w->N, w->G, w->nibble, w->offset, w->codes, w->scale, w->zero, xq, dxg, xs, y,
+               w->high, w->hbits, w->r16, w->ablock, w->kd, w->kdmin, w->kmode};
+    return j;
+}
+
+// o[i] += c · y[i] with the product rounded to float before the sum, as torch's
+// `out.index_add_(0, tok, y * w)` rounds it (the empty asm keeps any compiler from fusing the two).
+static inline void add_scaled(float *o, const float *y, float c, int n) {
+    __m512 cv = _mm512_set1_ps(c);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 p = _mm512_mul_ps(cv, _mm512_maskz_loadu_ps(m, y + i));
+        __asm__("" : "+v"(p));
+        _mm512_mask_storeu_ps(o + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o + i), p));
+    }
+}
+
+// Token rows per pass of one expert in lm_swiglu_prefill: its scratch is bounded whatever the
+// prompt (a multiple of 4, so the 4-token tiles group the rows as one lm_qmatmul call would).
+#define PREFILL_ROWS 256
+
+// The routed experts of a prompt in one call: for expert j (0..E-1, in the order given: the Python
+// loop's, sorted ids), its token rows rows[offsets[j]..offsets[j+1]) of x [T, gu.K] and their router
+// weights coefs[same]: out[row] += coef · down_j(silu(gate_j x[row]) · up_j x[row]) (out [T, dn.N]).
+// Each matmul is lm_qmatmul's arithmetic on the expert's rows (quantize_x, then job_rows): the same
+// products as one lm_qmatmul per matrix and expert; the SiLU is lm_swiglu_decode's. The experts run
+// one after another, each stage split over the threads in one parallel region, so every output
+// element sums its experts' terms in the given order. Scratch: PREFILL_ROWS rows of each stage.
+int lm_swiglu_prefill(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x, const int64_t *rows,
+                      const int *offsets, const float *coefs, float *out, int nthreads) {
+    if (E <= 0) return 0;
+    int K = gu[0].K, F2 = gu[0].N, Kd = dn[0].K, D = dn[0].N, Kx = K > Kd ? K : Kd, nmax = 0;
+    for (int j = 0; j < E; j++) {
+        int n = offsets[j + 1] - offsets[j];
+        if (n > nmax) nmax = n;
+    }
+    if (nmax > PREFILL_ROWS) nmax = PREFILL_ROWS;
+    if (nmax == 0) return 0;
+    int8_t *xq = aligned_alloc(64, ((size_t)nmax * Kx + 64 + 63) / 64 * 64);
+    float *dxg = aligned_alloc(64, ((size_t)nmax * (Kx / 16) + 16) * 4);
+    float *xs = aligned_alloc(64, ((size_t)nmax * (Kx / 16) + 16) * 4);
+    float *h = aligned_alloc(64, ((size_t)nmax * F2 * 4 + 63) / 64 * 64);
+    float *act = aligned_alloc(64, ((size_t)nmax * Kd * 4 + 63) / 64 * 64);
+    float *y = aligned_alloc(64, ((size_t)nmax * D * 4 + 63) / 64 * 64);
+    int ok = xq && dxg && xs && h && act && y;
+    if (ok) {
+        #pragma omp parallel num_threads(nthreads)
+        for (int j = 0; j < E; j++)
+            for (int p0 = offsets[j]; p0 < offsets[j + 1]; p0 += PREFILL_ROWS) {  // every thread takes every pass
+                int n = offsets[j + 1] - p0 < PREFILL_ROWS ? offsets[j + 1] - p0 : PREFILL_ROWS;
+                const int64_t *r = rows + p0;
+                const float *c = coefs + p0;
+                int Gu = gu[j].G, Gd = dn[j].G;
+                job_t jg = desc_job(&gu[j], n, xq, dxg, xs, h), jd = desc_job(&dn[j], n, xq, dxg, xs, y);
+                #pragma omp for schedule(static)
+                for (int t = 0; t < n; t++)  // the expert's rows of x, quantized as lm_qmatmul does
+                    quantize_x(x + (size_t)r[t] * K, 1, K, Gu, gu[j].ablock, xq + (size_t)t * K, dxg + (size_t)t * (K / Gu),
+                               xs + (size_t)t * (K / Gu));
+                #pragma omp for schedule(static)
+                for (int b = 0; b < job_items(&jg); b++) job_rows(&jg, b, group_index(Gu));
+                #pragma omp for schedule(static)
+                for (int t = 0; t < n; t++) {
+                    float *a = act + (size_t)t * Kd;
+                    swiglu_row(h + (size_t)t * F2, F2 / 2, a, Kd);
+                    quantize_x(a, 1, Kd, Gd, dn[j].ablock, xq + (size_t)t * Kd, dxg + (size_t)t * (Kd / Gd), xs + (size_t)t * (Kd / Gd));
+                }
+                #pragma omp for schedule(static)
+                for (int b = 0; b < job_items(&jd); b++) job_rows(&jd, b, group_index(Gd));
+                // out[r[t]] += c[t] · y[t], threads split by columns, each column's rows in order (as
+                // index_add_ adds them, a token listed twice included)
+                #pragma omp for schedule(static)
+                for (int c0 = 0; c0 < D; c0 += 64) {
+                    int c1 = c0 + 64 < D ? c0 + 64 : D;
+                    for (int t = 0; t < n; t++) {
+                        float *o = out + (size_t)r[t] * D;
+                        const float *yt = y + (size_t)t * D;
+                        add_scaled(o + c0, yt + c0, c[t], c1 - c0);
+                    }
+                }
+            }
+    }
+    free(xq); free(dxg); free(xs); free(h); free(act); free(y);
+    return ok ? 0 : -1;
 }
 
 // Attention of one new token (decode) against the KV cache, after q/k norm and RoPE: appends its
