@@ -83,6 +83,32 @@ def test_explicit_attention_without_sinks_or_window_is_sdpa(make_model):
         torch.testing.assert_close(only_self, vals[:, pos0:].repeat(1, group, 1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_swa", [0, 1, 7, 40, 100])
+@pytest.mark.parametrize("budget", [1, 700, 1 << 24])
+def test_explicit_attention_in_blocks_is_the_whole_softmax(monkeypatch, n_swa, budget):
+    """A prompt's queries go in blocks of at most EXPLICIT_SCORES score elements, each block against
+    only the keys it can see: the same outputs as the whole masked softmax, with sinks and windows
+    (budget 1: one query a block; 700: a few; 2^24: one block)."""
+    from localmoe.layers import attention
+
+    g = torch.Generator().manual_seed(n_swa)
+    Hkv, group, T, S, d, dv = 2, 3, 37, 50, 16, 12
+    qh, keys = torch.randn(Hkv, group * T, d, generator=g), torch.randn(Hkv, S, d, generator=g)
+    vals, sinks = torch.randn(Hkv, S, dv, generator=g), torch.randn(Hkv * group, generator=g)
+    pos0 = S - T
+    # the whole computation: every query against every key, masked
+    scores = (qh @ keys.transpose(1, 2)) * 0.3  # [Hkv, group·T, S]
+    q_pos = torch.arange(pos0, pos0 + T).repeat(group)[:, None]
+    k_pos = torch.arange(S)[None, :]
+    hidden = (k_pos > q_pos) | ((q_pos - k_pos >= n_swa) if n_swa > 0 else torch.zeros_like(k_pos, dtype=torch.bool))
+    sink = sinks.view(Hkv, group, 1).expand(Hkv, group, T).reshape(Hkv, group * T, 1)
+    probs = torch.cat([scores.masked_fill(hidden, float("-inf")), sink], dim=-1).softmax(-1)[..., :S]
+    want = probs @ vals
+    monkeypatch.setattr(attention, "EXPLICIT_SCORES", budget)
+    got = attention.attend_explicit(qh, keys, vals, pos0, T, 0.3, sinks, n_swa)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_clamped_swiglu_matches_its_definition():
     gate = torch.tensor([[-20.0, -1.0, 0.5, 6.9, 7.0, 30.0]])
     up = torch.tensor([[-20.0, 8.0, -0.5, 0.0, 7.5, -9.0]])

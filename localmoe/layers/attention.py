@@ -191,6 +191,12 @@ class GQA:
         return out.view(s.n_head, T, s.head_dim_v).transpose(0, 1).reshape(T, s.n_head * s.head_dim_v)
 
 
+# The most score elements attend_explicit holds at once (float32: 64 MiB): a prompt's queries go in
+# blocks under it. Whole, a 4096-token prompt of gpt-oss's shape (64 heads) made [64, 4096, 4096]
+# scores and their masked and softmaxed copies, ≈ 9 GiB more peak memory for a 4-layer file.
+EXPLICIT_SCORES = 1 << 24
+
+
 def attend_explicit(
     qh: torch.Tensor,
     keys: torch.Tensor,
@@ -205,19 +211,32 @@ def attend_explicit(
     qh [Hkv, group·T, d] (row g·T + t is query head kvh·group + g at position pos0 + t), keys
     [Hkv, S, d], vals [Hkv, S, dv] → [Hkv, group·T, dv]. Query p sees key p0 when p0 ≤ p and,
     with a window (n_swa > 0), p − p0 < n_swa. A sink is one more logit per head, unscaled, in
-    the softmax's denominator only: it takes probability mass and gives back no value."""
-    Hkv, GT, _ = qh.shape
-    S = keys.shape[1]
+    the softmax's denominator only: it takes probability mass and gives back no value. The queries
+    go in blocks of positions whose scores fit EXPLICIT_SCORES, each block against only the keys
+    it can see (from its first query's window start to its last query)."""
+    Hkv, GT, d = qh.shape
     group = GT // T
-    scores = (qh @ keys.transpose(1, 2)) * scale  # [Hkv, group·T, S]
-    q_pos = torch.arange(pos0, pos0 + T, device=qh.device).repeat(group)  # [group·T]
-    k_pos = torch.arange(S, device=qh.device)
-    hidden = k_pos[None, :] > q_pos[:, None]
-    if n_swa > 0:
-        hidden |= q_pos[:, None] - k_pos[None, :] >= n_swa
-    scores = scores.masked_fill(hidden, float("-inf"))
-    if sinks is not None:
-        sink = sinks.view(Hkv, group, 1).expand(Hkv, group, T).reshape(Hkv, GT, 1).to(scores.dtype)
-        scores = torch.cat([scores, sink], dim=-1)
-    probs = scores.softmax(-1)[..., :S]
-    return probs @ vals
+    q4 = qh.view(Hkv, group, T, d)
+    out = qh.new_empty(Hkv, group, T, vals.shape[-1])
+    sink = None if sinks is None else sinks.view(Hkv, group, 1, 1).to(qh.dtype)
+    per_query = EXPLICIT_SCORES // (Hkv * group)  # score elements a block may hold per (KV head, group row)
+    if n_swa > 0:  # at most n_swa queries a block: each sees ≤ 2·n_swa keys between them
+        block = max(1, min(n_swa, per_query // (2 * n_swa)))
+    else:  # each query sees at most all the keys
+        block = max(1, per_query // keys.shape[1])
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        lo = max(0, pos0 + t0 - n_swa + 1) if n_swa > 0 else 0  # the first key any of these queries sees
+        hi = pos0 + t1  # one past the last
+        scores = (q4[:, :, t0:t1] @ keys[:, None, lo:hi].transpose(-1, -2)) * scale  # [Hkv, group, tb, hi - lo]
+        q_pos = torch.arange(pos0 + t0, pos0 + t1, device=qh.device)[:, None]
+        k_pos = torch.arange(lo, hi, device=qh.device)[None, :]
+        hidden = k_pos > q_pos
+        if n_swa > 0:
+            hidden |= q_pos - k_pos >= n_swa
+        scores = scores.masked_fill(hidden, float("-inf"))
+        if sink is not None:
+            scores = torch.cat([scores, sink.expand(Hkv, group, t1 - t0, 1)], dim=-1)
+        probs = scores.softmax(-1)[..., : hi - lo]
+        out[:, :, t0:t1] = probs @ vals[:, None, lo:hi]
+    return out.view(Hkv, GT, -1)
