@@ -1,6 +1,6 @@
 // Pieces both CPU libraries compute the same way (vnni.c for AVX-512, ggml_driver.c everywhere):
 // the router's softmax and top-k, the row-wise RMS norm, the per-head q/k norm + RoPE (and the
-// row loops both export over them), and the decode attention's KV-cache append. Static
+// row loops both export over them), and the decode attention's KV-cache append and window start. Static
 // inline, so each library compiles them with its own flags; the arithmetic is written once, and
 // cbuild.py's cache key covers this header, so a change here rebuilds both.
 #ifndef LOCALMOE_COMMON_H
@@ -130,6 +130,11 @@ static inline kv_t kv_half(float f) {
     return (kv_t)(sign | (u >> 13));
 }
 #endif
+
+// The first cached position a decode query at `pos` attends to: with a sliding window (n_swa > 0,
+// llama.cpp's and layers/attention.py's attend_explicit's rule) the last n_swa positions, itself
+// included; without one, position 0. The decode attention reads rows lo..pos only.
+static inline int attn_window_start(int pos, int n_swa) { return n_swa > 0 && pos + 1 > n_swa ? pos + 1 - n_swa : 0; }
 
 // A decode token's key and value (qkv = [q: nq heads x d | k: nkv x d | v: nkv x dv], float32) written
 // at position pos of a layer's caches k [nkv, cap, d], v [nkv, cap, dv] (kv_t; both attention kernels'

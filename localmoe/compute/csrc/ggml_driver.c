@@ -245,7 +245,7 @@ void lg_attn_decode(const float *qkv, kv_t *kc, kv_t *vc, int cap, int pos, int 
                     float scale, int n_swa, const float *sinks, float *out, float *scores, int nthreads) {
     const float *q = qkv;
     append_kv(qkv, kc, vc, cap, pos, nq, nkv, d, dv);
-    int lo = n_swa > 0 && pos + 1 > n_swa ? pos + 1 - n_swa : 0;
+    int lo = attn_window_start(pos, n_swa);
     int S = pos + 1 - lo, group = nq / nkv;  // S positions lo..pos; below, s counts from lo
     #pragma omp parallel for schedule(static) num_threads(nthreads) if ((size_t)S * nq * d >= (1u << 15))
     for (int h = 0; h < nq; h++) {
