@@ -31,6 +31,7 @@ from .compute.experts import pack_ffn
 from .compute.fused_decode import FusedDecode
 from .compute.ggml_backend import usable_ggml
 from .compute.kernels import KV_DTYPE, QLinear, fuse_rows, gather_rows, repack, rms_norm
+from .errors import LocalMoEError
 from .gguf import names
 from .gguf.blocks import QUANT_TYPES, dequantize, raw_bytes, to_torch
 from .gguf.file import GGUFModel, ModelSpec, TensorView
@@ -100,7 +101,14 @@ class KVCache:
     ) -> None:
         """Room for n_total positions; rows: per layer ((heads, width) of a key row, (heads, width)
         of a value row), as the layer's attention lays out its cache (Attention.cache_rows), in the
-        element type dtypes[layer] (Attention.cache_dtype; None: the cache's kv_dtype)."""
+        element type dtypes[layer] (Attention.cache_dtype; None: the cache's kv_dtype). More than
+        n_ctx positions raise LocalMoEError: the rows never grow past n_ctx, and a position beyond
+        them would be written outside the cache (the C decode attention does not check)."""
+        if n_total > self.n_ctx:
+            raise LocalMoEError(
+                f"{n_total} positions do not fit the context of {self.n_ctx}; start a new cache (or rewind "
+                "this one), or load with a larger n_ctx (--ctx-size)"
+            )
         if n_total <= self._cap:
             return
         cap = min(self.n_ctx, max(n_total, 2 * self._cap, 64))

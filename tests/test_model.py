@@ -70,6 +70,27 @@ def test_kv_cache_type_sets_the_rows_element_and_their_bytes(make_model, monkeyp
         localmoe.load(path, device="cpu", kv_type="q8_0")
 
 
+def test_a_position_past_the_context_is_refused_not_written(make_model):
+    """The cache holds n_ctx positions: a forward that would go past them (a prompt, or one more
+    decode token through the fused C layers) raises LocalMoEError and leaves the cache as it was.
+    Before, reserve capped its rows at n_ctx and the C decode attention wrote the next position
+    past the rows' end (glibc then aborted on a corrupted heap)."""
+    with localmoe.load(make_model("qwen3moe", "Q4_0"), device="cpu", n_ctx=24) as rt:
+        cache = rt.new_cache()
+        with pytest.raises(localmoe.LocalMoEError, match="25 positions do not fit the context of 24"):
+            rt.model.forward(torch.tensor(IDS_200[:25]), cache)
+        assert cache.n == 0
+        rt.model.forward(torch.tensor(IDS_200[:20]), cache)
+        for t in IDS_200[20:24]:  # decode up to the last position the rows hold
+            rt.model.forward(torch.tensor([t]), cache)
+        assert cache.n == 24 and cache.k[0].shape[1] == 24
+        with pytest.raises(localmoe.LocalMoEError, match="start a new cache"):
+            rt.model.forward(torch.tensor([IDS_200[24]]), cache)
+        assert cache.n == 24
+        cache.rewind(23)  # room again: the last position decodes as before
+        assert torch.isfinite(rt.model.forward(torch.tensor([IDS_200[24]]), cache)).all()
+
+
 def _helper_sets() -> list[str]:
     """The C decode helpers this machine has, as `load`'s kernel choice: the default (AVX-512 where
     built, else the portable ones) and, beside the AVX-512 ones, the portable ones alone (ggml)."""
