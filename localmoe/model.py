@@ -19,6 +19,7 @@ Shapes in comments: T tokens in this call, D = n_embd, V vocabulary, E experts, 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from collections.abc import Callable
 import torch
@@ -60,6 +61,7 @@ class KVCache:
         self.kv_dtype = kv_dtype  # the rows of the layers whose attention takes the cache's type (cache_dtype None)
         self.n = 0
         self._cap = 0
+        self._pointers: tuple[ctypes.Array, ctypes.Array] | None = None  # c_pointers' arrays
         self.k: list[torch.Tensor] = []  # per layer [heads, cap, width], in the layer's cache_dtype
         self.v: list[torch.Tensor] = []  # per layer [heads, cap, width]
         self.states: dict[int, list[torch.Tensor]] = {}  # recurrent layer → its state tensors (the layer's layout)
@@ -125,6 +127,18 @@ class KVCache:
                 self.k.append(k)
                 self.v.append(v)
         self._cap = cap
+        self._pointers = None  # (the rows moved)
+
+    def c_pointers(self) -> tuple[ctypes.Array, ctypes.Array]:
+        """Every layer's key rows and value rows as C pointer arrays (the fused decode's), kept until
+        reserve moves the rows."""
+        if self._pointers is None:
+            n = len(self.k)
+            self._pointers = (
+                (ctypes.c_void_p * n)(*(t.data_ptr() for t in self.k)),
+                (ctypes.c_void_p * n)(*(t.data_ptr() for t in self.v)),
+            )
+        return self._pointers
 
     def element_type(self, dtype: torch.dtype | None) -> torch.dtype:
         """A layer's row type: its attention's own (Attention.cache_dtype), else this cache's kv_dtype."""
@@ -307,6 +321,8 @@ class MoEModel:
         store = getattr(self.experts, "store", None)
         key = (id(self.experts), store.summary()["repacked"] if store is not None else 0)
         if self._fused_key != key:
+            if self._fused is not None:
+                self._fused.close()
             self._fused, self._fused_key = FusedDecode.build(self), key
         return self._fused
 
@@ -324,6 +340,10 @@ class MoEModel:
         if fused is not None:
             x = x.contiguous()
             cos, sin = (t.reshape(-1).contiguous() for t in self.rope.tables(pos0, 1, x.device))
+            if fused.whole:  # every layer, the norm and the head in one C call
+                logits = fused.token(x, cache, pos0, cos, sin)
+                cache.n = pos0 + 1
+                return logits if not s.final_logit_softcap else softcap(logits, s.final_logit_softcap)
         i = 0
         while i < len(self.layers):
             if fused is not None and i in fused.spans:  # a run of whole layers in one C call, the same steps as below

@@ -42,16 +42,18 @@ def _decode(rt, ids: list[int], fused: bool) -> tuple[torch.Tensor, np.ndarray]:
 def test_fused_layers_equal_the_python_path(make_model, qtype, monkeypatch):
     path = make_model("qwen3moe", qtype)
     ids = np.random.default_rng(1).integers(0, 200, 40).tolist()
-    runs = []
-    real_run = FD.FusedDecode.run
-    monkeypatch.setattr(FD.FusedDecode, "run", lambda self, *a: runs.append(a[0]) or real_run(self, *a))
+    runs = []  # per C call: the run of layers (lm_decode_layers) or the whole token (lm_decode_token)
+    real_run, real_token = FD.FusedDecode.run, FD.FusedDecode.token
+    monkeypatch.setattr(FD.FusedDecode, "run", lambda self, *a: runs.append("run") or real_run(self, *a))
+    monkeypatch.setattr(FD.FusedDecode, "token", lambda self, *a: runs.append("token") or real_token(self, *a))
     with localmoe.load(path, device="cpu") as rt:
         planned = rt.model._fused  # planned at load, so that the first decode step does not
         assert planned is not None and sorted(planned.layers) == list(range(rt.spec.n_layer))
+        assert planned.whole  # every layer, and a head the C matvec takes: the token in one call
         ref, ref_uses = _decode(rt, ids, fused=False)
         assert runs == []  # the Python path
         got, uses = _decode(rt, ids, fused=True)
-        assert len(runs) == len(ids) - 8 and rt.model._fused is planned  # one run a token, the plan kept
+        assert runs == ["token"] * (len(ids) - 8) and rt.model._fused is planned  # one call a token, the plan kept
     assert torch.equal(got, ref)
     np.testing.assert_array_equal(uses, ref_uses)
     assert uses.sum() == (len(ids) * rt.spec.n_expert_used) * rt.spec.n_layer
@@ -142,3 +144,25 @@ def test_phase_timers_count_each_step_of_a_fused_decode(make_model):
     spent = {name: after[name] - before[name] for name in FD.PHASES}
     assert all(s > 0 for s in spent.values()), spent
     assert sum(spent.values()) <= wall
+
+
+def test_uses_counted_in_c_reach_the_stats_once(make_model):
+    """A whole-token call counts its routed uses in C (running totals); the stats take the new ones
+    when they are looked at, never twice, and a plan that is replaced hands over its last counts
+    and its hook."""
+    ids = np.random.default_rng(3).integers(0, 200, 20).tolist()
+    with localmoe.load(make_model("qwen3moe", "Q4_0"), device="cpu") as rt:
+        old = rt.model._fused
+        assert old.whole and old.absorb_uses in rt._stats._on_snapshot
+        _, uses = _decode(rt, ids, fused=True)
+        assert uses.sum() == len(ids) * rt.spec.n_expert_used * rt.spec.n_layer
+        assert (_uses(rt) == _uses(rt)).all()  # a second look adds nothing
+        cache = rt.new_cache()
+        rt.model.forward(torch.tensor(ids[:8]), cache)
+        rt.model.forward(torch.tensor(ids[8:9]), cache)  # counted by the old plan, not yet looked at
+        before = old.uses.sum()
+        rt.model._fused_key = None  # the next lookup plans again (as after the executor changed)
+        new = rt.model._fused_decode()
+        assert new is not old and old.absorb_uses not in rt._stats._on_snapshot
+        assert new.absorb_uses in rt._stats._on_snapshot
+        assert old.uses.sum() == before and _uses(rt).sum() == (len(ids) + 9) * rt.spec.n_expert_used * rt.spec.n_layer

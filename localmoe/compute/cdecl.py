@@ -35,6 +35,8 @@ VNNI = {
     "r16_rows": "v ppip",  # desc, ids, T, out
     "repack_r16": "i ipiipppiipp",  # qtype, raw, N, K, codes, scale, zero, nthreads, kmode, kd, kdmin
     "decode_layers": "i ippppiippppi",  # n, layers, x, kcs, vcs, cap, pos, cos, sin, ids, wts, nthreads
+    # n, layers, x, kcs, vcs, cap, pos, cos, sin, ids, wts, uses, out_rms, eps, head desc, logits, nthreads
+    "decode_token": "i ippppiippppppfppi",
     "phase_seconds": "v p",  # out [len(fused_decode.PHASES)] float64
 }
 

@@ -6,6 +6,9 @@ allocations between them: ~0.1-0.15 ms a layer, 5-7 ms of a 48-layer Qwen3-30B-A
 weights take ~50 ms to read. lm_decode_layer makes the same calls, in the same order, on the same
 buffers, so the logits are the same to the bit (tests/test_fused_decode.py). A run of consecutive
 fused layers is one call from Python (lm_decode_layers): ~20 µs a call, ~1 ms of a 48-layer token.
+Where that run is every layer and the output head is a VNNI weight, the token is one call
+(lm_decode_token): the layers, the routed-use count and the output norm and head, ~0.2 ms less per
+token on the 4-layer Qwen3-30B-A3B shape (docs/speed.md).
 
 It applies to a layer only where that layer is exactly what the C calls compute, checked once per
 layer when the plan is built (`FusedDecode.build`): the plain GQA attention (its q, k, v weights
@@ -84,6 +87,15 @@ class FusedDecode:
         self.spans = {
             run[0]: (run, (ctypes.c_void_p * len(run))(*(ctypes.addressof(layers[i][0]) for i in run))) for run in runs
         }
+        # The whole token in one call (lm_decode_token) where one run holds every layer and the output
+        # head is a weight the C matvec takes: the head's descriptor, else None. Its routed uses are
+        # counted in C into `uses` (running totals) and reach the stats when they are looked at.
+        self.head = self._whole_head(model)
+        self.uses = np.zeros((s.n_layer, s.n_expert), dtype=np.int64)  # [L, E]
+        self._uses_seen = self.uses.copy()
+        self.stats = model.experts.stats if self.head is not None else None
+        if self.stats is not None:
+            self.stats.on_snapshot(self.absorb_uses)
 
     @classmethod
     def build(cls, model: Any) -> FusedDecode | None:
@@ -126,6 +138,66 @@ class FusedDecode:
         if rc != 0:
             raise MemoryError("lm_decode_layer could not allocate its scratch buffers")
         return run[-1] + 1
+
+    @staticmethod
+    def _whole_head(model: Any) -> _WeightDesc | None:
+        s, out, norm = model.spec, model.output, model.output_norm
+        if not isinstance(out, QLinear) or not _unpadded_vnni(out) or out.k != s.n_embd:
+            return None
+        if norm is None or not _f32(norm) or norm.numel() != s.n_embd:
+            return None
+        return _desc(out)
+
+    @property
+    def whole(self) -> bool:
+        """Whether a decode token runs in one call (`token`): every layer fused, in one run."""
+        first = self.spans.get(0)
+        return self.head is not None and first is not None and len(first[0]) == self.model.spec.n_layer
+
+    def token(self, x: torch.Tensor, cache: Any, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The logits [1, V] of a decode token whose embedding is x [1, D] (contiguous float32), at
+        position pos (cache reserved for it); cos/sin [n_rot/2] contiguous at pos. Only where `whole`."""
+        run, descs = self.spans[0]
+        kcs, vcs = cache.c_pointers()
+        logits = torch.empty(1, self.model.output.n, dtype=torch.float32)
+        rc = self.lib.lm_decode_token(
+            len(run),
+            descs,
+            x.data_ptr(),
+            kcs,
+            vcs,
+            cache.k[0].shape[1],
+            pos,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            self.ids.data_ptr(),
+            self.wts.data_ptr(),
+            self.uses.ctypes.data,
+            self.model.output_norm.data_ptr(),
+            self.model.spec.rms_eps,
+            ctypes.byref(self.head),
+            logits.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise MemoryError("lm_decode_token could not allocate its scratch buffers")
+        return logits
+
+    def absorb_uses(self) -> None:
+        """Give the stats the routed uses `token` counted since the last call (all hits: every
+        expert resident). Running totals, read then differenced: a count landing meanwhile is
+        given next time, never lost."""
+        now = self.uses.copy()
+        delta, self._uses_seen = now - self._uses_seen, now
+        if delta.any():
+            self.stats.add_uses(delta)
+
+    def close(self) -> None:
+        """The plan is replaced: its last counts go to the stats, and its hook with them."""
+        if self.stats is not None:
+            self.absorb_uses()
+            self.stats.remove_on_snapshot(self.absorb_uses)
+            self.stats = None
 
     def count(self, stats: Any, layers: list[int]) -> None:
         """Record this token's routed uses of `layers` (all resident: hits) in the stats."""
