@@ -14,7 +14,8 @@ A block may order its steps otherwise (Block.run, e.g. layers/postnorm.py's norm
 This module names no attention kind, router or activation: the C fast paths (archs.common.fast_paths)
 are chosen when the blocks are built. It mirrors llama.cpp's graphs (src/models/*.cpp) step for step.
 
-Shapes in comments: T tokens in this call, D = n_embd, V vocabulary, E experts, k experts used.
+Shapes in comments: T tokens in this pass (a prompt runs in ubatches of at most UBATCH tokens, `forward`),
+D = n_embd, V vocabulary, E experts, k experts used.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ from .layers.ffn import FFN
 from .layers.moe import Residency
 from .layers.postnorm import softcap
 from .layers.rope import Rope
+
+# A prompt runs through the layers in ubatches of at most this many tokens (llama.cpp's n_ubatch,
+# 512 by default): the transient memory of a pass (attention scores, the MoE's per-token expert
+# activations, the layers' intermediate [T, ·] tensors) is bounded by the ubatch, not by the prompt,
+# at the cost of reading the weights once per ubatch rather than once per prompt.
+UBATCH = 512
 
 
 class KVCache:
@@ -329,10 +336,36 @@ class MoEModel:
     # -- the whole pass ---------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = True) -> torch.Tensor:
-        """ids [T] at positions cache.n.. → logits [T, V] (or [1, V] for the last token only)."""
+        """ids [T] at positions cache.n.. → logits [T, V] (or [1, V] for the last token only).
+        A prompt longer than UBATCH runs in consecutive ubatches (`ubatches`), each a pass through
+        every layer at its positions in the same cache; the output head runs on every ubatch for
+        all_logits, else on the last one only. The recurrent states' snapshot is taken once, at the
+        end of the whole prompt."""
+        T, pos0 = ids.shape[0], cache.n
+        cache.reserve(pos0 + T, self.cache_rows, self.cache_dtypes)  # the whole prompt's rows up front
+        sizes = ubatches(T)
+        out: torch.Tensor | None = None
+        start = 0
+        for j, n in enumerate(sizes):
+            last = j == len(sizes) - 1
+            logits = self._pass(ids[start : start + n], cache, "all" if all_logits else "last" if last else None)
+            if len(sizes) == 1 or not all_logits:
+                out = logits
+            else:  # each ubatch's rows in place (a concatenation would hold [T, V] twice)
+                if out is None:
+                    out = logits.new_empty(T, logits.shape[1])
+                out[start : start + n] = logits
+            start += n
+        if T > 1:  # the end of a prompt: where a later turn or request may resume
+            cache.snapshot()
+        return out
+
+    def _pass(self, ids: torch.Tensor, cache: KVCache, head: str | None) -> torch.Tensor | None:
+        """One pass of ids [T] (at most UBATCH of them) at positions cache.n.. through every layer,
+        appending to the cache (reserved by forward) → logits [T, V] (head "all"), [1, V] (the
+        last token's, "last"), or None (no output head: None)."""
         s = self.spec
         T, pos0 = ids.shape[0], cache.n
-        cache.reserve(pos0 + T, self.cache_rows, self.cache_dtypes)
         x = self.embed(ids)
         if s.embd_scale != 1.0:
             x = x * s.embd_scale
@@ -360,9 +393,18 @@ class MoEModel:
         if fused is not None:
             fused.count(self.experts.stats, list(fused.layers))
         cache.n = pos0 + T
-        if T > 1:  # the end of a prompt: where a later turn or request may resume
-            cache.snapshot()
-        if not all_logits:
+        if head is None:
+            return None
+        if head == "last":
             x = x[-1:]
         logits = self.output(rms_norm(x, self.output_norm, s.rms_eps))
         return logits if not s.final_logit_softcap else softcap(logits, s.final_logit_softcap)
+
+
+def ubatches(T: int) -> list[int]:
+    """The sizes of the consecutive ubatches a forward of T tokens runs in: one of T up to UBATCH,
+    else ceil(T / UBATCH) of near-equal size (they differ by one at most), so that none is a single
+    token (that would take the decode path) while UBATCH ≥ 3."""
+    n = max(1, -(-T // UBATCH))
+    q, r = divmod(T, n)
+    return [q + 1] * r + [q] * (n - r)

@@ -1,8 +1,9 @@
 """`localmoe bench`: prompt and decode speed of localmoe against llama.cpp on the same GGUF file.
 
 Both engines get the same token ids (a fixed, seeded prompt), the same thread count and the same
-procedure: a warm-up run, then `reps` timed runs of [prefill `prompt_tokens` in one call, then
-decode `decode_tokens` one token per call through the KV cache]. Sampling is not timed: the decode
+procedure: a warm-up run, then `reps` timed runs of [prefill `prompt_tokens` in one call (which
+runs them in ubatches of at most localmoe.model.UBATCH tokens: llama.cpp's n_ubatch is set to it),
+then decode `decode_tokens` one token per call through the KV cache]. Sampling is not timed: the decode
 steps feed fixed ids, so both engines do identical work. A row reports the median tokens/s and the
 achieved memory bandwidth, bytes touched per decoded token × decode tokens/s (as gpt-fast reports
 it): every dense weight, one embedding row and the top-k experts of each layer at their size in the
@@ -332,7 +333,10 @@ def _worker(kind: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def llama_cpp_runs(path: str, cfg: BenchConfig, plain_buffers: bool = False, timeout: float = 1800) -> dict[str, Any]:
     """One round of llama.cpp (llama-cpp-python) in a subprocess; a crash becomes a LocalMoEError."""
-    return _worker("llama-worker", {"path": path, "config": asdict(cfg), "plain_buffers": plain_buffers}, timeout)
+    from ..model import UBATCH  # the prompt's ubatches, as localmoe's forward runs it
+
+    job = {"path": path, "config": asdict(cfg), "plain_buffers": plain_buffers, "n_ubatch": UBATCH}
+    return _worker("llama-worker", job, timeout)
 
 
 def localmoe_runs(path: str, cfg: BenchConfig, load_kwargs: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
@@ -407,7 +411,7 @@ def _llama_worker(job: dict[str, Any]) -> None:
                 n_threads_batch=cfg.threads,
                 n_ctx=n_ctx,
                 n_batch=max(cfg.prompt_tokens, 1),
-                n_ubatch=max(cfg.prompt_tokens, 1),
+                n_ubatch=min(max(cfg.prompt_tokens, 1), job["n_ubatch"]),  # the prompt in ubatches, as localmoe's
                 verbose=False,
             )
         return token_ids(held["llm"].n_vocab(), cfg)
