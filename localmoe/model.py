@@ -343,6 +343,12 @@ class MoEModel:
         end of the whole prompt."""
         T, pos0 = ids.shape[0], cache.n
         cache.reserve(pos0 + T, self.cache_rows, self.cache_dtypes)  # the whole prompt's rows up front
+        if T == 1 and cache.kv_dtype == KV_DTYPE:  # (the C kernels' cache)
+            fused = self._fused_decode()
+            if fused is not None and fused.whole:  # the embedding, every layer, the norm and the head in one C call
+                logits = fused.token(int(ids[0]), cache, pos0)
+                cache.n = pos0 + 1
+                return logits if not self.spec.final_logit_softcap else softcap(logits, self.spec.final_logit_softcap)
         sizes = ubatches(T)
         out: torch.Tensor | None = None
         start = 0
@@ -373,10 +379,6 @@ class MoEModel:
         if fused is not None:
             x = x.contiguous()
             cos, sin = (t.reshape(-1).contiguous() for t in self.rope.tables(pos0, 1, x.device))
-            if fused.whole:  # every layer, the norm and the head in one C call
-                logits = fused.token(x, cache, pos0, cos, sin)
-                cache.n = pos0 + 1
-                return logits if not s.final_logit_softcap else softcap(logits, s.final_logit_softcap)
         i = 0
         while i < len(self.layers):
             if fused is not None and i in fused.spans:  # a run of whole layers in one C call, the same steps as below

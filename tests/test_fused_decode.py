@@ -126,6 +126,29 @@ def test_fused_layers_in_separate_runs_equal_the_python_path(tmp_path, monkeypat
     np.testing.assert_array_equal(uses, ref_uses)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_whole_token_reads_its_embedding_row_in_c(tmp_path, tied):
+    """The whole-token call reads the token's embedding row with one C call: from the repacked
+    table where the head is tied to it (lm_r16_rows), else from the file's table in place (ggml's
+    lg_rows). The logits equal the Python path's to the bit; an id past the table is an IndexError
+    before anything runs, and the cache is left as it was."""
+    path = str(tmp_path / f"tied-{tied}.gguf")
+    write_model(path, dataclasses.replace(arch_config("qwen3moe", weight_type="Q8_0"), tied_output=tied))
+    ids = np.random.default_rng(5).integers(0, 200, 20).tolist()
+    with localmoe.load(path, device="cpu") as rt:
+        fused = rt.model._fused
+        assert fused.whole and fused._embed_row is not None
+        assert (rt.model.embd_packed is not None) == tied and (rt.model.embd_mapped is not None) != tied
+        ref, _ = _decode(rt, ids, fused=False)
+        got, _ = _decode(rt, ids, fused=True)
+        cache = rt.new_cache()
+        rt.model.forward(torch.tensor(ids[:8]), cache)
+        with pytest.raises(IndexError, match="row id out of range"):
+            rt.model.forward(torch.tensor([rt.spec.n_vocab]), cache)
+        assert cache.n == 8
+    assert torch.equal(got, ref)
+
+
 def test_phase_timers_count_each_step_of_a_fused_decode(make_model):
     """vnni.c's per-step timers (scripts/token-profile) advance in every step while fused layers
     decode, and together stay within the wall time of those tokens."""

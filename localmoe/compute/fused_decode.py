@@ -91,6 +91,9 @@ class FusedDecode:
         # head is a weight the C matvec takes: the head's descriptor, else None. Its routed uses are
         # counted in C into `uses` (running totals) and reach the stats when they are looked at.
         self.head = self._whole_head(model)
+        self.x = torch.empty(1, s.n_embd, dtype=torch.float32)  # `token`'s hidden state
+        self._tok = ctypes.c_int64(0)  # the token id the embedding row is read for
+        self._embed_row = _embedding_row(model, self._tok)
         self.uses = np.zeros((s.n_layer, s.n_expert), dtype=np.int64)  # [L, E]
         self._uses_seen = self.uses.copy()
         self.stats = model.experts.stats if self.head is not None else None
@@ -154,22 +157,34 @@ class FusedDecode:
         first = self.spans.get(0)
         return self.head is not None and first is not None and len(first[0]) == self.model.spec.n_layer
 
-    def token(self, x: torch.Tensor, cache: Any, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The logits [1, V] of a decode token whose embedding is x [1, D] (contiguous float32), at
-        position pos (cache reserved for it); cos/sin [n_rot/2] contiguous at pos. Only where `whole`."""
+    def token(self, tok: int, cache: Any, pos: int) -> torch.Tensor:
+        """The logits [1, V] of decode token `tok` at position pos (cache reserved for it). Only where
+        `whole`. Its embedding row is read by one C call where the table has a row reader, and the
+        RoPE rows are addressed in place: no torch op before the token's call but the logits' buffer."""
+        m = self.model
+        if self._embed_row is not None:
+            n = self._embed_row[1]
+            if not 0 <= tok < n:  # (the C readers do not check)
+                raise IndexError(f"row id out of range for a weight of {n} rows")
+            self._tok.value = tok
+            self._embed_row[0](self.x.data_ptr())
+        else:
+            x = m.embed(torch.tensor([tok]))
+            self.x.copy_(x * m.spec.embd_scale if m.spec.embd_scale != 1.0 else x)
+        cos, sin = m.rope.row_addresses(pos, m.device)
         run, descs = self.spans[0]
         kcs, vcs = cache.c_pointers()
-        logits = torch.empty(1, self.model.output.n, dtype=torch.float32)
+        logits = torch.empty(1, m.output.n, dtype=torch.float32)
         rc = self.lib.lm_decode_token(
             len(run),
             descs,
-            x.data_ptr(),
+            self.x.data_ptr(),
             kcs,
             vcs,
             cache.k[0].shape[1],
             pos,
-            cos.data_ptr(),
-            sin.data_ptr(),
+            cos,
+            sin,
             self.ids.data_ptr(),
             self.wts.data_ptr(),
             self.uses.ctypes.data,
@@ -206,6 +221,32 @@ class FusedDecode:
         # (layer, expert) as one index: one bincount, not an np.add.at per layer
         flat = (np.asarray(layers, dtype=np.int64)[:, None] * s.n_expert + ids).reshape(-1)
         stats.add_uses(np.bincount(flat, minlength=s.n_layer * s.n_expert).reshape(s.n_layer, s.n_expert))
+
+
+def _embedding_row(model: Any, tok: ctypes.c_int64) -> tuple[Any, int] | None:
+    """(a function writing the embedding row of token tok.value to a float32 [D] address, the number
+    of rows) for a table one C call reads without torch — the repacked one (lm_r16_rows) or, in
+    place, a one-part ggml one (lg_rows) — where no scale applies; None otherwise."""
+    s, packed, mapped = model.spec, model.embd_packed, model.embd_mapped
+    if s.embd_scale != 1.0:
+        return None
+    if packed is not None and _unpadded_vnni(packed) and packed.k == s.n_embd:
+        lib, desc = vnni_lib(), _desc(packed)
+        if lib is None:
+            return None
+        return (lambda out: lib.lm_r16_rows(ctypes.byref(desc), ctypes.byref(tok), 1, out)), packed.n
+    one_part = mapped is not None and mapped.backend == "ggml" and len(mapped.parts) == 1
+    if packed is None and one_part and mapped.k == s.n_embd:
+        from .ggml_backend import ggml
+
+        g = ggml()
+        raw, qtype = mapped.tensors["raw0"], mapped.parts[0][0]
+        to_float = g.types[qtype].to_float
+        if not to_float:
+            return None
+        addr, stride, k = raw.data_ptr(), raw.stride(0), mapped.k
+        return (lambda out: g.driver.lg_rows(addr, stride, to_float, ctypes.byref(tok), 1, k, out)), raw.shape[0]
+    return None
 
 
 def _layer(model: Any, i: int, lw: Any) -> tuple[_Layer, list[Any]] | None:

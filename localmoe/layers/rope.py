@@ -94,6 +94,16 @@ class Rope:
             cached = self._cached = (device, cos.float()[:, None, :], sin.float()[:, None, :])
         return cached[1][pos0 : pos0 + T], cached[2][pos0 : pos0 + T]
 
+    def row_addresses(self, pos: int, device: torch.device) -> tuple[int, int]:
+        """The addresses of position pos's cos and sin rows [n_rot/2] float32 in `tables`' tables (a C
+        decode step's, without slicing tensors)."""
+        cached = self._cached
+        if cached is None or cached[0] != device or cached[1].shape[0] <= pos:
+            self.tables(pos, 1, device)
+            cached = self._cached
+        row = cached[1].stride(0) * cached[1].element_size()  # (contiguous [n, 1, n_rot/2] tables)
+        return cached[1].data_ptr() + pos * row, cached[2].data_ptr() + pos * row
+
     def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
         """x [T, heads, d] at positions pos0.. → x with its first n_rot dims of every head rotated."""
         n_rot = self.n_rot
