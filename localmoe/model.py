@@ -340,7 +340,8 @@ class MoEModel:
         A prompt longer than UBATCH runs in consecutive ubatches (`ubatches`), each a pass through
         every layer at its positions in the same cache; the output head runs on every ubatch for
         all_logits, else on the last one only. The recurrent states' snapshot is taken once, at the
-        end of the whole prompt."""
+        end of the whole prompt. A decode token (T = 1) whose layers are all fused runs in one C
+        call, embedding to logits (compute/fused_decode.FusedDecode.token)."""
         T, pos0 = ids.shape[0], cache.n
         cache.reserve(pos0 + T, self.cache_rows, self.cache_dtypes)  # the whole prompt's rows up front
         if T == 1 and cache.kv_dtype == KV_DTYPE:  # (the C kernels' cache)

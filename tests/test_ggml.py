@@ -148,6 +148,51 @@ def test_moe_decode_equals_the_experts_one_by_one(qtypes):
     torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("act", ["swiglu", "swiglu_oai"])
+def test_moe_decode_with_biases_equals_the_experts_one_by_one(act):
+    """lg_moe_decode with gpt-oss's epilogue (kernels.ggml_experts_decode: biases on gate, up and
+    down, some experts without; the clamped SwiGLU) equals the experts run one at a time in torch
+    (swiglu_expert). Large activations reach the clamps at ±7, so a missing clamp or a bias added
+    at the wrong step fails."""
+    import dataclasses
+
+    D, Fh, E = 256, 512, 4
+    experts = []
+    for e in range(E):
+        w = mapped_ffn(
+            (ggml_rows(Q.MXFP4, Fh, D, 10 + e), Q.MXFP4, (Fh, D)),
+            (ggml_rows(Q.MXFP4, Fh, D, 20 + e), Q.MXFP4, (Fh, D)),
+            (ggml_rows(Q.MXFP4, D, Fh, 30 + e), Q.MXFP4, (D, Fh)),
+        )
+        gen = torch.Generator().manual_seed(e)
+        gub = None if e == 2 else torch.randn(2 * Fh, generator=gen) * 3.0
+        db = None if e == 1 else torch.randn(D, generator=gen)
+        experts.append(dataclasses.replace(w, act=act, gate_up_bias=gub, down_bias=db, fused_ok=False))
+    x = torch.randn(1, D) * 8.0
+    gu = experts[0].gate_up(x) + experts[0].gate_up_bias
+    assert (gu.abs() > 7).any()  # the clamps are reached
+    coef = [0.4, 0.3, 0.2, 0.1]
+    fused = kernels.ggml_experts_decode(
+        [w.gate_up for w in experts],
+        [w.down for w in experts],
+        x,
+        coef,
+        act,
+        [w.gate_up_bias for w in experts],
+        [w.down_bias for w in experts],
+    )
+    assert fused is not None
+    loop = sum(c * swiglu_expert(w, x) for c, w in zip(coef, experts))
+    torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-4)
+    nobias = [None] * E
+    assert (
+        kernels.ggml_experts_decode(
+            [w.gate_up for w in experts], [w.down for w in experts], x, coef, "geglu", nobias, nobias
+        )
+        is None
+    )
+
+
 def test_struct_layout_mismatch_is_one_clear_error(monkeypatch):
     """A libggml whose ggml_type_traits has another layout (here: read without one field) is refused
     with a message that names the version and the way out, not used to compute garbage."""

@@ -119,6 +119,39 @@ def test_clamped_swiglu_matches_its_definition():
     assert got[0, 5] == pytest.approx(7.0 / (1 + math.exp(-1.702 * 7.0)) * (1 - 7.0))  # both clamps bite
 
 
+def test_mxfp4_experts_decode_in_one_ggml_call_a_layer(make_model, monkeypatch):
+    """gpt-oss as it ships (MXFP4 experts on ggml's kernels in place, with biases and the clamped
+    SwiGLU): a decode step's routed experts are one lg_moe_decode call per layer, and the logits
+    are those of the experts run one by one in torch (the path before), to float rounding."""
+    import localmoe.compute.experts as experts_mod
+    from localmoe.compute.ggml_backend import GGML, ggml
+
+    if ggml() is None:
+        pytest.skip("no ggml library")
+    ids = np.random.default_rng(7).integers(0, 300, 24).tolist()
+    calls = []
+    real = GGML.moe_decode
+    monkeypatch.setattr(
+        GGML,
+        "moe_decode",
+        lambda self, *a, **k: calls.append(a[-1] if len(a) > 8 else k.get("act")) or real(self, *a, **k),
+    )
+
+    def decode(rt) -> np.ndarray:
+        cache = rt.new_cache()
+        rt.model.forward(torch.tensor(ids[:8]), cache)
+        return torch.cat([rt.model.forward(torch.tensor([t]), cache) for t in ids[8:]]).numpy()
+
+    with localmoe.load(make_model("gpt-oss", "MXFP4_MOE"), device="cpu") as rt:
+        assert rt.store.weights(rt.spec.moe_layers[0], 0).gate_up.backend == "ggml"
+        got = decode(rt)
+        assert calls == [1] * (len(ids) - 8) * len(rt.spec.moe_layers)  # ACT_SWIGLU_OAI, once a layer a token
+        monkeypatch.setattr(experts_mod, "ggml_experts_decode", lambda *a, **k: None)  # the path before
+        ref = decode(rt)
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "MXFP4_MOE"])
 def test_budgeted_run_equals_all_resident(make_model, qtype):
     check_budgeted_equals_all_resident(

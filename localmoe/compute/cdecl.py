@@ -43,7 +43,8 @@ VNNI = {
 # csrc/ggml_driver.c's own (lg_NAME)
 GGML_DRIVER = {
     "matmul": "i ipiplpli",  # nseg, segs, T, x, ldx, y, ldy, nthreads
-    "moe_decode": "i ippppppi",  # E, gate, up, down, x, coef, y, nthreads
+    # E, gate, up, down, x, coef, gate biases, up biases, down biases (arrays of E pointers, or NULL), act, y, nthreads
+    "moe_decode": "i ippppppppipi",
     "set_schedule": "v ii",  # kind, chunk
     "rows": "v plppilp",  # data, row_bytes, to_float, ids, T, K, out
     "to_float": "v plpllpi",  # data, row_bytes, to_float, N, K, out, nthreads

@@ -27,6 +27,7 @@ from .kernels import (
     choose_backend,
     fuse_rows,
     ggml_weight,
+    ggml_experts_decode,
     matvec_many,
     repack,
     swiglu_decode,
@@ -164,6 +165,18 @@ def swiglu_experts(ws: list[ExpertWeights], x: torch.Tensor, weights: list[float
     biases and the activation in torch between them."""
     if all(w.plain for w in ws):
         y = swiglu_decode([w.gate_up for w in ws], [w.down for w in ws], x, weights)
+        if y is not None:
+            return y
+    elif all(w.act == ws[0].act for w in ws):  # biases or another activation: ggml's own call takes them
+        y = ggml_experts_decode(
+            [w.gate_up for w in ws],
+            [w.down for w in ws],
+            x,
+            weights,
+            ws[0].act,
+            [w.gate_up_bias for w in ws],
+            [w.down_bias for w in ws],
+        )
         if y is not None:
             return y
     kinds = {w.gate_up.backend for w in ws}

@@ -230,7 +230,7 @@ def _embedding_row(model: Any, tok: ctypes.c_int64) -> tuple[Any, int] | None:
     s, packed, mapped = model.spec, model.embd_packed, model.embd_mapped
     if s.embd_scale != 1.0:
         return None
-    if packed is not None and _unpadded_vnni(packed) and packed.k == s.n_embd:
+    if packed is not None and packed.r16 and _unpadded_vnni(packed) and packed.k == s.n_embd:
         lib, desc = vnni_lib(), _desc(packed)
         if lib is None:
             return None

@@ -246,11 +246,17 @@ class GGML:
         coef: torch.Tensor,
         d_out: int,
         threads: int,
+        biases: tuple[ctypes.Array | None, ctypes.Array | None, ctypes.Array | None] = (None, None, None),
+        act: int = 0,
     ) -> torch.Tensor:
-        """Σ_e coef[e] · down_e(silu(gate_e x) · up_e x) for one row x [1, D] → [1, d_out]."""
+        """Σ_e coef[e] · (down_e(act(gate_e x + gb_e, up_e x + ub_e)) + db_e) for one row x [1, D] →
+        [1, d_out]. biases: arrays of E float32 addresses (gate, up, down; an entry or an array None:
+        none), kept alive by the caller; act: ggml_driver.c's ACT_* (kernels.GGML_ACTS)."""
         x = x.float().contiguous()
         y = torch.empty(1, d_out, dtype=torch.float32)
-        rc = self.driver.lg_moe_decode(len(gate), gate, up, down, x.data_ptr(), coef.data_ptr(), y.data_ptr(), threads)
+        rc = self.driver.lg_moe_decode(
+            len(gate), gate, up, down, x.data_ptr(), coef.data_ptr(), *biases, act, y.data_ptr(), threads
+        )
         if rc != 0:
             raise MemoryError(
                 "lg_moe_decode could not allocate its scratch buffers"

@@ -979,6 +979,30 @@ def swiglu_decode(
     return y
 
 
+# The expert activations ggml_driver.c's lg_moe_decode computes (its ACT_*), by experts.swiglu_act's names.
+GGML_ACTS = {"swiglu": 0, "swiglu_oai": 1}
+
+
+def ggml_experts_decode(
+    gate_up: list[QLinear],
+    down: list[QLinear],
+    x: torch.Tensor,
+    coef: list[float],
+    act: str,
+    gate_up_bias: list[torch.Tensor | None],
+    down_bias: list[torch.Tensor | None],
+) -> torch.Tensor | None:
+    """Σ_e coef[e] · (down_e(act(gate_e x + gb_e, up_e x + ub_e)) + db_e) for one row x [1, D] in one
+    ggml call (lg_moe_decode), for experts with what the fused kernels leave out — biases ([2·n_ff]
+    gate | up and [D] per expert, or None) or another activation (GGML_ACTS: gpt-oss's clamped
+    SwiGLU). None unless every weight is a ggml one of one shape per matrix and the activation is
+    one that call computes: the caller computes it in torch. Not `swiglu_decode`, whose fused
+    kernels run only where the architecture declares fused_experts (archs.common.fast_paths)."""
+    if act not in GGML_ACTS or not all(w.backend == "ggml" for w in gate_up + down):
+        return None
+    return _ggml_swiglu_decode(gate_up, down, x, coef, act, gate_up_bias, down_bias)
+
+
 def swiglu_prefill(
     gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor | None:
@@ -1035,8 +1059,30 @@ def _ggml_halves(w: QLinear) -> tuple[LgW, LgW] | None:
     return None
 
 
+def _bias_addresses(bs: list[torch.Tensor | None] | None, offset: int, held: list[torch.Tensor]) -> ctypes.Array | None:
+    """Each expert's bias (float32, from element `offset`) as an array of addresses for the C call
+    (None entries stay NULL), or None when no expert has one; the float32 copies go in `held`."""
+    if bs is None or all(b is None for b in bs):
+        return None
+    out = []
+    for b in bs:
+        if b is None:
+            out.append(None)
+            continue
+        b = b.detach().to("cpu", torch.float32).contiguous()
+        held.append(b)
+        out.append(b.data_ptr() + 4 * offset)
+    return (ctypes.c_void_p * len(bs))(*out)
+
+
 def _ggml_swiglu_decode(
-    gate_up: list[QLinear], down: list[QLinear], x: torch.Tensor, coef: list[float]
+    gate_up: list[QLinear],
+    down: list[QLinear],
+    x: torch.Tensor,
+    coef: list[float],
+    act: str = "swiglu",
+    gate_up_bias: list[torch.Tensor | None] | None = None,
+    down_bias: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor | None:
     halves = [_ggml_halves(w) for w in gate_up]
     dn = [_ggml_segs(w) for w in down]
@@ -1051,6 +1097,21 @@ def _ggml_swiglu_decode(
     gate = (LgW * E)(*(h[0] for h in halves))
     up = (LgW * E)(*(h[1] for h in halves))
     down_arr = (LgW * E)(*(d[0] for d in dn))
+    held: list[torch.Tensor] = []  # the biases' float32 copies, alive through the call
+    n_ff = gate_up[0].n // 2
+    biases = (
+        _bias_addresses(gate_up_bias, 0, held),
+        _bias_addresses(gate_up_bias, n_ff, held),
+        _bias_addresses(down_bias, 0, held),
+    )
     return ggml().moe_decode(
-        gate, up, down_arr, x, torch.tensor(coef, dtype=torch.float32), down[0].n, torch.get_num_threads()
+        gate,
+        up,
+        down_arr,
+        x,
+        torch.tensor(coef, dtype=torch.float32),
+        down[0].n,
+        torch.get_num_threads(),
+        biases,
+        GGML_ACTS[act],
     )

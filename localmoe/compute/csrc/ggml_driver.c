@@ -125,12 +125,21 @@ int lg_matmul(int nseg, const lg_w_t *w, int T, const float *x, int64_t ldx, flo
     return 0;
 }
 
+// The activations between an expert's gate|up and down (layers: experts.swiglu_act's names).
+enum { ACT_SWIGLU = 0, ACT_SWIGLU_OAI = 1 };
+#define OAI_ALPHA 1.702f
+#define OAI_LIMIT 7.0f
+
 // The k routed experts of one decode token, in one call:
-//     y = sum_e c[e] * down_e(silu(gate_e x) * up_e x)
-// gate[e], up[e]: [F, D]; down[e]: [D, F]. One parallel region: x quantized once per activation
-// type, every expert's gate and up rows, the SwiGLU and each expert's activation quantized for its
-// down type, every down row, then the weighted sum. Returns 0, or -1 when scratch memory is short.
-int lg_moe_decode(int E, const lg_w_t *gate, const lg_w_t *up, const lg_w_t *down, const float *x, const float *c, float *y, int nthreads) {
+//     y = sum_e c[e] * (down_e(act(gate_e x + gb_e, up_e x + ub_e)) + db_e)
+// act: silu(g) * u (ACT_SWIGLU), or gpt-oss's clamped one (ACT_SWIGLU_OAI): g' = min(g, 7),
+// u' = clamp(u, -7, 7), g' * sigmoid(1.702 g') * (u' + 1). The biases gb[e], ub[e] [F] and db[e]
+// [D] may be NULL (the arrays too: no biases). gate[e], up[e]: [F, D]; down[e]: [D, F]. One
+// parallel region: x quantized once per activation type, every expert's gate and up rows, the
+// activation and each expert's activation quantized for its down type, every down row, then the
+// weighted sum. Returns 0, or -1 when scratch memory is short.
+int lg_moe_decode(int E, const lg_w_t *gate, const lg_w_t *up, const lg_w_t *down, const float *x, const float *c,
+                  const float *const *gb, const float *const *ub, const float *const *db, int act, float *y, int nthreads) {
     if (E <= 0) return 0;
     const int64_t F = gate[0].N, D = down[0].N;
     qx_t q = {0};
@@ -163,7 +172,16 @@ int lg_moe_decode(int E, const lg_w_t *gate, const lg_w_t *up, const lg_w_t *dow
         #pragma omp for schedule(static)
         for (int e = 0; e < E; e++) {
             float *g = h + (size_t)e * 2 * F, *u = g + F;
-            for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];  // in place: g becomes the activation
+            const float *gbe = gb ? gb[e] : NULL, *ube = ub ? ub[e] : NULL;
+            if (gbe) for (int64_t i = 0; i < F; i++) g[i] += gbe[i];
+            if (ube) for (int64_t i = 0; i < F; i++) u[i] += ube[i];
+            if (act == ACT_SWIGLU_OAI)
+                for (int64_t i = 0; i < F; i++) {  // in place: g becomes the activation
+                    float gc = fminf(g[i], OAI_LIMIT), uc = fminf(fmaxf(u[i], -OAI_LIMIT), OAI_LIMIT);
+                    g[i] = gc / (1.f + expf(-OAI_ALPHA * gc)) * (uc + 1.f);
+                }
+            else
+                for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
             down[e].from_float(g, aq + (size_t)e * aq_bytes, F);
         }
         #pragma omp for schedule(runtime)
@@ -175,7 +193,10 @@ int lg_moe_decode(int E, const lg_w_t *gate, const lg_w_t *up, const lg_w_t *dow
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < D; i++) {
             float s = 0.f;
-            for (int e = 0; e < E; e++) s += c[e] * out[(size_t)e * D + i];
+            for (int e = 0; e < E; e++) {
+                const float *dbe = db ? db[e] : NULL;
+                s += c[e] * (dbe ? out[(size_t)e * D + i] + dbe[i] : out[(size_t)e * D + i]);
+            }
             y[i] = s;
         }
     }
