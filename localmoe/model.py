@@ -344,9 +344,9 @@ class MoEModel:
         call, embedding to logits (compute/fused_decode.FusedDecode.token)."""
         T, pos0 = ids.shape[0], cache.n
         cache.reserve(pos0 + T, self.cache_rows, self.cache_dtypes)  # the whole prompt's rows up front
-        if T == 1 and cache.kv_dtype == KV_DTYPE:  # (the C kernels' cache)
-            fused = self._fused_decode()
-            if fused is not None and fused.whole:  # the embedding, every layer, the norm and the head in one C call
+        fused = self._fused_decode() if T == 1 and cache.kv_dtype == KV_DTYPE else None  # (the C kernels' cache)
+        if fused is not None:
+            if fused.whole:  # the embedding, every layer, the norm and the head in one C call
                 logits = fused.token(int(ids[0]), cache, pos0)
                 cache.n = pos0 + 1
                 return logits if not self.spec.final_logit_softcap else softcap(logits, self.spec.final_logit_softcap)
@@ -355,7 +355,7 @@ class MoEModel:
         start = 0
         for j, n in enumerate(sizes):
             last = j == len(sizes) - 1
-            logits = self._pass(ids[start : start + n], cache, "all" if all_logits else "last" if last else None)
+            logits = self._pass(ids[start : start + n], cache, "all" if all_logits else "last" if last else None, fused)
             if len(sizes) == 1 or not all_logits:
                 out = logits
             else:  # each ubatch's rows in place (a concatenation would hold [T, V] twice)
@@ -367,16 +367,18 @@ class MoEModel:
             cache.snapshot()
         return out
 
-    def _pass(self, ids: torch.Tensor, cache: KVCache, head: str | None) -> torch.Tensor | None:
+    def _pass(
+        self, ids: torch.Tensor, cache: KVCache, head: str | None, fused: FusedDecode | None
+    ) -> torch.Tensor | None:
         """One pass of ids [T] (at most UBATCH of them) at positions cache.n.. through every layer,
         appending to the cache (reserved by forward) → logits [T, V] (head "all"), [1, V] (the
-        last token's, "last"), or None (no output head: None)."""
+        last token's, "last"), or None (no output head: None). fused: forward's plan for a decode
+        token (its runs of fused layers), else None."""
         s = self.spec
         T, pos0 = ids.shape[0], cache.n
         x = self.embed(ids)
         if s.embd_scale != 1.0:
             x = x * s.embd_scale
-        fused = self._fused_decode() if T == 1 and cache.kv_dtype == KV_DTYPE else None  # (the C kernels' cache)
         if fused is not None:
             x = x.contiguous()
             cos, sin = (t.reshape(-1).contiguous() for t in self.rope.tables(pos0, 1, x.device))

@@ -239,13 +239,9 @@ def _embedding_row(model: Any, tok: ctypes.c_int64) -> tuple[Any, int] | None:
     if packed is None and one_part and mapped.k == s.n_embd:
         from .ggml_backend import ggml
 
-        g = ggml()
-        raw, qtype = mapped.tensors["raw0"], mapped.parts[0][0]
-        to_float = g.types[qtype].to_float
-        if not to_float:
-            return None
-        addr, stride, k = raw.data_ptr(), raw.stride(0), mapped.k
-        return (lambda out: g.driver.lg_rows(addr, stride, to_float, ctypes.byref(tok), 1, k, out)), raw.shape[0]
+        raw = mapped.tensors["raw0"]
+        read = ggml().row_reader(raw, mapped.parts[0][0], mapped.k)
+        return None if read is None else ((lambda out: read(tok, out)), raw.shape[0])
     return None
 
 

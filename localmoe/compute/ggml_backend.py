@@ -20,6 +20,7 @@ import ctypes
 import glob
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,6 +276,19 @@ class GGML:
         out = torch.empty(ids.numel(), k, dtype=torch.float32)
         self.driver.lg_rows(raw.data_ptr(), raw.stride(0), tk.to_float, ids.data_ptr(), ids.numel(), k, out.data_ptr())
         return out
+
+    def row_reader(
+        self, raw: torch.Tensor, qtype: GGMLQuantizationType, k: int
+    ) -> Callable[[ctypes.c_int64, int], None] | None:
+        """`rows` for one row without torch (a decode step's embedding): a function writing row
+        `id.value` (id a ctypes.c_int64) of a [n, k] matrix (raw: uint8 [n, row bytes], kept alive by
+        the caller) as float32 [k] to an address; None where the type has no dequantizer. The
+        caller checks the id (the C code does not)."""
+        to_float = self.types[qtype].to_float
+        if not to_float:
+            return None
+        addr, stride = raw.data_ptr(), raw.stride(0)
+        return lambda row, out: self.driver.lg_rows(addr, stride, to_float, ctypes.byref(row), 1, k, out)
 
     def to_float(
         self, raw: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, threads: int = 1

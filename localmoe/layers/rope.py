@@ -80,9 +80,14 @@ class Rope:
         """Positions pos0 .. pos0+T-1 → (cos, sin) [T, 1, n_rot/2] float32 on `device`: slices of
         tables computed once for every position so far (doubling), so a decode step runs no
         trigonometry. Keyed on host integers: no device readback."""
+        cached = self._table(pos0 + T, device)
+        return cached[1][pos0 : pos0 + T], cached[2][pos0 : pos0 + T]
+
+    def _table(self, n_pos: int, device: torch.device) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
+        """(device, cos, sin) with rows for positions 0 .. n_pos-1 at least, [n, 1, n_rot/2] float32."""
         cached = self._cached
-        if cached is None or cached[0] != device or cached[1].shape[0] < pos0 + T:
-            n = max(pos0 + T, 256, 2 * cached[1].shape[0] if cached is not None and cached[0] == device else 0)
+        if cached is None or cached[0] != device or cached[1].shape[0] < n_pos:
+            n = max(n_pos, 256, 2 * cached[1].shape[0] if cached is not None and cached[0] == device else 0)
             pos = torch.arange(n, dtype=torch.float64, device=device)
             if self.yarn:
                 theta = pos[:, None] * self.inv_freq.to(device)[None, :]  # [n, n_rot/2]
@@ -92,15 +97,12 @@ class Rope:
             if self.mscale != 1.0:
                 cos, sin = cos * self.mscale, sin * self.mscale
             cached = self._cached = (device, cos.float()[:, None, :], sin.float()[:, None, :])
-        return cached[1][pos0 : pos0 + T], cached[2][pos0 : pos0 + T]
+        return cached
 
     def row_addresses(self, pos: int, device: torch.device) -> tuple[int, int]:
         """The addresses of position pos's cos and sin rows [n_rot/2] float32 in `tables`' tables (a C
         decode step's, without slicing tensors)."""
-        cached = self._cached
-        if cached is None or cached[0] != device or cached[1].shape[0] <= pos:
-            self.tables(pos, 1, device)
-            cached = self._cached
+        cached = self._table(pos + 1, device)
         row = cached[1].stride(0) * cached[1].element_size()  # (contiguous [n, 1, n_rot/2] tables)
         return cached[1].data_ptr() + pos * row, cached[2].data_ptr() + pos * row
 

@@ -313,6 +313,14 @@ typedef struct {
     int kmode;   // (job_t's)
 } wdesc_t;
 
+// A job for weight w (a wdesc_t) on T rows of quantized activations (xq, dxg, xs as quantize_x
+// writes them) into y [T, w->N].
+static inline job_t desc_job(const wdesc_t *w, int T, const int8_t *xq, const float *dxg, const float *xs, float *y) {
+    job_t j = {T, w->K, w->N, w->G, w->nibble, w->offset, w->codes, w->scale, w->zero, xq, dxg, xs, y,
+               w->high, w->hbits, w->r16, w->ablock, w->kd, w->kdmin, w->kmode};
+    return j;
+}
+
 // lm_qmatvec_multi with weight e's output at ys[e] (outputs of different lengths, e.g. q | k | v).
 static int qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, float *const *ys, int nthreads) {
     job_t *jobs = calloc(E, sizeof(job_t));
@@ -325,10 +333,7 @@ static int qmatvec_multi(int E, const wdesc_t *w, const float *x, int x_stride, 
         bufs[e] = aligned_alloc(64, (nq + nd + ns + 63) / 64 * 64);
         if (!bufs[e]) { ok = 0; break; }
         int8_t *xq = bufs[e];
-        job_t j = {1, K, w[e].N, w[e].G, w[e].nibble, w[e].offset, w[e].codes, w[e].scale, w[e].zero,
-                   xq, (float *)(xq + nq), (float *)(xq + nq + nd), ys[e], w[e].high, w[e].hbits, w[e].r16, w[e].ablock,
-                   w[e].kd, w[e].kdmin, w[e].kmode};
-        jobs[e] = j;
+        jobs[e] = desc_job(&w[e], 1, xq, (float *)(xq + nq), (float *)(xq + nq + nd), ys[e]);
     }
     if (ok) {
         start[0] = 0;
@@ -470,14 +475,6 @@ int lm_swiglu_decode(int E, const wdesc_t *gu, const wdesc_t *dn, const float *x
         }
     free(act); free(out);
     return rc;
-}
-
-// A job for weight w (a wdesc_t) on T rows of quantized activations (xq, dxg, xs as quantize_x
-// writes them) into y [T, w->N].
-static inline job_t desc_job(const wdesc_t *w, int T, const int8_t *xq, const float *dxg, const float *xs, float *y) {
-    job_t j = {T, w->K, w->N, w->G, w->nibble, w->offset, w->codes, w->scale, w->zero, xq, dxg, xs, y,
-               w->high, w->hbits, w->r16, w->ablock, w->kd, w->kdmin, w->kmode};
-    return j;
 }
 
 // o[i] += c · y[i] with the product rounded to float before the sum, as torch's
